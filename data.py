@@ -1,0 +1,246 @@
+"""Precomputed region features (SCAN "precomp" layout) as PyTorch datasets.
+
+A dataset folder holds, per split, `{split}_ims.npy` float (N_img, R, D), `{split}_caps.txt`
+(k consecutive captions per image) and optionally `{split}_ids.txt`. The feature file is
+memory-mapped and items are read with positioned reads, so an epoch over COCO's 33 GB train
+file never holds the array in memory (neither as anonymous memory nor as mapped page cache).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from concepts import ConceptGraph
+from utils import CoderError
+from vocab import read_captions, tokenize
+
+
+class TextTokenizer(Protocol):
+    """What the datasets need from a tokenizer: `vocab.Vocabulary` or `vocab.BertTokenizer`."""
+
+    pad_id: int
+
+    def encode(self, caption: str) -> list[int]: ...
+
+
+def _open_features(path: Path) -> np.memmap:
+    """Memory-map a 3-D float .npy file, with a one-line error for each way it can be wrong."""
+    if not path.is_file():
+        raise CoderError(f"{path}: image feature file not found")
+    try:
+        images = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError, EOFError) as err:
+        raise CoderError(f"{path}: not a readable .npy array ({err})") from None
+    if not isinstance(images, np.memmap):
+        raise CoderError(f"{path}: cannot be memory-mapped (is it an .npz archive?)")
+    if images.ndim != 3 or not np.issubdtype(images.dtype, np.floating):
+        raise CoderError(
+            f"{path}: expected a float array (images, regions, dim), found {images.dtype} {images.shape}"
+        )
+    if images.shape[0] == 0:
+        raise CoderError(f"{path}: holds no images")
+    return images
+
+
+@dataclass(eq=False)
+class PrecompSplit:
+    """One split of a precomp folder: memory-mapped features, captions, optional ids.
+
+    `images` is a read-only np.memmap (never loaded whole); `read_image(i)` copies one image's
+    regions with a positioned read. `ids` has one entry per image or per caption, as in the file.
+    Pickling (DataLoader workers under spawn) re-opens the memory map instead of copying it.
+    """
+
+    images: np.memmap
+    captions: list[str]
+    ids: list[str] | None
+    captions_per_image: int
+    path: Path
+    split: str
+    _fd: int | None = field(default=None, init=False, repr=False, compare=False)
+    _fd_pid: int | None = field(default=None, init=False, repr=False, compare=False)
+
+    @property
+    def images_path(self) -> Path:
+        return self.path / f"{self.split}_ims.npy"
+
+    @property
+    def captions_path(self) -> Path:
+        return self.path / f"{self.split}_caps.txt"
+
+    @property
+    def num_images(self) -> int:
+        return int(self.images.shape[0])
+
+    @property
+    def num_captions(self) -> int:
+        return len(self.captions)
+
+    @property
+    def region_count(self) -> int:
+        return int(self.images.shape[1])
+
+    @property
+    def feature_dim(self) -> int:
+        return int(self.images.shape[2])
+
+    def read_image(self, index: int) -> np.ndarray:
+        """Regions of image `index` as a fresh float32 (R, D) array, without touching the map."""
+        if not 0 <= index < self.num_images:
+            raise IndexError(f"image index {index} out of range for {self.num_images} images")
+        images = self.images
+        if not hasattr(os, "preadv") or not images.flags.c_contiguous:
+            return np.array(images[index], dtype=np.float32)
+        if self._fd is None or self._fd_pid != os.getpid():  # each DataLoader worker opens its own
+            self._fd, self._fd_pid = os.open(self.images_path, os.O_RDONLY), os.getpid()
+        out = np.empty(images.shape[1:], dtype=images.dtype)
+        if os.preadv(self._fd, [out], images.offset + index * out.nbytes) != out.nbytes:
+            raise CoderError(f"{self.images_path}: file is shorter than its header says (image {index})")
+        return out.astype(np.float32, copy=False)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = {k: v for k, v in self.__dict__.items() if k not in ("images", "_fd", "_fd_pid")}
+        state["num_images"] = self.num_images
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        num_images = state.pop("num_images")
+        self.__dict__.update(state, _fd=None, _fd_pid=None)
+        self.images = _open_features(self.images_path)[:num_images]
+
+    def __del__(self) -> None:
+        if self._fd is not None and self._fd_pid == os.getpid():
+            os.close(self._fd)
+
+
+def load_split(
+    data_path: str | Path,
+    split: str,
+    max_images: int | None = None,
+    captions_per_image: int | None = None,
+) -> PrecompSplit:
+    """Open `{split}_ims.npy` / `_caps.txt` / `_ids.txt` of a precomp folder and validate them.
+
+    Captions per image are inferred (caption count / image count) and must be a whole number;
+    `captions_per_image`, when given, must match. `max_images` keeps the first n images and
+    their captions (SCAN-family loaders validate on the first 1,000 dev images).
+    """
+    root = Path(data_path)
+    if not root.is_dir():
+        raise CoderError(f"{root}: data folder not found")
+    ims_path, caps_path, ids_path = (root / f"{split}_{s}" for s in ("ims.npy", "caps.txt", "ids.txt"))
+    images = _open_features(ims_path)
+    captions = read_captions(caps_path)
+    n_img, n_cap = images.shape[0], len(captions)
+    if n_cap % n_img:
+        raise CoderError(
+            f"{caps_path} has {n_cap} captions, not a whole multiple of the {n_img} images in {ims_path}"
+        )
+    k = n_cap // n_img
+    if captions_per_image is not None and k != captions_per_image:
+        raise CoderError(
+            f"{caps_path} has {n_cap} captions for the {n_img} images in {ims_path}: "
+            f"{k} per image, expected {captions_per_image}"
+        )
+    ids = read_captions(ids_path) if ids_path.exists() else None
+    if ids is not None and len(ids) not in (n_img, n_cap):
+        raise CoderError(f"{ids_path} has {len(ids)} lines, expected {n_img} (images) or {n_cap} (captions)")
+    if max_images is not None:
+        if max_images < 1:
+            raise CoderError(f"max_images must be positive, got {max_images}")
+        if max_images < n_img:
+            if ids is not None:
+                ids = ids[: max_images * (k if len(ids) == n_cap else 1)]
+            images, captions = images[:max_images], captions[: max_images * k]
+    return PrecompSplit(images, captions, ids, k, root, split)
+
+
+# --- Datasets ---------------------------------------------------------------------------------
+class _CaptionItems(Dataset):
+    """Shared text part of the per-caption datasets."""
+
+    def __init__(self, split: PrecompSplit, tokenizer: TextTokenizer, concept_graph: ConceptGraph | None = None):
+        self.split = split
+        self.tokenizer = tokenizer
+        self.concept_graph = concept_graph
+
+    def __len__(self) -> int:
+        return self.split.num_captions
+
+    def _text_item(self, index: int) -> dict[str, Any]:
+        if not 0 <= index < len(self):
+            raise IndexError(f"caption index {index} out of range for {len(self)} captions")
+        caption = self.split.captions[index]
+        item: dict[str, Any] = {
+            "tokens": torch.tensor(self.tokenizer.encode(caption), dtype=torch.long),
+            "image_id": index // self.split.captions_per_image,
+            "caption_id": index,
+        }
+        if self.concept_graph is not None:
+            # Concept labels come from the word tokens whatever the text encoder is.
+            item["concept_labels"] = torch.from_numpy(self.concept_graph.multi_hot(tokenize(caption)))
+        return item
+
+
+class PairDataset(_CaptionItems):
+    """Training pairs: one item per caption, with its image's regions."""
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        item = self._text_item(index)
+        item["image"] = torch.from_numpy(self.split.read_image(item["image_id"]))
+        return item
+
+
+class CaptionDataset(_CaptionItems):
+    """Evaluation captions: one item per caption, no image."""
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self._text_item(index)
+
+
+class ImageDataset(Dataset):
+    """Evaluation images: one item per image, so each image is encoded once."""
+
+    def __init__(self, split: PrecompSplit):
+        self.split = split
+
+    def __len__(self) -> int:
+        return self.split.num_images
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {"image": torch.from_numpy(self.split.read_image(index)), "image_id": index}
+
+
+def collate(items: Sequence[dict[str, Any]], pad_id: int = 0) -> dict[str, torch.Tensor]:
+    """Batch items: stack images and labels, right-pad tokens with `pad_id`.
+
+    Returns `images` (B,R,D), `tokens` (B,L), `lengths` (B,), `attention_mask` (B,L) (1 = real
+    token), `concept_labels` (B,N_c), `image_ids`, `caption_ids` (B,), each only when the items
+    carry it.
+    """
+    if not items:
+        raise ValueError("cannot collate an empty batch")
+    first = items[0]
+    batch: dict[str, torch.Tensor] = {}
+    if "image" in first:
+        batch["images"] = torch.stack([it["image"] for it in items])
+    if "tokens" in first:
+        lengths = torch.tensor([len(it["tokens"]) for it in items], dtype=torch.long)
+        tokens = torch.full((len(items), int(lengths.max())), pad_id, dtype=torch.long)
+        mask = torch.zeros_like(tokens)
+        for row, (it, n) in enumerate(zip(items, lengths.tolist())):
+            tokens[row, :n] = it["tokens"]
+            mask[row, :n] = 1
+        batch.update(tokens=tokens, lengths=lengths, attention_mask=mask)
+    if "concept_labels" in first:
+        batch["concept_labels"] = torch.stack([it["concept_labels"] for it in items])
+    for key, out in (("image_id", "image_ids"), ("caption_id", "caption_ids")):
+        if key in first:
+            batch[out] = torch.tensor([it[key] for it in items], dtype=torch.long)
+    return batch

@@ -1,0 +1,71 @@
+"""Checkpoint safety: atomic writes, weights-only loading, strict and explained key matching."""
+import os
+import pickle
+
+import pytest
+import torch
+
+import checkpoint
+from utils import CoderError
+
+
+def test_round_trip_and_marker(tmp_path):
+    path = tmp_path / "ck.pt"
+    checkpoint.save_checkpoint(path, {"model": {"w": torch.ones(2)}, "epoch": 3})
+    state = checkpoint.load_checkpoint(path)
+    assert state["epoch"] == 3 and torch.equal(state["model"]["w"], torch.ones(2))
+    assert [p.name for p in tmp_path.iterdir()] == ["ck.pt"]  # no temporary file left behind
+
+
+def test_failed_write_keeps_previous_file(tmp_path):
+    path = tmp_path / "ck.pt"
+    checkpoint.save_checkpoint(path, {"epoch": 1})
+
+    class Unsaveable:
+        def __reduce__(self):
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        checkpoint.save_checkpoint(path, {"epoch": 2, "bad": Unsaveable()})
+    assert checkpoint.load_checkpoint(path)["epoch"] == 1
+    assert sorted(os.listdir(tmp_path)) == ["ck.pt"]
+
+
+def test_missing_corrupt_and_foreign_files(tmp_path):
+    with pytest.raises(CoderError, match="not found"):
+        checkpoint.load_checkpoint(tmp_path / "nope.pt")
+    truncated = tmp_path / "truncated.pt"
+    checkpoint.save_checkpoint(truncated, {"epoch": 1, "w": torch.zeros(1000)})
+    truncated.write_bytes(truncated.read_bytes()[:300])
+    with pytest.raises(CoderError, match="truncated.pt: not a readable checkpoint"):
+        checkpoint.load_checkpoint(truncated)
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"w": torch.zeros(1)}, foreign)
+    with pytest.raises(CoderError, match="not a CODER checkpoint"):
+        checkpoint.load_checkpoint(foreign)
+
+
+def test_pickled_code_is_not_executed(tmp_path):
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, ("touch " + str(tmp_path / "pwned"),))
+
+    path = tmp_path / "evil.pt"
+    with open(path, "wb") as f:
+        pickle.dump({"format": checkpoint.CHECKPOINT_FORMAT, "x": Exploit()}, f)
+    with pytest.raises(CoderError):
+        checkpoint.load_checkpoint(path)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_strict_loading_names_every_mismatch():
+    module = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    state = dict(module.state_dict())
+    state["0.weight"] = torch.zeros(5, 3)
+    del state["1.bias"]
+    state["extra.weight"] = torch.zeros(1)
+    with pytest.raises(CoderError) as err:
+        checkpoint.load_state_strict(module, state, "ck.pt")
+    message = str(err.value)
+    assert "ck.pt" in message and "missing: 1.bias" in message
+    assert "unexpected: extra.weight" in message and "shape mismatch: 0.weight" in message

@@ -1,0 +1,79 @@
+"""The training loop's pieces: command-line config, LR schedule, resumable sampling, RNG state."""
+import random
+
+import numpy as np
+import pytest
+import torch
+
+import trainer
+from utils import CoderError
+
+DEFAULTS = {"lr": 2e-4, "epochs": 30, "loss": "dcl", "concept_branch": True, "resume": ""}
+
+
+def test_overrides_take_the_default_type():
+    config, demo = trainer.parse_overrides(DEFAULTS, ["--lr", "1e-3", "--epochs=3", "--concept-branch", "false",
+                                                      "--loss", "triplet"])
+    assert config == {"lr": 1e-3, "epochs": 3, "loss": "triplet", "concept_branch": False, "resume": ""}
+    assert not demo
+    assert trainer.parse_overrides(DEFAULTS, ["--demo"])[1]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--learning_rate", "1"], "unknown option --learning_rate; valid options: --demo, --concept_branch, --epochs"),
+    (["--epochs", "three"], "--epochs: cannot read 'three' as int"),
+    (["--concept_branch", "maybe"], "cannot read 'maybe' as bool"),
+    (["--lr"], "--lr needs a value"),
+    (["lr=3"], "unexpected argument 'lr=3'"),
+])
+def test_bad_overrides_are_clear_errors(argv, message):
+    with pytest.raises(CoderError, match=message.replace("-", r"\-").replace("(", r"\(")):
+        trainer.parse_overrides(DEFAULTS, argv)
+
+
+def test_demo_keeps_explicit_overrides():
+    defaults = {"epochs": 30, "lr": 2e-4, "data_path": "x"}
+    config, demo = trainer.parse_overrides(defaults, ["--demo", "--epochs", "2"])
+    assert demo and config["epochs"] == 2 and config["lr"] == trainer.DEMO_OVERRIDES["lr"]
+    assert config["data_path"] == trainer.DEMO_OVERRIDES["data_path"]
+
+
+def test_lr_schedule_warmup_then_step_decay():
+    config = {"warmup_epochs": 1, "lr_decay_epoch": 3, "lr_decay_factor": 0.1}
+    factors = [trainer.lr_factor(step, 4, config) for step in range(16)]
+    assert factors[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert factors[4:12] == [1.0] * 8
+    assert factors[12:] == [pytest.approx(0.1)] * 4
+
+
+def test_resumable_sampler_continues_the_same_order():
+    full = trainer.ResumableSampler(103, world_size=1, rank=0, seed=5, batch_size=10)
+    full.set_epoch(2)
+    order = list(full)
+    resumed = trainer.ResumableSampler(103, world_size=1, rank=0, seed=5, batch_size=10)
+    resumed.set_epoch(2, skip_batches=4)
+    assert list(resumed) == order[40:] and len(resumed) == len(order) - 40
+    full.set_epoch(3)
+    assert list(full) != order  # reshuffled every epoch
+
+
+def test_sampler_shards_are_disjoint_and_cover_the_same_set_as_one_process():
+    shards = []
+    for rank in range(2):
+        sampler = trainer.ResumableSampler(100, world_size=2, rank=rank, seed=0, batch_size=5)
+        sampler.set_epoch(0)
+        shards.append(list(sampler))
+    assert not set(shards[0]) & set(shards[1])
+    assert len(shards[0]) == len(shards[1]) == 50
+
+
+def test_rng_state_round_trip_through_a_weights_only_checkpoint(tmp_path):
+    import checkpoint
+
+    trainer.seed_everything(3)
+    path = tmp_path / "rng.pt"
+    checkpoint.save_checkpoint(path, {"rng": trainer.rng_state()})
+    expected = (random.random(), np.random.rand(), torch.rand(1).item())
+    trainer.seed_everything(99)
+    trainer.set_rng_state(checkpoint.load_checkpoint(path)["rng"])
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected

@@ -1,0 +1,80 @@
+"""Train CODER on Flickr30K (SCAN precomp features).
+
+Every variable below is a hyperparameter; override any of them from the command line:
+    python train_f30k.py --data_path data/f30k_precomp --text_encoder bert --bert_path DIR
+    python train_f30k.py --demo          # synthetic data, a couple of minutes on a CPU
+    python train_f30k.py --resume runs/f30k_.../last.pt
+Multi-GPU: torchrun --nproc_per_node 4 train_f30k.py ... (batch_size is the global batch).
+"""
+import sys
+
+# data
+data_path = "data/f30k_precomp"            # {split}_ims.npy, {split}_caps.txt (SCAN layout)
+vocab_path = "data/vocab/f30k_precomp_vocab.json"  # SCAN JSON vocabulary (bigru text encoder)
+concept_path = "data/cvse_concepts/f30k"   # CVSE concept folder, or one built by concepts.py
+train_split = "train"
+val_split = "dev"
+val_max_images = 1000                      # SCAN-family code validates on the first 1,000 dev images
+test_split = "test"                        # evaluated with best.pt after training ("" to skip)
+# model (spec §2-§5; [R] = our reconstruction of a part the paper's abstract names)
+embed_dim = 1024
+image_pooling = "attn"                     # attn | mean | gpo
+text_encoder = "bigru"                     # bigru | bert
+word_dim = 300
+word_vectors = ""                          # GloVe text file, "glove-package", or "" (random init)
+bert_path = "bert-base-uncased"            # hub name or a local directory
+concept_branch = True
+concept_threshold = 0.3                    # CVSE graph binarisation threshold
+gcn_hidden = 512
+concept_score_scale = 10.0
+label_mix_ratio = 0.35                     # r: caption's own concept labels mixed into its query
+momentum = 0.995                           # [R] key-encoder EMA
+queue_size = 8192                          # [R] entries per dynamic dictionary (0: in-batch only)
+num_prototypes = 1000                      # [R] online clustering
+sinkhorn_epsilon = 0.05
+sinkhorn_iterations = 3
+sinkhorn_with_queue = True                 # [R] Sinkhorn over batch + queue, keep the batch rows
+prototype_momentum = 0.99                  # [R]
+loss = "dcl"                               # dcl | triplet (VSE++ baseline)
+tau = 0.05
+beta = 10.0                                # [R] DCL sharpness; 0 = plain momentum InfoNCE
+margin = 0.2                               # triplet baseline only
+lambda_concept = 1.0                       # [R]
+lambda_pseudo = 1.0                        # [R]
+pseudo_label_loss = True
+tau_pseudo = 0.1                           # [R]
+mu = 0.15                                  # [R] concept-branch weight in the similarity
+# optimisation (spec §6)
+epochs = 30
+batch_size = 128                           # global batch over all processes
+lr = 2e-4
+bert_lr_scale = 0.1
+weight_decay = 1e-4
+warmup_epochs = 1
+lr_decay_epoch = 15
+lr_decay_factor = 0.1
+grad_clip = 2.0
+freeze_bert_epochs = 0
+# system
+seed = 0
+device = "auto"                            # auto | cuda | cpu
+amp = "auto"                               # auto (bf16, else fp16 on CUDA; off on CPU) | bf16 | fp16 | off
+tf32 = True
+compile = False
+workers = 4
+eval_batch_size = 256
+log_every = 50
+val_every_steps = 0                        # extra validations within an epoch (0: once per epoch)
+checkpoint_every_steps = 1000              # step checkpoints (last.pt) for exact resume
+progress = True
+run_dir = ""                               # default: runs/f30k_<timestamp>
+overwrite = False
+resume = ""
+
+if __name__ == "__main__":
+    from trainer import run
+    from utils import cli_entry
+
+    config = {k: v for k, v in dict(globals()).items()
+              if not k.startswith("_") and isinstance(v, (bool, int, float, str))}
+    cli_entry(run)(config, sys.argv[1:], "f30k")

@@ -1,0 +1,277 @@
+"""Caption tokenizer and word vocabulary for the GRU text encoder, plus a BERT tokenizer wrapper.
+
+The tokenizer reproduces, offline, the splits of NLTK's `word_tokenize` (sentence split, then
+the Penn Treebank rules) that SCAN-family code used to build its vocabularies, so that SCAN's
+published vocabulary files see the tokens they were built from. Any text tokenizer used by the
+data layer is an object with `.encode(caption) -> list[int]` and `.pad_id`.
+
+CLI:
+    python vocab.py build CAPTION_FILE... --min-count 4 --out vocab.json
+    python vocab.py stats --vocab VOCAB.json CAPTION_FILE...
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from utils import CoderError, atomic_write, cli_entry, load_pickle_restricted, load_pretrained
+
+SPECIAL_TOKENS = ("<pad>", "<start>", "<end>", "<unk>")
+PAD, START, END, UNK = range(4)
+
+# --- Sentence split -------------------------------------------------------------------------
+# word_tokenize first splits text into sentences, and the Treebank rules detach a period only at
+# the end of a sentence. A word ending in one period followed by more text ends a sentence unless
+# it is an abbreviation: a single letter ("j."), a dotted acronym ("u.s."), or a common title.
+_ABBREVIATIONS = frozenset(
+    "mr mrs ms dr st jr sr vs etc inc co corp ltd mt ft ave blvd rd no jan feb mar apr jun jul "
+    "aug sep sept oct nov dec prof gen capt sgt lt col rev".split()
+)
+_SENTENCE_END = re.compile(r"(\S*[^.\s]\.)(?=\s+\S)")
+
+
+def _split_sentences(text: str) -> list[str]:
+    pieces, start = [], 0
+    for match in _SENTENCE_END.finditer(text):
+        stem = match.group(1)[:-1].lstrip("\"'`([{<")
+        if (len(stem) == 1 and stem.isalpha()) or "." in stem or stem in _ABBREVIATIONS:
+            continue
+        pieces.append(text[start:match.end()])
+        start = match.end()
+    pieces.append(text[start:])
+    return pieces
+
+
+# --- Penn Treebank word rules (as in the NLTK 3.2 releases SCAN used) -------------------------
+_QUOTES_OPEN = [
+    (re.compile(r'^"'), "``"),
+    (re.compile(r"(``)"), r" \1 "),
+    (re.compile(r"([ (\[{<])(\"|'')"), r"\1 `` "),
+]
+_PUNCTUATION = [
+    (re.compile(r"([:,])([^\d])"), r" \1 \2"),
+    (re.compile(r"([:,])$"), r" \1 "),
+    (re.compile(r"\.\.\."), " ... "),
+    (re.compile(r"[;@#$%&]"), r" \g<0> "),
+    (re.compile(r"([^.])(\.)([\])}>\"']*)\s*$"), r"\1 \2\3 "),  # only the sentence-final period
+    (re.compile(r"[?!]"), r" \g<0> "),
+    (re.compile(r"([^'])' "), r"\1 ' "),
+    (re.compile(r"[\][(){}<>]"), r" \g<0> "),
+    (re.compile(r"--"), " -- "),
+]
+_QUOTES_CLOSE = [
+    (re.compile(r'"'), " '' "),
+    (re.compile(r"(\S)('')"), r"\1 \2 "),
+    (re.compile(r"([^' ])('[sSmMdD]|') "), r"\1 \2 "),
+    (re.compile(r"([^' ])('ll|'LL|'re|'RE|'ve|'VE|n't|N'T) "), r"\1 \2 "),
+]
+_CONTRACTIONS = [
+    re.compile(p)
+    for p in (
+        r"(?i)\b(can)(not)\b", r"(?i)\b(d)('ye)\b", r"(?i)\b(gim)(me)\b", r"(?i)\b(gon)(na)\b",
+        r"(?i)\b(got)(ta)\b", r"(?i)\b(lem)(me)\b", r"(?i)\b(mor)('n)\b", r"(?i)\b(wan)(na)\s",
+        r"(?i) ('t)(is)\b", r"(?i) ('t)(was)\b",
+    )
+]
+
+
+def _treebank_words(sentence: str) -> list[str]:
+    for pattern, repl in _QUOTES_OPEN + _PUNCTUATION:
+        sentence = pattern.sub(repl, sentence)
+    sentence = f" {sentence} "
+    for pattern, repl in _QUOTES_CLOSE:
+        sentence = pattern.sub(repl, sentence)
+    for pattern in _CONTRACTIONS:
+        sentence = pattern.sub(r" \1 \2 ", sentence)
+    return sentence.split()
+
+
+def tokenize(text: str) -> list[str]:
+    """Lower-case and split a caption into PTB word and punctuation tokens (`man's` -> `man 's`)."""
+    return [w for s in _split_sentences(text.lower()) for w in _treebank_words(s)]
+
+
+# --- Vocabulary -------------------------------------------------------------------------------
+class Vocabulary:
+    """Word <-> id mapping with SCAN's four special tokens at ids 0..3."""
+
+    def __init__(self, idx2word: Sequence[str], source: str = "<memory>") -> None:
+        self.idx2word = list(idx2word)
+        if tuple(self.idx2word[:4]) != SPECIAL_TOKENS:
+            raise CoderError(
+                f"{source}: vocabulary must start with the special tokens "
+                f"{', '.join(SPECIAL_TOKENS)} at ids 0-3, found {self.idx2word[:4]}"
+            )
+        self.word2idx = {w: i for i, w in enumerate(self.idx2word)}
+        if len(self.word2idx) != len(self.idx2word):
+            dup = [w for w, c in Counter(self.idx2word).items() if c > 1][:5]
+            raise CoderError(f"{source}: vocabulary lists words twice: {dup}")
+
+    @classmethod
+    def from_words(cls, words: Iterable[str]) -> "Vocabulary":
+        """Special tokens followed by `words` in the given order (duplicates dropped)."""
+        seen = dict.fromkeys(SPECIAL_TOKENS)
+        seen.update(dict.fromkeys(w for w in words if w not in seen))
+        return cls(list(seen))
+
+    def __len__(self) -> int:
+        return len(self.idx2word)
+
+    def __call__(self, word: str) -> int:
+        return self.word2idx.get(word, UNK)
+
+    @property
+    def pad_id(self) -> int:
+        return PAD
+
+    def encode_words(self, words: Sequence[str]) -> list[int]:
+        """`<start>` + ids of already tokenized words + `<end>`."""
+        return [START, *(self.word2idx.get(w, UNK) for w in words), END]
+
+    def encode(self, caption: str) -> list[int]:
+        """`<start>` + ids of tokenize(caption) + `<end>`, unknown words as `<unk>`."""
+        return self.encode_words(tokenize(caption))
+
+    def save(self, path: str | Path) -> None:
+        """Write SCAN's JSON format (`word2idx`, `idx2word` with string keys, `idx`)."""
+        data = {
+            "word2idx": self.word2idx,
+            "idx2word": {str(i): w for i, w in enumerate(self.idx2word)},
+            "idx": len(self.idx2word),
+        }
+        atomic_write(path, lambda f: json.dump(data, f), mode="w")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Vocabulary":
+        """Read SCAN's JSON vocabulary or a pickled dict vocabulary (restricted unpickler)."""
+        path = Path(path)
+        if path.suffix == ".pkl":
+            data = load_pickle_restricted(path)
+        else:
+            try:
+                data = json.loads(path.read_text(encoding="utf-8"))
+            except FileNotFoundError:
+                raise CoderError(f"{path}: vocabulary file not found") from None
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+                raise CoderError(f"{path}: cannot read vocabulary ({err})") from None
+        return cls(_words_from_mapping(data, path), source=str(path))
+
+
+def _words_from_mapping(data: object, path: Path) -> list[str]:
+    """Words in id order from a `word2idx` dict (SCAN/CVSE) or a `words` list."""
+    if isinstance(data, dict) and isinstance(data.get("word2idx"), dict):
+        word2idx = data["word2idx"]
+        try:
+            ids = sorted((int(i), str(w)) for w, i in word2idx.items())
+        except (TypeError, ValueError):
+            raise CoderError(f"{path}: word2idx holds non-integer ids") from None
+        if [i for i, _ in ids] != list(range(len(ids))):
+            raise CoderError(f"{path}: word2idx ids are not 0..{len(ids) - 1} without gaps")
+        return [w for _, w in ids]
+    if isinstance(data, dict) and isinstance(data.get("words"), list):
+        return [str(w) for w in data["words"]]
+    raise CoderError(f"{path}: not a vocabulary (expected a dict with 'word2idx' or 'words')")
+
+
+def read_captions(path: str | Path) -> list[str]:
+    """Captions of a file, one per line (trailing whitespace stripped; no empty file)."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise CoderError(f"{path}: caption file not found") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise CoderError(f"{path}: cannot read caption file ({err})") from None
+    lines = [line.strip() for line in lines]
+    while lines and not lines[-1]:
+        lines.pop()
+    if not lines:
+        raise CoderError(f"{path}: caption file is empty")
+    return lines
+
+
+def count_words(caption_files: Iterable[str | Path]) -> Counter:
+    """Token counts over every caption of the files."""
+    counter: Counter = Counter()
+    for path in caption_files:
+        for caption in read_captions(path):
+            counter.update(tokenize(caption))
+    return counter
+
+
+def build_vocab(caption_files: Iterable[str | Path], min_count: int = 4) -> Vocabulary:
+    """Vocabulary of the words seen at least `min_count` times, most frequent first."""
+    counter = count_words(caption_files)
+    kept = sorted((w for w, c in counter.items() if c >= min_count), key=lambda w: (-counter[w], w))
+    return Vocabulary.from_words(kept)
+
+
+def oov_stats(vocab: Vocabulary, caption_files: Iterable[str | Path]) -> dict:
+    """Token and `<unk>` counts over caption words (without `<start>`/`<end>`)."""
+    tokens = unknown = captions = 0
+    for path in caption_files:
+        for caption in read_captions(path):
+            words = tokenize(caption)
+            captions += 1
+            tokens += len(words)
+            unknown += sum(w not in vocab.word2idx for w in words)
+    return {
+        "captions": captions,
+        "tokens": tokens,
+        "oov_tokens": unknown,
+        "oov_rate": unknown / tokens if tokens else 0.0,
+        "vocab_size": len(vocab),
+    }
+
+
+# --- BERT -------------------------------------------------------------------------------------
+class BertTokenizer:
+    """A `transformers` tokenizer (hub name or local directory) behind the `.encode` interface."""
+
+    def __init__(self, name_or_dir: str, max_length: int = 128) -> None:
+        from transformers import AutoTokenizer
+
+        self.tokenizer = load_pretrained(AutoTokenizer, name_or_dir, "BERT tokenizer")
+        self.max_length = max_length
+
+    def encode(self, caption: str) -> list[int]:
+        """[CLS] word pieces [SEP], truncated to `max_length` ids."""
+        return list(self.tokenizer(caption, truncation=True, max_length=self.max_length)["input_ids"])
+
+    @property
+    def pad_id(self) -> int:
+        return int(self.tokenizer.pad_token_id or 0)
+
+    def __len__(self) -> int:
+        return len(self.tokenizer)
+
+
+# --- CLI --------------------------------------------------------------------------------------
+@cli_entry
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    build = sub.add_parser("build", help="build a SCAN-format JSON vocabulary from caption files")
+    build.add_argument("captions", nargs="+", help="caption files, one caption per line")
+    build.add_argument("--min-count", type=int, default=4, help="keep words seen this often (default 4)")
+    build.add_argument("--out", required=True, help="output vocabulary JSON")
+    stats = sub.add_parser("stats", help="print token count and OOV rate of captions as one JSON line")
+    stats.add_argument("--vocab", required=True, help="SCAN JSON vocabulary (or dict .pkl)")
+    stats.add_argument("captions", nargs="+", help="caption files, one caption per line")
+    args = parser.parse_args(argv)
+
+    if args.command == "build":
+        vocab = build_vocab(args.captions, args.min_count)
+        vocab.save(args.out)
+        print(json.dumps({"vocab": args.out, "words": len(vocab), "min_count": args.min_count}))
+    else:
+        print(json.dumps(oov_stats(Vocabulary.load(args.vocab), args.captions)))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
