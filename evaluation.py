@@ -1,0 +1,463 @@
+"""Image-text retrieval evaluation: encode a split, score every image against every caption,
+and compute Recall@K / median / mean rank in both directions (spec §5 and §7).
+
+The pieces compose: `encode_split` (once per model) -> `similarity_matrix` (per mu, cheap) ->
+`recall_metrics` / `coco_metrics`. `evaluate` chains them for a model or an ensemble, and
+`sweep_mu` reuses one encoding to tune the instance/concept mixing weight on dev.
+"""
+from __future__ import annotations
+
+import functools
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from utils import CoderError, as_numpy
+
+RECALL_KS = (1, 5, 10)
+PROTOCOLS = ("f30k", "coco")
+# Scores compared per chunk in `retrieval_ranks`: bounds the temporary masks whatever the matrix
+# size (5,000 x 25,000 is 125 M scores). On the CPU a chunk that stays in cache is fastest
+# (1 M: 2-4x faster than 16 M); on a GPU bigger chunks mean fewer kernel launches.
+_CHUNK_ELEMENTS_CPU = 1 << 20
+_CHUNK_ELEMENTS_GPU = 1 << 22
+
+ScoreFn = Callable[
+    [torch.Tensor, "torch.Tensor | None", torch.Tensor, "torch.Tensor | None", float], torch.Tensor
+]
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def _as_tensor(sims: Any) -> torch.Tensor:
+    """A torch view of `sims` (no copy for NumPy arrays or tensors; stays on its device)."""
+    if isinstance(sims, torch.Tensor):
+        return sims.detach()
+    array = np.asarray(sims)
+    if array.dtype.kind not in "biuf":
+        raise CoderError(f"similarity matrix: expected numbers, got dtype {array.dtype}")
+    if any(stride < 0 for stride in array.strides):
+        array = np.ascontiguousarray(array)
+    with warnings.catch_warnings():
+        # Read-only arrays (memmaps, np.load(mmap_mode='r')) are safe: we never write to them.
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.from_numpy(array)
+
+
+def _check_shape(scores: torch.Tensor, captions_per_image: int) -> tuple[int, int]:
+    if isinstance(captions_per_image, bool) or not isinstance(captions_per_image, int) or captions_per_image < 1:
+        raise CoderError(f"captions_per_image must be a positive integer, got {captions_per_image!r}")
+    if scores.dim() != 2:
+        raise CoderError(
+            f"similarity matrix must be 2-D (images x captions), got shape {tuple(scores.shape)}"
+        )
+    n_img, n_cap = scores.shape
+    if n_img == 0:
+        raise CoderError("similarity matrix has no images")
+    if n_cap != n_img * captions_per_image:
+        raise CoderError(
+            f"similarity matrix has {n_cap} captions for {n_img} images; expected "
+            f"{n_img * captions_per_image} ({n_img} images x {captions_per_image} captions per image)"
+        )
+    return n_img, n_cap
+
+
+def _rank_summary(ranks: np.ndarray, prefix: str) -> dict[str, float]:
+    """R@K in percent and 1-based median/mean rank from 0-based ranks (VSE++ conventions)."""
+    out = {f"{prefix}_r{k}": 100.0 * int(np.count_nonzero(ranks < k)) / len(ranks) for k in RECALL_KS}
+    out[f"{prefix}_medr"] = float(np.floor(np.median(ranks)) + 1)
+    out[f"{prefix}_meanr"] = float(np.mean(ranks) + 1)
+    return out
+
+
+def retrieval_ranks(
+    sims: Any, captions_per_image: int = 5, *, chunk_rows: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """0-based ranks of the ground truth: (image ranks (N_img,), caption ranks (N_cap,)).
+
+    A rank is the number of items scored strictly higher than the ground truth (spec §7), so
+    ties never favour or penalise an item by its position. An image's rank is that of its
+    best-scored caption. One pass over row chunks computes both directions on the matrix's own
+    device; the temporaries are chunk-sized boolean masks, never a sorted copy of the matrix.
+    """
+    scores = _as_tensor(sims)
+    n_img, n_cap = _check_shape(scores, captions_per_image)
+    device = scores.device
+    caption_idx = torch.arange(n_cap, device=device)
+    # Score of each caption with its own image, and each image's best own-caption score.
+    own = scores[caption_idx // captions_per_image, caption_idx]
+    best_own = own.view(n_img, captions_per_image).amax(dim=1)
+    if chunk_rows is None:
+        budget = _CHUNK_ELEMENTS_CPU if device.type == "cpu" else _CHUNK_ELEMENTS_GPU
+        chunk_rows = max(1, budget // n_cap)
+    if chunk_rows < 1:
+        raise CoderError(f"chunk_rows must be positive, got {chunk_rows}")
+    rows = chunk_rows
+    # int32 counts: ranks are below 2**31, and int32 reductions are twice as fast as int64.
+    image_ranks = torch.empty(n_img, dtype=torch.int32, device=device)
+    caption_ranks = torch.zeros(n_cap, dtype=torch.int32, device=device)
+    for start in range(0, n_img, rows):
+        block = scores[start : start + rows]
+        # A NaN/inf anywhere makes the block's sum non-finite (a cheap scalar test); only then
+        # is the exact elementwise test needed, since huge finite scores can overflow the sum.
+        if (
+            block.is_floating_point()
+            and not bool(torch.isfinite(block.sum()))
+            and not bool(torch.isfinite(block).all())
+        ):
+            raise CoderError(
+                f"similarity matrix has non-finite scores in images {start}..{start + len(block) - 1} "
+                f"(NaN/inf: did the model diverge?)"
+            )
+        image_ranks[start : start + len(block)] = (block > best_own[start : start + rows, None]).sum(
+            dim=1, dtype=torch.int32
+        )
+        caption_ranks += (block > own[None, :]).sum(dim=0, dtype=torch.int32)
+    return image_ranks, caption_ranks
+
+
+def recall_metrics(sims: Any, captions_per_image: int = 5, *, chunk_rows: int | None = None) -> dict[str, float]:
+    """Retrieval metrics of an images x captions score matrix (NumPy or torch, any device).
+
+    Caption j belongs to image j // captions_per_image. Returns i2t_r1/r5/r10 and
+    t2i_r1/r5/r10 (percent), rsum (their sum), and i2t/t2i medr and meanr (1-based).
+    """
+    image_ranks, caption_ranks = retrieval_ranks(sims, captions_per_image, chunk_rows=chunk_rows)
+    metrics = _rank_summary(as_numpy(image_ranks), "i2t")
+    metrics.update(_rank_summary(as_numpy(caption_ranks), "t2i"))
+    metrics["rsum"] = sum(metrics[f"{d}_r{k}"] for d in ("i2t", "t2i") for k in RECALL_KS)
+    return metrics
+
+
+def coco_metrics(sims: Any, captions_per_image: int = 5, fold_size: int = 1000) -> dict[str, dict[str, float]]:
+    """COCO protocol: "1k" = mean over consecutive `fold_size`-image folds (each with its own
+    captions), "5k" = the whole matrix (5,000 images on testall)."""
+    scores = _as_tensor(sims)
+    n_img, _ = _check_shape(scores, captions_per_image)
+    if fold_size < 1 or n_img % fold_size:
+        raise CoderError(
+            f"COCO 1K protocol needs a multiple of {fold_size} images, got {n_img} "
+            f"(use the 5,000-image testall split)"
+        )
+    folds = [
+        recall_metrics(
+            scores[f : f + fold_size, f * captions_per_image : (f + fold_size) * captions_per_image],
+            captions_per_image,
+        )
+        for f in range(0, n_img, fold_size)
+    ]
+    one_k = {key: float(np.mean([fold[key] for fold in folds])) for key in folds[0]}
+    return {"1k": one_k, "5k": recall_metrics(scores, captions_per_image)}
+
+
+def protocol_metrics(sims: Any, protocol: str, captions_per_image: int = 5) -> dict[str, Any]:
+    """Metrics for a dataset protocol: "f30k" -> one metrics dict, "coco" -> {"1k", "5k"}."""
+    if protocol == "f30k":
+        return recall_metrics(sims, captions_per_image)
+    if protocol == "coco":
+        return coco_metrics(sims, captions_per_image)
+    raise CoderError(f"unknown evaluation protocol '{protocol}' (choose from {', '.join(PROTOCOLS)})")
+
+
+# --------------------------------------------------------------------------- encoding
+
+
+@dataclass
+class Embeddings:
+    """A split's L2-normalised embeddings from one model, on the CPU in float32.
+
+    Kept apart from the similarity matrix so that mu can be swept (or models ensembled)
+    without re-encoding. The concept parts are None for a model without a concept branch.
+    """
+
+    image_instance: torch.Tensor
+    image_concept: torch.Tensor | None
+    caption_instance: torch.Tensor
+    caption_concept: torch.Tensor | None
+    captions_per_image: int = 5
+
+    def __post_init__(self) -> None:
+        if (self.image_concept is None) != (self.caption_concept is None):
+            raise CoderError("embeddings: images and captions must both have concept parts or neither")
+        n_img, n_cap = len(self.image_instance), len(self.caption_instance)
+        if n_cap != n_img * self.captions_per_image:
+            raise CoderError(
+                f"embeddings: {n_cap} captions for {n_img} images; expected "
+                f"{n_img * self.captions_per_image} ({self.captions_per_image} per image)"
+            )
+        for name, part, n in (("image_concept", self.image_concept, n_img), ("caption_concept", self.caption_concept, n_cap)):
+            if part is not None and len(part) != n:
+                raise CoderError(f"embeddings: {name} has {len(part)} rows, expected {n}")
+
+    @property
+    def num_images(self) -> int:
+        return len(self.image_instance)
+
+    @property
+    def num_captions(self) -> int:
+        return len(self.caption_instance)
+
+    @property
+    def has_concepts(self) -> bool:
+        return self.image_concept is not None
+
+
+def _encode_dataset(
+    loader: DataLoader,
+    encode: Callable[[dict], tuple[torch.Tensor, torch.Tensor | None]],
+    id_key: str,
+    count: int,
+    desc: str,
+    progress: bool | None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Run `encode` over the loader, placing each row at its item id (order-proof)."""
+    instance = concept = None
+    seen = torch.zeros(count, dtype=torch.bool)
+    # disable=None lets tqdm hide the bar when stderr is not a terminal (logs, CI).
+    for batch in tqdm(loader, desc=desc, unit="batch", leave=False, disable=None if progress is None else not progress):
+        inst, con = encode(batch)
+        ids = batch[id_key]
+        if instance is None:
+            instance = torch.empty(count, inst.shape[1], dtype=torch.float32)
+            concept = None if con is None else torch.empty(count, con.shape[1], dtype=torch.float32)
+        instance[ids] = inst.detach().float().cpu()
+        if concept is not None:
+            concept[ids] = con.detach().float().cpu()
+        seen[ids] = True
+    if instance is None or not bool(seen.all()):
+        missing = count - int(seen.sum())
+        raise CoderError(f"encoding {desc}: {missing} of {count} items were never produced by the data loader")
+    return instance, concept
+
+
+def encode_split(
+    model: Any,
+    split: Any,
+    tokenizer: Any,
+    concept_graph: Any,
+    device: str | torch.device,
+    batch_size: int = 128,
+    num_workers: int = 0,
+    progress: bool | None = None,
+) -> Embeddings:
+    """Embed every image once and every caption once with the model's online encoders.
+
+    `model` is anything with `encode_images(images)` and
+    `encode_captions(tokens, lengths, attention_mask, concept_labels)` returning
+    (instance, concept or None). Runs in eval mode under no_grad and restores the model's
+    training mode afterwards, so the training loop can call it for validation.
+    `progress=None` shows a bar only on a terminal.
+    """
+    import data  # imported here so this module works (and is testable) without the data stack
+
+    device = torch.device(device)
+    collate = functools.partial(data.collate, pad_id=tokenizer.pad_id)
+    images = data.ImageDataset(split)
+    captions = data.CaptionDataset(split, tokenizer, concept_graph)
+    if len(images) == 0:
+        raise CoderError("cannot evaluate a split with no images")
+
+    def loader(dataset: Any) -> DataLoader:
+        return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate)
+
+    def on_device(batch: dict, key: str) -> torch.Tensor | None:
+        value = batch.get(key)
+        return None if value is None else value.to(device, non_blocking=True)
+
+    def encode_images(batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return model.encode_images(on_device(batch, "images"))
+
+    def encode_captions(batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return model.encode_captions(
+            on_device(batch, "tokens"),
+            on_device(batch, "lengths"),
+            on_device(batch, "attention_mask"),
+            on_device(batch, "concept_labels"),
+        )
+
+    was_training = getattr(model, "training", None)
+    if was_training is not None:
+        model.eval()
+    try:
+        with torch.no_grad():
+            img_inst, img_con = _encode_dataset(loader(images), encode_images, "image_ids", len(images), "images", progress)
+            cap_inst, cap_con = _encode_dataset(
+                loader(captions), encode_captions, "caption_ids", len(captions), "captions", progress
+            )
+    finally:
+        if was_training is not None:
+            model.train(was_training)
+    return Embeddings(img_inst, img_con, cap_inst, cap_con, captions_per_image=len(captions) // len(images))
+
+
+def _as_list(value: Any, n: int, name: str) -> list:
+    if isinstance(value, (list, tuple, torch.nn.ModuleList)):
+        if len(value) != n:
+            raise CoderError(f"{len(value)} {name} for {n} models: give one per model or a single shared one")
+        return list(value)
+    return [value] * n
+
+
+def encode_models(
+    models: Any,
+    split: Any,
+    tokenizers: Any,
+    concept_graphs: Any,
+    device: str | torch.device,
+    batch_size: int = 128,
+    num_workers: int = 0,
+    progress: bool | None = None,
+) -> list[Embeddings]:
+    """`encode_split` for one model or a list of them (an ensemble); tokenizers and concept
+    graphs are given per model or once for all."""
+    models = list(models) if isinstance(models, (list, tuple, torch.nn.ModuleList)) else [models]
+    if not models:
+        raise CoderError("no models to evaluate")
+    tokenizers = _as_list(tokenizers, len(models), "tokenizers")
+    graphs = _as_list(concept_graphs, len(models), "concept graphs")
+    return [
+        encode_split(m, split, tok, graph, device, batch_size, num_workers, progress)
+        for m, tok, graph in zip(models, tokenizers, graphs)
+    ]
+
+
+# --------------------------------------------------------------------------- similarities
+
+
+def _check_mu(mu: float) -> float:
+    if not isinstance(mu, (int, float)) or isinstance(mu, bool) or not 0.0 <= mu <= 1.0:
+        raise CoderError(f"mu must be a number in [0, 1], got {mu!r}")
+    return float(mu)
+
+
+def similarity_matrix(
+    emb: Embeddings,
+    mu: float,
+    device: str | torch.device = "cpu",
+    chunk_size: int = 1024,
+    *,
+    score_fn: ScoreFn | None = None,
+) -> torch.Tensor:
+    """S = (1-mu)·(v·t) + mu·(v_c·t_c) (spec §5), or v·t without a concept branch.
+
+    Computed `chunk_size` images at a time on `device` (the captions are moved there once);
+    returned on the CPU in float32. `score_fn(v, v_c, t, t_c, mu)` replaces the formula, e.g.
+    a model's own `similarity` method.
+    """
+    mu = _check_mu(mu)
+    if chunk_size < 1:
+        raise CoderError(f"chunk_size must be positive, got {chunk_size}")
+    device = torch.device(device)
+    captions = emb.caption_instance.to(device)
+    captions_c = None if emb.caption_concept is None else emb.caption_concept.to(device)
+    out = torch.empty(emb.num_images, emb.num_captions, dtype=torch.float32)
+    for start in range(0, emb.num_images, chunk_size):
+        stop = min(start + chunk_size, emb.num_images)
+        v = emb.image_instance[start:stop].to(device)
+        v_c = None if emb.image_concept is None else emb.image_concept[start:stop].to(device)
+        if score_fn is not None:
+            scores = score_fn(v, v_c, captions, captions_c, mu)
+        else:
+            scores = v @ captions.T
+            if v_c is not None:
+                scores = (1.0 - mu) * scores + mu * (v_c @ captions_c.T)
+        out[start:stop] = scores.float().cpu()
+    return out
+
+
+def ensemble_similarity(
+    embeddings: Sequence[Embeddings],
+    mu: float | Sequence[float],
+    device: str | torch.device = "cpu",
+    chunk_size: int = 1024,
+) -> torch.Tensor:
+    """Mean of the models' similarity matrices (one mu for all, or one per model)."""
+    if not embeddings:
+        raise CoderError("no embeddings to score")
+    mus = _as_list(mu, len(embeddings), "mu values")
+    shapes = {(e.num_images, e.num_captions) for e in embeddings}
+    if len(shapes) > 1:
+        raise CoderError(f"ensemble members were encoded on different splits: shapes {sorted(shapes)}")
+    total = similarity_matrix(embeddings[0], mus[0], device, chunk_size)
+    for emb, m in zip(embeddings[1:], mus[1:]):
+        total += similarity_matrix(emb, m, device, chunk_size)
+    if len(embeddings) > 1:
+        total /= len(embeddings)
+    return total
+
+
+def evaluate(
+    models: Any,
+    split: Any,
+    tokenizers: Any,
+    concept_graphs: Any,
+    device: str | torch.device,
+    mu: float | Sequence[float] = 0.15,
+    *,
+    protocol: str = "f30k",
+    batch_size: int = 128,
+    num_workers: int = 0,
+    chunk_size: int = 1024,
+    progress: bool | None = None,
+) -> dict[str, Any]:
+    """Encode `split` with one model or an ensemble (mean of the similarity matrices) and
+    score it: protocol "f30k" -> a metrics dict, "coco" -> {"1k": 5-fold mean, "5k": all}."""
+    if protocol not in PROTOCOLS:
+        raise CoderError(f"unknown evaluation protocol '{protocol}' (choose from {', '.join(PROTOCOLS)})")
+    embeddings = encode_models(models, split, tokenizers, concept_graphs, device, batch_size, num_workers, progress)
+    sims = ensemble_similarity(embeddings, mu, device, chunk_size)
+    return protocol_metrics(sims, protocol, embeddings[0].captions_per_image)
+
+
+def sweep_mu(
+    embeddings: Embeddings | Sequence[Embeddings],
+    mus: Sequence[float],
+    device: str | torch.device = "cpu",
+    chunk_size: int = 1024,
+) -> tuple[float, dict[float, float]]:
+    """Tune mu on dev: rsum for each mu, reusing the embeddings (only similarities are
+    recomputed). Returns (best mu, {mu: rsum}); on equal rsum the first mu listed wins."""
+    members = [embeddings] if isinstance(embeddings, Embeddings) else list(embeddings)
+    if not mus:
+        raise CoderError("sweep_mu needs at least one mu value")
+    if members and not any(e.has_concepts for e in members):
+        raise CoderError("sweep_mu: no model has a concept branch, so mu has no effect")
+    table: dict[float, float] = {}
+    for mu in mus:
+        sims = ensemble_similarity(members, _check_mu(mu), device, chunk_size)
+        table[float(mu)] = recall_metrics(sims, members[0].captions_per_image)["rsum"]
+    best = max(table, key=lambda m: table[m])
+    return best, table
+
+
+# --------------------------------------------------------------------------- reporting
+
+
+def _table_rows(metrics: dict[str, float], label: str) -> list[str]:
+    rows = []
+    for prefix, name in (("i2t", "image->text"), ("t2i", "text->image")):
+        recalls = "".join(f"{metrics[f'{prefix}_r{k}']:8.2f}" for k in RECALL_KS)
+        rows.append(
+            f"{(label + ' ' + name).strip():<20}{recalls}"
+            f"{metrics[f'{prefix}_medr']:8.1f}{metrics[f'{prefix}_meanr']:9.2f}"
+        )
+    rows.append(f"{(label + ' rsum').strip():<20}{metrics['rsum']:8.2f}")
+    return rows
+
+
+def format_table(metrics: dict[str, Any]) -> str:
+    """A plain-text table of R@1/5/10 both ways, medr/meanr and rsum; accepts a metrics dict
+    or a protocol result such as coco_metrics' {"1k": ..., "5k": ...}."""
+    header = f"{'':<20}" + "".join(f"{'R@' + str(k):>8}" for k in RECALL_KS) + f"{'medr':>8}{'meanr':>9}"
+    if "rsum" in metrics:
+        rows = _table_rows(metrics, "")
+    else:
+        rows = [row for name, sub in metrics.items() for row in _table_rows(sub, f"[{name}]")]
+    return "\n".join([header, *rows])
+
