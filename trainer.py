@@ -7,11 +7,11 @@ dev, and can resume from any checkpoint at the exact step it was written.
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
 import random
-import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -54,8 +54,9 @@ DEMO_OVERRIDES: dict[str, Any] = {
 
 # ----------------------------------------------------------------------------- config
 
-def parse_overrides(defaults: dict[str, Any], argv: list[str]) -> tuple[dict[str, Any], bool]:
-    """Apply `--name value` (or `--name=value`) overrides; returns (config, demo flag).
+def parse_overrides(defaults: dict[str, Any], argv: list[str]) -> tuple[dict[str, Any], bool, set[str]]:
+    """Apply `--name value` (or `--name=value`) overrides; returns (config, demo flag, the
+    names given on the command line).
 
     Values take the type of the default (booleans accept true/false/1/0/yes/no). An unknown
     name is an error that lists the valid ones.
@@ -84,7 +85,7 @@ def parse_overrides(defaults: dict[str, Any], argv: list[str]) -> tuple[dict[str
         explicit.add(name)
     if demo:
         config.update({k: v for k, v in DEMO_OVERRIDES.items() if k in config and k not in explicit})
-    return config, demo
+    return config, demo, explicit
 
 
 def _convert(name: str, value: str, default: Any) -> Any:
@@ -278,21 +279,21 @@ def load_data(config: dict[str, Any], need_vocab_words: list[str] | None = None)
 
 
 def validate(model: torch.nn.Module, split: Any, tokenizer: Any, graph: Any, config: dict[str, Any],
-             device: torch.device, protocol: str = "single") -> dict[str, Any]:
+             device: torch.device, protocol: str = "f30k") -> dict[str, Any]:
     """Retrieval metrics of the current query encoders on a split (mu from the config)."""
     import evaluation
 
     embeddings = evaluation.encode_split(model, split, tokenizer, graph, device,
                                          batch_size=config["eval_batch_size"], num_workers=config["workers"])
     sims = evaluation.similarity_matrix(embeddings, config["mu"], device)
-    if protocol == "coco" and split.num_images % 1000 == 0 and split.num_images >= 5000:
-        return evaluation.coco_metrics(sims, split.captions_per_image)
-    return evaluation.recall_metrics(sims, split.captions_per_image)
+    return evaluation.protocol_metrics(sims, protocol, split.captions_per_image)
 
 
 def run(defaults: dict[str, Any], argv: list[str], dataset: str) -> dict[str, Any]:
     """Parse the command line over a script's defaults and train; returns the final metrics."""
-    config, demo = parse_overrides(defaults, argv)
+    config, demo, explicit = parse_overrides(defaults, argv)
+    if config["resume"]:
+        config = resumed_config(config, explicit)
     if demo:
         from demo_data import make_demo_dataset
 
@@ -300,7 +301,24 @@ def run(defaults: dict[str, Any], argv: list[str], dataset: str) -> dict[str, An
     return train(config, dataset)
 
 
+# Settings a resumed run may change; everything else must stay as the checkpoint has it.
+RESUME_MAY_CHANGE = ("resume", "run_dir", "overwrite", "epochs", "device", "workers", "progress", "log_every",
+                     "eval_batch_size", "val_every_steps", "checkpoint_every_steps", "test_split")
+
+
+def resumed_config(config: dict[str, Any], explicit: set[str]) -> dict[str, Any]:
+    """The checkpoint's config, with the command line's changes to `RESUME_MAY_CHANGE` only."""
+    saved = load_checkpoint(config["resume"])["config"]
+    refused = sorted(k for k in explicit if k not in RESUME_MAY_CHANGE and config[k] != saved.get(k))
+    if refused:
+        raise CoderError(f"{config['resume']}: a resumed run keeps its configuration; cannot change "
+                         f"{', '.join('--' + k for k in refused)} (allowed: "
+                         f"{', '.join('--' + k for k in RESUME_MAY_CHANGE[1:])})")
+    return {**saved, **{k: config[k] for k in explicit if k in RESUME_MAY_CHANGE}, "resume": config["resume"]}
+
+
 def train(config: dict[str, Any], dataset: str) -> dict[str, Any]:
+    """Train one run described by a full config (see train_f30k.py); returns the test metrics."""
     world = Dist(config["device"])
     try:
         return _train(config, dataset, world)
@@ -320,16 +338,6 @@ def _amp_dtype(config: dict[str, Any], device: torch.device) -> torch.dtype | No
 
 def _train(config: dict[str, Any], dataset: str, world: Dist) -> dict[str, Any]:
     resume_state = load_checkpoint(config["resume"]) if config["resume"] else None
-    if resume_state is not None:
-        saved = dict(resume_state["config"])
-        changed = {k: (saved.get(k), v) for k, v in config.items()
-                   if k not in ("resume", "run_dir", "overwrite", "workers", "device", "epochs")
-                   and saved.get(k) != v and k in saved}
-        config = {**saved, **{k: config[k] for k in ("resume", "run_dir", "overwrite", "workers", "device",
-                                                     "epochs")}}
-        if changed and world.is_main:
-            print(f"resuming with the saved configuration; ignoring command-line changes to "
-                  f"{', '.join(sorted(changed))}", file=sys.stderr)
     if config["batch_size"] % world.world_size:
         raise CoderError(f"--batch_size {config['batch_size']} is not divisible by the "
                          f"{world.world_size} processes")
@@ -346,6 +354,9 @@ def _train(config: dict[str, Any], dataset: str, world: Dist) -> dict[str, Any]:
     model = build_model(config, train_split.feature_dim, len(data["vocab_words"] or []), graph).to(device)
     if device.type == "cuda" and world.world_size > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if config["word_vectors"] and config["text_encoder"] == "bigru" and resume_state is None:
+        coverage = model.init_word_embeddings(data["vocab_words"])
+        log.line(f"word embeddings from {config['word_vectors']}: {coverage:.1%} of the vocabulary covered")
     optimizer = torch.optim.AdamW(model.param_groups(config["lr"], config["weight_decay"],
                                                      config["bert_lr_scale"]))
     for group in optimizer.param_groups:
@@ -360,7 +371,7 @@ def _train(config: dict[str, Any], dataset: str, world: Dist) -> dict[str, Any]:
     sampler = ResumableSampler(len(train_set), world.world_size, world.rank, config["seed"], local_batch)
     loader = DataLoader(train_set, batch_size=local_batch, sampler=sampler, drop_last=True,
                         num_workers=config["workers"], pin_memory=device.type == "cuda",
-                        collate_fn=lambda items: data_module.collate(items, pad_id=tokenizer.pad_id),
+                        collate_fn=functools.partial(data_module.collate, pad_id=tokenizer.pad_id),
                         persistent_workers=False)
     steps_per_epoch = len(train_set) // world.world_size // local_batch
     if steps_per_epoch == 0:
@@ -381,7 +392,8 @@ def _train(config: dict[str, Any], dataset: str, world: Dist) -> dict[str, Any]:
     if world.world_size > 1:
         model = torch.nn.parallel.DistributedDataParallel(
             raw_model, device_ids=[device.index] if device.type == "cuda" else None,
-            broadcast_buffers=False)
+            broadcast_buffers=False,  # queues and prototypes are kept equal by construction
+            find_unused_parameters=config["freeze_bert_epochs"] > 0 and config["text_encoder"] == "bert")
     forward = torch.compile(model) if config["compile"] else model
 
     version = code_version()
@@ -412,8 +424,7 @@ def _train(config: dict[str, Any], dataset: str, world: Dist) -> dict[str, Any]:
     metrics: dict[str, Any] = {}
     while epoch < config["epochs"]:
         sampler.set_epoch(epoch, skip_batches=step_in_epoch)
-        frozen = epoch < config["freeze_bert_epochs"]
-        raw_model.set_text_backbone_frozen(frozen) if hasattr(raw_model, "set_text_backbone_frozen") else None
+        raw_model.set_text_backbone_frozen(epoch < config["freeze_bert_epochs"])
         model.train()
         bar = tqdm(loader, total=steps_per_epoch, initial=step_in_epoch, desc=f"epoch {epoch + 1}/{config['epochs']}",
                    disable=not world.is_main or not config["progress"], dynamic_ncols=True)
@@ -512,7 +523,7 @@ def _final_test(run_dir: Path, config: dict[str, Any], device: torch.device, dat
     model, tokenizer, graph, saved_config = load_for_inference(run_dir / "best.pt", device)
     split = data.load_split(path, config["test_split"])
     metrics = validate(model, split, tokenizer, graph, saved_config, device,
-                       protocol="coco" if dataset == "coco" else "single")
+                       protocol=dataset)
     (run_dir / "test_metrics.json").write_text(json.dumps(metrics, indent=2))
     log.line(f"test split '{config['test_split']}' with best.pt:\n" + evaluation.format_table(metrics))
     return metrics

@@ -12,10 +12,10 @@ DEFAULTS = {"lr": 2e-4, "epochs": 30, "loss": "dcl", "concept_branch": True, "re
 
 
 def test_overrides_take_the_default_type():
-    config, demo = trainer.parse_overrides(DEFAULTS, ["--lr", "1e-3", "--epochs=3", "--concept-branch", "false",
+    config, demo, explicit = trainer.parse_overrides(DEFAULTS, ["--lr", "1e-3", "--epochs=3", "--concept-branch", "false",
                                                       "--loss", "triplet"])
     assert config == {"lr": 1e-3, "epochs": 3, "loss": "triplet", "concept_branch": False, "resume": ""}
-    assert not demo
+    assert not demo and explicit == {"lr", "epochs", "concept_branch", "loss"}
     assert trainer.parse_overrides(DEFAULTS, ["--demo"])[1]
 
 
@@ -33,7 +33,7 @@ def test_bad_overrides_are_clear_errors(argv, message):
 
 def test_demo_keeps_explicit_overrides():
     defaults = {"epochs": 30, "lr": 2e-4, "data_path": "x"}
-    config, demo = trainer.parse_overrides(defaults, ["--demo", "--epochs", "2"])
+    config, demo, _ = trainer.parse_overrides(defaults, ["--demo", "--epochs", "2"])
     assert demo and config["epochs"] == 2 and config["lr"] == trainer.DEMO_OVERRIDES["lr"]
     assert config["data_path"] == trainer.DEMO_OVERRIDES["data_path"]
 

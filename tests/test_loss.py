@@ -1,0 +1,227 @@
+"""loss.py against deliberately naive references: explicit Python loops over tiny float64 batches."""
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from loss import dcl_loss, dcl_negative_log_weights, pseudo_label_loss, sinkhorn_knopp, total_loss, triplet_loss
+
+
+def unit(*shape: int, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return F.normalize(torch.randn(*shape, generator=gen, dtype=torch.float64), dim=-1)
+
+
+def dot(a: torch.Tensor, b: torch.Tensor) -> float:
+    return sum(float(x) * float(y) for x, y in zip(a, b))
+
+
+def naive_dcl(q, k, queue, q_ids, k_ids, queue_ids, pos_index, tau, beta) -> float:
+    """Spec §4 written out: weights |N_i|·softmax(β s) over the negatives, then
+    -log(pos / (pos + Σ w e^{s/τ}))."""
+    losses = []
+    for i in range(len(q)):
+        negatives = [k[j] for j in range(len(k)) if int(k_ids[j]) != int(q_ids[i])]
+        negatives += [queue[j] for j in range(len(queue)) if int(queue_ids[j]) != int(q_ids[i])]
+        sims = [dot(q[i], n) for n in negatives]
+        norm = sum(math.exp(beta * s) for s in sims)
+        weights = [len(sims) * math.exp(beta * s) / norm for s in sims]
+        pos = math.exp(dot(q[i], k[int(pos_index[i])]) / tau)
+        losses.append(-math.log(pos / (pos + sum(w * math.exp(s / tau) for w, s in zip(weights, sims)))))
+    return sum(losses) / len(losses)
+
+
+def naive_infonce(q, k, queue, q_ids, queue_ids, tau) -> float:
+    """Momentum InfoNCE: cross-entropy of the positive among positive + unmasked negatives."""
+    total = 0.0
+    for i in range(len(q)):
+        logits = [dot(q[i], k[i]) / tau]
+        logits += [dot(q[i], k[j]) / tau for j in range(len(k)) if int(q_ids[j]) != int(q_ids[i])]
+        logits += [dot(q[i], queue[j]) / tau for j in range(len(queue)) if int(queue_ids[j]) != int(q_ids[i])]
+        total += -logits[0] + math.log(sum(math.exp(x) for x in logits))
+    return total / len(q)
+
+
+@pytest.fixture
+def dcl_case():
+    """6 queries (two share image 7, like two captions of one image), a queue of 9 with ids
+    that collide with some queries."""
+    q, k, queue = unit(6, 5, seed=0), unit(6, 5, seed=1), unit(9, 5, seed=2)
+    q_ids = torch.tensor([7, 7, 1, 2, 3, 4])
+    queue_ids = torch.tensor([7, 1, 1, 9, 9, 2, 5, 6, 8])
+    return q, k, queue, q_ids, queue_ids
+
+
+@pytest.mark.parametrize("tau,beta", [(0.05, 10.0), (0.1, 2.0), (0.5, 0.0)])
+def test_dcl_matches_naive_reference(dcl_case, tau, beta):
+    q, k, queue, q_ids, queue_ids = dcl_case
+    got = dcl_loss(q, k, queue, q_ids, queue_ids, tau=tau, beta=beta)
+    want = naive_dcl(q, k, queue, q_ids, q_ids, queue_ids, range(6), tau, beta)
+    assert got.item() == pytest.approx(want, abs=1e-6)
+
+
+def test_dcl_empty_queue(dcl_case):
+    q, k, _, q_ids, _ = dcl_case
+    empty, no_ids = torch.zeros(0, 5, dtype=torch.float64), torch.zeros(0, dtype=torch.long)
+    got = dcl_loss(q, k, empty, q_ids, no_ids)
+    want = naive_dcl(q, k, empty, q_ids, q_ids, no_ids, range(6), 0.05, 10.0)
+    assert got.item() == pytest.approx(want, abs=1e-6)
+
+
+def test_dcl_beta_zero_is_infonce(dcl_case):
+    q, k, queue, q_ids, queue_ids = dcl_case
+    got = dcl_loss(q, k, queue, q_ids, queue_ids, tau=0.07, beta=0.0)
+    assert got.item() == pytest.approx(naive_infonce(q, k, queue, q_ids, queue_ids, 0.07), abs=1e-6)
+
+
+def test_dcl_masked_keys_have_no_influence(dcl_case):
+    q, k, queue, q_ids, queue_ids = dcl_case
+    base = dcl_loss(q[:2], k[:2], queue, q_ids[:2], queue_ids)  # both queries have image 7
+    changed = queue.clone()
+    changed[queue_ids == 7] = unit(int((queue_ids == 7).sum()), 5, seed=9)
+    assert dcl_loss(q[:2], k[:2], changed, q_ids[:2], queue_ids).item() == pytest.approx(base.item(), abs=1e-12)
+    # A key of the same image in the batch (row 1 for query 0) is masked as well: moving it
+    # changes query 1's positive only, so query 0's loss alone stays put.
+    moved = k.clone()
+    moved[1] = unit(5, seed=10)
+    first = dict(k_ids=q_ids[:2], pos_index=torch.tensor([0]))
+    alone = dcl_loss(q[:1], k[:2], queue, q_ids[:1], queue_ids, **first)
+    alone_moved = dcl_loss(q[:1], moved[:2], queue, q_ids[:1], queue_ids, **first)
+    assert alone_moved.item() == pytest.approx(alone.item(), abs=1e-12)
+
+
+def test_dcl_without_any_negative_is_zero_and_finite():
+    q, k = unit(2, 4, seed=3), unit(2, 4, seed=4)
+    ids = torch.tensor([5, 5])
+    q.requires_grad_(True)
+    loss = dcl_loss(q, k, k.detach().clone(), ids, ids)
+    loss.backward()
+    assert loss.item() == 0.0
+    assert torch.isfinite(q.grad).all()
+
+
+def test_dcl_weights_average_one_and_follow_formula(dcl_case):
+    q, k, queue, q_ids, queue_ids = dcl_case
+    sims = q @ torch.cat([k, queue]).t()
+    mask = torch.cat([q_ids, queue_ids])[None, :] != q_ids[:, None]
+    weights = dcl_negative_log_weights(sims, mask, beta=10.0).exp()
+    for i in range(len(q)):
+        negatives = [j for j in range(sims.shape[1]) if mask[i, j]]
+        assert sum(float(weights[i, j]) for j in negatives) / len(negatives) == pytest.approx(1.0, abs=1e-12)
+        norm = sum(math.exp(10.0 * float(sims[i, j])) for j in negatives)
+        for j in range(sims.shape[1]):
+            want = len(negatives) * math.exp(10.0 * float(sims[i, j])) / norm if mask[i, j] else 0.0
+            assert float(weights[i, j]) == pytest.approx(want, rel=1e-9, abs=1e-15)
+
+
+def test_dcl_gradient_treats_weights_as_constants(dcl_case):
+    """Autograd through the naive formula with detached weights gives the same gradient."""
+    q, k, queue, q_ids, queue_ids = dcl_case
+    tau, beta = 0.1, 5.0
+    q1 = q.clone().requires_grad_(True)
+    dcl_loss(q1, k, queue, q_ids, queue_ids, tau=tau, beta=beta).backward()
+    q2 = q.clone().requires_grad_(True)
+    total = 0
+    keys, ids = torch.cat([k, queue]), torch.cat([q_ids, queue_ids])
+    for i in range(len(q)):
+        neg = keys[ids != q_ids[i]]
+        sims = neg @ q2[i]
+        weights = (len(neg) * torch.softmax(beta * sims, 0)).detach()
+        pos = torch.exp(q2[i] @ k[i] / tau)
+        total = total - torch.log(pos / (pos + (weights * torch.exp(sims / tau)).sum()))
+    (total / len(q)).backward()
+    assert torch.allclose(q1.grad, q2.grad, atol=1e-9)
+    assert k.grad is None and queue.grad is None
+
+
+def test_dcl_gathered_keys_with_pos_index(dcl_case):
+    """Two 'processes' with 3 local queries each against all 6 keys average to the 1-process loss."""
+    q, k, queue, q_ids, queue_ids = dcl_case
+    full = dcl_loss(q, k, queue, q_ids, queue_ids)
+    halves = [
+        dcl_loss(q[3 * r : 3 * r + 3], k, queue, q_ids[3 * r : 3 * r + 3], queue_ids,
+                 k_ids=q_ids, pos_index=torch.arange(3) + 3 * r)
+        for r in range(2)
+    ]
+    assert ((halves[0] + halves[1]) / 2).item() == pytest.approx(full.item(), abs=1e-12)
+    with pytest.raises(ValueError):
+        dcl_loss(q[:3], k, queue, q_ids[:3], queue_ids)
+
+
+def test_triplet_matches_naive_reference():
+    img, cap = unit(5, 4, seed=5), unit(5, 4, seed=6)
+    ids = torch.tensor([0, 0, 1, 2, 3])
+    margin = 0.2
+    total = 0.0
+    for i in range(5):
+        negatives = [j for j in range(5) if ids[j] != ids[i]]
+        positive = dot(img[i], cap[i])
+        total += max([0.0] + [margin + dot(img[i], cap[j]) - positive for j in negatives])  # image i -> captions
+        total += max([0.0] + [margin + dot(img[j], cap[i]) - positive for j in negatives])  # caption i -> images
+    assert triplet_loss(img, cap, ids, margin).item() == pytest.approx(total / 5, abs=1e-6)
+
+
+def test_pseudo_label_loss_matches_naive_reference():
+    x, protos = unit(3, 4, seed=7), unit(6, 4, seed=8)
+    targets = torch.softmax(torch.randn(3, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64), 1)
+    tau = 0.1
+    total = 0.0
+    for i in range(3):
+        logits = [dot(x[i], protos[j]) / tau for j in range(6)]
+        log_norm = math.log(sum(math.exp(v) for v in logits))
+        total -= sum(float(targets[i, j]) * (logits[j] - log_norm) for j in range(6))
+    x.requires_grad_(True)
+    got = pseudo_label_loss(x, targets, protos, tau)
+    assert got.item() == pytest.approx(total / 3, abs=1e-6)
+    got.backward()
+    assert x.grad is not None and protos.grad is None
+
+
+def test_total_loss_weights_terms_and_reports_each():
+    inst, con, pseudo = torch.tensor(1.0, requires_grad=True), torch.tensor(2.0), torch.tensor(3.0)
+    out = total_loss(inst, con, pseudo, lambda_concept=0.5, lambda_pseudo=0.25)
+    assert out["loss"].item() == pytest.approx(1.0 + 0.5 * 2.0 + 0.25 * 3.0)
+    terms = {k: v.item() for k, v in out.items() if k != "loss"}
+    assert terms == {"dcl_instance": 1.0, "dcl_concept": 2.0, "pseudo": 3.0}
+    assert out["loss"].requires_grad
+    only = total_loss(inst, name="triplet")
+    assert set(only) == {"triplet_instance", "loss"}
+
+
+def naive_sinkhorn(scores: np.ndarray, eps: float, iters: int) -> np.ndarray:
+    """SwAV's loop, prototypes x samples orientation."""
+    q = np.exp(scores / eps).T.copy()
+    q /= q.sum()
+    k, b = q.shape
+    for _ in range(iters):
+        for r in range(k):
+            q[r] /= q[r].sum() * k
+        for c in range(b):
+            q[:, c] /= q[:, c].sum() * b
+    return (q * b).T
+
+
+def test_sinkhorn_matches_swav_loop_and_marginals():
+    z, protos = unit(40, 6, seed=11), unit(8, 6, seed=12)
+    scores = (z @ protos.t()).numpy()
+    for iters in (1, 3):
+        got = sinkhorn_knopp(z, protos, 0.05, iters)
+        assert np.allclose(got.numpy(), naive_sinkhorn(scores, 0.05, iters), atol=1e-9)
+        assert torch.allclose(got.sum(1), torch.ones(40, dtype=torch.float64))
+    blocks = sinkhorn_knopp([z[:7], z[7:30], z[30:]], protos, 0.05, 3, num_rows=7)
+    assert torch.allclose(blocks, sinkhorn_knopp(z, protos, 0.05, 3)[:7], atol=1e-12)
+    converged = sinkhorn_knopp(z, protos, 0.05, 500)
+    assert torch.allclose(converged.sum(0), torch.full((8,), 40 / 8, dtype=torch.float64), atol=1e-6)
+    assert torch.allclose(converged.sum(1), torch.ones(40, dtype=torch.float64))
+
+
+def test_sinkhorn_float32_is_finite_for_unit_vectors():
+    gen = torch.Generator().manual_seed(0)
+    z = F.normalize(torch.randn(3000, 32, generator=gen), dim=1)
+    protos = F.normalize(torch.randn(100, 32, generator=gen), dim=1)
+    codes = sinkhorn_knopp(z, protos, 0.05, 3)
+    assert codes.dtype == torch.float32 and torch.isfinite(codes).all()
+    assert torch.allclose(codes.sum(1), torch.ones(3000), atol=1e-5)
+    assert (codes.sum(0) / 30).sub(1).abs().max() < 0.5  # 3 iterations: near the equal share
