@@ -61,9 +61,10 @@ freeze_bert_epochs = 0
 # system
 seed = 0
 device = "auto"                            # auto | cuda | cpu
-amp = "auto"                               # auto (bf16, else fp16 on CUDA; off on CPU) | bf16 | fp16 | off
-tf32 = True
-compile = False
+amp = "auto"                               # auto: bf16 on CUDA where supported, else fp16 + GradScaler; off on CPU | bf16 | fp16 | off
+tf32 = True                                # TF32 matmuls/convolutions on CUDA (Ampere and newer)
+compile = False                            # torch.compile the training forward
+dist_timeout = 60.0                        # minutes a process waits at a collective (others wait while rank 0 validates)
 workers = 4
 eval_batch_size = 256
 log_every = 50

@@ -7,7 +7,9 @@ dev, and can resume from any checkpoint at the exact step it was written.
 """
 from __future__ import annotations
 
+import datetime
 import functools
+import inspect
 import json
 import math
 import os
@@ -107,32 +109,47 @@ def _convert(name: str, value: str, default: Any) -> Any:
 # ----------------------------------------------------------------------------- devices
 
 class Dist:
-    """Process layout: a single process, or one process per device under torchrun."""
+    """Process layout: a single process, or one process per device under torchrun.
 
-    def __init__(self, device_pref: str) -> None:
+    torchrun (single- or multi-node) sets RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and
+    MASTER_PORT; the process group is initialised from them (NCCL on CUDA, gloo on CPU).
+    `timeout_minutes` bounds how long a process waits at a collective, e.g. the other ranks
+    at the broadcast of the validation score while rank 0 validates.
+    """
+
+    def __init__(self, device_pref: str, timeout_minutes: float = 60.0) -> None:
         self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if device_pref not in ("auto", "cuda", "cpu"):
+            raise CoderError(f"--device {device_pref}: expected auto, cuda or cpu")
         use_cuda = torch.cuda.is_available() and device_pref in ("auto", "cuda")
         if device_pref == "cuda" and not torch.cuda.is_available():
             raise CoderError("--device cuda was asked for, but CUDA is not available")
+        if use_cuda and self.local_rank >= torch.cuda.device_count():
+            raise CoderError(f"local rank {self.local_rank} has no GPU: this node has "
+                             f"{torch.cuda.device_count()}; use --nproc_per_node <= {torch.cuda.device_count()}")
         self.device = torch.device(f"cuda:{self.local_rank}" if use_cuda else "cpu")
         if use_cuda:
             torch.cuda.set_device(self.device)
         if self.world_size > 1 and not dist.is_initialized():
-            dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+            kwargs: dict[str, Any] = {"timeout": datetime.timedelta(minutes=timeout_minutes)}
+            if use_cuda:
+                kwargs["device_id"] = self.device
+            dist.init_process_group(backend="nccl" if use_cuda else "gloo", **kwargs)
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def mean(self, value: torch.Tensor) -> torch.Tensor:
-        """The average of a scalar over all processes (for logging)."""
-        if self.world_size == 1:
-            return value
-        value = value.detach().clone()
-        dist.all_reduce(value)
-        return value / self.world_size
+    def mean(self, values: dict[str, torch.Tensor]) -> dict[str, float]:
+        """The average over all processes of each scalar (one all-reduce for all of them)."""
+        names = list(values)
+        stacked = torch.stack([values[k].detach().float().reshape(()) for k in names])
+        if self.world_size > 1:
+            dist.all_reduce(stacked)
+            stacked /= self.world_size
+        return dict(zip(names, stacked.tolist()))
 
     def broadcast(self, obj: Any) -> Any:
         """Rank 0's value of a picklable object, on every process."""
@@ -148,13 +165,28 @@ class Dist:
 
 
 class ResumableSampler(Sampler[int]):
-    """A DistributedSampler (per-epoch shuffle from the seed, sharded by rank) that can start
-    part-way through an epoch, so a resumed run sees exactly the batches it had not seen."""
+    """Per-epoch shuffled indices of one process, sharded by blocks of each global batch, that
+    can start part-way through an epoch (a resumed run sees exactly the batches it had not seen).
+
+    The epoch's permutation is DistributedSampler's (seed + epoch, the same on every process).
+    Global batch t is permutation[t*B : (t+1)*B] whatever the number of processes W, and rank r
+    takes its r-th contiguous block of B/W indices. DistributedSampler's own sharding would
+    interleave (rank r takes r, r+W, ...): the same global batch as a set, but gathered keys in
+    rank-major order would then enter the queues in another order than with one process. With
+    blocks, the gathered batch is exactly the one-process batch, in the same order, so W
+    processes follow the one-process run (up to float rounding), and a run may even be resumed
+    with another number of processes on the same data order. The trailing partial global
+    batch is dropped.
+    """
 
     def __init__(self, dataset_size: int, world_size: int, rank: int, seed: int, batch_size: int) -> None:
-        self.base = DistributedSampler(range(dataset_size), num_replicas=world_size, rank=rank,
-                                       shuffle=True, seed=seed, drop_last=True)
-        self.batch_size = batch_size
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside a world of {world_size}")
+        self.base = DistributedSampler(range(dataset_size), num_replicas=1, rank=0, shuffle=True,
+                                       seed=seed, drop_last=True)
+        self.world_size, self.rank = world_size, rank
+        self.batch_size = batch_size  # per process
+        self.num_batches = dataset_size // (batch_size * world_size)
         self.skip_batches = 0
 
     def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
@@ -162,11 +194,14 @@ class ResumableSampler(Sampler[int]):
         self.skip_batches = skip_batches
 
     def __iter__(self) -> Iterator[int]:
-        indices = list(self.base)
-        return iter(indices[self.skip_batches * self.batch_size:])
+        order = list(self.base)
+        global_batch, local = self.batch_size * self.world_size, self.batch_size
+        for t in range(self.skip_batches, self.num_batches):
+            start = t * global_batch + self.rank * local
+            yield from order[start:start + local]
 
     def __len__(self) -> int:
-        return len(self.base) - self.skip_batches * self.batch_size
+        return max(0, self.num_batches - self.skip_batches) * self.batch_size
 
 
 # ----------------------------------------------------------------------------- state
@@ -215,9 +250,12 @@ class RunLog:
         self.file = open(run_dir / "train.log", "a", encoding="utf-8") if run_dir else None
         self.tb = None
         if run_dir:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # tensorboard is in requirements.txt, but a bare machine may lack it
+                self.line("note: tensorboard is not installed (pip install tensorboard): train.log only")
+            else:
+                self.tb = SummaryWriter(str(run_dir / "tensorboard"))
 
     def line(self, text: str) -> None:
         if self.file is None:
@@ -303,65 +341,168 @@ def run(defaults: dict[str, Any], argv: list[str], dataset: str) -> dict[str, An
 
 # Settings a resumed run may change; everything else must stay as the checkpoint has it.
 RESUME_MAY_CHANGE = ("resume", "run_dir", "overwrite", "epochs", "device", "workers", "progress", "log_every",
-                     "eval_batch_size", "val_every_steps", "checkpoint_every_steps", "test_split")
+                     "eval_batch_size", "val_every_steps", "checkpoint_every_steps", "test_split", "dist_timeout")
 
 
 def resumed_config(config: dict[str, Any], explicit: set[str]) -> dict[str, Any]:
-    """The checkpoint's config, with the command line's changes to `RESUME_MAY_CHANGE` only."""
+    """The checkpoint's config, with the command line's changes to `RESUME_MAY_CHANGE` only
+    (options newer than the checkpoint take the script's defaults)."""
     saved = load_checkpoint(config["resume"])["config"]
-    refused = sorted(k for k in explicit if k not in RESUME_MAY_CHANGE and config[k] != saved.get(k))
+    refused = sorted(k for k in explicit if k not in RESUME_MAY_CHANGE and config[k] != saved.get(k, config[k]))
     if refused:
         raise CoderError(f"{config['resume']}: a resumed run keeps its configuration; cannot change "
                          f"{', '.join('--' + k for k in refused)} (allowed: "
                          f"{', '.join('--' + k for k in RESUME_MAY_CHANGE[1:])})")
-    return {**saved, **{k: config[k] for k in explicit if k in RESUME_MAY_CHANGE}, "resume": config["resume"]}
+    return {**config, **saved, **{k: config[k] for k in explicit if k in RESUME_MAY_CHANGE},
+            "resume": config["resume"]}
 
 
 def train(config: dict[str, Any], dataset: str) -> dict[str, Any]:
     """Train one run described by a full config (see train_f30k.py); returns the test metrics."""
-    world = Dist(config["device"])
+    processes = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun
+    if config["batch_size"] < 1 or config["batch_size"] % processes:
+        raise CoderError(f"--batch_size {config['batch_size']} (the global batch) is not divisible by the "
+                         f"{processes} processes; each process takes batch_size / processes")
+    world = Dist(config["device"], config.get("dist_timeout", 60.0))
     try:
         return _train(config, dataset, world)
     finally:
         world.close()
 
 
+AMP_CHOICES = ("auto", "bf16", "fp16", "off")
+
+
 def _amp_dtype(config: dict[str, Any], device: torch.device) -> torch.dtype | None:
-    if device.type != "cuda" or config["amp"] == "off":
+    """The autocast dtype: on CUDA, "auto" is bf16 where the GPU supports it, else fp16 (with a
+    GradScaler); on CPU, "auto" is off and "bf16" is CPU autocast (fp16 needs CUDA)."""
+    amp = config["amp"]
+    if amp not in AMP_CHOICES:
+        raise CoderError(f"--amp {amp}: expected one of {', '.join(AMP_CHOICES)}")
+    if amp == "off":
         return None
-    if config["amp"] == "fp16":
+    if device.type != "cuda":
+        if amp == "fp16":
+            raise CoderError("--amp fp16 needs CUDA; on CPU use --amp bf16 or off")
+        return torch.bfloat16 if amp == "bf16" else None
+    if amp == "fp16":
         return torch.float16
-    if config["amp"] == "bf16" or torch.cuda.is_bf16_supported():
+    if amp == "bf16" or torch.cuda.is_bf16_supported():
         return torch.bfloat16
     return torch.float16
 
 
+def _ddp_buffer_kwargs() -> dict[str, bool]:
+    """DDP arguments for: buffers broadcast from rank 0 once at construction (so every process
+    starts with rank 0's queues and prototypes), never at each forward (the model keeps them
+    equal by construction). Newer PyTorch spells this forward_sync_buffers=False;
+    broadcast_buffers=False (older PyTorch) also skips the construction-time broadcast."""
+    if "forward_sync_buffers" in inspect.signature(torch.nn.parallel.DistributedDataParallel).parameters:
+        return {"forward_sync_buffers": False}
+    return {"broadcast_buffers": False}
+
+
+def _must_agree(name: str) -> bool:
+    """State every process must hold identically: weights, momentum weights, queues,
+    prototypes. BatchNorm running statistics are per process unless SyncBatchNorm (CUDA)."""
+    return not name.endswith(("running_mean", "running_var", "num_batches_tracked"))
+
+
+def _check_replicas(raw_model: torch.nn.Module, world: Dist, log: RunLog) -> None:
+    """Compare a fingerprint of every tensor that must agree across processes; if any differs
+    (a bug or a non-deterministic kernel), log it and copy rank 0's state to every process."""
+    if world.world_size == 1:
+        return
+    state = {k: v for k, v in raw_model.state_dict().items() if _must_agree(k)}
+    prints = torch.stack([torch.stack([v.double().sum(), v.double().abs().sum()]) for v in state.values()])
+    prints = prints.to(world.device)
+    everyone = [torch.empty_like(prints) for _ in range(world.world_size)]
+    dist.all_gather(everyone, prints)
+    differ = torch.stack([(p != everyone[0]).any(1) for p in everyone]).any(0).tolist()
+    if any(differ):
+        names = [k for k, d in zip(state, differ) if d]
+        log.line(f"warning: processes disagree on {len(names)} tensors ({', '.join(names[:6])}); "
+                 f"re-synchronised from rank 0")
+        for name in names:
+            dist.broadcast(state[name], src=0)
+
+
+def _compile_encoders(raw_model: torch.nn.Module) -> None:
+    """torch.compile (in place, so state-dict keys do not change) the region and text encoders,
+    online and momentum copies: they hold nearly all the FLOPs. The queue, Sinkhorn and
+    prototype bookkeeping stays eager: it has data-dependent sizes and updates buffers in place
+    that the loss has read (compiling the whole forward breaks the backward there)."""
+    names = ("image_encoder", "text_encoder")
+    encoders = [getattr(raw_model, n) for n in names] + [raw_model.momentum[n] for n in names if n in raw_model.momentum]
+    for module in encoders:
+        module.compile()
+
+
+def training_step(forward: Any, raw_model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                  scaler: torch.amp.GradScaler, batch: dict[str, torch.Tensor], amp_dtype: torch.dtype | None,
+                  grad_clip: float, world: Dist) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """One optimizer step: forward (`forward` is the model or its DDP wrapper) under autocast,
+    backward (DDP averages the gradients), unscale and clip (the same global norm on every
+    process), step, momentum update. Returns this process's losses and the gradient norm.
+    (bench/bench_throughput.py times exactly this function.)"""
+    device_type = next(raw_model.parameters()).device.type
+    with torch.autocast(device_type, dtype=amp_dtype) if amp_dtype else nullcontext():
+        losses = forward(batch)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(losses["loss"]).backward()
+    scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    raw_model.momentum_update()
+    if world.world_size > 1 and hasattr(raw_model, "prototypes"):
+        # The prototype update is computed from gathered data on every process, but CUDA's
+        # index_add_ sums in a non-deterministic order: keep rank 0's prototypes exactly.
+        dist.broadcast(raw_model.prototypes, src=0)
+    return losses, grad_norm
+
+
 def _train(config: dict[str, Any], dataset: str, world: Dist) -> dict[str, Any]:
     resume_state = load_checkpoint(config["resume"]) if config["resume"] else None
-    if config["batch_size"] % world.world_size:
-        raise CoderError(f"--batch_size {config['batch_size']} is not divisible by the "
-                         f"{world.world_size} processes")
     device = world.device
+    amp_dtype = _amp_dtype(config, device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = config["tf32"]
         torch.backends.cudnn.allow_tf32 = config["tf32"]
     seed_everything(config["seed"])
 
-    run_dir = prepare_run_dir(config, dataset, resume_state) if world.is_main else None
+    # Rank 0 owns the run folder; a refusal there (existing checkpoints) stops every process.
+    run_dir, refusal = None, None
+    if world.is_main:
+        try:
+            run_dir = prepare_run_dir(config, dataset, resume_state)
+        except CoderError as err:
+            refusal = str(err)
+    refusal = world.broadcast(refusal)
+    if refusal:
+        raise CoderError(refusal)
     log = RunLog(run_dir if world.is_main else None)
     data = load_data(config, resume_state.get("vocab_words") if resume_state else None)
     train_split, tokenizer, graph = data["train"], data["tokenizer"], data["graph"]
     model = build_model(config, train_split.feature_dim, len(data["vocab_words"] or []), graph).to(device)
-    if device.type == "cuda" and world.world_size > 1:
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if world.world_size > 1 and config["batch_norm"]:
+        if device.type == "cuda":
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        else:
+            log.line("note: BatchNorm statistics are per process on CPU (SyncBatchNorm needs CUDA); "
+                     "use --batch_norm false for exact one-process equivalence")
     if config["word_vectors"] and config["text_encoder"] == "bigru" and resume_state is None:
         coverage = model.init_word_embeddings(data["vocab_words"])
         log.line(f"word embeddings from {config['word_vectors']}: {coverage:.1%} of the vocabulary covered")
+    if world.rank > 0:
+        # Same initial weights on every process (seeded above; DDP also broadcasts rank 0's),
+        # but each process draws its own dropout masks from here on; rank 0 keeps the
+        # one-process random stream.
+        seed_everything(config["seed"] + 1000003 * world.rank)
     optimizer = torch.optim.AdamW(model.param_groups(config["lr"], config["weight_decay"],
                                                      config["bert_lr_scale"]))
     for group in optimizer.param_groups:
         group["base_lr"] = group["lr"]
-    amp_dtype = _amp_dtype(config, device)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
 
     import data as data_module
@@ -382,24 +523,37 @@ def _train(config: dict[str, Any], dataset: str, world: Dist) -> dict[str, Any]:
     if resume_state is not None:
         load_state_strict(model, resume_state["model"], config["resume"])
         optimizer.load_state_dict(resume_state["optimizer"])
-        scaler.load_state_dict(resume_state["scaler"])
+        if scaler.is_enabled() and resume_state["scaler"]:  # empty when saved without fp16
+            scaler.load_state_dict(resume_state["scaler"])
         epoch, step_in_epoch = resume_state["epoch"], resume_state["step_in_epoch"]
         global_step, best_rsum = resume_state["global_step"], resume_state["best_rsum"]
-        set_rng_state(resume_state["rng"][world.rank] if world.rank < len(resume_state["rng"])
-                      else resume_state["rng"][0])
+        saved_rngs = resume_state["rng"]
+        if len(saved_rngs) == world.world_size:
+            set_rng_state(saved_rngs[world.rank])  # each process continues its own random streams
+        else:
+            log.line(f"note: checkpoint written by {len(saved_rngs)} processes, resumed with "
+                     f"{world.world_size}: same data order, but random streams (dropout) differ")
+            if world.rank < len(saved_rngs):
+                set_rng_state(saved_rngs[world.rank])
 
     raw_model = model
     if world.world_size > 1:
+        # Only the online encoders train; momentum copies have requires_grad=False, so DDP
+        # leaves them alone. Frozen BERT epochs leave parameters without a gradient.
         model = torch.nn.parallel.DistributedDataParallel(
             raw_model, device_ids=[device.index] if device.type == "cuda" else None,
-            broadcast_buffers=False,  # queues and prototypes are kept equal by construction
-            find_unused_parameters=config["freeze_bert_epochs"] > 0 and config["text_encoder"] == "bert")
-    forward = torch.compile(model) if config["compile"] else model
+            find_unused_parameters=config["freeze_bert_epochs"] > 0 and config["text_encoder"] == "bert",
+            **_ddp_buffer_kwargs())
+    if config["compile"]:
+        _compile_encoders(raw_model)
+    forward = model
 
     version = code_version()
     if world.is_main:
         (run_dir / "config.json").write_text(json.dumps({**config, "code_version": version}, indent=2))
         log.line(f"run {run_dir} | code {version} | device {device} x{world.world_size} | "
+                 f"batch {config['batch_size']} ({local_batch} per process) | "
+                 f"amp {str(amp_dtype).replace('torch.', '') if amp_dtype else 'off'} | "
                  f"{len(train_set)} training captions, {steps_per_epoch} steps/epoch")
         log.line("config " + json.dumps(config, sort_keys=True))
 
@@ -415,7 +569,8 @@ def _train(config: dict[str, Any], dataset: str, world: Dist) -> dict[str, Any]:
                 "image_dim": train_split.feature_dim}
 
     def save(name: str) -> None:
-        state = checkpoint_state()  # collective under DDP: every process calls it
+        _check_replicas(raw_model, world, log)  # collective under DDP: every process calls save
+        state = checkpoint_state()
         if world.is_main:
             save_checkpoint(run_dir / name, state)
 
@@ -434,24 +589,19 @@ def _train(config: dict[str, Any], dataset: str, world: Dist) -> dict[str, Any]:
             factor = lr_factor(global_step, steps_per_epoch, config)
             for group in optimizer.param_groups:
                 group["lr"] = group["base_lr"] * factor
-            with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext():
-                losses = forward(batch)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(losses["loss"]).backward()
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), config["grad_clip"])
-            scaler.step(optimizer)
-            scaler.update()
-            raw_model.momentum_update()
+            losses, grad_norm = training_step(forward, raw_model, optimizer, scaler, batch, amp_dtype,
+                                              config["grad_clip"], world)
             global_step += 1
             step_in_epoch += 1
             window_items += config["batch_size"]
 
-            if not math.isfinite(losses["loss"].item()):
-                raise CoderError(f"training diverged at step {global_step} (loss {losses['loss'].item()}); "
+            # Averaged over processes: the global-batch loss, the same on every process.
+            mean_losses = world.mean(losses)
+            if not math.isfinite(mean_losses["loss"]):
+                raise CoderError(f"training diverged at step {global_step} (loss {mean_losses['loss']}); "
                                  f"try a lower --lr or --amp off")
             if global_step % config["log_every"] == 0 or step_in_epoch == steps_per_epoch:
-                values = {f"loss/{k}": world.mean(v.float()).item() for k, v in losses.items()}
+                values = {f"loss/{k}": v for k, v in mean_losses.items()}
                 elapsed = time.perf_counter() - window_start
                 values["speed/captions_per_s"] = window_items / max(elapsed, 1e-9)
                 values["train/grad_norm"] = float(grad_norm)

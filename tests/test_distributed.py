@@ -1,0 +1,226 @@
+"""Data-parallel training through the real train script (spec §8): `torchrun` with two gloo
+processes on CPU, each with half of the global batch, against one process with the whole batch.
+
+Without BatchNorm (PyTorch's SyncBatchNorm refuses CPU tensors) and without dropout (the bigru
+model has none), two processes must follow the one-process run step by step: the same logged
+losses (averaged over the processes) and the same final weights, queues and prototypes, up to
+float rounding. A two-process run stopped after its first epoch and resumed from last.pt (still
+with two processes) must end exactly where the uninterrupted two-process run ends.
+(tests/test_model.py checks, at the model level, that with the full model every process holds
+identical queues, prototypes and momentum weights.)
+"""
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import trainer
+from checkpoint import load_checkpoint
+from demo_data import make_demo_dataset
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# 24 images x 5 captions = 120 captions: 7 global batches of 16 per epoch; a queue of 40 keys
+# (not a multiple of the batch, so the order in which gathered keys enter it matters).
+TINY = ["--embed_dim", "32", "--word_dim", "16", "--gcn_hidden", "16", "--queue_size", "40",
+        "--num_prototypes", "8", "--batch_size", "16", "--lr", "1e-3", "--warmup_epochs", "1",
+        "--lr_decay_epoch", "2", "--workers", "0", "--eval_batch_size", "64", "--progress", "false",
+        "--log_every", "1", "--val_max_images", "0", "--device", "cpu", "--batch_norm", "false",
+        "--test_split", ""]
+LOG_LINE = re.compile(r"\(global (\d+)\) (.*)$")
+
+
+@pytest.fixture(scope="module")
+def tiny_demo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    paths = make_demo_dataset(root, seed=1, num_train=24, num_dev=10, num_test=10, regions=6, dim=24)
+    return ["--data_path", paths["data_path"], "--vocab_path", paths["vocab_path"],
+            "--concept_path", paths["concept_dir"]]
+
+
+def launch(*args, procs=1, check=True):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs)] if procs > 1 else []
+    proc = subprocess.run([sys.executable, *launcher, str(ROOT / "train_f30k.py"), *args], env=env,
+                          capture_output=True, text=True, timeout=240)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def logged_losses(run_dir: Path) -> dict[int, dict[str, float]]:
+    """{global step: {loss name: value}} from train.log (one line per step with --log_every 1)."""
+    steps: dict[int, dict[str, float]] = {}
+    for line in (run_dir / "train.log").read_text().splitlines():
+        match = LOG_LINE.search(line)
+        if match:
+            step = int(match.group(1))
+            assert step not in steps, f"step {step} logged twice: only rank 0 may write the log"
+            pairs = (item.split("=") for item in match.group(2).split())
+            steps[step] = {k: float(v) for k, v in pairs if k.startswith("loss/")}
+    return steps
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_demo, tmp_path_factory):
+    """One process and two processes, 2 epochs each, and a two-process run resumed after epoch 1."""
+    root = tmp_path_factory.mktemp("runs")
+    args = [*tiny_demo, *TINY]
+    launch(*args, "--epochs", "2", "--run_dir", str(root / "one"))
+    launch(*args, "--epochs", "2", "--checkpoint_every_steps", "3", "--run_dir", str(root / "two"), procs=2)
+    launch(*args, "--epochs", "1", "--run_dir", str(root / "resumed"), procs=2)
+    launch("--resume", str(root / "resumed" / "last.pt"), "--epochs", "2", procs=2)
+    return {name: root / name for name in ("one", "two", "resumed")}
+
+
+def test_two_processes_follow_one_process_step_by_step(runs):
+    one, two = logged_losses(runs["one"]), logged_losses(runs["two"])
+    assert sorted(one) == sorted(two) == list(range(1, 15))
+    for step in one:
+        assert one[step].keys() == two[step].keys() and "loss/loss" in one[step]
+        for name, value in one[step].items():  # the log keeps 5 significant digits
+            assert math.isclose(two[step][name], value, rel_tol=2e-4, abs_tol=1e-4), (step, name)
+    assert "x2" in (runs["two"] / "train.log").read_text() and "8 per process" in (runs["two"] / "train.log").read_text()
+    assert "disagree" not in (runs["two"] / "train.log").read_text()
+
+    a, b = load_checkpoint(runs["one"] / "last.pt"), load_checkpoint(runs["two"] / "last.pt")
+    assert a["global_step"] == b["global_step"] == 14
+    assert a["model"].keys() == b["model"].keys()
+    for name, value in a["model"].items():
+        if value.is_floating_point():
+            # The bias of an attention score is softmax-invariant: its gradient is zero up to
+            # rounding, which Adam scales up to lr-sized steps; it gets a looser tolerance.
+            atol = 2e-4 if name.endswith("pool.score.bias") else 1e-5
+            assert torch.allclose(b["model"][name], value, rtol=0, atol=atol), name
+        else:
+            assert torch.equal(b["model"][name], value), name  # queue ids and pointers: exactly
+    assert len(a["rng"]) == 1 and len(b["rng"]) == 2
+    assert not torch.equal(b["rng"][0]["torch"], b["rng"][1]["torch"])  # each process its own stream
+    assert b["config"]["batch_size"] == 16 and b["config"]["dist_timeout"] > 0
+
+
+def test_two_process_resume_matches_uninterrupted(runs):
+    straight, resumed = load_checkpoint(runs["two"] / "last.pt"), load_checkpoint(runs["resumed"] / "last.pt")
+    assert straight["global_step"] == resumed["global_step"] == 14 and resumed["epoch"] == 2
+    assert straight["model"].keys() == resumed["model"].keys()
+    for name, value in straight["model"].items():
+        assert torch.equal(value, resumed["model"][name]), name
+    assert straight["best_rsum"] == resumed["best_rsum"]
+    assert logged_losses(runs["resumed"]) == logged_losses(runs["two"])
+
+
+def test_batch_not_divisible_by_processes_is_a_clear_error(monkeypatch):
+    """Checked before the process group starts, on every process (torchrun sets WORLD_SIZE)."""
+    from utils import CoderError
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(CoderError, match=r"--batch_size 15 \(the global batch\) is not divisible by the 2 processes"):
+        trainer.train({"batch_size": 15, "device": "cpu"}, "f30k")
+
+
+def test_sampler_shards_each_global_batch_into_contiguous_blocks():
+    """With W processes, rank r's t-th batch is block r of the one-process t-th batch, so the
+    gathered (rank-major) batch is the one-process batch in the same order; resuming part-way
+    skips whole global batches on every rank."""
+    n, global_batch = 103, 12
+    single = trainer.ResumableSampler(n, world_size=1, rank=0, seed=4, batch_size=global_batch)
+    single.set_epoch(3)
+    order = list(single)
+    assert len(order) == len(single) == (n // global_batch) * global_batch
+    for world in (2, 3, 4):
+        local = global_batch // world
+        shards = []
+        for rank in range(world):
+            sampler = trainer.ResumableSampler(n, world_size=world, rank=rank, seed=4, batch_size=local)
+            sampler.set_epoch(3)
+            shards.append(list(sampler))
+            assert len(shards[-1]) == len(sampler)
+            sampler.set_epoch(3, skip_batches=5)
+            assert list(sampler) == shards[-1][5 * local:] and len(sampler) == len(shards[-1]) - 5 * local
+        gathered = [i for t in range(n // global_batch) for shard in shards for i in shard[t * local:(t + 1) * local]]
+        assert gathered == order
+
+
+class _Lines(list):
+    def line(self, text):
+        self.append(text)
+
+
+def _replica_worker(rank: int, port: int, out_dir: str) -> None:
+    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    torch.set_num_threads(1)
+    world = trainer.Dist("cpu", timeout_minutes=2)
+    try:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+        model.register_buffer("prototypes", torch.randn(5, 4))
+        model[1].running_mean += rank  # per-process BatchNorm statistics are allowed to differ
+        log = _Lines()
+        trainer._check_replicas(model, world, log)
+        clean = list(log)
+        with torch.no_grad():
+            model.prototypes[2, 1] += rank * 1e-7  # a rounding-level drift on rank 1 only
+        trainer._check_replicas(model, world, log)
+        means = world.mean({"a": torch.tensor(float(rank)), "b": torch.tensor(2.0 * rank)})
+        torch.save({"clean": clean, "lines": list(log), "state": model.state_dict(), "means": means},
+                   f"{out_dir}/rank{rank}.pt")
+    finally:
+        world.close()
+
+
+def test_replica_check_resyncs_from_rank_zero(tmp_path):
+    """The check run at every checkpoint: BatchNorm statistics may differ; any other drift is
+    logged by rank 0 and replaced by rank 0's values everywhere."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_replica_worker, args=(r, port, str(tmp_path))) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2))
+    assert r0["clean"] == r1["clean"] == []  # (in training only rank 0's log writes)
+    assert len(r0["lines"]) == 1 and "disagree on 1 tensors (prototypes)" in r0["lines"][0]
+    assert torch.equal(r0["state"]["prototypes"], r1["state"]["prototypes"])
+    assert not torch.equal(r0["state"]["1.running_mean"], r1["state"]["1.running_mean"])
+    assert r0["means"] == r1["means"] == {"a": 0.5, "b": 1.0}
+
+
+def test_amp_choices():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert trainer._amp_dtype({"amp": "auto"}, cpu) is None  # CPU: off unless asked
+    assert trainer._amp_dtype({"amp": "bf16"}, cpu) == torch.bfloat16  # CPU autocast
+    assert trainer._amp_dtype({"amp": "fp16"}, cuda) == torch.float16
+    assert trainer._amp_dtype({"amp": "off"}, cuda) is None
+    from utils import CoderError
+
+    with pytest.raises(CoderError, match="fp16 needs CUDA"):
+        trainer._amp_dtype({"amp": "fp16"}, cpu)
+    with pytest.raises(CoderError, match="--amp half: expected one of auto, bf16, fp16, off"):
+        trainer._amp_dtype({"amp": "half"}, cpu)
+
+
+def test_two_process_bf16_autocast_run(tiny_demo, runs, tmp_path):
+    """The autocast path under DDP (bf16 on CPU): it trains, and its losses stay near fp32's."""
+    launch(*tiny_demo, *TINY, "--epochs", "1", "--amp", "bf16", "--run_dir", str(tmp_path / "bf16"), procs=2)
+    log = (tmp_path / "bf16" / "train.log").read_text()
+    assert "amp bfloat16" in log
+    bf16, fp32 = logged_losses(tmp_path / "bf16"), logged_losses(runs["two"])
+    assert sorted(bf16) == list(range(1, 8))
+    for step in bf16:
+        assert math.isclose(bf16[step]["loss/loss"], fp32[step]["loss/loss"], rel_tol=0.05), step
