@@ -617,7 +617,7 @@ def _train(config: dict[str, Any], dataset: str, world: Dist) -> dict[str, Any]:
             if config["val_every_steps"] and global_step % config["val_every_steps"] == 0 \
                     and step_in_epoch < steps_per_epoch:
                 best_rsum = _validate_and_keep_best(raw_model, data, config, world, log, global_step,
-                                                    best_rsum, save, dataset)
+                                                    best_rsum, save)
                 model.train()
             if config["checkpoint_every_steps"] and global_step % config["checkpoint_every_steps"] == 0 \
                     and step_in_epoch < steps_per_epoch:
@@ -625,8 +625,7 @@ def _train(config: dict[str, Any], dataset: str, world: Dist) -> dict[str, Any]:
                 log.line(f"step checkpoint saved: epoch {epoch + 1} step {step_in_epoch} (global {global_step})")
         bar.close()
         epoch, step_in_epoch = epoch + 1, 0
-        best_rsum = _validate_and_keep_best(raw_model, data, config, world, log, global_step, best_rsum,
-                                            save, dataset)
+        best_rsum = _validate_and_keep_best(raw_model, data, config, world, log, global_step, best_rsum, save)
         save("last.pt")
         log.line(f"epoch {epoch} done; checkpoint saved")
 
@@ -637,25 +636,21 @@ def _train(config: dict[str, Any], dataset: str, world: Dist) -> dict[str, Any]:
 
 
 def _validate_and_keep_best(raw_model: torch.nn.Module, data: dict[str, Any], config: dict[str, Any],
-                            world: Dist, log: RunLog, global_step: int, best_rsum: float, save: Any,
-                            dataset: str) -> float:
-    """Validate on rank 0, share the score with every process, save `best.pt` on improvement."""
-    metrics = None
+                            world: Dist, log: RunLog, global_step: int, best_rsum: float, save: Any) -> float:
+    """Validate on rank 0 (one similarity matrix over the dev images, whatever the dataset),
+    share the score with every process, save `best.pt` on improvement."""
+    rsum = None
     if world.is_main:
-        metrics = validate(raw_model, data["val"], data["tokenizer"], data["graph"], config, raw_model_device(raw_model))
-        flat = metrics["1k"] if "1k" in metrics else metrics
-        log.scalars({f"val/{k}": v for k, v in flat.items()}, global_step)
-        log.line(f"validation at step {global_step}: " + " ".join(f"{k}={v:.2f}" for k, v in flat.items()))
-    rsum = world.broadcast(None if metrics is None else (metrics["1k"] if "1k" in metrics else metrics)["rsum"])
+        metrics = validate(raw_model, data["val"], data["tokenizer"], data["graph"], config, world.device)
+        log.scalars({f"val/{k}": v for k, v in metrics.items()}, global_step)
+        log.line(f"validation at step {global_step}: " + " ".join(f"{k}={v:.2f}" for k, v in metrics.items()))
+        rsum = metrics["rsum"]
+    rsum = world.broadcast(rsum)
     if rsum > best_rsum:
         best_rsum = rsum
         save("best.pt")
         log.line(f"new best rsum {rsum:.2f}: best.pt saved")
     return best_rsum
-
-
-def raw_model_device(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
 
 
 def _final_test(run_dir: Path, config: dict[str, Any], device: torch.device, dataset: str,
@@ -672,8 +667,7 @@ def _final_test(run_dir: Path, config: dict[str, Any], device: torch.device, dat
         return {}
     model, tokenizer, graph, saved_config = load_for_inference(run_dir / "best.pt", device)
     split = data.load_split(path, config["test_split"])
-    metrics = validate(model, split, tokenizer, graph, saved_config, device,
-                       protocol=dataset)
+    metrics = validate(model, split, tokenizer, graph, saved_config, device, protocol=dataset)
     (run_dir / "test_metrics.json").write_text(json.dumps(metrics, indent=2))
     log.line(f"test split '{config['test_split']}' with best.pt:\n" + evaluation.format_table(metrics))
     return metrics
