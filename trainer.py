@@ -204,6 +204,19 @@ class ResumableSampler(Sampler[int]):
         return max(0, self.num_batches - self.skip_batches) * self.batch_size
 
 
+def make_train_loader(train_set: Any, sampler: ResumableSampler, config: dict[str, Any], pad_id: int,
+                      pin_memory: bool = False) -> DataLoader:
+    """The training DataLoader. It has its own generator: starting an epoch's iterator must not
+    draw from the global torch RNG, whose state a mid-epoch checkpoint has already saved (else a
+    resumed run's dropout would be one draw out of step)."""
+    import data
+
+    return DataLoader(train_set, batch_size=sampler.batch_size, sampler=sampler, drop_last=True,
+                      num_workers=config["workers"], pin_memory=pin_memory,
+                      collate_fn=functools.partial(data.collate, pad_id=pad_id),
+                      generator=torch.Generator().manual_seed(config["seed"]))
+
+
 # ----------------------------------------------------------------------------- state
 
 def rng_state() -> dict[str, Any]:
@@ -213,7 +226,7 @@ def rng_state() -> dict[str, Any]:
         "python": random.getstate(),
         "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "cuda": [torch.cuda.get_rng_state()] if torch.cuda.is_initialized() else [],  # this process's GPU
     }
 
 
@@ -223,7 +236,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
     torch.set_rng_state(state["torch"])
     if torch.cuda.is_available() and state["cuda"]:
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state(state["cuda"][0])
 
 
 def seed_everything(seed: int) -> None:
@@ -505,15 +518,12 @@ def _train(config: dict[str, Any], dataset: str, world: Dist) -> dict[str, Any]:
         group["base_lr"] = group["lr"]
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
 
-    import data as data_module
-
     local_batch = config["batch_size"] // world.world_size
-    train_set = data_module.PairDataset(train_split, tokenizer, graph)
+    from data import PairDataset
+
+    train_set = PairDataset(train_split, tokenizer, graph)
     sampler = ResumableSampler(len(train_set), world.world_size, world.rank, config["seed"], local_batch)
-    loader = DataLoader(train_set, batch_size=local_batch, sampler=sampler, drop_last=True,
-                        num_workers=config["workers"], pin_memory=device.type == "cuda",
-                        collate_fn=functools.partial(data_module.collate, pad_id=tokenizer.pad_id),
-                        persistent_workers=False)
+    loader = make_train_loader(train_set, sampler, config, tokenizer.pad_id, pin_memory=device.type == "cuda")
     steps_per_epoch = len(train_set) // world.world_size // local_batch
     if steps_per_epoch == 0:
         raise CoderError(f"{config['data_path']}: {len(train_set)} training captions do not fill one "
@@ -574,6 +584,22 @@ def _train(config: dict[str, Any], dataset: str, world: Dist) -> dict[str, Any]:
         if world.is_main:
             save_checkpoint(run_dir / name, state)
 
+    def validate_and_keep_best() -> None:
+        """Validate on rank 0 (one similarity matrix over the dev images, whatever the
+        dataset), share the score with every process, save `best.pt` on improvement."""
+        nonlocal best_rsum
+        rsum = None
+        if world.is_main:
+            metrics = validate(raw_model, data["val"], data["tokenizer"], data["graph"], config, device)
+            log.scalars({f"val/{k}": v for k, v in metrics.items()}, global_step)
+            log.line(f"validation at step {global_step}: " + " ".join(f"{k}={v:.2f}" for k, v in metrics.items()))
+            rsum = metrics["rsum"]
+        rsum = world.broadcast(rsum)
+        if rsum > best_rsum:
+            best_rsum = rsum
+            save("best.pt")
+            log.line(f"new best rsum {rsum:.2f}: best.pt saved")
+
     from tqdm import tqdm
 
     metrics: dict[str, Any] = {}
@@ -616,8 +642,7 @@ def _train(config: dict[str, Any], dataset: str, world: Dist) -> dict[str, Any]:
                 window_start, window_items = time.perf_counter(), 0
             if config["val_every_steps"] and global_step % config["val_every_steps"] == 0 \
                     and step_in_epoch < steps_per_epoch:
-                best_rsum = _validate_and_keep_best(raw_model, data, config, world, log, global_step,
-                                                    best_rsum, save)
+                validate_and_keep_best()
                 model.train()
             if config["checkpoint_every_steps"] and global_step % config["checkpoint_every_steps"] == 0 \
                     and step_in_epoch < steps_per_epoch:
@@ -625,7 +650,7 @@ def _train(config: dict[str, Any], dataset: str, world: Dist) -> dict[str, Any]:
                 log.line(f"step checkpoint saved: epoch {epoch + 1} step {step_in_epoch} (global {global_step})")
         bar.close()
         epoch, step_in_epoch = epoch + 1, 0
-        best_rsum = _validate_and_keep_best(raw_model, data, config, world, log, global_step, best_rsum, save)
+        validate_and_keep_best()
         save("last.pt")
         log.line(f"epoch {epoch} done; checkpoint saved")
 
@@ -633,24 +658,6 @@ def _train(config: dict[str, Any], dataset: str, world: Dist) -> dict[str, Any]:
         metrics = _final_test(run_dir, config, device, dataset, log)
     log.close()
     return metrics
-
-
-def _validate_and_keep_best(raw_model: torch.nn.Module, data: dict[str, Any], config: dict[str, Any],
-                            world: Dist, log: RunLog, global_step: int, best_rsum: float, save: Any) -> float:
-    """Validate on rank 0 (one similarity matrix over the dev images, whatever the dataset),
-    share the score with every process, save `best.pt` on improvement."""
-    rsum = None
-    if world.is_main:
-        metrics = validate(raw_model, data["val"], data["tokenizer"], data["graph"], config, world.device)
-        log.scalars({f"val/{k}": v for k, v in metrics.items()}, global_step)
-        log.line(f"validation at step {global_step}: " + " ".join(f"{k}={v:.2f}" for k, v in metrics.items()))
-        rsum = metrics["rsum"]
-    rsum = world.broadcast(rsum)
-    if rsum > best_rsum:
-        best_rsum = rsum
-        save("best.pt")
-        log.line(f"new best rsum {rsum:.2f}: best.pt saved")
-    return best_rsum
 
 
 def _final_test(run_dir: Path, config: dict[str, Any], device: torch.device, dataset: str,

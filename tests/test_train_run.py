@@ -55,6 +55,10 @@ def test_demo_style_run_writes_everything(tiny_demo, tmp_path):
     assert state["epoch"] == 2 and state["step_in_epoch"] == 0
     assert state["config"]["embed_dim"] == 32 and state["code_version"]
     assert state["model"]["queue_count"].item() > 0
+    best = load_checkpoint(run_dir / "best.pt")  # records its own score, so resuming from it keeps the bar
+    rsums = [float(line.rsplit("rsum=", 1)[1]) for line in (run_dir / "train.log").read_text().splitlines()
+             if "validation at step" in line]
+    assert best["best_rsum"] == state["best_rsum"] and round(best["best_rsum"], 2) == max(rsums)
     metrics = json.loads((run_dir / "test_metrics.json").read_text())
     assert 0 <= metrics["rsum"] <= 600
     log = (run_dir / "train.log").read_text()

@@ -77,3 +77,23 @@ def test_rng_state_round_trip_through_a_weights_only_checkpoint(tmp_path):
     trainer.seed_everything(99)
     trainer.set_rng_state(checkpoint.load_checkpoint(path)["rng"])
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+
+
+def test_starting_an_epoch_leaves_the_global_rng_alone():
+    """A mid-epoch checkpoint saved the global RNG; creating the next epoch's iterator must not
+    draw from it, or a resumed run's dropout masks would be shifted by one draw."""
+
+    class Items(torch.utils.data.Dataset):
+        def __len__(self):
+            return 12
+
+        def __getitem__(self, i):
+            return {"tokens": torch.tensor([1, i + 4, 2]), "image_id": i, "caption_id": i}
+
+    sampler = trainer.ResumableSampler(12, world_size=1, rank=0, seed=0, batch_size=4)
+    loader = trainer.make_train_loader(Items(), sampler, {"workers": 0, "seed": 0}, pad_id=0)
+    torch.manual_seed(7)
+    before = torch.get_rng_state()
+    batches = list(loader)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert len(batches) == 3 and batches[0]["tokens"].shape == (4, 3)
