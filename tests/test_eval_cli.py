@@ -1,0 +1,91 @@
+"""eval_f30k.py / eval_coco.py on tiny trained checkpoints: the printed and saved metrics equal a
+direct computation, ensembles average similarity matrices, --sweep-mu picks mu on dev."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import data
+import evaluation
+from checkpoint import load_for_inference
+from demo_data import make_demo_dataset
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ["--embed_dim", "32", "--word_dim", "16", "--gcn_hidden", "16", "--queue_size", "96",
+        "--num_prototypes", "8", "--batch_size", "32", "--lr", "1e-3", "--workers", "0", "--progress", "false",
+        "--val_max_images", "0", "--device", "cpu", "--epochs", "1", "--test_split", ""]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Two checkpoints (seeds 0 and 1) from one tiny epoch each of the real training script."""
+    root = tmp_path_factory.mktemp("eval")
+    paths = make_demo_dataset(root, seed=3, num_train=160, num_dev=30, num_test=30, regions=6, dim=24)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    checkpoints = []
+    for seed in (0, 1):
+        run_dir = root / f"run{seed}"
+        proc = subprocess.run(
+            [sys.executable, str(ROOT / "train_f30k.py"), "--data_path", paths["data_path"], "--vocab_path",
+             paths["vocab_path"], "--concept_path", paths["concept_dir"], *TINY, "--seed", str(seed),
+             "--run_dir", str(run_dir)], env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        checkpoints.append(str(run_dir / "best.pt"))
+    return {"checkpoints": checkpoints, "data_path": paths["data_path"], "root": root}
+
+
+def direct_sims(checkpoint, data_path, split_name, mu):
+    model, tokenizer, graph, _ = load_for_inference(checkpoint)
+    split = data.load_split(data_path, split_name)
+    emb = evaluation.encode_split(model, split, tokenizer, graph, "cpu")
+    with torch.no_grad():
+        return model.similarity(emb.image_instance, emb.image_concept, emb.caption_instance, emb.caption_concept,
+                                mu=mu)
+
+
+def test_single_checkpoint_and_json(runs, tmp_path, capsys):
+    out = tmp_path / "m.json"
+    evaluation.main(["--checkpoint", runs["checkpoints"][0], "--json", str(out), "--workers", "0", "--mu", "0.3"],
+                    "f30k")
+    printed = capsys.readouterr().out
+    saved = json.loads(out.read_text())
+    want = evaluation.recall_metrics(direct_sims(runs["checkpoints"][0], runs["data_path"], "test", 0.3))
+    assert saved["mu"] == 0.3 and saved["split"] == "test"
+    assert saved["metrics"] == pytest.approx(want, abs=1e-9)
+    assert f"{want['rsum']:8.2f}".strip() in printed and "image->text" in printed
+
+
+def test_ensemble_averages_similarities(runs, tmp_path):
+    out = tmp_path / "e.json"
+    evaluation.main(["--checkpoint", *runs["checkpoints"], "--json", str(out), "--workers", "0"], "f30k")
+    sims = [direct_sims(c, runs["data_path"], "test", 0.15) for c in runs["checkpoints"]]
+    want = evaluation.recall_metrics((sims[0] + sims[1]) / 2)
+    assert json.loads(out.read_text())["metrics"] == pytest.approx(want, abs=1e-4)
+
+
+def test_sweep_mu_picks_the_best_dev_mu(runs, tmp_path):
+    out = tmp_path / "s.json"
+    evaluation.main(["--checkpoint", runs["checkpoints"][0], "--sweep-mu", "--json", str(out), "--workers", "0"],
+                    "f30k")
+    result = json.loads(out.read_text())
+    table = {float(m): r for m, r in result["mu_sweep"].items()}
+    assert len(table) == 21 and result["mu"] == max(table, key=lambda m: (table[m], -m))
+    dev = evaluation.recall_metrics(direct_sims(runs["checkpoints"][0], runs["data_path"], "dev", 0.5))
+    assert table[0.5] == pytest.approx(dev["rsum"], abs=1e-4)
+
+
+def test_coco_script_and_bad_input(runs, tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "eval_coco.py"), "--checkpoint", runs["checkpoints"][0],
+                           "--split", "test", "--workers", "0"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "rsum" in proc.stdout  # 30 images: no 1K/5K folds, one table
+    corrupt = tmp_path / "bad.pt"
+    corrupt.write_bytes(b"not a checkpoint")
+    proc = subprocess.run([sys.executable, str(ROOT / "eval_f30k.py"), "--checkpoint", str(corrupt)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and proc.stderr.startswith("error:") and "bad.pt" in proc.stderr
+    assert "Traceback" not in proc.stderr
