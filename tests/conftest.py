@@ -15,3 +15,35 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip("../shared/data not found (only CI and the developers' machines have it)")
     return SHARED_DATA
+
+
+# Tiny-model options shared by the tests that run the real train script end to end.
+TINY_TRAIN_ARGS = ["--embed_dim", "32", "--word_dim", "16", "--gcn_hidden", "16", "--num_prototypes", "8",
+                   "--lr", "1e-3", "--workers", "0", "--eval_batch_size", "64", "--progress", "false",
+                   "--val_max_images", "0", "--device", "cpu"]
+
+
+def tiny_demo_args(root: Path, seed: int, num_train: int, num_eval: int) -> list[str]:
+    """A tiny demo dataset under `root` and the train-script options that point at it."""
+    from demo_data import make_demo_dataset
+
+    paths = make_demo_dataset(root, seed=seed, num_train=num_train, num_dev=num_eval, num_test=num_eval,
+                              regions=6, dim=24)
+    return ["--data_path", paths["data_path"], "--vocab_path", paths["vocab_path"],
+            "--concept_path", paths["concept_dir"]]
+
+
+def run_script(script: str, *args: str, procs: int = 1, check: bool = True, timeout: int = 300):
+    """Run a project script (under torchrun with `procs` > 1) on one thread per process."""
+    import os
+    import subprocess
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs)] if procs > 1 else []
+    proc = subprocess.run([sys.executable, *launcher, str(ROOT / script), *args], env=env, capture_output=True,
+                          text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    return proc

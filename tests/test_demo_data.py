@@ -45,7 +45,7 @@ def test_captions_name_the_scene(demo):
 def test_deterministic_and_cached(tmp_path):
     small = dict(num_train=20, num_dev=4, num_test=4)
     a = demo_data.make_demo_dataset(tmp_path / "a", seed=5, **small)
-    b = demo_data.make_demo_dataset(tmp_path / "b", seed=5, **small)
+    demo_data.make_demo_dataset(tmp_path / "b", seed=5, **small)
     c = demo_data.make_demo_dataset(tmp_path / "c", seed=6, **small)
     names = ["train_ims.npy", "train_caps.txt", "test_ims.npy", "vocab.json"]
     for name in names:

@@ -12,8 +12,6 @@ identical queues, prototypes and momentum weights.)
 import math
 import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,38 +19,24 @@ import torch
 
 import trainer
 from checkpoint import load_checkpoint
-from demo_data import make_demo_dataset
+from conftest import TINY_TRAIN_ARGS, run_script, tiny_demo_args
 
 ROOT = Path(__file__).resolve().parent.parent
 
 # 24 images x 5 captions = 120 captions: 7 global batches of 16 per epoch; a queue of 40 keys
 # (not a multiple of the batch, so the order in which gathered keys enter it matters).
-TINY = ["--embed_dim", "32", "--word_dim", "16", "--gcn_hidden", "16", "--queue_size", "40",
-        "--num_prototypes", "8", "--batch_size", "16", "--lr", "1e-3", "--warmup_epochs", "1",
-        "--lr_decay_epoch", "2", "--workers", "0", "--eval_batch_size", "64", "--progress", "false",
-        "--log_every", "1", "--val_max_images", "0", "--device", "cpu", "--batch_norm", "false",
-        "--test_split", ""]
+TINY = [*TINY_TRAIN_ARGS, "--queue_size", "40", "--batch_size", "16", "--warmup_epochs", "1",
+        "--lr_decay_epoch", "2", "--log_every", "1", "--batch_norm", "false", "--test_split", ""]
 LOG_LINE = re.compile(r"\(global (\d+)\) (.*)$")
 
 
 @pytest.fixture(scope="module")
 def tiny_demo(tmp_path_factory):
-    root = tmp_path_factory.mktemp("demo")
-    paths = make_demo_dataset(root, seed=1, num_train=24, num_dev=10, num_test=10, regions=6, dim=24)
-    return ["--data_path", paths["data_path"], "--vocab_path", paths["vocab_path"],
-            "--concept_path", paths["concept_dir"]]
+    return tiny_demo_args(tmp_path_factory.mktemp("demo"), seed=1, num_train=24, num_eval=10)
 
 
 def launch(*args, procs=1, check=True):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(name, None)
-    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs)] if procs > 1 else []
-    proc = subprocess.run([sys.executable, *launcher, str(ROOT / "train_f30k.py"), *args], env=env,
-                          capture_output=True, text=True, timeout=240)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
-    return proc
+    return run_script("train_f30k.py", *args, procs=procs, check=check, timeout=240)
 
 
 def logged_losses(run_dir: Path) -> dict[int, dict[str, float]]:

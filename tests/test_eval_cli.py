@@ -1,10 +1,8 @@
 """eval_f30k.py / eval_coco.py on tiny trained checkpoints: the printed and saved metrics equal a
 direct computation, ensembles average similarity matrices, --sweep-mu picks mu on dev."""
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,30 +10,21 @@ import torch
 import data
 import evaluation
 from checkpoint import load_for_inference
-from demo_data import make_demo_dataset
+from conftest import ROOT, TINY_TRAIN_ARGS, run_script, tiny_demo_args
 
-ROOT = Path(__file__).resolve().parent.parent
-TINY = ["--embed_dim", "32", "--word_dim", "16", "--gcn_hidden", "16", "--queue_size", "96",
-        "--num_prototypes", "8", "--batch_size", "32", "--lr", "1e-3", "--workers", "0", "--progress", "false",
-        "--val_max_images", "0", "--device", "cpu", "--epochs", "1", "--test_split", ""]
+TINY = [*TINY_TRAIN_ARGS, "--queue_size", "96", "--batch_size", "32", "--epochs", "1", "--test_split", ""]
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """Two checkpoints (seeds 0 and 1) from one tiny epoch each of the real training script."""
     root = tmp_path_factory.mktemp("eval")
-    paths = make_demo_dataset(root, seed=3, num_train=160, num_dev=30, num_test=30, regions=6, dim=24)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    demo = tiny_demo_args(root, seed=3, num_train=160, num_eval=30)
     checkpoints = []
     for seed in (0, 1):
-        run_dir = root / f"run{seed}"
-        proc = subprocess.run(
-            [sys.executable, str(ROOT / "train_f30k.py"), "--data_path", paths["data_path"], "--vocab_path",
-             paths["vocab_path"], "--concept_path", paths["concept_dir"], *TINY, "--seed", str(seed),
-             "--run_dir", str(run_dir)], env=env, capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        checkpoints.append(str(run_dir / "best.pt"))
-    return {"checkpoints": checkpoints, "data_path": paths["data_path"], "root": root}
+        run_script("train_f30k.py", *demo, *TINY, "--seed", str(seed), "--run_dir", str(root / f"run{seed}"))
+        checkpoints.append(str(root / f"run{seed}" / "best.pt"))
+    return {"checkpoints": checkpoints, "data_path": demo[1]}
 
 
 def direct_sims(checkpoint, data_path, split_name, mu):

@@ -9,41 +9,25 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
 from checkpoint import load_checkpoint
-from demo_data import make_demo_dataset
+from conftest import ROOT, TINY_TRAIN_ARGS, run_script, tiny_demo_args
 
-ROOT = Path(__file__).resolve().parent.parent
 
-TINY = ["--embed_dim", "32", "--word_dim", "16", "--gcn_hidden", "16", "--queue_size", "96",
-        "--num_prototypes", "8", "--batch_size", "32", "--lr", "1e-3", "--warmup_epochs", "1",
-        "--lr_decay_epoch", "2", "--workers", "0", "--eval_batch_size", "64", "--progress", "false",
-        "--log_every", "5", "--val_max_images", "0", "--device", "cpu"]
+TINY = [*TINY_TRAIN_ARGS, "--queue_size", "96", "--batch_size", "32", "--warmup_epochs", "1",
+        "--lr_decay_epoch", "2", "--log_every", "5"]
 
 
 @pytest.fixture(scope="module")
 def tiny_demo(tmp_path_factory):
-    root = tmp_path_factory.mktemp("demo")
-    paths = make_demo_dataset(root, seed=1, num_train=160, num_dev=30, num_test=30, regions=6, dim=24)
-    return ["--data_path", paths["data_path"], "--vocab_path", paths["vocab_path"],
-            "--concept_path", paths["concept_dir"]]
-
-
-def train_cmd(*args):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    return [sys.executable, str(ROOT / "train_f30k.py"), *args], env
+    return tiny_demo_args(tmp_path_factory.mktemp("demo"), seed=1, num_train=160, num_eval=30)
 
 
 def run_train(*args, check=True):
-    cmd, env = train_cmd(*args)
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    return proc
+    return run_script("train_f30k.py", *args, check=check)
 
 
 def test_demo_style_run_writes_everything(tiny_demo, tmp_path):
@@ -87,8 +71,9 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tiny_demo, tmp_path
     run_train(*args, "--run_dir", str(tmp_path / "straight"))
 
     killed = tmp_path / "killed"
-    cmd, env = train_cmd(*args, "--run_dir", str(killed))
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train_f30k.py"), *args, "--run_dir", str(killed)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     log = killed / "train.log"
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
