@@ -49,6 +49,17 @@ def combined_scores(queries: tuple[torch.Tensor, torch.Tensor | None],
     return scores
 
 
+def image_names(split: Any) -> list[str]:
+    """One name per image: `{split}_ids.txt` has one line per image or, in some SCAN folders, one
+    per caption (then every k-th line is the image's); without the file, "image i"."""
+    ids = split.ids
+    if not ids:
+        return [f"image {i}" for i in range(split.num_images)]
+    if len(ids) == split.num_images:
+        return list(ids)
+    return list(ids[:: split.captions_per_image])
+
+
 def draw_grid(rows: list[tuple[str, list[Path], list[bool]]], out: Path, thumb: int = 160) -> None:
     """One row per query: its text above its top-k thumbnails (green frame: a correct image)."""
     from PIL import Image, ImageDraw
@@ -59,7 +70,8 @@ def draw_grid(rows: list[tuple[str, list[Path], list[bool]]], out: Path, thumb: 
     draw = ImageDraw.Draw(grid)
     for r, (text, paths, correct) in enumerate(rows):
         top = pad + r * (thumb + text_h + pad)
-        draw.text((pad, top + 4), text[:120], fill="black")
+        max_chars = max(10, (grid.width - 2 * pad) // 6)  # PIL's default bitmap font: ~6 px a character
+        draw.text((pad, top + 4), text if len(text) <= max_chars else text[: max_chars - 3] + "...", fill="black")
         for c, (path, ok) in enumerate(zip(paths, correct)):
             left = pad + c * (thumb + pad)
             with Image.open(path) as img:
@@ -88,6 +100,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if not args.query and not args.image:
         parser.error("give at least one --query or --image")
+    if args.k < 1:
+        parser.error("--k must be at least 1")
     if args.grid and not (args.images_dir and args.query):
         parser.error("--grid needs --images_dir and at least one --query")
 
@@ -101,7 +115,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     split = data.load_split(args.data_path, args.split)
     emb = evaluation.encode_split(model, split, tokenizer, graph, device)
     k = min(args.k, split.num_images)
-    names = split.ids or [f"image {i}" for i in range(split.num_images)]
+    names = image_names(split)
 
     grid_rows = []
     if args.query:
