@@ -40,15 +40,6 @@ def encode_queries(model: Any, texts: Sequence[str], tokenizer: Any, graph: Any,
                                      batch.get("concept_labels"))
 
 
-def combined_scores(queries: tuple[torch.Tensor, torch.Tensor | None],
-                    items: tuple[torch.Tensor, torch.Tensor | None], mu: float) -> torch.Tensor:
-    """Spec §5's S = (1-mu)·instance + mu·concept similarity, queries x items."""
-    scores = queries[0] @ items[0].T
-    if queries[1] is not None and items[1] is not None:
-        scores = (1 - mu) * scores + mu * (queries[1] @ items[1].T)
-    return scores
-
-
 def image_names(split: Any) -> list[str]:
     """One name per image: `{split}_ids.txt` has one line per image or, in some SCAN folders, one
     per caption (then every k-th line is the image's); without the file, "image i"."""
@@ -120,8 +111,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     grid_rows = []
     if args.query:
         queries = encode_queries(model, args.query, tokenizer, graph, device)
-        scores = combined_scores(tuple(q.cpu() if q is not None else None for q in queries),
-                                 (emb.image_instance, emb.image_concept), mu)
+        query_inst, query_con = (None if q is None else q.cpu() for q in queries)
+        with torch.no_grad():  # images x queries, transposed to queries x images
+            scores = model.similarity(emb.image_instance, emb.image_concept, query_inst, query_con, mu).T
         top = scores.topk(k, dim=1)
         for text, values, indices in zip(args.query, top.values, top.indices):
             own = {i // split.captions_per_image for i, c in enumerate(split.captions) if c.strip() == text.strip()}
@@ -140,7 +132,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             raise CoderError(f"--image {index}: the {args.split} split has images 0..{split.num_images - 1}")
         image_emb = (emb.image_instance[index:index + 1],
                      None if emb.image_concept is None else emb.image_concept[index:index + 1])
-        scores = combined_scores(image_emb, (emb.caption_instance, emb.caption_concept), mu)[0]
+        with torch.no_grad():
+            scores = model.similarity(*image_emb, emb.caption_instance, emb.caption_concept, mu)[0]
         top = scores.topk(min(args.k, split.num_captions))
         print(f"\nimage [{index}] {names[index]}")
         for rank, (value, c) in enumerate(zip(top.values.tolist(), top.indices.tolist()), 1):

@@ -334,10 +334,8 @@ def validate(model: torch.nn.Module, split: Any, tokenizer: Any, graph: Any, con
     """Retrieval metrics of the current query encoders on a split (mu from the config)."""
     import evaluation
 
-    embeddings = evaluation.encode_split(model, split, tokenizer, graph, device,
-                                         batch_size=config["eval_batch_size"], num_workers=config["workers"])
-    sims = evaluation.similarity_matrix(embeddings, config["mu"], device)
-    return evaluation.protocol_metrics(sims, protocol, split.captions_per_image)
+    return evaluation.evaluate(model, split, tokenizer, graph, device, config["mu"], protocol=protocol,
+                               batch_size=config["eval_batch_size"], num_workers=config["workers"])
 
 
 def run(defaults: dict[str, Any], argv: list[str], dataset: str) -> dict[str, Any]:
