@@ -19,11 +19,11 @@ def dcl_negative_log_weights(sims: Tensor, negative_mask: Tensor, beta: float) -
     The weights of each query average 1 over its negatives; entries outside `negative_mask`
     get -inf (weight 0), also for a query without any negative.
     """
-    beta_logits = (beta * sims).masked_fill(~negative_mask, float("-inf"))
+    log_weights = (beta * sims).masked_fill_(~negative_mask, float("-inf"))
     log_count = negative_mask.sum(1, keepdim=True).to(sims.dtype).log()
-    log_weights = log_count + beta_logits - torch.logsumexp(beta_logits, 1, keepdim=True)
-    # A query without negatives gives -inf - -inf = NaN above; it is fully masked here.
-    return log_weights.masked_fill(~negative_mask, float("-inf"))
+    shift = torch.logsumexp(log_weights, 1, keepdim=True) - log_count
+    # A query without negatives has shift -inf - -inf = NaN; its row stays -inf with shift 0.
+    return log_weights.sub_(shift.nan_to_num_(0.0))
 
 
 def dcl_loss(
@@ -60,7 +60,7 @@ def dcl_loss(
     positive = (q * k[pos_index]).sum(1, keepdim=True) / tau
     sims = torch.cat([q @ k.t(), q @ queue.t()], 1)
     negative_mask = torch.cat([k_ids, queue_ids])[None, :] != q_ids[:, None]
-    negatives = sims / tau + dcl_negative_log_weights(sims, negative_mask, beta)
+    negatives = torch.add(dcl_negative_log_weights(sims, negative_mask, beta), sims, alpha=1 / tau)
     # -log(e^p / (e^p + Σ w e^s)) = logsumexp(p, s + log w) - p; masked entries are -inf.
     return (torch.logsumexp(torch.cat([positive, negatives], 1), 1) - positive[:, 0]).mean()
 
@@ -116,38 +116,41 @@ def total_loss(
 
 
 @torch.no_grad()
-def sinkhorn_knopp(
-    samples: Tensor | Sequence[Tensor],
-    prototypes: Tensor,
-    epsilon: float = 0.05,
-    iterations: int = 3,
-    num_rows: int | None = None,
-) -> Tensor:
+def sinkhorn_kernel(scores: Tensor, epsilon: float) -> Tensor:
+    """exp((s − 1)/ε), in float32 at least: Sinkhorn's starting matrix for cosine scores s ≤ 1.
+
+    SwAV starts from exp(s/ε); the constant factor exp(−1/ε) cancels in the normalisations
+    and keeps every entry in (0, 1], so no ε overflows. A fixed shift (not the batch's
+    maximum) lets the model keep the queues' rows of this matrix between steps.
+    """
+    dtype = torch.promote_types(scores.dtype, torch.float32)
+    return scores.to(dtype).sub(1.0).div_(epsilon).exp_()
+
+
+@torch.no_grad()
+def sinkhorn_knopp(kernel: Tensor | Sequence[Tensor], iterations: int = 3, num_rows: int | None = None) -> Tensor:
     """Soft equal-partition assignments of M samples to K prototypes (SwAV's Sinkhorn-Knopp).
 
-    `samples` (M,d), or a sequence of blocks whose rows are taken in order (so the batch and
-    the queues need not be concatenated); prototypes (K,d); scores are s(sample, prototype).
-    SwAV alternates normalising each prototype's total to M/K and each sample's row to 1,
-    starting from exp(scores/ε); this is the same computation written with scaling vectors
-    (codes = diag(r)·exp(scores/ε)·diag(c)), so that the M×K matrix is built once and only
-    read in the iterations. Returns the codes of the first `num_rows` samples (all by default):
-    rows sum to 1, and over all M samples the columns approach the equal share M/K as the
-    iterations grow. Computed in float32 at least.
+    `kernel` (M,K) is `sinkhorn_kernel` of the scores s(sample, prototype), or a sequence of
+    row blocks taken in order (so that the model passes the batch's fresh rows and the queues'
+    cached ones without concatenating them). SwAV alternates normalising each prototype's
+    total to M/K and each sample's row to 1; this is the same computation written with scaling
+    vectors (codes = diag(r)·kernel·diag(c)), so the kernel is only read. Returns the codes of
+    the first `num_rows` samples (all by default; they must lie in the first block): rows sum
+    to 1, and over all M samples the columns approach the equal share M/K as the iterations
+    grow.
     """
-    blocks = [samples] if isinstance(samples, Tensor) else list(samples)
-    dtype = torch.promote_types(prototypes.dtype, torch.float32)
-    prototypes = prototypes.to(dtype)
-    kernel = prototypes.new_empty(sum(b.shape[0] for b in blocks), prototypes.shape[0])
-    for block, out in zip(blocks, kernel.split([b.shape[0] for b in blocks])):
-        torch.mm(block.to(dtype), prototypes.t(), out=out)
-    kernel.sub_(kernel.max()).div_(epsilon).exp_()
-    num_samples, num_prototypes = kernel.shape
-    tiny = torch.finfo(dtype).tiny
-    row_scale = kernel.new_ones(num_samples)
-    col_scale = kernel.new_ones(num_prototypes)
+    blocks = [kernel] if isinstance(kernel, Tensor) else list(kernel)
+    num_samples, num_prototypes = sum(b.shape[0] for b in blocks), blocks[0].shape[1]
+    num_rows = blocks[0].shape[0] if num_rows is None and len(blocks) == 1 else num_rows
+    if num_rows is None or num_rows > blocks[0].shape[0]:
+        raise ValueError("sinkhorn_knopp: the kept rows must lie in the first block")
+    tiny = torch.finfo(blocks[0].dtype).tiny
+    row_scales = [b.new_ones(b.shape[0]) for b in blocks]
     for i in range(iterations):
-        col_scale = 1.0 / (num_prototypes * (kernel.t() @ row_scale)).clamp_min(tiny)
+        column_totals = sum(b.t() @ r for b, r in zip(blocks, row_scales))
+        col_scale = 1.0 / (num_prototypes * column_totals).clamp_min(tiny)
         if i + 1 < iterations:  # the last row normalisation is done on the kept rows only
-            row_scale = 1.0 / (num_samples * (kernel @ col_scale)).clamp_min(tiny)
-    codes = kernel[:num_rows] * col_scale
+            row_scales = [1.0 / (num_samples * (b @ col_scale)).clamp_min(tiny) for b in blocks]
+    codes = blocks[0][:num_rows] * col_scale
     return codes / codes.sum(1, keepdim=True).clamp_min(tiny)

@@ -2,9 +2,11 @@
 online clustering, and the training-step losses.
 
 Layout follows MoCo: online (query) encoders get gradients; `self.momentum` holds a frozen copy
-of every module that produces a key, moved towards the online one by `momentum_update()`
-after each optimizer step; keys of each batch are gathered across processes, used as negatives,
-and pushed into FIFO queues (registered buffers, so checkpoints hold them).
+of every module that produces a key; keys of each batch are gathered across processes and used
+as negatives. `after_optimizer_step()` then moves the momentum copies towards the online
+modules, the prototypes towards the batch, and pushes the keys into FIFO queues (registered
+buffers, so checkpoints hold them). Deferring the queue writes until after the backward lets
+the loss read the queues in place instead of copying them every step.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from torch import Tensor
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from concepts import read_word_vectors
-from loss import dcl_loss, pseudo_label_loss, sinkhorn_knopp, total_loss, triplet_loss
+from loss import dcl_loss, pseudo_label_loss, sinkhorn_kernel, sinkhorn_knopp, total_loss, triplet_loss
 from utils import CoderError, load_pretrained
 
 
@@ -43,6 +45,10 @@ class ModelConfig:
     word_dim: int = 300  # bigru only: word embedding size (50 for the GloVe-50 package)
     word_vectors: str = ""  # bigru only: "" (random), a GloVe-format text file, or "glove-package"
     bert_path: str = "bert-base-uncased"  # bert only: hub name or local directory
+    # bert only, compute only (same outputs): BERT runs over this many groups of captions of
+    # similar length, each padded to its own longest caption instead of the batch's; fewer
+    # padded tokens, which pays on CPUs; 1 = one call over the padded batch
+    bert_length_groups: int = 1
     concept_branch: bool = True  # False: instance branch only (also turns the pseudo-label loss off)
     gcn_hidden: int = 512  # GCN hidden size [V]
     concept_score_scale: float = 10.0  # softmax sharpness of the concept scores and labels [V]
@@ -78,7 +84,8 @@ class ModelConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise CoderError(f"model config: {name}={getattr(self, name)!r}, expected one of {allowed}")
-        for name in ("embed_dim", "image_dim", "word_dim", "gcn_hidden", "num_prototypes", "sinkhorn_iterations"):
+        for name in ("embed_dim", "image_dim", "word_dim", "gcn_hidden", "num_prototypes", "sinkhorn_iterations",
+                     "bert_length_groups"):
             if getattr(self, name) < 1:
                 raise CoderError(f"model config: {name} must be positive, got {getattr(self, name)}")
         if self.queue_size < 0:
@@ -264,21 +271,43 @@ class GRUTextEncoder(nn.Module):
 
 class BertTextEncoder(nn.Module):
     """A `transformers` BERT (hub name or local directory; no pooler, so that every parameter
-    gets a gradient under DDP) -> linear hidden→d -> pooling over non-pad tokens -> L2-norm."""
+    gets a gradient under DDP) -> linear hidden→d -> pooling over non-pad tokens -> L2-norm.
 
-    def __init__(self, name_or_dir: str, embed_dim: int, pooling: str) -> None:
+    With `length_groups` > 1 the captions are sorted by length and BERT runs once per group,
+    each padded only to its own longest caption: BERT treats every caption independently
+    (attention is masked, normalisation is per token), so the real tokens' states are the same
+    as in one padded call, for fewer padded tokens (random batches pad to about twice the mean
+    length). Pad positions get zero states, which the pooling ignores.
+    """
+
+    def __init__(self, name_or_dir: str, embed_dim: int, pooling: str, length_groups: int = 1) -> None:
         super().__init__()
         from transformers import AutoModel
 
         self.bert = load_pretrained(AutoModel, name_or_dir, "BERT model", add_pooling_layer=False)
         self.frozen = False
+        self.length_groups = length_groups
         self.fc = nn.Linear(self.bert.config.hidden_size, embed_dim)
         self.pool = make_pooling(pooling, embed_dim, batch_norm=False)
 
     def forward(self, tokens: Tensor, lengths: Tensor, attention_mask: Tensor) -> Tensor:
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
-            hidden = self.bert(input_ids=tokens, attention_mask=attention_mask).last_hidden_state
+            if self.length_groups > 1 and tokens.shape[0] > 1:
+                hidden = self._hidden_by_length(tokens, attention_mask)
+            else:
+                hidden = self.bert(input_ids=tokens, attention_mask=attention_mask).last_hidden_state
         return l2norm(self.pool(self.fc(hidden), attention_mask.bool()))
+
+    def _hidden_by_length(self, tokens: Tensor, attention_mask: Tensor) -> Tensor:
+        counts = attention_mask.sum(1)
+        order = counts.argsort(descending=True, stable=True)
+        width = tokens.shape[1]
+        parts = []
+        for rows in order.chunk(self.length_groups):
+            used = max(int(counts[rows].max()), 1)
+            states = self.bert(input_ids=tokens[rows, :used], attention_mask=attention_mask[rows, :used])
+            parts.append(F.pad(states.last_hidden_state, (0, 0, 0, width - used)))
+        return torch.cat(parts)[order.argsort()]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -411,11 +440,21 @@ class CODER(nn.Module):
         self.register_buffer("queue_count", torch.zeros((), dtype=torch.long))
         if self.use_pseudo:
             self.register_buffer("prototypes", l2norm(torch.randn(cfg.num_prototypes, d)))
+        # Sinkhorn's kernel rows of the instance queues' entries (image rows, then text rows, by
+        # queue slot), kept current as entries arrive and prototypes move: a step computes only
+        # the new rows and the columns of the prototypes that moved instead of all 2K x K_p.
+        # A buffer, so that a resumed run reads the same values.
+        self.cache_queue_kernel = self.use_pseudo and cfg.sinkhorn_with_queue and bool(self.queue_names)
+        if self.cache_queue_kernel:
+            self.register_buffer("queue_kernel", torch.zeros(2 * cfg.queue_size, cfg.num_prototypes))
+        # Keys, codes and embeddings of training forwards whose queue and prototype updates wait
+        # for after_optimizer_step() (in order; several with gradient accumulation).
+        self._pending_updates: list[dict[str, Any]] = []
 
     def _build_text_encoder(self) -> nn.Module:
         cfg = self.cfg
         if cfg.text_encoder == "bert":
-            return BertTextEncoder(cfg.bert_path, cfg.embed_dim, cfg.text_pooling)
+            return BertTextEncoder(cfg.bert_path, cfg.embed_dim, cfg.text_pooling, cfg.bert_length_groups)
         if cfg.vocab_size < 1:
             raise CoderError("model config: vocab_size must be set from the vocabulary for the bigru text encoder")
         return GRUTextEncoder(cfg.vocab_size, cfg.word_dim, cfg.embed_dim, cfg.text_pooling)
@@ -554,8 +593,9 @@ class CODER(nn.Module):
             img, cap = img.float(), cap.float()
             img_c = img_c.float() if img_c is not None else None
             cap_c = cap_c.float() if cap_c is not None else None
-            queues = {name: getattr(self, f"{name}_queue")[: self._filled()].clone() for name in self.queue_names}
-            queue_ids = self.queue_ids[: self._filled()].clone()
+            # Views, not copies: the queues change only in after_optimizer_step(), after backward.
+            queues = {name: getattr(self, f"{name}_queue")[: self._filled()] for name in self.queue_names}
+            queue_ids = self.queue_ids[: self._filled()]
             if cfg.loss == "triplet":
                 instance = triplet_loss(img, cap, image_ids, cfg.margin)
                 concept = triplet_loss(img_c, cap_c, image_ids, cfg.margin) if img_c is not None else None
@@ -565,19 +605,33 @@ class CODER(nn.Module):
                 if img_c is not None:
                     concept = self._dcl(img_c, cap_c, "image_concept", "text_concept", keys, queues, queue_ids,
                                         image_ids)
-            pseudo = None
+            pseudo, pending = None, {}
             if self.use_pseudo:
-                targets, codes, embeddings = self._pseudo_labels(keys, queues, img.shape[0])
-                prototypes = self.prototypes.clone()
+                targets, codes, embeddings = self._pseudo_labels(keys, img.shape[0])
                 pseudo = (
-                    pseudo_label_loss(img_c, targets, prototypes, cfg.tau_pseudo)
-                    + pseudo_label_loss(cap_c, targets, prototypes, cfg.tau_pseudo)
+                    pseudo_label_loss(img_c, targets, self.prototypes, cfg.tau_pseudo)
+                    + pseudo_label_loss(cap_c, targets, self.prototypes, cfg.tau_pseudo)
                 ) / 2
-                if self.training:
-                    self._update_prototypes(embeddings, codes)
-            if self.training and self.queue_names:
-                self._enqueue({name: keys[name] for name in self.queue_names}, keys["ids"])
+                pending.update(embeddings=embeddings, codes=codes)
+            if self.queue_names:
+                pending.update(keys={name: keys[name] for name in self.queue_names}, ids=keys["ids"])
+            if self.training and pending:
+                self._pending_updates.append(pending)
         return total_loss(instance, concept, pseudo, cfg.lambda_concept, cfg.lambda_pseudo, name=cfg.loss)
+
+    @torch.no_grad()
+    def after_optimizer_step(self) -> None:
+        """Call after each optimizer.step(): the EMA update of the momentum encoders, then, for
+        each training forward since the last call, the prototype update and the enqueue of its
+        keys. Every process holds the same queues and prototypes afterwards (the updates use
+        gathered data; the prototypes are also broadcast from rank 0)."""
+        self.momentum_update()
+        for pending in self._pending_updates:
+            if "codes" in pending:
+                self._update_prototypes(pending["embeddings"], pending["codes"])
+            if "keys" in pending:
+                self._enqueue(pending["keys"], pending["ids"])
+        self._pending_updates.clear()
 
     @torch.no_grad()
     def _keys(self, batch: Mapping[str, Tensor], concepts: Tensor | None) -> dict[str, Tensor]:
@@ -620,18 +674,16 @@ class CODER(nn.Module):
         return (i2t + t2i) / 2
 
     @torch.no_grad()
-    def _pseudo_labels(
-        self, keys: Mapping[str, Tensor], queues: Mapping[str, Tensor], local_size: int
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """Sinkhorn codes of the gathered momentum instance embeddings (with the queues' entries
-        when cfg.sinkhorn_with_queue, batch rows kept). Returns the local pairs' pseudo labels
-        (mean of image and caption codes), the batch codes and the batch embeddings."""
+    def _pseudo_labels(self, keys: Mapping[str, Tensor], local_size: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Sinkhorn codes of the gathered momentum instance embeddings (with the instance queues'
+        entries when cfg.sinkhorn_with_queue, batch rows kept). Returns the local pairs' pseudo
+        labels (mean of image and caption codes), the batch codes and the batch embeddings."""
         embeddings = torch.cat([keys["image"], keys["text"]])
-        pool = [embeddings]
-        if self.cfg.sinkhorn_with_queue and "image" in queues:
-            pool += [queues["image"], queues["text"]]
-        codes = sinkhorn_knopp(pool, self.prototypes, self.cfg.sinkhorn_epsilon, self.cfg.sinkhorn_iterations,
-                               num_rows=embeddings.shape[0])
+        kernel = [sinkhorn_kernel(embeddings @ self.prototypes.t(), self.cfg.sinkhorn_epsilon)]
+        if self.cache_queue_kernel:
+            filled, size = self._filled(), self.cfg.queue_size
+            kernel += [self.queue_kernel[:filled], self.queue_kernel[size : size + filled]]
+        codes = sinkhorn_knopp(kernel, self.cfg.sinkhorn_iterations, num_rows=embeddings.shape[0])
         batch = keys["image"].shape[0]
         rows = self._local_rows(local_size, embeddings.device)
         return (codes[rows] + codes[batch + rows]) / 2, codes, embeddings
@@ -640,13 +692,35 @@ class CODER(nn.Module):
     def _update_prototypes(self, embeddings: Tensor, codes: Tensor) -> None:
         """[R] Each prototype moves towards the mean of the batch embeddings whose Sinkhorn code
         peaks at it: c ← l2norm(ρ·c + (1−ρ)·mean), ρ = cfg.prototype_momentum; prototypes with no
-        assigned embedding stay. Gathered data only, so every process computes the same update."""
+        assigned embedding stay. Gathered data only, so every process computes the same update;
+        CUDA's index_add_ sums in a non-deterministic order, so rank 0's result is broadcast
+        before the cached queue kernel columns of the moved prototypes are recomputed."""
         assigned = codes.argmax(1)
         sums = torch.zeros_like(self.prototypes).index_add_(0, assigned, embeddings)
         counts = torch.bincount(assigned, minlength=self.prototypes.shape[0])
         hit = counts > 0
         rho = self.cfg.prototype_momentum
         self.prototypes[hit] = l2norm(rho * self.prototypes[hit] + (1 - rho) * sums[hit] / counts[hit, None])
+        if _rank_and_world()[1] > 1:
+            dist.broadcast(self.prototypes, src=0)
+        if self.cache_queue_kernel:
+            filled, size = self._filled(), self.cfg.queue_size
+            columns = hit.nonzero().squeeze(1)
+            moved = self.prototypes[columns].t()
+            for start, queue in ((0, self.image_queue), (size, self.text_queue)):
+                self.queue_kernel[start : start + filled, columns] = self._kernel(queue[:filled] @ moved)
+
+    def _kernel(self, scores: Tensor) -> Tensor:
+        return sinkhorn_kernel(scores, self.cfg.sinkhorn_epsilon)
+
+    @torch.no_grad()
+    def refresh_queue_kernel(self) -> None:
+        """Recompute the whole cached queue kernel, after the queues or prototypes were written
+        directly (the training step keeps the cache current by itself)."""
+        if self.cache_queue_kernel:
+            size = self.cfg.queue_size
+            self.queue_kernel[:size] = self._kernel(self.image_queue @ self.prototypes.t())
+            self.queue_kernel[size:] = self._kernel(self.text_queue @ self.prototypes.t())
 
     def _filled(self) -> int:
         return int(self.queue_count) if self.queue_names else 0
@@ -663,6 +737,10 @@ class CODER(nn.Module):
         for name, value in keys.items():
             getattr(self, f"{name}_queue")[slots] = value[total - kept :].to(self.queue_ids.device, torch.float32)
         self.queue_ids[slots] = ids[total - kept :]
+        if self.cache_queue_kernel:
+            prototypes = self.prototypes.t()
+            self.queue_kernel[slots] = self._kernel(self.image_queue[slots] @ prototypes)
+            self.queue_kernel[size + slots] = self._kernel(self.text_queue[slots] @ prototypes)
         self.queue_ptr.fill_((ptr + total) % size)
         self.queue_count.fill_(min(int(self.queue_count) + total, size))
 
@@ -672,11 +750,13 @@ class CODER(nn.Module):
 
     @torch.no_grad()
     def momentum_update(self) -> None:
-        """θ_k ← m·θ_k + (1−m)·θ_q for every key module; the loop calls it after optimizer.step()."""
-        m = self.cfg.momentum
+        """θ_k ← m·θ_k + (1−m)·θ_q for every key module (part of after_optimizer_step)."""
+        key_params, params = [], []
         for name, key_module in self.momentum.items():
-            for key_param, param in zip(key_module.parameters(), getattr(self, name).parameters()):
-                key_param.lerp_(param.detach(), 1 - m)  # = m·θ_k + (1−m)·θ_q
+            key_params += list(key_module.parameters())
+            params += [p.detach() for p in getattr(self, name).parameters()]
+        if key_params:
+            torch._foreach_lerp_(key_params, params, 1 - self.cfg.momentum)  # = m·θ_k + (1−m)·θ_q
 
     # -- optimizer -----------------------------------------------------------------------------
 

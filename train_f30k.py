@@ -25,6 +25,7 @@ text_encoder = "bigru"                     # bigru | bert
 word_dim = 300
 word_vectors = ""                          # GloVe text file, "glove-package", or "" (random init)
 bert_path = "bert-base-uncased"            # hub name or a local directory
+bert_length_groups = 1                     # BERT over N groups of similar-length captions (same outputs; faster on CPU)
 concept_branch = True
 concept_threshold = 0.3                    # CVSE graph binarisation threshold
 gcn_hidden = 512

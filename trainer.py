@@ -352,7 +352,8 @@ def run(defaults: dict[str, Any], argv: list[str], dataset: str) -> dict[str, An
 
 # Settings a resumed run may change; everything else must stay as the checkpoint has it.
 RESUME_MAY_CHANGE = ("resume", "run_dir", "overwrite", "epochs", "device", "workers", "progress", "log_every",
-                     "eval_batch_size", "val_every_steps", "checkpoint_every_steps", "test_split", "dist_timeout")
+                     "eval_batch_size", "val_every_steps", "checkpoint_every_steps", "test_split", "dist_timeout",
+                     "bert_length_groups")
 
 
 def resumed_config(config: dict[str, Any], explicit: set[str]) -> dict[str, Any]:
@@ -441,8 +442,8 @@ def _check_replicas(raw_model: torch.nn.Module, world: Dist, log: RunLog) -> Non
 def _compile_encoders(raw_model: torch.nn.Module) -> None:
     """torch.compile (in place, so state-dict keys do not change) the region and text encoders,
     online and momentum copies: they hold nearly all the FLOPs. The queue, Sinkhorn and
-    prototype bookkeeping stays eager: it has data-dependent sizes and updates buffers in place
-    that the loss has read (compiling the whole forward breaks the backward there)."""
+    prototype bookkeeping stays eager: its sizes change while the queues fill up, and the
+    prototype update picks data-dependent columns (each would trigger a recompilation)."""
     names = ("image_encoder", "text_encoder")
     encoders = [getattr(raw_model, n) for n in names] + [raw_model.momentum[n] for n in names if n in raw_model.momentum]
     for module in encoders:
@@ -454,8 +455,9 @@ def training_step(forward: Any, raw_model: torch.nn.Module, optimizer: torch.opt
                   grad_clip: float, world: Dist) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """One optimizer step: forward (`forward` is the model or its DDP wrapper) under autocast,
     backward (DDP averages the gradients), unscale and clip (the same global norm on every
-    process), step, momentum update. Returns this process's losses and the gradient norm.
-    (bench/bench_throughput.py times exactly this function.)"""
+    process), step, then the model's after_optimizer_step (momentum encoders, prototypes,
+    queues). Returns this process's losses and the gradient norm. (bench/bench_throughput.py
+    times exactly this function.)"""
     device_type = next(raw_model.parameters()).device.type
     with torch.autocast(device_type, dtype=amp_dtype) if amp_dtype else nullcontext():
         losses = forward(batch)
@@ -465,11 +467,7 @@ def training_step(forward: Any, raw_model: torch.nn.Module, optimizer: torch.opt
     grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip)
     scaler.step(optimizer)
     scaler.update()
-    raw_model.momentum_update()
-    if world.world_size > 1 and hasattr(raw_model, "prototypes"):
-        # The prototype update is computed from gathered data on every process, but CUDA's
-        # index_add_ sums in a non-deterministic order: keep rank 0's prototypes exactly.
-        dist.broadcast(raw_model.prototypes, src=0)
+    raw_model.after_optimizer_step()
     return losses, grad_norm
 
 

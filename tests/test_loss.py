@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from loss import dcl_loss, dcl_negative_log_weights, pseudo_label_loss, sinkhorn_knopp, total_loss, triplet_loss
+from loss import (dcl_loss, dcl_negative_log_weights, pseudo_label_loss, sinkhorn_kernel, sinkhorn_knopp, total_loss,
+                  triplet_loss)
 
 
 def unit(*shape: int, seed: int) -> torch.Tensor:
@@ -205,14 +206,18 @@ def naive_sinkhorn(scores: np.ndarray, eps: float, iters: int) -> np.ndarray:
 
 def test_sinkhorn_matches_swav_loop_and_marginals():
     z, protos = unit(40, 6, seed=11), unit(8, 6, seed=12)
-    scores = (z @ protos.t()).numpy()
+    scores = z @ protos.t()
+    kernel = sinkhorn_kernel(scores, 0.05)
+    assert torch.allclose(kernel, torch.exp((scores - 1) / 0.05)) and kernel.max() <= 1
     for iters in (1, 3):
-        got = sinkhorn_knopp(z, protos, 0.05, iters)
-        assert np.allclose(got.numpy(), naive_sinkhorn(scores, 0.05, iters), atol=1e-9)
+        got = sinkhorn_knopp(kernel, iters)
+        assert np.allclose(got.numpy(), naive_sinkhorn(scores.numpy(), 0.05, iters), atol=1e-9)
         assert torch.allclose(got.sum(1), torch.ones(40, dtype=torch.float64))
-    blocks = sinkhorn_knopp([z[:7], z[7:30], z[30:]], protos, 0.05, 3, num_rows=7)
-    assert torch.allclose(blocks, sinkhorn_knopp(z, protos, 0.05, 3)[:7], atol=1e-12)
-    converged = sinkhorn_knopp(z, protos, 0.05, 500)
+    blocks = sinkhorn_knopp([kernel[:7], kernel[7:30], kernel[30:]], 3, num_rows=7)
+    assert torch.allclose(blocks, sinkhorn_knopp(kernel, 3)[:7], atol=1e-12)
+    with pytest.raises(ValueError, match="first block"):
+        sinkhorn_knopp([kernel[:7], kernel[7:]], 3)
+    converged = sinkhorn_knopp(kernel, 500)
     assert torch.allclose(converged.sum(0), torch.full((8,), 40 / 8, dtype=torch.float64), atol=1e-6)
     assert torch.allclose(converged.sum(1), torch.ones(40, dtype=torch.float64))
 
@@ -221,7 +226,7 @@ def test_sinkhorn_float32_is_finite_for_unit_vectors():
     gen = torch.Generator().manual_seed(0)
     z = F.normalize(torch.randn(3000, 32, generator=gen), dim=1)
     protos = F.normalize(torch.randn(100, 32, generator=gen), dim=1)
-    codes = sinkhorn_knopp(z, protos, 0.05, 3)
+    codes = sinkhorn_knopp(sinkhorn_kernel(z @ protos.t(), 0.05), 3)
     assert codes.dtype == torch.float32 and torch.isfinite(codes).all()
     assert torch.allclose(codes.sum(1), torch.ones(3000), atol=1e-5)
     assert (codes.sum(0) / 30).sub(1).abs().max() < 0.5  # 3 iterations: near the equal share

