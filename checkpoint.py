@@ -50,9 +50,17 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     return state
 
 
+# Buffers derived from the rest of the state: a checkpoint written before they existed loads,
+# and the model recomputes them.
+DERIVED_BUFFERS = {"queue_kernel": "refresh_queue_kernel"}
+
+
 def load_state_strict(module: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
-    """`load_state_dict` that names every missing, unexpected or mis-shaped key in one error."""
+    """`load_state_dict` that names every missing, unexpected or mis-shaped key in one error
+    (a missing derived buffer is recomputed instead)."""
     own = module.state_dict()
+    derived = [k for k in DERIVED_BUFFERS if k in own and k not in state_dict]
+    state_dict = {**state_dict, **{k: own[k] for k in derived}}
     missing = sorted(set(own) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(own))
     mis_shaped = sorted(k for k in set(own) & set(state_dict) if own[k].shape != state_dict[k].shape)
@@ -64,6 +72,8 @@ def load_state_strict(module: torch.nn.Module, state_dict: dict[str, torch.Tenso
                 parts.append(f"{label}: {shown}")
         raise CoderError(f"{source}: checkpoint does not match this model configuration; " + "; ".join(parts))
     module.load_state_dict(state_dict, strict=True)
+    for key in derived:
+        getattr(module, DERIVED_BUFFERS[key])()
 
 
 def concept_graph_state(graph: Any) -> dict[str, Any] | None:

@@ -22,8 +22,8 @@ def dcl_negative_log_weights(sims: Tensor, negative_mask: Tensor, beta: float) -
     log_weights = (beta * sims).masked_fill_(~negative_mask, float("-inf"))
     log_count = negative_mask.sum(1, keepdim=True).to(sims.dtype).log()
     shift = torch.logsumexp(log_weights, 1, keepdim=True) - log_count
-    # A query without negatives has shift -inf - -inf = NaN; its row stays -inf with shift 0.
-    return log_weights.sub_(shift.nan_to_num_(0.0))
+    # A query without negatives (log_count = -inf) would get -inf - -inf = NaN: its row stays -inf.
+    return log_weights.sub_(torch.where(log_count.isfinite(), shift, 0.0))
 
 
 def dcl_loss(
@@ -121,7 +121,10 @@ def sinkhorn_kernel(scores: Tensor, epsilon: float) -> Tensor:
 
     SwAV starts from exp(s/ε); the constant factor exp(−1/ε) cancels in the normalisations
     and keeps every entry in (0, 1], so no ε overflows. A fixed shift (not the batch's
-    maximum) lets the model keep the queues' rows of this matrix between steps.
+    maximum) lets the model keep the queues' rows of this matrix between steps. In float32,
+    entries with s < 1 − 87ε underflow towards 0: harmless at the spec's ε = 0.05 (s ≥ −1
+    gives ≥ e^−40), but below ε ≈ 0.02 a sample whose best score is far below 1 can lose its
+    whole row (its code is then all zero).
     """
     dtype = torch.promote_types(scores.dtype, torch.float32)
     return scores.to(dtype).sub(1.0).div_(epsilon).exp_()

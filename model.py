@@ -45,9 +45,10 @@ class ModelConfig:
     word_dim: int = 300  # bigru only: word embedding size (50 for the GloVe-50 package)
     word_vectors: str = ""  # bigru only: "" (random), a GloVe-format text file, or "glove-package"
     bert_path: str = "bert-base-uncased"  # bert only: hub name or local directory
-    # bert only, compute only (same outputs): BERT runs over this many groups of captions of
-    # similar length, each padded to its own longest caption instead of the batch's; fewer
-    # padded tokens, which pays on CPUs; 1 = one call over the padded batch
+    # bert only, compute only: BERT runs over this many groups of captions of similar length,
+    # each padded to its own longest caption instead of the batch's; the same outputs (up to
+    # rounding; in training, dropout draws differ), fewer padded tokens, which pays on CPUs;
+    # 1 = one call over the padded batch
     bert_length_groups: int = 1
     concept_branch: bool = True  # False: instance branch only (also turns the pseudo-label loss off)
     gcn_hidden: int = 512  # GCN hidden size [V]
@@ -90,6 +91,9 @@ class ModelConfig:
                 raise CoderError(f"model config: {name} must be positive, got {getattr(self, name)}")
         if self.queue_size < 0:
             raise CoderError(f"model config: queue_size must be >= 0, got {self.queue_size}")
+        for name in ("sinkhorn_epsilon", "tau", "tau_pseudo"):
+            if getattr(self, name) <= 0:
+                raise CoderError(f"model config: {name} must be positive, got {getattr(self, name)}")
         for name in ("momentum", "prototype_momentum", "label_mix_ratio", "mu"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise CoderError(f"model config: {name} must lie in [0, 1], got {getattr(self, name)}")
@@ -275,9 +279,10 @@ class BertTextEncoder(nn.Module):
 
     With `length_groups` > 1 the captions are sorted by length and BERT runs once per group,
     each padded only to its own longest caption: BERT treats every caption independently
-    (attention is masked, normalisation is per token), so the real tokens' states are the same
-    as in one padded call, for fewer padded tokens (random batches pad to about twice the mean
-    length). Pad positions get zero states, which the pooling ignores.
+    (attention is masked, normalisation is per token), so the real tokens' states are those of
+    one padded call up to rounding (in training mode the dropout draws differ), for fewer
+    padded tokens (random batches pad to about twice the mean length). Pad positions get zero
+    states, which the pooling ignores.
     """
 
     def __init__(self, name_or_dir: str, embed_dim: int, pooling: str, length_groups: int = 1) -> None:
@@ -299,6 +304,9 @@ class BertTextEncoder(nn.Module):
         return l2norm(self.pool(self.fc(hidden), attention_mask.bool()))
 
     def _hidden_by_length(self, tokens: Tensor, attention_mask: Tensor) -> Tensor:
+        # Tokens are right-padded (data.collate), so a group's first `used` columns hold all its
+        # real tokens. `used` is read on the host once per group: fine eagerly; under
+        # torch.compile each new width would recompile, so keep length_groups at 1 there.
         counts = attention_mask.sum(1)
         order = counts.argsort(descending=True, stable=True)
         width = tokens.shape[1]
@@ -577,9 +585,9 @@ class CODER(nn.Module):
         Keys come from the momentum encoders without gradient and are gathered from all
         processes; each process computes the loss of its local queries against them (spec §8),
         so DDP's gradient averaging gives the global-batch gradient. The triplet loss uses
-        in-batch online embeddings and stays per process. In training mode forward also
-        updates the prototypes and pushes the gathered keys into the queues; in eval mode it
-        leaves every buffer as it is.
+        in-batch online embeddings and stays per process. Forward writes no buffer: in training
+        mode it records the keys and codes for `after_optimizer_step()`, which must follow every
+        training-mode forward (record nothing with model.eval()).
         """
         cfg = self.cfg
         image_ids = batch["image_ids"]
@@ -624,7 +632,9 @@ class CODER(nn.Module):
         """Call after each optimizer.step(): the EMA update of the momentum encoders, then, for
         each training forward since the last call, the prototype update and the enqueue of its
         keys. Every process holds the same queues and prototypes afterwards (the updates use
-        gathered data; the prototypes are also broadcast from rank 0)."""
+        gathered data; the prototypes are also broadcast from rank 0). With several forwards
+        per step (gradient accumulation) all are queued in order, but a later forward does not
+        see an earlier one's keys as queue negatives."""
         self.momentum_update()
         for pending in self._pending_updates:
             if "codes" in pending:
@@ -701,8 +711,11 @@ class CODER(nn.Module):
         hit = counts > 0
         rho = self.cfg.prototype_momentum
         self.prototypes[hit] = l2norm(rho * self.prototypes[hit] + (1 - rho) * sums[hit] / counts[hit, None])
-        if _rank_and_world()[1] > 1:
+        if _rank_and_world()[1] > 1:  # rank 0's prototypes and moved columns, exactly
+            moved_mask = hit.to(torch.uint8)
             dist.broadcast(self.prototypes, src=0)
+            dist.broadcast(moved_mask, src=0)
+            hit = moved_mask.bool()
         if self.cache_queue_kernel:
             filled, size = self._filled(), self.cfg.queue_size
             columns = hit.nonzero().squeeze(1)

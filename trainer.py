@@ -437,6 +437,8 @@ def _check_replicas(raw_model: torch.nn.Module, world: Dist, log: RunLog) -> Non
                  f"re-synchronised from rank 0")
         for name in names:
             dist.broadcast(state[name], src=0)
+        if hasattr(raw_model, "refresh_queue_kernel"):  # consistent with rank 0's queues and prototypes
+            raw_model.refresh_queue_kernel()
 
 
 def _compile_encoders(raw_model: torch.nn.Module) -> None:

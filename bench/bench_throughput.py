@@ -1,6 +1,6 @@
 """Training throughput (captions/s) and peak memory of the full CODER model, timed through
 `trainer.training_step` (the training loop's own step: autocast, backward with DDP's gradient
-averaging, unscale and clip, AdamW, momentum update) plus its per-step loss averaging.
+averaging, unscale and clip, AdamW, after_optimizer_step) plus its per-step loss averaging.
 
 The model is the spec's full configuration: 36x2048 regions, d = 1024, queues of 8192 (full),
 1000 prototypes, 300 concepts, global batch 128. Batches are random tensors made once (on the
@@ -163,6 +163,7 @@ def build_model(text_encoder: str, bert_path: str, vocab_size: int, args: argpar
             queue.copy_(l2norm(torch.randn(queue.shape, generator=gen)))
         model.queue_ids.copy_(torch.arange(model.queue_ids.shape[0]) // 5 + 10**6)
         model.queue_count.fill_(cfg.queue_size)
+    model.refresh_queue_kernel()
     return model.to(device)
 
 

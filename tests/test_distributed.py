@@ -76,13 +76,16 @@ def test_two_processes_follow_one_process_step_by_step(runs):
 
     a, b = load_checkpoint(runs["one"] / "last.pt"), load_checkpoint(runs["two"] / "last.pt")
     assert a["global_step"] == b["global_step"] == 14
-    assert a["model"].keys() == b["model"].keys()
+    assert a["model"].keys() == b["model"].keys() and "queue_kernel" in a["model"]
     for name, value in a["model"].items():
         if value.is_floating_point():
             # The bias of an attention score is softmax-invariant: its gradient is zero up to
             # rounding, which Adam scales up to lr-sized steps; it gets a looser tolerance.
             atol = 2e-4 if name.endswith("pool.score.bias") else 1e-5
-            assert torch.allclose(b["model"][name], value, rtol=0, atol=atol), name
+            got = b["model"][name]
+            if name == "queue_kernel":  # exp((s-1)/eps) spans many decades: compare (s-1)/eps
+                got, value, atol = got.clamp_min(1e-30).log(), value.clamp_min(1e-30).log(), 1e-3
+            assert torch.allclose(got, value, rtol=0, atol=atol), name
         else:
             assert torch.equal(b["model"][name], value), name  # queue ids and pointers: exactly
     assert len(a["rng"]) == 1 and len(b["rng"]) == 2
