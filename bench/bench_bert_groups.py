@@ -19,17 +19,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import vocab  # noqa: E402
+from extract_features import read_captions_csv  # noqa: E402
 from model import BertTextEncoder  # noqa: E402
 
 CAPTIONS = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "flickr8k_mini" / "captions.txt"
 
 
 def read_captions(path: Path) -> list[str]:
-    """Captions of a one-per-line file, or of the flickr8k_mini `image,caption` CSV."""
-    lines = path.read_text(encoding="utf-8").splitlines()
-    if path.name == "captions.txt" and lines and lines[0].startswith("image,"):
-        return [line.split(",", 1)[1] for line in lines[1:] if "," in line]
-    return [line for line in lines if line.strip()]
+    """Captions of an `image,caption` CSV (the flickr8k_mini layout) or of a one-per-line file."""
+    if path.suffix == ".csv" or path.read_text(encoding="utf-8-sig").startswith("image,"):
+        return [c for caps in read_captions_csv(path).values() for c in caps]
+    return vocab.read_captions(path)
 
 
 def padded_batch(encoded: list[list[int]], size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
