@@ -50,9 +50,10 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     return state
 
 
-# Buffers derived from the rest of the state: a checkpoint written before they existed loads,
-# and the model recomputes them.
-DERIVED_BUFFERS = {"queue_kernel": "refresh_queue_kernel"}
+# Buffers newer than some checkpoints: a checkpoint written before one existed loads with the
+# fresh model's value, then the named method (if any) recomputes it from the rest of the state.
+# (prototypes_ready: such checkpoints had random prototypes, for which the fresh value is True.)
+DERIVED_BUFFERS = {"queue_kernel": "refresh_queue_kernel", "prototypes_ready": None}
 
 
 def load_state_strict(module: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
@@ -73,7 +74,8 @@ def load_state_strict(module: torch.nn.Module, state_dict: dict[str, torch.Tenso
         raise CoderError(f"{source}: checkpoint does not match this model configuration; " + "; ".join(parts))
     module.load_state_dict(state_dict, strict=True)
     for key in derived:
-        getattr(module, DERIVED_BUFFERS[key])()
+        if DERIVED_BUFFERS[key]:
+            getattr(module, DERIVED_BUFFERS[key])()
 
 
 def concept_graph_state(graph: Any) -> dict[str, Any] | None:

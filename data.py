@@ -189,11 +189,26 @@ class _CaptionItems(Dataset):
 
 
 class PairDataset(_CaptionItems):
-    """Training pairs: one item per caption, with its image's regions."""
+    """Training pairs: one item per caption, with its image's regions (and, given
+    `text_states`, the caption's precomputed frozen-BERT states, text_cache.py)."""
+
+    def __init__(self, split: PrecompSplit, tokenizer: TextTokenizer, concept_graph: ConceptGraph | None = None,
+                 text_states: Any = None):
+        super().__init__(split, tokenizer, concept_graph)
+        if text_states is not None and len(text_states) != split.num_captions:
+            raise CoderError(f"{split.captions_path}: {len(text_states)} cached text states for {split.num_captions} "
+                             f"captions")
+        self.text_states = text_states
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         item = self._text_item(index)
         item["image"] = torch.from_numpy(self.split.read_image(item["image_id"]))
+        if self.text_states is not None:
+            states = np.array(self.text_states[index], dtype=np.float32)
+            if states.shape[0] != len(item["tokens"]):
+                raise CoderError(f"caption {index} of split '{self.split.split}': {len(item['tokens'])} tokens "
+                                 f"but {states.shape[0]} cached states (a stale text state cache?)")
+            item["text_states"] = torch.from_numpy(states)
         return item
 
 
@@ -221,8 +236,8 @@ def collate(items: Sequence[dict[str, Any]], pad_id: int = 0) -> dict[str, torch
     """Batch items: stack images and labels, right-pad tokens with `pad_id`.
 
     Returns `images` (B,R,D), `tokens` (B,L), `lengths` (B,), `attention_mask` (B,L) (1 = real
-    token), `concept_labels` (B,N_c), `image_ids`, `caption_ids` (B,), each only when the items
-    carry it.
+    token), `text_states` (B,L,h) (zero-padded), `concept_labels` (B,N_c), `image_ids`,
+    `caption_ids` (B,), each only when the items carry it.
     """
     if not items:
         raise ValueError("cannot collate an empty batch")
@@ -238,6 +253,11 @@ def collate(items: Sequence[dict[str, Any]], pad_id: int = 0) -> dict[str, torch
             tokens[row, :n] = it["tokens"]
             mask[row, :n] = 1
         batch.update(tokens=tokens, lengths=lengths, attention_mask=mask)
+        if "text_states" in first:
+            states = torch.zeros(len(items), tokens.shape[1], first["text_states"].shape[1])
+            for row, it in enumerate(items):
+                states[row, :len(it["text_states"])] = it["text_states"]
+            batch["text_states"] = states
     if "concept_labels" in first:
         batch["concept_labels"] = torch.stack([it["concept_labels"] for it in items])
     for key, out in (("image_id", "image_ids"), ("caption_id", "caption_ids")):

@@ -83,11 +83,30 @@ def triplet_loss(images: Tensor, captions: Tensor, image_ids: Tensor, margin: fl
 def pseudo_label_loss(descriptors: Tensor, targets: Tensor, prototypes: Tensor, tau: float = 0.1) -> Tensor:
     """Cross-entropy between pseudo labels `targets` (B,K_p) and softmax(s(x_c, prototypes)/τ_p).
 
-    One modality's concept descriptors (B,d); targets and prototypes carry no gradient
-    (spec §4). Mean over the batch.
+    One modality's concept descriptors (B,d); the targets carry no gradient (spec §4), the
+    prototypes whatever gradient the caller leaves them (detached unless they are learned).
+    Mean over the batch.
     """
-    log_p = F.log_softmax(descriptors @ prototypes.detach().t() / tau, 1)
+    log_p = F.log_softmax(descriptors @ prototypes.t() / tau, 1)
     return -(targets.detach() * log_p).sum(1).mean()
+
+
+def loss_terms(
+    instance: Tensor,
+    concept: Tensor | None = None,
+    pseudo: Tensor | None = None,
+    fused: Tensor | None = None,
+    *,
+    lambda_concept: float = 1.0,
+    lambda_pseudo: float = 1.0,
+    lambda_fused: float = 0.0,
+    name: str = "dcl",
+) -> list[tuple[str, Tensor, float]]:
+    """The present terms of L as (log name, term, weight): f"{name}_instance" (weight 1),
+    f"{name}_concept" (λ_c), "pseudo" (λ_p), f"{name}_fused" (λ_f); absent terms are left out."""
+    terms = [(f"{name}_instance", instance, 1.0), (f"{name}_concept", concept, lambda_concept),
+             ("pseudo", pseudo, lambda_pseudo), (f"{name}_fused", fused, lambda_fused)]
+    return [(key, term, weight) for key, term, weight in terms if term is not None]
 
 
 def total_loss(
@@ -97,22 +116,22 @@ def total_loss(
     lambda_concept: float = 1.0,
     lambda_pseudo: float = 1.0,
     name: str = "dcl",
+    fused: Tensor | None = None,
+    lambda_fused: float = 0.0,
 ) -> dict[str, Tensor]:
-    """L = L_instance + λ_c·L_concept + λ_p·L_pseudo (spec §4), with each term for logging.
+    """L = L_instance + λ_c·L_concept + λ_p·L_pseudo + λ_f·L_fused (spec §4; the fused term is
+    CVSE's, off by default), with each term for logging.
 
-    Keys: "loss" (with gradient), f"{name}_instance", f"{name}_concept", "pseudo" (detached;
-    absent terms are left out).
+    Keys: "loss" (with gradient) and each present term of `loss_terms`, unweighted and detached.
     """
-    terms = {f"{name}_instance": instance.detach()}
+    terms = loss_terms(instance, concept, pseudo, fused, lambda_concept=lambda_concept,
+                       lambda_pseudo=lambda_pseudo, lambda_fused=lambda_fused, name=name)
+    out = {key: term.detach() for key, term, _ in terms}
     loss = instance
-    if concept is not None:
-        terms[f"{name}_concept"] = concept.detach()
-        loss = loss + lambda_concept * concept
-    if pseudo is not None:
-        terms["pseudo"] = pseudo.detach()
-        loss = loss + lambda_pseudo * pseudo
-    terms["loss"] = loss
-    return terms
+    for _, term, weight in terms[1:]:
+        loss = loss + weight * term
+    out["loss"] = loss
+    return out
 
 
 @torch.no_grad()

@@ -24,7 +24,7 @@ from torch import Tensor
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from concepts import read_word_vectors
-from loss import dcl_loss, pseudo_label_loss, sinkhorn_kernel, sinkhorn_knopp, total_loss, triplet_loss
+from loss import dcl_loss, loss_terms, pseudo_label_loss, sinkhorn_kernel, sinkhorn_knopp, total_loss, triplet_loss
 from utils import CoderError, load_pretrained
 
 
@@ -50,9 +50,18 @@ class ModelConfig:
     # rounding; in training, dropout draws differ), fewer padded tokens, which pays on CPUs;
     # 1 = one call over the padded batch
     bert_length_groups: int = 1
+    # bert only: BERT's embeddings and first N layers stay frozen (eval mode, no dropout); their
+    # output may then be precomputed once per caption (text_cache.py). 0 = fine-tune all (spec)
+    bert_frozen_layers: int = 0
+    # L2-normalise each projected region / token state before pooling, as CVSE does (spec §4a)
+    l2norm_before_pooling: bool = False
     concept_branch: bool = True  # False: instance branch only (also turns the pseudo-label loss off)
     gcn_hidden: int = 512  # GCN hidden size [V]
     concept_score_scale: float = 10.0  # softmax sharpness of the concept scores and labels [V]
+    # [R] how the concept query sees the instance embedding x: "bn" = BN(W_x x) with gradient
+    # into the encoders (CVSE, spec); "detach" = the same on a detached x (the concept losses
+    # train the concept branch only); "no_bn" = tanh(W_x x) without BN, with gradient
+    concept_query_input: str = "bn"
     label_mix_ratio: float = 0.35  # r of the text-side label mix (0.35 F30K, 0.4 COCO) [V]
     # [R] concept keys use E from a momentum copy of the GCN (False: the online E, without gradient)
     momentum_gcn: bool = True
@@ -65,12 +74,21 @@ class ModelConfig:
     sinkhorn_with_queue: bool = True  # [R] Sinkhorn over batch + instance queues, batch rows kept
     # [R] EMA rate of each prototype towards the mean of the batch embeddings whose code peaks at it
     prototype_momentum: float = 0.99
+    # [R] "random" unit vectors, or "keys": K_p distinct momentum instance keys (batch and queue)
+    # drawn at the first step that has K_p of them; the pseudo-label loss waits until then
+    prototype_init: str = "random"
+    # [R] "ema": prototypes move by prototype_momentum (a buffer); "learned": a parameter
+    # trained by the pseudo-label loss and re-normalised after each step (SwAV)
+    prototype_update: str = "ema"
     loss: str = "dcl"  # "dcl" or "triplet" (VSE++ hardest negative baseline, in-batch, per process)
     tau: float = 0.05  # DCL temperature [R]
     beta: float = 10.0  # DCL weight sharpness [R]; 0 = plain momentum InfoNCE
     margin: float = 0.2  # triplet margin [S]
     lambda_concept: float = 1.0  # λ_c [R]
     lambda_pseudo: float = 1.0  # λ_p [R]
+    # weight of a DCL term on the fused similarity (1−μ)·s(v,t) + μ·s(v_c,t_c) (CVSE trains its
+    # fused embedding with weight 3 against instance 5); 0 = off (spec)
+    lambda_fused: float = 0.0
     pseudo_label_loss: bool = True  # [R] concept descriptors predict the pair's pseudo label
     tau_pseudo: float = 0.1  # τ_p [R]
     mu: float = 0.15  # inference weight of the concept similarity [R]
@@ -81,6 +99,9 @@ class ModelConfig:
             "text_pooling": ("attn", "mean", "gpo"),
             "text_encoder": ("bigru", "bert"),
             "loss": ("dcl", "triplet"),
+            "concept_query_input": ("bn", "detach", "no_bn"),
+            "prototype_init": ("random", "keys"),
+            "prototype_update": ("ema", "learned"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -89,6 +110,11 @@ class ModelConfig:
                      "bert_length_groups"):
             if getattr(self, name) < 1:
                 raise CoderError(f"model config: {name} must be positive, got {getattr(self, name)}")
+        if self.bert_frozen_layers < 0:
+            raise CoderError(f"model config: bert_frozen_layers must be >= 0, got {self.bert_frozen_layers}")
+        for name in ("lambda_concept", "lambda_pseudo", "lambda_fused"):
+            if not getattr(self, name) >= 0:
+                raise CoderError(f"model config: {name} must be >= 0, got {getattr(self, name)}")
         if self.queue_size < 0:
             raise CoderError(f"model config: queue_size must be >= 0, got {self.queue_size}")
         for name in ("sinkhorn_epsilon", "tau", "tau_pseudo"):
@@ -123,6 +149,15 @@ def gather_from_all(t: Tensor) -> Tensor:
     parts = [torch.empty_like(t) for _ in range(world)]
     dist.all_gather(parts, t.contiguous())
     return torch.cat(parts)
+
+
+def _mean_pairwise_cosine(x: Tensor) -> Tensor:
+    """Mean cosine between distinct rows of unit-norm x (B,d): near 1 when the rows are
+    nearly collinear, i.e. carry little about which sample they came from."""
+    with torch.no_grad():
+        n = x.shape[0]
+        total = x.sum(0)
+        return ((total @ total - (x * x).sum()) / max(n * (n - 1), 1)).detach()
 
 
 def _batch_norm(dim: int, enabled: bool) -> nn.Module:
@@ -234,12 +269,15 @@ def make_pooling(kind: str, dim: int, batch_norm: bool) -> nn.Module:
 
 
 class ImageEncoder(nn.Module):
-    """Region features (B,R,D) -> per-region linear D→d -> pooling -> L2-normalised (B,d).
+    """Region features (B,R,D) -> per-region linear D→d (each L2-normalised with
+    `l2norm_items`, as CVSE) -> pooling -> L2-normalised (B,d).
     R and D are free (36x2048 bottom-up features, 49x1280 CNN grids, ...)."""
 
-    def __init__(self, image_dim: int, embed_dim: int, pooling: str, batch_norm: bool) -> None:
+    def __init__(self, image_dim: int, embed_dim: int, pooling: str, batch_norm: bool,
+                 l2norm_items: bool = False) -> None:
         super().__init__()
         self.image_dim = image_dim
+        self.l2norm_items = l2norm_items
         self.fc = nn.Linear(image_dim, embed_dim)
         self.pool = make_pooling(pooling, embed_dim, batch_norm)
 
@@ -249,7 +287,8 @@ class ImageEncoder(nn.Module):
                 f"image features have shape {tuple(images.shape)}, expected (B, R, {self.image_dim}) "
                 f"(set the model's image_dim from the data)"
             )
-        return l2norm(self.pool(self.fc(images)))
+        regions = self.fc(images)
+        return l2norm(self.pool(l2norm(regions) if self.l2norm_items else regions))
 
 
 class GRUTextEncoder(nn.Module):
@@ -257,8 +296,10 @@ class GRUTextEncoder(nn.Module):
     Packed sequences, so padding never reaches the GRU (the backward direction starts at the
     last real token)."""
 
-    def __init__(self, vocab_size: int, word_dim: int, embed_dim: int, pooling: str) -> None:
+    def __init__(self, vocab_size: int, word_dim: int, embed_dim: int, pooling: str,
+                 l2norm_items: bool = False) -> None:
         super().__init__()
+        self.l2norm_items = l2norm_items
         self.embed = nn.Embedding(vocab_size, word_dim, padding_idx=0)
         nn.init.uniform_(self.embed.weight, -0.1, 0.1)
         with torch.no_grad():
@@ -266,11 +307,15 @@ class GRUTextEncoder(nn.Module):
         self.gru = nn.GRU(word_dim, embed_dim, batch_first=True, bidirectional=True)
         self.pool = make_pooling(pooling, embed_dim, batch_norm=False)
 
-    def forward(self, tokens: Tensor, lengths: Tensor, attention_mask: Tensor) -> Tensor:
+    def forward(self, tokens: Tensor, lengths: Tensor, attention_mask: Tensor,
+                text_states: Tensor | None = None) -> Tensor:
+        if text_states is not None:
+            raise CoderError("precomputed text states are for the bert text encoder only")
         packed = pack_padded_sequence(self.embed(tokens), lengths.cpu(), batch_first=True, enforce_sorted=False)
         out, _ = pad_packed_sequence(self.gru(packed)[0], batch_first=True, total_length=tokens.shape[1])
         half = out.shape[-1] // 2
-        return l2norm(self.pool((out[..., :half] + out[..., half:]) / 2, attention_mask.bool()))
+        words = (out[..., :half] + out[..., half:]) / 2
+        return l2norm(self.pool(l2norm(words) if self.l2norm_items else words, attention_mask.bool()))
 
 
 class BertTextEncoder(nn.Module):
@@ -283,38 +328,106 @@ class BertTextEncoder(nn.Module):
     one padded call up to rounding (in training mode the dropout draws differ), for fewer
     padded tokens (random batches pad to about twice the mean length). Pad positions get zero
     states, which the pooling ignores.
+
+    With `frozen_layers` = k > 0, the embeddings and the first k layers (the "bottom") never
+    train and always run in eval mode (no dropout), so their output is a fixed function of the
+    tokens: `bottom_states` computes it, and a caller may pass it precomputed (`text_states`,
+    see text_cache.py) so that a training step runs only the top layers.
     """
 
-    def __init__(self, name_or_dir: str, embed_dim: int, pooling: str, length_groups: int = 1) -> None:
+    def __init__(self, name_or_dir: str, embed_dim: int, pooling: str, length_groups: int = 1,
+                 frozen_layers: int = 0, l2norm_items: bool = False) -> None:
         super().__init__()
         from transformers import AutoModel
 
         self.bert = load_pretrained(AutoModel, name_or_dir, "BERT model", add_pooling_layer=False)
+        num_layers = self.bert.config.num_hidden_layers
+        if not 0 <= frozen_layers <= num_layers:
+            raise CoderError(f"bert_frozen_layers={frozen_layers}: {name_or_dir} has {num_layers} layers")
         self.frozen = False
+        self.frozen_layers = frozen_layers
         self.length_groups = length_groups
+        self.l2norm_items = l2norm_items
         self.fc = nn.Linear(self.bert.config.hidden_size, embed_dim)
         self.pool = make_pooling(pooling, embed_dim, batch_norm=False)
+        for module in self._bottom():
+            module.requires_grad_(False)
 
-    def forward(self, tokens: Tensor, lengths: Tensor, attention_mask: Tensor) -> Tensor:
+    def _bottom(self) -> list[nn.Module]:
+        if self.frozen_layers == 0:
+            return []
+        return [self.bert.embeddings, *self.bert.encoder.layer[: self.frozen_layers]]
+
+    def train(self, mode: bool = True) -> "BertTextEncoder":
+        super().train(mode)
+        for module in self._bottom():
+            module.eval()
+        return self
+
+    def set_frozen(self, frozen: bool) -> None:
+        """Freeze (or release) the trainable part of BERT; the bottom stays frozen."""
+        self.frozen = frozen
+        for name, p in self.bert.named_parameters():
+            p.requires_grad_(not frozen and not self.in_bottom(name))
+
+    def in_bottom(self, name: str) -> bool:
+        """Whether the BERT parameter `name` belongs to the frozen bottom."""
+        if self.frozen_layers == 0:
+            return False
+        if name.startswith("embeddings."):
+            return True
+        parts = name.split(".")
+        return parts[:2] == ["encoder", "layer"] and int(parts[2]) < self.frozen_layers
+
+    def _run_layers(self, hidden: Tensor, attention_mask: Tensor, start: int, stop: int) -> Tensor:
+        """BERT's layers start..stop-1 over hidden states (B, L, h), pads masked out."""
+        additive = (1.0 - attention_mask[:, None, None, :].to(hidden.dtype)) * torch.finfo(hidden.dtype).min
+        for layer in self.bert.encoder.layer[start:stop]:
+            out = layer(hidden, attention_mask=additive)
+            hidden = out[0] if isinstance(out, tuple) else out
+        return hidden
+
+    @torch.no_grad()
+    def bottom_states(self, tokens: Tensor, attention_mask: Tensor) -> Tensor:
+        """The frozen bottom's output (B, L, h): embeddings and the first `frozen_layers` layers."""
+        if self.frozen_layers == 0:
+            raise CoderError("bottom_states needs bert_frozen_layers > 0")
+        return self._run_layers(self.bert.embeddings(input_ids=tokens), attention_mask, 0, self.frozen_layers)
+
+    def forward(self, tokens: Tensor, lengths: Tensor, attention_mask: Tensor,
+                text_states: Tensor | None = None) -> Tensor:
+        if text_states is not None and self.frozen_layers == 0:
+            raise CoderError("precomputed text states need bert_frozen_layers > 0")
+        top = self.bert.config.num_hidden_layers
+
+        def run(rows: Tensor | slice, used: int) -> Tensor:
+            mask = attention_mask[rows, :used]
+            if self.frozen_layers == 0:
+                return self.bert(input_ids=tokens[rows, :used], attention_mask=mask).last_hidden_state
+            states = text_states[rows, :used] if text_states is not None else self.bottom_states(tokens[rows, :used], mask)
+            return self._run_layers(states, mask, self.frozen_layers, top)
+
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
             if self.length_groups > 1 and tokens.shape[0] > 1:
-                hidden = self._hidden_by_length(tokens, attention_mask)
+                hidden = self._hidden_by_length(run, attention_mask)
             else:
-                hidden = self.bert(input_ids=tokens, attention_mask=attention_mask).last_hidden_state
-        return l2norm(self.pool(self.fc(hidden), attention_mask.bool()))
+                hidden = run(slice(None), tokens.shape[1])
+        items = self.fc(hidden)
+        if self.l2norm_items:
+            items = l2norm(items)
+        return l2norm(self.pool(items, attention_mask.bool()))
 
-    def _hidden_by_length(self, tokens: Tensor, attention_mask: Tensor) -> Tensor:
+    def _hidden_by_length(self, run: Any, attention_mask: Tensor) -> Tensor:
         # Tokens are right-padded (data.collate), so a group's first `used` columns hold all its
         # real tokens. `used` is read on the host once per group: fine eagerly; under
         # torch.compile each new width would recompile, so keep length_groups at 1 there.
         counts = attention_mask.sum(1)
         order = counts.argsort(descending=True, stable=True)
-        width = tokens.shape[1]
+        width = attention_mask.shape[1]
         parts = []
         for rows in order.chunk(self.length_groups):
             used = max(int(counts[rows].max()), 1)
-            states = self.bert(input_ids=tokens[rows, :used], attention_mask=attention_mask[rows, :used])
-            parts.append(F.pad(states.last_hidden_state, (0, 0, 0, width - used)))
+            parts.append(F.pad(run(rows, used), (0, 0, 0, width - used)))
         return torch.cat(parts)[order.argsort()]
 
 
@@ -339,20 +452,28 @@ class ConceptGCN(nn.Module):
 class ConceptQuery(nn.Module):
     """Concept attention of an instance embedding x over E [V]:
     score_j = w·(tanh(BN(W_e E_j)) ⊙ tanh(BN(W_x x))); returns α = softmax(scale·score).
-    The spec's bias b is left out: a softmax over concepts is invariant to it."""
+    The spec's bias b is left out: a softmax over concepts is invariant to it.
 
-    def __init__(self, embed_dim: int, batch_norm: bool, scale: float) -> None:
+    `instance_input` [R]: "bn" as above; "detach" reads a detached x, so the concept losses
+    do not reach the instance encoders (unit-norm embeddings vary little across a batch, and
+    the BN rescales that small spread, and the gradient through it, by its inverse); "no_bn"
+    drops the BN on the x path (tanh(W_x x)) and keeps the gradient."""
+
+    def __init__(self, embed_dim: int, batch_norm: bool, scale: float, instance_input: str = "bn") -> None:
         super().__init__()
         self.scale = scale
+        self.detach_instance = instance_input == "detach"
         self.concept_proj = nn.Linear(embed_dim, embed_dim)
         self.concept_bn = _batch_norm(embed_dim, batch_norm)
         self.instance_proj = nn.Linear(embed_dim, embed_dim)
-        self.instance_bn = _batch_norm(embed_dim, batch_norm)
+        self.instance_bn = _batch_norm(embed_dim, batch_norm and instance_input != "no_bn")
         bound = 1 / math.sqrt(embed_dim)
         self.score = nn.Parameter(torch.empty(embed_dim).uniform_(-bound, bound))
 
     def forward(self, instance: Tensor, concepts: Tensor) -> Tensor:
         concept_code = torch.tanh(self.concept_bn(self.concept_proj(concepts)))
+        if self.detach_instance:
+            instance = instance.detach()
         instance_code = torch.tanh(self.instance_bn(self.instance_proj(instance)))
         # Σ_h w_h·a_jh·c_bh as one matmul, instead of a (B, N_c, d) product.
         return torch.softmax(self.scale * (instance_code * self.score) @ concept_code.t(), 1)
@@ -399,7 +520,8 @@ class CODER(nn.Module):
         super().__init__()
         self.cfg = cfg
         d = cfg.embed_dim
-        self.image_encoder = ImageEncoder(cfg.image_dim, d, cfg.image_pooling, cfg.batch_norm)
+        self.image_encoder = ImageEncoder(cfg.image_dim, d, cfg.image_pooling, cfg.batch_norm,
+                                          cfg.l2norm_before_pooling)
         self.text_encoder = self._build_text_encoder()
 
         self.use_pseudo = cfg.concept_branch and cfg.pseudo_label_loss
@@ -417,8 +539,8 @@ class CODER(nn.Module):
             self.register_buffer("concept_adjacency", concept_adjacency.detach().float().clone())
             self.register_buffer("concept_vectors", concept_vectors.detach().float().clone())
             self.gcn = ConceptGCN(concept_vectors.shape[1], cfg.gcn_hidden, d)
-            self.image_query = ConceptQuery(d, cfg.batch_norm, cfg.concept_score_scale)
-            self.text_query = ConceptQuery(d, cfg.batch_norm, cfg.concept_score_scale)
+            self.image_query = ConceptQuery(d, cfg.batch_norm, cfg.concept_score_scale, cfg.concept_query_input)
+            self.text_query = ConceptQuery(d, cfg.batch_norm, cfg.concept_score_scale, cfg.concept_query_input)
             self.online_names += ["gcn", "image_query", "text_query"]
 
         # Key encoders: instance keys for DCL and for the pseudo labels; concept keys for DCL.
@@ -447,7 +569,13 @@ class CODER(nn.Module):
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
         self.register_buffer("queue_count", torch.zeros((), dtype=torch.long))
         if self.use_pseudo:
-            self.register_buffer("prototypes", l2norm(torch.randn(cfg.num_prototypes, d)))
+            prototypes = l2norm(torch.randn(cfg.num_prototypes, d))
+            if cfg.prototype_update == "learned":
+                self.prototypes = nn.Parameter(prototypes)
+            else:
+                self.register_buffer("prototypes", prototypes)
+            # False until prototype_init="keys" has drawn the prototypes from keys
+            self.register_buffer("prototypes_ready", torch.tensor(cfg.prototype_init == "random"))
         # Sinkhorn's kernel rows of the instance queues' entries (image rows, then text rows, by
         # queue slot), kept current as entries arrive and prototypes move: a step computes only
         # the new rows and the columns of the prototypes that moved instead of all 2K x K_p.
@@ -462,10 +590,14 @@ class CODER(nn.Module):
     def _build_text_encoder(self) -> nn.Module:
         cfg = self.cfg
         if cfg.text_encoder == "bert":
-            return BertTextEncoder(cfg.bert_path, cfg.embed_dim, cfg.text_pooling, cfg.bert_length_groups)
+            return BertTextEncoder(cfg.bert_path, cfg.embed_dim, cfg.text_pooling, cfg.bert_length_groups,
+                                   cfg.bert_frozen_layers, cfg.l2norm_before_pooling)
+        if cfg.bert_frozen_layers:
+            raise CoderError("bert_frozen_layers needs text_encoder='bert'")
         if cfg.vocab_size < 1:
             raise CoderError("model config: vocab_size must be set from the vocabulary for the bigru text encoder")
-        return GRUTextEncoder(cfg.vocab_size, cfg.word_dim, cfg.embed_dim, cfg.text_pooling)
+        return GRUTextEncoder(cfg.vocab_size, cfg.word_dim, cfg.embed_dim, cfg.text_pooling,
+                              cfg.l2norm_before_pooling)
 
     @torch.no_grad()
     def init_word_embeddings(self, vocab_words: list[str]) -> float:
@@ -498,8 +630,7 @@ class CODER(nn.Module):
         layer and pooling on top keep training. No-op for the bigru encoder. Under DDP, a
         frozen phase needs find_unused_parameters=True (frozen weights get no gradient)."""
         if isinstance(self.text_encoder, BertTextEncoder):
-            self.text_encoder.frozen = frozen
-            self.text_encoder.bert.requires_grad_(not frozen)
+            self.text_encoder.set_frozen(frozen)
 
     # -- embeddings --------------------------------------------------------------------------
 
@@ -532,12 +663,13 @@ class CODER(nn.Module):
         concept_labels: Tensor | None,
         concepts: Tensor | None,
         momentum: bool = False,
+        text_states: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         modules = self._modules_of(momentum)
         if attention_mask is None:
             positions = torch.arange(tokens.shape[1], device=tokens.device)
             attention_mask = positions[None, :] < lengths.to(tokens.device)[:, None]
-        instance = modules["text_encoder"](tokens, lengths, attention_mask)
+        instance = modules["text_encoder"](tokens, lengths, attention_mask, text_states)
         if concepts is None:
             return instance, None
         if concept_labels is None:
@@ -579,15 +711,18 @@ class CODER(nn.Module):
 
     # -- training step -------------------------------------------------------------------------
 
-    def forward(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """One training step's losses: "loss" plus each term (see loss.total_loss).
+    def forward(self, batch: Mapping[str, Tensor], return_terms: bool = False) -> Any:
+        """One training step's losses: "loss", each term (see loss.total_loss) and cheap
+        diagnostics ("diag_*", see `_diagnostics`); with `return_terms`, also the weighted terms
+        with their graphs (for per-term gradient norms), as a second value.
 
         Keys come from the momentum encoders without gradient and are gathered from all
         processes; each process computes the loss of its local queries against them (spec §8),
         so DDP's gradient averaging gives the global-batch gradient. The triplet loss uses
-        in-batch online embeddings and stays per process. Forward writes no buffer: in training
-        mode it records the keys and codes for `after_optimizer_step()`, which must follow every
-        training-mode forward (record nothing with model.eval()).
+        in-batch online embeddings and stays per process. A batch may carry `text_states`, the
+        frozen BERT bottom's output (text_cache.py), for both text encoders. Forward writes no
+        buffer: in training mode it records the keys and codes for `after_optimizer_step()`,
+        which must follow every training-mode forward (record nothing with model.eval()).
         """
         cfg = self.cfg
         image_ids = batch["image_ids"]
@@ -595,37 +730,62 @@ class CODER(nn.Module):
         concepts = self._concepts() if cfg.concept_branch else None
         img, img_c = self._embed_images(batch["images"], concepts)
         cap, cap_c = self._embed_captions(batch["tokens"], batch["lengths"], batch.get("attention_mask"), labels,
-                                          concepts)
+                                          concepts, text_states=batch.get("text_states"))
         keys = self._keys(batch, concepts) if self.key_names else {}
         with torch.autocast(img.device.type, enabled=False):
             img, cap = img.float(), cap.float()
             img_c = img_c.float() if img_c is not None else None
             cap_c = cap_c.float() if cap_c is not None else None
             # Views, not copies: the queues change only in after_optimizer_step(), after backward.
-            queues = {name: getattr(self, f"{name}_queue")[: self._filled()] for name in self.queue_names}
-            queue_ids = self.queue_ids[: self._filled()]
+            filled = self._filled()
+            queues = {name: getattr(self, f"{name}_queue")[:filled] for name in self.queue_names}
+            queue_ids = self.queue_ids[:filled]
+            concept = fused = None
             if cfg.loss == "triplet":
                 instance = triplet_loss(img, cap, image_ids, cfg.margin)
-                concept = triplet_loss(img_c, cap_c, image_ids, cfg.margin) if img_c is not None else None
+                if img_c is not None:
+                    concept = triplet_loss(img_c, cap_c, image_ids, cfg.margin)
             else:
                 instance = self._dcl(img, cap, "image", "text", keys, queues, queue_ids, image_ids)
-                concept = None
                 if img_c is not None:
                     concept = self._dcl(img_c, cap_c, "image_concept", "text_concept", keys, queues, queue_ids,
                                         image_ids)
-            pseudo, pending = None, {}
+                if img_c is not None and cfg.lambda_fused > 0:
+                    fused = self._fused_dcl(img, img_c, cap, cap_c, keys, queues, queue_ids, image_ids)
+            pseudo, pending, diagnostics = None, {}, {}
             if self.use_pseudo:
                 targets, codes, embeddings = self._pseudo_labels(keys, img.shape[0])
-                pseudo = (
-                    pseudo_label_loss(img_c, targets, self.prototypes, cfg.tau_pseudo)
-                    + pseudo_label_loss(cap_c, targets, self.prototypes, cfg.tau_pseudo)
-                ) / 2
                 pending.update(embeddings=embeddings, codes=codes)
+                if bool(self.prototypes_ready):
+                    prototypes = self.prototypes if cfg.prototype_update == "learned" else self.prototypes.detach()
+                    pseudo = (pseudo_label_loss(img_c, targets, prototypes, cfg.tau_pseudo)
+                              + pseudo_label_loss(cap_c, targets, prototypes, cfg.tau_pseudo)) / 2
+                    diagnostics = self._pseudo_diagnostics(targets, codes, pseudo)
+            if img_c is not None:
+                diagnostics.update(diag_concept_cos_image=_mean_pairwise_cosine(img_c),
+                                   diag_concept_cos_text=_mean_pairwise_cosine(cap_c))
             if self.queue_names:
                 pending.update(keys={name: keys[name] for name in self.queue_names}, ids=keys["ids"])
             if self.training and pending:
                 self._pending_updates.append(pending)
-        return total_loss(instance, concept, pseudo, cfg.lambda_concept, cfg.lambda_pseudo, name=cfg.loss)
+        lambdas = {"lambda_concept": cfg.lambda_concept, "lambda_pseudo": cfg.lambda_pseudo,
+                   "lambda_fused": cfg.lambda_fused}
+        losses = {**total_loss(instance, concept, pseudo, name=cfg.loss, fused=fused, **lambdas), **diagnostics}
+        if not return_terms:
+            return losses
+        terms = loss_terms(instance, concept, pseudo, fused, name=cfg.loss, **lambdas)
+        return losses, {key: weight * term for key, term, weight in terms}
+
+    @torch.no_grad()
+    def _pseudo_diagnostics(self, targets: Tensor, codes: Tensor, pseudo: Tensor) -> dict[str, Tensor]:
+        """What the pseudo-label loss can learn: the targets' entropy (its floor), the loss
+        minus that floor (the mean KL from targets to predictions), and the fraction of the
+        prototypes that some gathered batch embedding's code peaks at."""
+        entropy = -(targets * targets.clamp_min(1e-12).log()).sum(1).mean()
+        used = torch.zeros(codes.shape[1], dtype=torch.bool, device=codes.device)
+        used[codes.argmax(1)] = True
+        return {"diag_target_entropy": entropy, "diag_pseudo_excess": pseudo.detach() - entropy,
+                "diag_prototypes_used": used.float().mean()}
 
     @torch.no_grad()
     def after_optimizer_step(self) -> None:
@@ -636,12 +796,38 @@ class CODER(nn.Module):
         per step (gradient accumulation) all are queued in order, but a later forward does not
         see an earlier one's keys as queue negatives."""
         self.momentum_update()
+        if self.use_pseudo and self.cfg.prototype_update == "learned" and bool(self.prototypes_ready):
+            self.prototypes.copy_(l2norm(self.prototypes))  # the optimizer moved every prototype
+            self.refresh_queue_kernel()
         for pending in self._pending_updates:
             if "codes" in pending:
-                self._update_prototypes(pending["embeddings"], pending["codes"])
+                if not bool(self.prototypes_ready):
+                    self._init_prototypes_from_keys(pending["embeddings"])
+                elif self.cfg.prototype_update == "ema":
+                    self._update_prototypes(pending["embeddings"], pending["codes"])
             if "keys" in pending:
                 self._enqueue(pending["keys"], pending["ids"])
         self._pending_updates.clear()
+
+    @torch.no_grad()
+    def _init_prototypes_from_keys(self, embeddings: Tensor) -> None:
+        """[R] prototype_init="keys": once the batch's momentum instance keys and the instance
+        queues hold K_p entries, the prototypes become K_p of them drawn at random (rank 0's
+        draw on every process); until then the pseudo-label loss is off (without queues, K_p
+        must not exceed the global batch's 2B keys, or it never starts)."""
+        filled = self._filled() if "image" in self.queue_names else 0
+        pool = embeddings
+        if filled:
+            pool = torch.cat([embeddings, self.image_queue[:filled], self.text_queue[:filled]])
+        count = self.prototypes.shape[0]
+        if pool.shape[0] < count:
+            return
+        chosen = pool[torch.randperm(pool.shape[0])[:count].to(pool.device)]
+        self.prototypes.copy_(l2norm(chosen))
+        if _rank_and_world()[1] > 1:
+            dist.broadcast(self.prototypes.data, src=0)
+        self.prototypes_ready.fill_(True)
+        self.refresh_queue_kernel()
 
     @torch.no_grad()
     def _keys(self, batch: Mapping[str, Tensor], concepts: Tensor | None) -> dict[str, Tensor]:
@@ -651,7 +837,8 @@ class CODER(nn.Module):
             key_concepts = self._concepts(momentum=True) if "gcn" in self.momentum else concepts.detach()
         image, image_c = self._embed_images(batch["images"], key_concepts, momentum=True)
         text, text_c = self._embed_captions(batch["tokens"], batch["lengths"], batch.get("attention_mask"),
-                                            batch.get("concept_labels"), key_concepts, momentum=True)
+                                            batch.get("concept_labels"), key_concepts, momentum=True,
+                                            text_states=batch.get("text_states"))
         keys = {"image": image, "text": text, "image_concept": image_c, "text_concept": text_c}
         gathered = {name: gather_from_all(keys[name].float()) for name in self.key_names}
         gathered["ids"] = gather_from_all(batch["image_ids"])
@@ -682,6 +869,35 @@ class CODER(nn.Module):
         t2i = dcl_loss(cap, keys[image_key], queues.get(image_key, empty), image_ids, queue_ids, cfg.tau, cfg.beta,
                        k_ids=keys["ids"], pos_index=rows)
         return (i2t + t2i) / 2
+
+    def _fused_dcl(
+        self,
+        img: Tensor,
+        img_c: Tensor,
+        cap: Tensor,
+        cap_c: Tensor,
+        keys: Mapping[str, Tensor],
+        queues: Mapping[str, Tensor],
+        queue_ids: Tensor,
+        image_ids: Tensor,
+    ) -> Tensor:
+        """DCL on the inference similarity S = (1−μ)·s(v,t) + μ·s(v_c,t_c) (CVSE trains its fused
+        embedding so): S is the dot product of [√(1−μ)·v, √μ·v_c] with [√(1−μ)·t, √μ·t_c], so
+        queries, keys and queue entries are those concatenations."""
+        mu = self.cfg.mu
+        weights = (math.sqrt(1 - mu), math.sqrt(mu))
+
+        def fuse(instance: Tensor, concept: Tensor) -> Tensor:
+            return torch.cat([weights[0] * instance, weights[1] * concept], 1)
+
+        fused_keys = {"image": fuse(keys["image"], keys["image_concept"]),
+                      "text": fuse(keys["text"], keys["text_concept"]), "ids": keys["ids"]}
+        fused_queues = {}
+        if "image" in queues:
+            fused_queues = {"image": fuse(queues["image"], queues["image_concept"]),
+                            "text": fuse(queues["text"], queues["text_concept"])}
+        return self._dcl(fuse(img, img_c), fuse(cap, cap_c), "image", "text", fused_keys, fused_queues,
+                         queue_ids, image_ids)
 
     @torch.no_grad()
     def _pseudo_labels(self, keys: Mapping[str, Tensor], local_size: int) -> tuple[Tensor, Tensor, Tensor]:

@@ -329,6 +329,33 @@ def load_data(config: dict[str, Any], need_vocab_words: list[str] | None = None)
     return {"train": train, "val": val, "tokenizer": tokenizer, "graph": graph, "vocab_words": vocab_words}
 
 
+def _text_states(text_encoder: torch.nn.Module, split: Any, tokenizer: Any, config: dict[str, Any],
+                 world: Dist, log: "RunLog") -> Any:
+    """The training captions' frozen-BERT states (text_cache.py), or None where the run has no
+    frozen BERT layers or the cache is off. Rank 0 computes a missing cache; the others wait
+    and read it."""
+    import text_cache
+
+    folder = text_cache.cache_dir(config["text_state_cache"])
+    if config["text_encoder"] != "bert" or config["bert_frozen_layers"] == 0 or folder is None:
+        return None
+    start = time.perf_counter()
+    token_ids = [tokenizer.encode(caption) for caption in split.captions]
+
+    def compute() -> Any:
+        return text_cache.frozen_text_states(text_encoder, token_ids, folder, world.device,
+                                             batch_size=config["eval_batch_size"],
+                                             progress=config["progress"] and world.is_main)
+
+    states = compute() if world.is_main else None
+    if world.world_size > 1:
+        dist.barrier()
+        states = states if world.is_main else compute()
+    log.line(f"frozen BERT states of {len(token_ids)} training captions ({config['bert_frozen_layers']} layers) "
+             f"from {folder} in {time.perf_counter() - start:.0f} s")
+    return states
+
+
 def validate(model: torch.nn.Module, split: Any, tokenizer: Any, graph: Any, config: dict[str, Any],
              device: torch.device, protocol: str = "f30k") -> dict[str, Any]:
     """Retrieval metrics of the current query encoders on a split (mu from the config)."""
@@ -353,7 +380,7 @@ def run(defaults: dict[str, Any], argv: list[str], dataset: str) -> dict[str, An
 # Settings a resumed run may change; everything else must stay as the checkpoint has it.
 RESUME_MAY_CHANGE = ("resume", "run_dir", "overwrite", "epochs", "device", "workers", "progress", "log_every",
                      "eval_batch_size", "val_every_steps", "checkpoint_every_steps", "test_split", "dist_timeout",
-                     "bert_length_groups")
+                     "bert_length_groups", "text_state_cache", "diag_every", "data_path")
 
 
 def resumed_config(config: dict[str, Any], explicit: set[str]) -> dict[str, Any]:
@@ -452,17 +479,42 @@ def _compile_encoders(raw_model: torch.nn.Module) -> None:
         module.compile()
 
 
+def term_gradient_norms(raw_model: torch.nn.Module, terms: dict[str, torch.Tensor]) -> dict[str, float]:
+    """The gradient norm of each weighted loss term on each shared instance encoder (the
+    modules every term reaches), this process's batch only: which objective trains the
+    encoders. One extra backward pass per term."""
+    modules = {name: [p for p in getattr(raw_model, name).parameters() if p.requires_grad]
+               for name in ("image_encoder", "text_encoder")}
+    params = [p for group in modules.values() for p in group]
+    norms = {}
+    for key, term in terms.items():
+        grads = torch.autograd.grad(term, params, retain_graph=True, allow_unused=True)
+        start = 0
+        for name, group in modules.items():
+            squares = [g.float().pow(2).sum() for g in grads[start:start + len(group)] if g is not None]
+            norms[f"grad/{name}/{key}"] = float(torch.stack(squares).sum().sqrt()) if squares else 0.0
+            start += len(group)
+    return norms
+
+
 def training_step(forward: Any, raw_model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                   scaler: torch.amp.GradScaler, batch: dict[str, torch.Tensor], amp_dtype: torch.dtype | None,
-                  grad_clip: float, world: Dist) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+                  grad_clip: float, world: Dist, term_norms: dict[str, float] | None = None
+                  ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """One optimizer step: forward (`forward` is the model or its DDP wrapper) under autocast,
     backward (DDP averages the gradients), unscale and clip (the same global norm on every
     process), step, then the model's after_optimizer_step (momentum encoders, prototypes,
-    queues). Returns this process's losses and the gradient norm. (bench/bench_throughput.py
-    times exactly this function.)"""
+    queues). Returns this process's losses and the gradient norm; given a dict `term_norms`,
+    fills it with `term_gradient_norms` first. (bench/bench_throughput.py times exactly this
+    function.)"""
     device_type = next(raw_model.parameters()).device.type
     with torch.autocast(device_type, dtype=amp_dtype) if amp_dtype else nullcontext():
-        losses = forward(batch)
+        if term_norms is None:
+            losses = forward(batch)
+        else:
+            losses, terms = forward(batch, return_terms=True)
+    if term_norms is not None:
+        term_norms.update(term_gradient_norms(raw_model, terms))
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(losses["loss"]).backward()
     scaler.unscale_(optimizer)
@@ -519,7 +571,8 @@ def _train(config: dict[str, Any], dataset: str, world: Dist) -> dict[str, Any]:
     local_batch = config["batch_size"] // world.world_size
     from data import PairDataset
 
-    train_set = PairDataset(train_split, tokenizer, graph)
+    text_states = _text_states(model.text_encoder, train_split, tokenizer, config, world, log)
+    train_set = PairDataset(train_split, tokenizer, graph, text_states=text_states)
     sampler = ResumableSampler(len(train_set), world.world_size, world.rank, config["seed"], local_batch)
     loader = make_train_loader(train_set, sampler, config, tokenizer.pad_id, pin_memory=device.type == "cuda")
     steps_per_epoch = len(train_set) // world.world_size // local_batch
@@ -613,8 +666,9 @@ def _train(config: dict[str, Any], dataset: str, world: Dist) -> dict[str, Any]:
             factor = lr_factor(global_step, steps_per_epoch, config)
             for group in optimizer.param_groups:
                 group["lr"] = group["base_lr"] * factor
+            term_norms = {} if config["diag_every"] and (global_step + 1) % config["diag_every"] == 0 else None
             losses, grad_norm = training_step(forward, raw_model, optimizer, scaler, batch, amp_dtype,
-                                              config["grad_clip"], world)
+                                              config["grad_clip"], world, term_norms)
             global_step += 1
             step_in_epoch += 1
             window_items += config["batch_size"]
@@ -624,8 +678,14 @@ def _train(config: dict[str, Any], dataset: str, world: Dist) -> dict[str, Any]:
             if not math.isfinite(mean_losses["loss"]):
                 raise CoderError(f"training diverged at step {global_step} (loss {mean_losses['loss']}); "
                                  f"try a lower --lr or --amp off")
+            if term_norms:
+                log.scalars(term_norms, global_step)
+                if world.is_main:
+                    log.line(f"gradient norms at step {global_step} (rank 0's batch): "
+                             + " ".join(f"{k}={v:.4g}" for k, v in term_norms.items()))
             if global_step % config["log_every"] == 0 or step_in_epoch == steps_per_epoch:
-                values = {f"loss/{k}": v for k, v in mean_losses.items()}
+                values = {(f"diag/{k[5:]}" if k.startswith("diag_") else f"loss/{k}"): v
+                          for k, v in mean_losses.items()}
                 elapsed = time.perf_counter() - window_start
                 values["speed/captions_per_s"] = window_items / max(elapsed, 1e-9)
                 values["train/grad_norm"] = float(grad_norm)

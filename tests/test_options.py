@@ -1,0 +1,171 @@
+"""The options for CODER's reconstructed parts (issue: make each part earn its place) and the
+training diagnostics, each against a direct computation on tiny data."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import model as M
+from loss import dcl_loss
+from test_model import build, make_batch, small_config
+from trainer import term_gradient_norms
+
+
+def _step(model, batch):
+    out = model(batch)
+    out["loss"].backward()
+    model.after_optimizer_step()
+    return out
+
+
+def test_detached_concept_query_keeps_the_concept_losses_out_of_the_encoders():
+    """'detach': the concept-DCL and pseudo-label terms give the instance encoders no gradient;
+    'bn' (spec) does, and 'no_bn' drops only the BatchNorm of the instance path."""
+    norms = {}
+    for mode in ("bn", "detach", "no_bn"):
+        model = build(small_config(concept_query_input=mode))
+        _, terms = model(make_batch(), return_terms=True)
+        norms[mode] = term_gradient_norms(model, terms)
+    for module in ("image_encoder", "text_encoder"):
+        assert norms["detach"][f"grad/{module}/dcl_concept"] == 0.0
+        assert norms["detach"][f"grad/{module}/pseudo"] == 0.0
+        assert norms["bn"][f"grad/{module}/dcl_concept"] > 0.0
+        assert norms["no_bn"][f"grad/{module}/dcl_concept"] > 0.0
+        assert norms["detach"][f"grad/{module}/dcl_instance"] == pytest.approx(norms["bn"][f"grad/{module}/dcl_instance"])
+    no_bn = build(small_config(concept_query_input="no_bn"))
+    assert isinstance(no_bn.image_query.instance_bn, torch.nn.Identity)
+    assert isinstance(no_bn.image_query.concept_bn, torch.nn.BatchNorm1d)
+
+
+def test_term_gradient_norms_match_separate_backward_passes():
+    model = build(small_config())
+    _, terms = model(make_batch(), return_terms=True)
+    norms = term_gradient_norms(model, terms)
+    for key in terms:
+        model.zero_grad(set_to_none=True)
+        terms[key].backward(retain_graph=True)
+        grads = [p.grad for p in model.image_encoder.parameters() if p.grad is not None]
+        want = math.sqrt(sum(float(g.pow(2).sum()) for g in grads))
+        assert norms[f"grad/image_encoder/{key}"] == pytest.approx(want, rel=1e-5)
+    weighted = build(small_config(lambda_concept=0.2))
+    _, terms = weighted(make_batch(), return_terms=True)
+    unweighted = build(small_config())
+    _, plain = unweighted(make_batch(), return_terms=True)
+    assert torch.allclose(terms["dcl_concept"], 0.2 * plain["dcl_concept"])
+
+
+def test_l2norm_before_pooling_normalises_each_region():
+    model = build(small_config(l2norm_before_pooling=True, image_pooling="mean"))
+    images = make_batch()["images"]
+    regions = F.normalize(model.image_encoder.fc(images), dim=-1)
+    assert torch.allclose(model.image_encoder(images), F.normalize(regions.mean(1), dim=-1), atol=1e-6)
+    plain = build(small_config(image_pooling="mean"))
+    assert not torch.allclose(plain.image_encoder(images), model.image_encoder(images), atol=1e-3)
+
+
+def test_fused_term_is_infonce_on_the_inference_similarity():
+    """lambda_fused: DCL on S = (1-mu) s(v,t) + mu s(v_c,t_c), checked with beta 0 against
+    an InfoNCE written out on explicit similarity matrices (keys and two queue entries)."""
+    mu, tau = 0.3, 0.05
+    model = build(small_config(lambda_fused=3.0, mu=mu, beta=0.0, tau=tau))
+    gen = torch.Generator().manual_seed(1)
+
+    def unit(*shape):
+        return F.normalize(torch.randn(*shape, generator=gen), dim=-1)
+
+    b, d = 4, 32
+    img, img_c, cap, cap_c = unit(b, d), unit(b, d), unit(b, d), unit(b, d)
+    keys = {"image": unit(b, d), "image_concept": unit(b, d), "text": unit(b, d), "text_concept": unit(b, d),
+            "ids": torch.arange(b)}
+    queues = {name: unit(2, d) for name in ("image", "image_concept", "text", "text_concept")}
+    queue_ids = torch.tensor([0, 7])  # the first entry shares image 0: never its negative
+    got = model._fused_dcl(img, img_c, cap, cap_c, keys, queues, queue_ids, torch.arange(b))
+
+    def fused(q, q_c, k, k_c):
+        return (1 - mu) * q @ k.t() + mu * q_c @ k_c.t()
+
+    def direction(q, q_c, key, key_c):
+        in_batch = fused(q, q_c, keys[key], keys[key_c])
+        queue = fused(q, q_c, queues[key], queues[key_c])
+        losses = []
+        for i in range(b):
+            negatives = [in_batch[i, j] for j in range(b) if j != i] + [queue[i, j] for j in range(2)
+                                                                           if int(queue_ids[j]) != i]
+            logits = torch.stack([in_batch[i, i], *negatives]) / tau
+            losses.append(-torch.log_softmax(logits, 0)[0])
+        return torch.stack(losses).mean()
+
+    want = (direction(img, img_c, "text", "text_concept") + direction(cap, cap_c, "image", "image_concept")) / 2
+    assert torch.allclose(got, want, atol=1e-5)
+    out = model(make_batch())
+    assert "dcl_fused" in out
+    assert torch.allclose(out["loss"], out["dcl_instance"] + out["dcl_concept"] + out["pseudo"] + 3.0 * out["dcl_fused"],
+                          atol=1e-5)
+
+
+def test_prototypes_from_keys_wait_for_enough_keys_then_copy_them():
+    """prototype_init 'keys': no pseudo-label loss until batch + queues hold K_p keys; then the
+    prototypes are K_p of those keys and the cached Sinkhorn kernel matches them."""
+    model = build(small_config(prototype_init="keys", num_prototypes=24, queue_size=32)).train()
+    first = _step(model, make_batch(seed=0))  # 16 keys < 24 prototypes
+    assert "pseudo" not in first and not bool(model.prototypes_ready)
+    batch = make_batch(seed=1, first_image=4)
+    with torch.no_grad():
+        pool = torch.cat([model._keys(batch, model._concepts())[n] for n in ("image", "text")]
+                         + [model.image_queue[:8], model.text_queue[:8]])
+    second = _step(model, batch)
+    assert "pseudo" not in second and bool(model.prototypes_ready)
+    cosines = model.prototypes @ F.normalize(pool, dim=-1).t()
+    assert cosines.max(1).values.min() > 1 - 1e-6  # every prototype is one of the keys
+    assert len(set(cosines.argmax(1).tolist())) == 24  # distinct keys
+    kernel = model.queue_kernel.clone()
+    model.refresh_queue_kernel()
+    assert torch.allclose(kernel, model.queue_kernel, rtol=1e-5)
+    assert "pseudo" in _step(model, make_batch(seed=2, first_image=8))
+
+
+def test_learned_prototypes_train_and_stay_unit_norm():
+    model = build(small_config(prototype_update="learned")).train()
+    assert isinstance(model.prototypes, torch.nn.Parameter)
+    optimizer = torch.optim.SGD(model.param_groups(0.5, 0.0), lr=0.5)
+    before = model.prototypes.detach().clone()
+    for seed in range(3):
+        out = model(make_batch(seed=seed, first_image=4 * seed))
+        optimizer.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        assert model.prototypes.grad is not None and model.prototypes.grad.abs().sum() > 0
+        optimizer.step()
+        model.after_optimizer_step()
+    assert not torch.allclose(before, model.prototypes)
+    assert torch.allclose(model.prototypes.norm(dim=1), torch.ones(16), atol=1e-5)
+    kernel = model.queue_kernel.clone()
+    model.refresh_queue_kernel()
+    assert torch.allclose(kernel, model.queue_kernel, rtol=1e-5)
+
+
+def test_diagnostics_match_direct_computations():
+    model = build(small_config()).train()
+    batch = make_batch()
+    out = model(batch)
+    model._pending_updates.clear()
+    with torch.no_grad():
+        concepts = model._concepts()
+        img, img_c = model._embed_images(batch["images"], concepts)
+        targets, codes, _ = model._pseudo_labels(model._keys(batch, concepts), 8)
+    n = img_c.shape[0]
+    cos = img_c @ img_c.t()
+    assert out["diag_concept_cos_image"] == pytest.approx(float((cos.sum() - cos.diagonal().sum()) / (n * (n - 1))),
+                                                          abs=1e-5)
+    entropy = float(-(targets * targets.log()).sum(1).mean())
+    assert out["diag_target_entropy"] == pytest.approx(entropy, rel=1e-4)
+    assert out["diag_pseudo_excess"] == pytest.approx(float(out["pseudo"]) - entropy, rel=1e-4, abs=1e-5)
+    assert out["diag_prototypes_used"] == pytest.approx(len(set(codes.argmax(1).tolist())) / 16)
+    assert 0 < float(out["diag_prototypes_used"]) <= 1
+
+
+def test_option_values_are_checked():
+    for bad in ({"concept_query_input": "stop"}, {"prototype_init": "kmeans"}, {"prototype_update": "sgd"},
+                {"lambda_fused": -1.0}, {"bert_frozen_layers": -1}):
+        with pytest.raises(M.CoderError):
+            small_config(**bad)
