@@ -3,6 +3,7 @@ rebuilding a model with its tokenizer and concept graph for inference."""
 from __future__ import annotations
 
 import os
+import pickle
 import subprocess
 from dataclasses import fields
 from pathlib import Path
@@ -38,13 +39,23 @@ def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a checkpoint without executing pickled code (`weights_only=True`)."""
     path = Path(path)
+    if path.is_dir():
+        raise CoderError(f"{path}: is a folder; give the checkpoint file (best.pt or last.pt)")
     if not path.is_file():
         raise CoderError(f"{path}: checkpoint file not found")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"PK\x03\x04":  # torch.save writes a zip archive
+        raise CoderError(f"{path}: not a checkpoint (not a PyTorch zip archive; an empty, text or foreign file)")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # torch raises many types for truncated or foreign files
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CoderError(f"{path}: not a readable checkpoint ({first_line[:200]})") from None
+    except pickle.UnpicklingError:
+        # torch's message would suggest weights_only=False, i.e. running the file's code: never.
+        raise CoderError(f"{path}: holds objects other than tensors and plain containers; refusing to load it "
+                         f"(this project's checkpoints never do)") from None
+    except Exception as err:  # torch raises many types for truncated or corrupt archives
+        raise CoderError(f"{path}: truncated or corrupt checkpoint ({type(err).__name__}); use another "
+                         f"checkpoint, e.g. best.pt or last.pt of the same run") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise CoderError(f"{path}: not a CODER checkpoint (no '{CHECKPOINT_FORMAT}' marker)")
     return state

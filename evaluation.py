@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from utils import CoderError, as_numpy
+from utils import CoderError, as_numpy, atomic_write
 
 RECALL_KS = (1, 5, 10)
 PROTOCOLS = ("f30k", "coco")
@@ -268,6 +268,10 @@ def encode_split(
     captions = data.CaptionDataset(split, tokenizer, concept_graph)
     if len(images) == 0:
         raise CoderError("cannot evaluate a split with no images")
+    expected = getattr(getattr(model, "cfg", None), "image_dim", None)
+    if expected is not None and split.feature_dim != expected:
+        raise CoderError(f"{split.images_path}: {split.feature_dim}-d region features, but the model was trained "
+                         f"on {expected}-d ones; use features from the same extractor as its training data")
 
     def loader(dataset: Any) -> DataLoader:
         return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate)
@@ -477,31 +481,36 @@ MU_GRID = tuple(round(0.05 * i, 2) for i in range(21))
 def main(argv: Sequence[str] | None, protocol: str) -> dict[str, Any]:
     """The eval_f30k.py / eval_coco.py command line: one checkpoint or an ensemble, an
     optional mu sweep on dev, a printed table and an optional JSON file of the metrics."""
-    import argparse
     import json
     from pathlib import Path
 
     import data
     from checkpoint import load_for_inference
+    from options import (ArgumentParser, check_output_file, default_device, fraction, non_negative_int, positive_int,
+                         torch_device)
 
     default_split = "testall" if protocol == "coco" else "test"
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog=f"eval_{protocol}.py", allow_abbrev=False,
         description=f"Evaluate CODER checkpoints on {'MSCOCO (1K 5-fold and 5K)' if protocol == 'coco' else 'Flickr30K'}; "
                     "several checkpoints are evaluated as an ensemble (averaged similarities).")
     parser.add_argument("--checkpoint", nargs="+", required=True, help="one or more checkpoint files")
     parser.add_argument("--data_path", "--data-path", default="", help="precomp folder (default: the run's)")
     parser.add_argument("--split", default=default_split)
-    parser.add_argument("--mu", type=float, default=None, help="concept-branch weight (default: each run's)")
+    parser.add_argument("--mu", type=fraction, default=None, help="concept-branch weight in [0, 1] (default: each run's)")
     parser.add_argument("--sweep-mu", "--sweep_mu", action="store_true",
                         help="pick mu on the dev split (by rsum) before evaluating")
     parser.add_argument("--dev_split", "--dev-split", default="dev")
-    parser.add_argument("--dev_max_images", "--dev-max-images", type=int, default=1000)
+    parser.add_argument("--dev_max_images", "--dev-max-images", type=non_negative_int, default=1000,
+                        help="first N dev images for the sweep (0: all)")
     parser.add_argument("--json", default="", help="also write the metrics to this JSON file")
-    parser.add_argument("--batch_size", "--batch-size", type=int, default=256)
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
+    parser.add_argument("--batch_size", "--batch-size", type=positive_int, default=256)
+    parser.add_argument("--workers", type=non_negative_int, default=2)
+    parser.add_argument("--device", type=torch_device, default=default_device())
     args = parser.parse_args(argv)
+    if args.json:
+        check_output_file(args.json, "--json", args.overwrite, inputs=args.checkpoint)
 
     device = torch.device(args.device)
     loaded = [load_for_inference(path, device) for path in args.checkpoint]
@@ -530,5 +539,5 @@ def main(argv: Sequence[str] | None, protocol: str) -> dict[str, Any]:
     print(format_table(metrics))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2))
+        atomic_write(args.json, lambda f: f.write(json.dumps(result, indent=2)), mode="w")
     return result

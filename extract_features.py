@@ -643,7 +643,9 @@ def _parse_split(text: str) -> tuple[str, str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    from options import ArgumentParser, non_negative_int, positive_int, torch_device
+
+    parser = ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--images", required=True, help="folder holding the image files")
@@ -654,13 +656,13 @@ def build_parser() -> argparse.ArgumentParser:
                              "names such as train,restval (JSON; default train=train,restval dev=val test=test)")
     parser.add_argument("--out", required=True, help="output folder (SCAN precomp layout)")
     parser.add_argument("--backbone", default="efficientnet-lite0", choices=sorted(BACKBONES))
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--captions-per-image", type=int, default=5,
+    parser.add_argument("--batch-size", type=positive_int, default=32)
+    parser.add_argument("--captions-per-image", type=positive_int, default=5,
                         help="k captions kept per image (the first k); fewer is an error")
     parser.add_argument("--skip-bad-images", action="store_true",
                         help="leave unreadable images (and their captions) out instead of stopping")
-    parser.add_argument("--workers", type=int, default=2, help="image-decoding worker processes")
-    parser.add_argument("--device", default=None, help="torch device (default: cuda if available)")
+    parser.add_argument("--workers", type=non_negative_int, default=2, help="image-decoding worker processes")
+    parser.add_argument("--device", type=torch_device, default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     parser.add_argument("--overwrite", action="store_true",
                         help="redo splits whose earlier extraction used other inputs or another backbone")
     parser.add_argument("--concepts", action="store_true",

@@ -12,7 +12,6 @@ query is one of the split's own captions.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -77,24 +76,31 @@ def draw_grid(rows: list[tuple[str, list[Path], list[bool]]], out: Path, thumb: 
 
 @cli_entry
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    from options import ArgumentParser, check_output_file, default_device, fraction, positive_int, torch_device
+
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--data_path", required=True, help="precomp folder to search")
     parser.add_argument("--split", default="test")
     parser.add_argument("--query", action="append", default=[], help="a text query (repeatable)")
     parser.add_argument("--image", type=int, action="append", default=[], help="an image index (repeatable)")
-    parser.add_argument("--k", type=int, default=5)
-    parser.add_argument("--mu", type=float, default=None, help="concept-branch weight (default: the run's)")
+    parser.add_argument("--k", type=positive_int, default=5)
+    parser.add_argument("--mu", type=fraction, default=None, help="concept-branch weight in [0, 1] (default: the run's)")
     parser.add_argument("--images_dir", default="", help="folder with the split's image files, for --grid")
     parser.add_argument("--grid", default="", help="write a PNG grid of each text query's top-k images")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --grid file")
+    parser.add_argument("--device", type=torch_device, default=default_device())
     args = parser.parse_args(argv)
     if not args.query and not args.image:
         parser.error("give at least one --query or --image")
-    if args.k < 1:
-        parser.error("--k must be at least 1")
+    if any(not q.strip() for q in args.query):
+        parser.error("--query: an empty query matches nothing; give some words")
     if args.grid and not (args.images_dir and args.query):
         parser.error("--grid needs --images_dir and at least one --query")
+    if args.grid:
+        check_output_file(args.grid, "--grid", args.overwrite)
+        if not Path(args.images_dir).is_dir():
+            raise CoderError(f"--images_dir {args.images_dir}: folder not found")
 
     import data
     import evaluation

@@ -14,6 +14,8 @@ import json
 import math
 import os
 import random
+import shutil
+import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -27,84 +29,10 @@ from torch.utils.data.distributed import DistributedSampler
 
 from checkpoint import (build_model, code_version, concept_graph_state, load_checkpoint,
                         load_state_strict, save_checkpoint)
+from options import DEMO_OVERRIDES, check_train_config, check_writable_dir, parse_overrides, resumed_config
 from utils import CoderError
 
 PROJECT_ROOT = Path(__file__).resolve().parent
-
-# The --demo configuration: the synthetic dataset (generated once, cached) and a model small
-# enough to train in a couple of minutes on two CPU cores.
-DEMO_OVERRIDES: dict[str, Any] = {
-    "data_path": str(PROJECT_ROOT / "data_cache" / "demo" / "demo_precomp"),
-    "vocab_path": str(PROJECT_ROOT / "data_cache" / "demo" / "demo_precomp" / "vocab.json"),
-    "concept_path": str(PROJECT_ROOT / "data_cache" / "demo" / "demo_concepts"),
-    "text_encoder": "bigru",
-    "embed_dim": 256,
-    "word_dim": 128,
-    "gcn_hidden": 128,
-    "queue_size": 1024,
-    "num_prototypes": 64,
-    "epochs": 6,
-    "warmup_epochs": 1,
-    "lr_decay_epoch": 5,
-    "batch_size": 128,
-    "lr": 5e-4,
-    "val_max_images": 0,
-    "test_split": "test",
-    "workers": 0,
-}
-
-
-# ----------------------------------------------------------------------------- config
-
-def parse_overrides(defaults: dict[str, Any], argv: list[str]) -> tuple[dict[str, Any], bool, set[str]]:
-    """Apply `--name value` (or `--name=value`) overrides; returns (config, demo flag, the
-    names given on the command line).
-
-    Values take the type of the default (booleans accept true/false/1/0/yes/no). An unknown
-    name is an error that lists the valid ones.
-    """
-    config = dict(defaults)
-    demo = False
-    explicit = set()
-    args = list(argv)
-    while args:
-        arg = args.pop(0)
-        if not arg.startswith("--"):
-            raise CoderError(f"unexpected argument '{arg}': options look like --name value")
-        name, _, value = arg[2:].partition("=")
-        name = name.replace("-", "_")
-        if name == "demo" and not value:
-            demo = True
-            continue
-        if name not in config:
-            raise CoderError(f"unknown option --{name}; valid options: --demo, "
-                             + ", ".join(f"--{k}" for k in sorted(config)))
-        if not value:
-            if not args:
-                raise CoderError(f"option --{name} needs a value")
-            value = args.pop(0)
-        config[name] = _convert(name, value, defaults[name])
-        explicit.add(name)
-    if demo:
-        config.update({k: v for k, v in DEMO_OVERRIDES.items() if k in config and k not in explicit})
-    return config, demo, explicit
-
-
-def _convert(name: str, value: str, default: Any) -> Any:
-    try:
-        if isinstance(default, bool):
-            lowered = value.lower()
-            if lowered not in ("true", "false", "1", "0", "yes", "no"):
-                raise ValueError(value)
-            return lowered in ("true", "1", "yes")
-        if isinstance(default, int):
-            return int(value)
-        if isinstance(default, float):
-            return float(value)
-    except ValueError:
-        raise CoderError(f"--{name}: cannot read '{value}' as {type(default).__name__}") from None
-    return value
-
 
 # ----------------------------------------------------------------------------- devices
 
@@ -292,30 +220,48 @@ class RunLog:
             self.tb.close()
 
 
-def prepare_run_dir(config: dict[str, Any], dataset: str, resume_state: dict[str, Any] | None) -> Path:
-    """The run folder: the resumed run's, a new timestamped one, or the user's (never clobbered)."""
+# What a run writes into its folder: a folder holding any of it is another run's.
+RUN_OUTPUTS = ("*.pt", "config.json", "train.log", "test_metrics.json", "tensorboard")
+
+
+def prepare_run_dir(config: dict[str, Any], dataset: str, resume_state: dict[str, Any] | None) -> tuple[Path, bool]:
+    """The run folder (the resumed run's, a new timestamped one, or the user's; never clobbered)
+    and whether this call made it."""
     if config["run_dir"]:
         run_dir = Path(config["run_dir"])
     elif resume_state is not None:
         run_dir = Path(config["resume"]).resolve().parent
     else:
         run_dir = PROJECT_ROOT / "runs" / f"{dataset}_{time.strftime('%Y%m%d-%H%M%S')}"
-    has_results = run_dir.is_dir() and any(run_dir.glob("*.pt"))
+    if run_dir.exists() and not run_dir.is_dir():
+        raise CoderError(f"--run_dir {run_dir}: is a file, not a folder")
+    found = sorted({p.name for pattern in RUN_OUTPUTS for p in run_dir.glob(pattern)}) if run_dir.is_dir() else []
     resuming_here = resume_state is not None and Path(config["resume"]).resolve().parent == run_dir.resolve()
-    if has_results and not resuming_here and not config["overwrite"]:
-        raise CoderError(f"{run_dir}: run folder already holds checkpoints; pick another --run_dir, "
-                         f"resume with --resume, or pass --overwrite true")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
+    if found and not resuming_here and not config["overwrite"]:
+        raise CoderError(f"{run_dir}: run folder already holds another run's {', '.join(found[:4])}; pick another "
+                         f"--run_dir, resume with --resume, or pass --overwrite true")
+    check_writable_dir(run_dir, "--run_dir")
+    created = not run_dir.exists()
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise CoderError(f"--run_dir {run_dir}: cannot create the run folder ({err.strerror or err})") from None
+    return run_dir, created
 
 
-def load_data(config: dict[str, Any], need_vocab_words: list[str] | None = None) -> dict[str, Any]:
-    """Splits, tokenizer and concept graph of a run (the vocabulary of a resumed run wins)."""
+def load_data(config: dict[str, Any], resume_state: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Splits, tokenizer and concept graph of a run (a resumed run's vocabulary and concept
+    graph come from its checkpoint, so their files may have moved)."""
     import concepts
     import data
     import vocab
+    from checkpoint import concept_graph_from_state
 
-    graph = concepts.load_concepts(config["concept_path"]) if config["concept_branch"] else None
+    graph = None
+    if config["concept_branch"]:
+        saved_graph = resume_state.get("concept_graph") if resume_state else None
+        graph = concept_graph_from_state(saved_graph) if saved_graph else concepts.load_concepts(config["concept_path"])
+    need_vocab_words = resume_state.get("vocab_words") if resume_state else None
     if config["text_encoder"] == "bert":
         tokenizer, vocab_words = vocab.BertTokenizer(config["bert_path"]), None
     elif need_vocab_words:
@@ -366,7 +312,8 @@ def validate(model: torch.nn.Module, split: Any, tokenizer: Any, graph: Any, con
 
 
 def run(defaults: dict[str, Any], argv: list[str], dataset: str) -> dict[str, Any]:
-    """Parse the command line over a script's defaults and train; returns the final metrics."""
+    """Parse the command line over a script's defaults, check every value and named file, and
+    train; returns the final metrics."""
     config, demo, explicit = parse_overrides(defaults, argv)
     if config["resume"]:
         config = resumed_config(config, explicit)
@@ -374,26 +321,8 @@ def run(defaults: dict[str, Any], argv: list[str], dataset: str) -> dict[str, An
         from demo_data import make_demo_dataset
 
         make_demo_dataset(Path(DEMO_OVERRIDES["data_path"]).parent, seed=0)
+    check_train_config(config, resuming=bool(config["resume"]))
     return train(config, dataset)
-
-
-# Settings a resumed run may change; everything else must stay as the checkpoint has it.
-RESUME_MAY_CHANGE = ("resume", "run_dir", "overwrite", "epochs", "device", "workers", "progress", "log_every",
-                     "eval_batch_size", "val_every_steps", "checkpoint_every_steps", "test_split", "dist_timeout",
-                     "bert_length_groups", "text_state_cache", "diag_every", "data_path")
-
-
-def resumed_config(config: dict[str, Any], explicit: set[str]) -> dict[str, Any]:
-    """The checkpoint's config, with the command line's changes to `RESUME_MAY_CHANGE` only
-    (options newer than the checkpoint take the script's defaults)."""
-    saved = load_checkpoint(config["resume"])["config"]
-    refused = sorted(k for k in explicit if k not in RESUME_MAY_CHANGE and config[k] != saved.get(k, config[k]))
-    if refused:
-        raise CoderError(f"{config['resume']}: a resumed run keeps its configuration; cannot change "
-                         f"{', '.join('--' + k for k in refused)} (allowed: "
-                         f"{', '.join('--' + k for k in RESUME_MAY_CHANGE[1:])})")
-    return {**config, **saved, **{k: config[k] for k in explicit if k in RESUME_MAY_CHANGE},
-            "resume": config["resume"]}
 
 
 def train(config: dict[str, Any], dataset: str) -> dict[str, Any]:
@@ -525,197 +454,302 @@ def training_step(forward: Any, raw_model: torch.nn.Module, optimizer: torch.opt
     return losses, grad_norm
 
 
-def _train(config: dict[str, Any], dataset: str, world: Dist) -> dict[str, Any]:
-    resume_state = load_checkpoint(config["resume"]) if config["resume"] else None
-    device = world.device
-    amp_dtype = _amp_dtype(config, device)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = config["tf32"]
-        torch.backends.cudnn.allow_tf32 = config["tf32"]
-    seed_everything(config["seed"])
+class TrainingRun:
+    """One training run, set up from a full config: run folder, log, data, model, optimizer,
+    loader, and the state of a resumed checkpoint. `fit()` trains to the last epoch."""
 
-    # Rank 0 owns the run folder; a refusal there (existing checkpoints) stops every process.
-    run_dir, refusal = None, None
-    if world.is_main:
+    def __init__(self, config: dict[str, Any], dataset: str, world: Dist) -> None:
+        self.config, self.dataset, self.world = config, dataset, world
+        resume_state = load_checkpoint(config["resume"]) if config["resume"] else None
+        self.device = world.device
+        self.amp_dtype = _amp_dtype(config, self.device)
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = config["tf32"]
+            torch.backends.cudnn.allow_tf32 = config["tf32"]
+        seed_everything(config["seed"])
+        self.run_dir, created = self._run_folder(resume_state)
+        self.log = RunLog(self.run_dir if world.is_main else None)
+        self.last_saved: tuple[Path, int] | None = None  # last.pt and its global step
         try:
-            run_dir = prepare_run_dir(config, dataset, resume_state)
-        except CoderError as err:
-            refusal = str(err)
-    refusal = world.broadcast(refusal)
-    if refusal:
-        raise CoderError(refusal)
-    log = RunLog(run_dir if world.is_main else None)
-    data = load_data(config, resume_state.get("vocab_words") if resume_state else None)
-    train_split, tokenizer, graph = data["train"], data["tokenizer"], data["graph"]
-    model = build_model(config, train_split.feature_dim, len(data["vocab_words"] or []), graph).to(device)
-    if world.world_size > 1 and config["batch_norm"]:
-        if device.type == "cuda":
-            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        else:
-            log.line("note: BatchNorm statistics are per process on CPU (SyncBatchNorm needs CUDA); "
-                     "use --batch_norm false for exact one-process equivalence")
-    if config["word_vectors"] and config["text_encoder"] == "bigru" and resume_state is None:
-        coverage = model.init_word_embeddings(data["vocab_words"])
-        log.line(f"word embeddings from {config['word_vectors']}: {coverage:.1%} of the vocabulary covered")
-    if world.rank > 0:
-        # Same initial weights on every process (seeded above; DDP also broadcasts rank 0's),
-        # but each process draws its own dropout masks from here on; rank 0 keeps the
-        # one-process random stream.
-        seed_everything(config["seed"] + 1000003 * world.rank)
-    optimizer = torch.optim.AdamW(model.param_groups(config["lr"], config["weight_decay"],
-                                                     config["bert_lr_scale"]))
-    for group in optimizer.param_groups:
-        group["base_lr"] = group["lr"]
-    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+            self._set_up(resume_state)
+        except BaseException:
+            self.log.close()
+            if created:  # a failed start leaves no empty run folder behind
+                shutil.rmtree(self.run_dir, ignore_errors=True)
+            raise
 
-    local_batch = config["batch_size"] // world.world_size
-    from data import PairDataset
+    def _set_up(self, resume_state: dict[str, Any] | None) -> None:
+        config = self.config
+        self.data = load_data(config, resume_state)
+        self.model = self._build_model(resume_state is None)
+        self.optimizer = torch.optim.AdamW(self.model.param_groups(config["lr"], config["weight_decay"],
+                                                                   config["bert_lr_scale"]))
+        for group in self.optimizer.param_groups:
+            group["base_lr"] = group["lr"]
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
+        self._build_loader()
+        self.epoch, self.step_in_epoch, self.global_step, self.best_rsum = 0, 0, 0, -math.inf
+        if resume_state is not None:
+            self._restore(resume_state)
+        self.forward = self._wrap_model()
+        self.version = code_version()
+        self._log_start()
 
-    text_states = _text_states(model.text_encoder, train_split, tokenizer, config, world, log)
-    train_set = PairDataset(train_split, tokenizer, graph, text_states=text_states)
-    sampler = ResumableSampler(len(train_set), world.world_size, world.rank, config["seed"], local_batch)
-    loader = make_train_loader(train_set, sampler, config, tokenizer.pad_id, pin_memory=device.type == "cuda")
-    steps_per_epoch = len(train_set) // world.world_size // local_batch
-    if steps_per_epoch == 0:
-        raise CoderError(f"{config['data_path']}: {len(train_set)} training captions do not fill one "
-                         f"batch of {config['batch_size']}")
+    # -- set-up --------------------------------------------------------------------------------
 
-    epoch, step_in_epoch, global_step, best_rsum = 0, 0, 0, -math.inf
-    if resume_state is not None:
-        load_state_strict(model, resume_state["model"], config["resume"])
-        optimizer.load_state_dict(resume_state["optimizer"])
-        if scaler.is_enabled() and resume_state["scaler"]:  # empty when saved without fp16
-            scaler.load_state_dict(resume_state["scaler"])
-        epoch, step_in_epoch = resume_state["epoch"], resume_state["step_in_epoch"]
-        global_step, best_rsum = resume_state["global_step"], resume_state["best_rsum"]
-        saved_rngs = resume_state["rng"]
+    def _run_folder(self, resume_state: dict[str, Any] | None) -> tuple[Path | None, bool]:
+        """Rank 0 owns the run folder (and whether it made it); a refusal there (existing
+        results) stops every process."""
+        run_dir, created, refusal = None, False, None
+        if self.world.is_main:
+            try:
+                run_dir, created = prepare_run_dir(self.config, self.dataset, resume_state)
+            except CoderError as err:
+                refusal = str(err)
+        refusal = self.world.broadcast(refusal)
+        if refusal:
+            raise CoderError(refusal)
+        return run_dir, created
+
+    def _build_model(self, fresh: bool) -> torch.nn.Module:
+        config, world = self.config, self.world
+        train_split, graph = self.data["train"], self.data["graph"]
+        model = build_model(config, train_split.feature_dim, len(self.data["vocab_words"] or []), graph).to(self.device)
+        if world.world_size > 1 and config["batch_norm"]:
+            if self.device.type == "cuda":
+                model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            else:
+                self.log.line("note: BatchNorm statistics are per process on CPU (SyncBatchNorm needs CUDA); "
+                              "use --batch_norm false for exact one-process equivalence")
+        if config["word_vectors"] and config["text_encoder"] == "bigru" and fresh:
+            coverage = model.init_word_embeddings(self.data["vocab_words"])
+            self.log.line(f"word embeddings from {config['word_vectors']}: {coverage:.1%} of the vocabulary covered")
+        if world.rank > 0:
+            # Same initial weights on every process (seeded above; DDP also broadcasts rank 0's),
+            # but each process draws its own dropout masks from here on; rank 0 keeps the
+            # one-process random stream.
+            seed_everything(config["seed"] + 1000003 * world.rank)
+        return model
+
+    def _build_loader(self) -> None:
+        from data import PairDataset
+
+        config, world = self.config, self.world
+        local_batch = config["batch_size"] // world.world_size
+        tokenizer, graph, split = self.data["tokenizer"], self.data["graph"], self.data["train"]
+        text_states = _text_states(self.model.text_encoder, split, tokenizer, config, world, self.log)
+        self.train_set = PairDataset(split, tokenizer, graph, text_states=text_states)
+        self.sampler = ResumableSampler(len(self.train_set), world.world_size, world.rank, config["seed"], local_batch)
+        self.loader = make_train_loader(self.train_set, self.sampler, config, tokenizer.pad_id,
+                                        pin_memory=self.device.type == "cuda")
+        self.steps_per_epoch = len(self.train_set) // world.world_size // local_batch
+        if self.steps_per_epoch == 0:
+            raise CoderError(f"{split.captions_path}: {len(self.train_set)} training captions do not fill one "
+                             f"batch of {config['batch_size']}; lower --batch_size")
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        load_state_strict(self.model, state["model"], self.config["resume"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler.is_enabled() and state["scaler"]:  # empty when saved without fp16
+            self.scaler.load_state_dict(state["scaler"])
+        self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
+        self.global_step, self.best_rsum = state["global_step"], state["best_rsum"]
+        saved_rngs, world = state["rng"], self.world
         if len(saved_rngs) == world.world_size:
             set_rng_state(saved_rngs[world.rank])  # each process continues its own random streams
         else:
-            log.line(f"note: checkpoint written by {len(saved_rngs)} processes, resumed with "
-                     f"{world.world_size}: same data order, but random streams (dropout) differ")
+            self.log.line(f"note: checkpoint written by {len(saved_rngs)} processes, resumed with "
+                          f"{world.world_size}: same data order, but random streams (dropout) differ")
             if world.rank < len(saved_rngs):
                 set_rng_state(saved_rngs[world.rank])
+        self.log.line(f"resumed from {self.config['resume']} at epoch {self.epoch + 1}, step {self.step_in_epoch} "
+                      f"of {self.steps_per_epoch} (global step {self.global_step}, best dev rsum so far "
+                      f"{self.best_rsum:.2f})")
 
-    raw_model = model
-    if world.world_size > 1:
-        # Only the online encoders train; momentum copies have requires_grad=False, so DDP
-        # leaves them alone. Frozen BERT epochs leave parameters without a gradient.
-        model = torch.nn.parallel.DistributedDataParallel(
-            raw_model, device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=config["freeze_bert_epochs"] > 0 and config["text_encoder"] == "bert",
-            **_ddp_buffer_kwargs())
-    if config["compile"]:
-        _compile_encoders(raw_model)
-    forward = model
+    def _wrap_model(self) -> torch.nn.Module:
+        config, raw = self.config, self.model
+        forward = raw
+        if self.world.world_size > 1:
+            # Only the online encoders train; momentum copies have requires_grad=False, so DDP
+            # leaves them alone. Frozen BERT epochs leave parameters without a gradient.
+            forward = torch.nn.parallel.DistributedDataParallel(
+                raw, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=config["freeze_bert_epochs"] > 0 and config["text_encoder"] == "bert",
+                **_ddp_buffer_kwargs())
+        if config["compile"]:
+            _compile_encoders(raw)
+        return forward
 
-    version = code_version()
-    if world.is_main:
-        (run_dir / "config.json").write_text(json.dumps({**config, "code_version": version}, indent=2))
-        log.line(f"run {run_dir} | code {version} | device {device} x{world.world_size} | "
-                 f"batch {config['batch_size']} ({local_batch} per process) | "
-                 f"amp {str(amp_dtype).replace('torch.', '') if amp_dtype else 'off'} | "
-                 f"{len(train_set)} training captions, {steps_per_epoch} steps/epoch")
-        log.line("config " + json.dumps(config, sort_keys=True))
+    def _log_start(self) -> None:
+        config, world = self.config, self.world
+        if not world.is_main:
+            return
+        (self.run_dir / "config.json").write_text(json.dumps({**config, "code_version": self.version}, indent=2))
+        amp = str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else "off"
+        self.log.line(f"run {self.run_dir} | code {self.version} | device {self.device} x{world.world_size} | "
+                      f"batch {config['batch_size']} ({config['batch_size'] // world.world_size} per process) | "
+                      f"amp {amp} | {len(self.train_set)} training captions, {self.steps_per_epoch} steps/epoch")
+        self.log.line("config " + json.dumps(config, sort_keys=True))
 
-    def checkpoint_state() -> dict[str, Any]:
+    # -- checkpoints and validation ------------------------------------------------------------
+
+    def checkpoint_state(self) -> dict[str, Any]:
         rngs = [rng_state()]
-        if world.world_size > 1:
-            rngs = [None] * world.world_size
+        if self.world.world_size > 1:
+            rngs = [None] * self.world.world_size
             dist.all_gather_object(rngs, rng_state())
-        return {"config": config, "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict(), "rng": rngs, "epoch": epoch, "step_in_epoch": step_in_epoch,
-                "global_step": global_step, "best_rsum": best_rsum, "code_version": version,
-                "vocab_words": data["vocab_words"], "concept_graph": concept_graph_state(graph),
-                "image_dim": train_split.feature_dim}
+        return {"config": self.config, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict(), "rng": rngs, "epoch": self.epoch,
+                "step_in_epoch": self.step_in_epoch, "global_step": self.global_step, "best_rsum": self.best_rsum,
+                "code_version": self.version, "vocab_words": self.data["vocab_words"],
+                "concept_graph": concept_graph_state(self.data["graph"]),
+                "image_dim": self.data["train"].feature_dim}
 
-    def save(name: str) -> None:
-        _check_replicas(raw_model, world, log)  # collective under DDP: every process calls save
-        state = checkpoint_state()
-        if world.is_main:
-            save_checkpoint(run_dir / name, state)
+    def save(self, name: str) -> None:
+        _check_replicas(self.model, self.world, self.log)  # collective under DDP: every process calls save
+        state = self.checkpoint_state()
+        if self.world.is_main:
+            save_checkpoint(self.run_dir / name, state)
+            if name == "last.pt":
+                self.last_saved = (self.run_dir / name, self.global_step)
 
-    def validate_and_keep_best() -> None:
-        """Validate on rank 0 (one similarity matrix over the dev images, whatever the
-        dataset), share the score with every process, save `best.pt` on improvement."""
-        nonlocal best_rsum
+    def validate_and_keep_best(self) -> None:
+        """Validate on rank 0 (one similarity matrix over the dev images, whatever the dataset),
+        share the score with every process, save `best.pt` on improvement."""
         rsum = None
-        if world.is_main:
-            metrics = validate(raw_model, data["val"], data["tokenizer"], data["graph"], config, device)
-            log.scalars({f"val/{k}": v for k, v in metrics.items()}, global_step)
-            log.line(f"validation at step {global_step}: " + " ".join(f"{k}={v:.2f}" for k, v in metrics.items()))
+        if self.world.is_main:
+            metrics = validate(self.model, self.data["val"], self.data["tokenizer"], self.data["graph"], self.config,
+                               self.device)
+            self.log.scalars({f"val/{k}": v for k, v in metrics.items()}, self.global_step)
+            self.log.line(f"validation at step {self.global_step}: "
+                          + " ".join(f"{k}={v:.2f}" for k, v in metrics.items()))
             rsum = metrics["rsum"]
-        rsum = world.broadcast(rsum)
-        if rsum > best_rsum:
-            best_rsum = rsum
-            save("best.pt")
-            log.line(f"new best rsum {rsum:.2f}: best.pt saved")
+        rsum = self.world.broadcast(rsum)
+        if rsum > self.best_rsum:
+            self.best_rsum = rsum
+            self.save("best.pt")
+            self.log.line(f"new best rsum {rsum:.2f}: best.pt saved")
 
-    from tqdm import tqdm
+    # -- training ------------------------------------------------------------------------------
 
-    metrics: dict[str, Any] = {}
-    while epoch < config["epochs"]:
-        sampler.set_epoch(epoch, skip_batches=step_in_epoch)
-        raw_model.set_text_backbone_frozen(epoch < config["freeze_bert_epochs"])
-        model.train()
-        bar = tqdm(loader, total=steps_per_epoch, initial=step_in_epoch, desc=f"epoch {epoch + 1}/{config['epochs']}",
-                   disable=not world.is_main or not config["progress"], dynamic_ncols=True)
-        window_start, window_items = time.perf_counter(), 0
+    def fit(self) -> None:
+        while self.epoch < self.config["epochs"]:
+            self.train_epoch()
+            self.epoch, self.step_in_epoch = self.epoch + 1, 0
+            self.validate_and_keep_best()
+            self.save("last.pt")
+            self.log.line(f"epoch {self.epoch} done; checkpoint saved")
+
+    def train_epoch(self) -> None:
+        from tqdm import tqdm
+
+        config, world = self.config, self.world
+        self.sampler.set_epoch(self.epoch, skip_batches=self.step_in_epoch)
+        self.model.set_text_backbone_frozen(self.epoch < config["freeze_bert_epochs"])
+        self.forward.train()
+        bar = tqdm(self.loader, total=self.steps_per_epoch, initial=self.step_in_epoch,
+                   desc=f"epoch {self.epoch + 1}/{config['epochs']}", dynamic_ncols=True,
+                   disable=not (world.is_main and progress_bars(config["progress"])))
+        self.window = (time.perf_counter(), 0)
         for batch in bar:
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            factor = lr_factor(global_step, steps_per_epoch, config)
-            for group in optimizer.param_groups:
-                group["lr"] = group["base_lr"] * factor
-            term_norms = {} if config["diag_every"] and (global_step + 1) % config["diag_every"] == 0 else None
-            losses, grad_norm = training_step(forward, raw_model, optimizer, scaler, batch, amp_dtype,
-                                              config["grad_clip"], world, term_norms)
-            global_step += 1
-            step_in_epoch += 1
-            window_items += config["batch_size"]
-
-            # Averaged over processes: the global-batch loss, the same on every process.
-            mean_losses = world.mean(losses)
-            if not math.isfinite(mean_losses["loss"]):
-                raise CoderError(f"training diverged at step {global_step} (loss {mean_losses['loss']}); "
-                                 f"try a lower --lr or --amp off")
-            if term_norms:
-                log.scalars(term_norms, global_step)
-                if world.is_main:
-                    log.line(f"gradient norms at step {global_step} (rank 0's batch): "
-                             + " ".join(f"{k}={v:.4g}" for k, v in term_norms.items()))
-            if global_step % config["log_every"] == 0 or step_in_epoch == steps_per_epoch:
-                values = {(f"diag/{k[5:]}" if k.startswith("diag_") else f"loss/{k}"): v
-                          for k, v in mean_losses.items()}
-                elapsed = time.perf_counter() - window_start
-                values["speed/captions_per_s"] = window_items / max(elapsed, 1e-9)
-                values["train/grad_norm"] = float(grad_norm)
-                values["train/queue_fill"] = raw_model.queue_fill()
-                for i, group in enumerate(optimizer.param_groups):
-                    values[f"lr/{group.get('name', i)}"] = group["lr"]
-                log.scalars(values, global_step)
-                bar.set_postfix(loss=f"{values['loss/loss']:.4f}", cap_s=f"{values['speed/captions_per_s']:.0f}")
-                if world.is_main:
-                    log.line(f"epoch {epoch + 1} step {step_in_epoch}/{steps_per_epoch} (global {global_step}) "
-                             + " ".join(f"{k}={v:.5g}" for k, v in values.items()))
-                window_start, window_items = time.perf_counter(), 0
-            if config["val_every_steps"] and global_step % config["val_every_steps"] == 0 \
-                    and step_in_epoch < steps_per_epoch:
-                validate_and_keep_best()
-                model.train()
-            if config["checkpoint_every_steps"] and global_step % config["checkpoint_every_steps"] == 0 \
-                    and step_in_epoch < steps_per_epoch:
-                save("last.pt")
-                log.line(f"step checkpoint saved: epoch {epoch + 1} step {step_in_epoch} (global {global_step})")
+            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+            self.step(batch, bar)
+            if config["val_every_steps"] and self.global_step % config["val_every_steps"] == 0 \
+                    and self.step_in_epoch < self.steps_per_epoch:
+                self.validate_and_keep_best()
+                self.forward.train()
+            if config["checkpoint_every_steps"] and self.global_step % config["checkpoint_every_steps"] == 0 \
+                    and self.step_in_epoch < self.steps_per_epoch:
+                self.save("last.pt")
+                self.log.line(f"step checkpoint saved: epoch {self.epoch + 1} step {self.step_in_epoch} "
+                              f"(global {self.global_step})")
         bar.close()
-        epoch, step_in_epoch = epoch + 1, 0
-        validate_and_keep_best()
-        save("last.pt")
-        log.line(f"epoch {epoch} done; checkpoint saved")
 
+    def step(self, batch: dict[str, torch.Tensor], bar: Any) -> None:
+        """One optimizer step with its learning rate, divergence check and logging."""
+        config = self.config
+        factor = lr_factor(self.global_step, self.steps_per_epoch, config)
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["base_lr"] * factor
+        diagnose = config["diag_every"] and (self.global_step + 1) % config["diag_every"] == 0
+        term_norms = {} if diagnose else None
+        losses, grad_norm = training_step(self.forward, self.model, self.optimizer, self.scaler, batch,
+                                          self.amp_dtype, config["grad_clip"], self.world, term_norms)
+        self.global_step += 1
+        self.step_in_epoch += 1
+        # Averaged over processes: the global-batch loss, the same on every process.
+        mean_losses = self.world.mean(losses)
+        if not math.isfinite(mean_losses["loss"]):
+            raise CoderError(_divergence_message(batch, self.data["train"], self.global_step, mean_losses["loss"]))
+        if term_norms:
+            self.log.scalars(term_norms, self.global_step)
+            self.log.line(f"gradient norms at step {self.global_step} (rank 0's batch): "
+                          + " ".join(f"{k}={v:.4g}" for k, v in term_norms.items()))
+        start, items = self.window
+        self.window = (start, items + config["batch_size"])
+        if self.global_step % config["log_every"] == 0 or self.step_in_epoch == self.steps_per_epoch:
+            self._log_step(mean_losses, grad_norm, bar)
+
+    def _log_step(self, mean_losses: dict[str, float], grad_norm: torch.Tensor, bar: Any) -> None:
+        start, items = self.window
+        values = {(f"diag/{k[5:]}" if k.startswith("diag_") else f"loss/{k}"): v for k, v in mean_losses.items()}
+        values["speed/captions_per_s"] = items / max(time.perf_counter() - start, 1e-9)
+        values["train/grad_norm"] = float(grad_norm)
+        values["train/queue_fill"] = self.model.queue_fill()
+        for i, group in enumerate(self.optimizer.param_groups):
+            values[f"lr/{group.get('name', i)}"] = group["lr"]
+        self.log.scalars(values, self.global_step)
+        bar.set_postfix(loss=f"{values['loss/loss']:.4f}", cap_s=f"{values['speed/captions_per_s']:.0f}")
+        self.log.line(f"epoch {self.epoch + 1} step {self.step_in_epoch}/{self.steps_per_epoch} "
+                      f"(global {self.global_step}) " + " ".join(f"{k}={v:.5g}" for k, v in values.items()))
+        self.window = (time.perf_counter(), 0)
+
+    def interrupted_message(self) -> str:
+        """What Ctrl-C prints: where the progress is and how to continue."""
+        script = f"train_{self.dataset}.py"
+        if self.last_saved is None:
+            return (f"interrupted at epoch {self.epoch + 1}, step {self.step_in_epoch}; no checkpoint was written "
+                    f"yet in {self.run_dir} (start again to train)")
+        path, step = self.last_saved
+        return (f"interrupted at global step {self.global_step}; {path} holds step {step}: resume with "
+                f"python {script} --resume {path}")
+
+
+def _divergence_message(batch: dict[str, torch.Tensor], split: Any, step: int, loss: float) -> str:
+    """A non-finite loss: blame non-finite inputs when the batch has any, else the optimisation."""
+    for key in ("images", "text_states"):
+        if key in batch and not torch.isfinite(batch[key]).all():
+            where = batch["image_ids"][~torch.isfinite(batch[key]).flatten(1).all(1)].unique().tolist()
+            source = split.images_path if key == "images" else "the text state cache (text_state_cache)"
+            return (f"{source}: non-finite values (NaN or inf) in the features of image(s) {where[:5]} "
+                    f"at step {step}; fix or re-extract the features")
+    return f"training diverged at step {step} (loss {loss}); try a lower --lr or --amp off"
+
+
+def progress_bars(requested: bool) -> bool:
+    """Bars only on a terminal: redirected to a file, tqdm's carriage-return updates would fill it."""
+    return requested and sys.stderr.isatty()
+
+
+def _train(config: dict[str, Any], dataset: str, world: Dist) -> dict[str, Any]:
+    run = TrainingRun(config, dataset, world)
+    try:
+        run.fit()
+    except KeyboardInterrupt:
+        run.log.line("interrupted by the user (Ctrl-C)")
+        run.log.close()
+        raise Interrupted(run.interrupted_message()) from None
+    metrics: dict[str, Any] = {}
     if world.is_main and config["test_split"]:
-        metrics = _final_test(run_dir, config, device, dataset, log)
-    log.close()
+        metrics = _final_test(run.run_dir, config, run.device, dataset, run.log)
+    run.log.close()
     return metrics
+
+
+class Interrupted(CoderError):
+    """Ctrl-C during training: the message says which checkpoint holds the progress (exit 130)."""
+
+    exit_code = 130
 
 
 def _final_test(run_dir: Path, config: dict[str, Any], device: torch.device, dataset: str,

@@ -22,15 +22,21 @@ class CoderError(Exception):
 
 
 def cli_entry(main: Callable[..., Any]) -> Callable[..., Any]:
-    """Decorate a script's `main` so that a CoderError prints one line and exits with status 2."""
+    """Decorate a script's `main` so that a CoderError prints one line and exits non-zero
+    (status 2, or the error's `exit_code`), and Ctrl-C ends with one line (status 130),
+    never with a traceback."""
 
     @functools.wraps(main)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return main(*args, **kwargs)
         except CoderError as err:
-            print(f"error: {err}", file=sys.stderr)
-            raise SystemExit(2) from None
+            code = getattr(err, "exit_code", 2)
+            print(f"error: {err}" if code == 2 else str(err), file=sys.stderr)
+            raise SystemExit(code) from None
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            raise SystemExit(130) from None
 
     return wrapper
 

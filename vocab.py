@@ -178,20 +178,32 @@ def _words_from_mapping(data: object, path: Path) -> list[str]:
     raise CoderError(f"{path}: not a vocabulary (expected a dict with 'word2idx' or 'words')")
 
 
-def read_captions(path: str | Path) -> list[str]:
-    """Captions of a file, one per line (trailing whitespace stripped; no empty file)."""
+def read_captions(path: str | Path, what: str = "caption file") -> list[str]:
+    """Captions of a file, one per line (surrounding whitespace stripped). Trailing blank lines
+    are dropped; an empty file, a blank line among the captions, or bytes that are not UTF-8
+    are errors that name the line."""
     path = Path(path)
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        raw = path.read_bytes()
     except FileNotFoundError:
-        raise CoderError(f"{path}: caption file not found") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise CoderError(f"{path}: cannot read caption file ({err})") from None
-    lines = [line.strip() for line in lines]
+        raise CoderError(f"{path}: {what} not found") from None
+    except IsADirectoryError:
+        raise CoderError(f"{path}: is a folder, expected a {what}") from None
+    except OSError as err:
+        raise CoderError(f"{path}: cannot read {what} ({err.strerror or err})") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise CoderError(f"{path}:{line}: not UTF-8 text (byte {raw[err.start]:#04x}); save the {what} as UTF-8") from None
+    lines = [line.strip() for line in text.splitlines()]
     while lines and not lines[-1]:
         lines.pop()
     if not lines:
-        raise CoderError(f"{path}: caption file is empty")
+        raise CoderError(f"{path}: {what} is empty")
+    blank = next((i for i, line in enumerate(lines) if not line), None)
+    if blank is not None:
+        raise CoderError(f"{path}:{blank + 1}: blank line; every line must hold one caption")
     return lines
 
 
@@ -254,18 +266,22 @@ class BertTokenizer:
 # --- CLI --------------------------------------------------------------------------------------
 @cli_entry
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    from options import ArgumentParser, check_output_file, positive_int
+
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     build = sub.add_parser("build", help="build a SCAN-format JSON vocabulary from caption files")
     build.add_argument("captions", nargs="+", help="caption files, one caption per line")
-    build.add_argument("--min-count", type=int, default=4, help="keep words seen this often (default 4)")
+    build.add_argument("--min-count", type=positive_int, default=4, help="keep words seen this often (default 4)")
     build.add_argument("--out", required=True, help="output vocabulary JSON")
+    build.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     stats = sub.add_parser("stats", help="print token count and OOV rate of captions as one JSON line")
     stats.add_argument("--vocab", required=True, help="SCAN JSON vocabulary (or dict .pkl)")
     stats.add_argument("captions", nargs="+", help="caption files, one caption per line")
     args = parser.parse_args(argv)
 
     if args.command == "build":
+        check_output_file(args.out, "--out", args.overwrite, inputs=args.captions)
         vocab = build_vocab(args.captions, args.min_count)
         vocab.save(args.out)
         print(json.dumps({"vocab": args.out, "words": len(vocab), "min_count": args.min_count}))

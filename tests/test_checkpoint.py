@@ -37,8 +37,12 @@ def test_missing_corrupt_and_foreign_files(tmp_path):
     truncated = tmp_path / "truncated.pt"
     checkpoint.save_checkpoint(truncated, {"epoch": 1, "w": torch.zeros(1000)})
     truncated.write_bytes(truncated.read_bytes()[:300])
-    with pytest.raises(CoderError, match="truncated.pt: not a readable checkpoint"):
+    with pytest.raises(CoderError, match=r"truncated.pt: truncated or corrupt checkpoint \(\w+\); use another"):
         checkpoint.load_checkpoint(truncated)
+    text = tmp_path / "notes.pt"
+    text.write_text("not weights")
+    with pytest.raises(CoderError, match="not a checkpoint"):
+        checkpoint.load_checkpoint(text)
     foreign = tmp_path / "foreign.pt"
     torch.save({"w": torch.zeros(1)}, foreign)
     with pytest.raises(CoderError, match="not a CODER checkpoint"):
@@ -55,6 +59,12 @@ def test_pickled_code_is_not_executed(tmp_path):
         pickle.dump({"format": checkpoint.CHECKPOINT_FORMAT, "x": Exploit()}, f)
     with pytest.raises(CoderError):
         checkpoint.load_checkpoint(path)
+    assert not (tmp_path / "pwned").exists()
+    zipped = tmp_path / "evil_zip.pt"
+    torch.save({"format": checkpoint.CHECKPOINT_FORMAT, "x": Exploit()}, zipped)
+    with pytest.raises(CoderError) as err:
+        checkpoint.load_checkpoint(zipped)
+    assert "refusing to load" in str(err.value) and "weights_only" not in str(err.value)
     assert not (tmp_path / "pwned").exists()
 
 

@@ -7,7 +7,6 @@ import torch
 import torch.nn.functional as F
 
 import model as M
-from loss import dcl_loss
 from test_model import build, make_batch, small_config
 from trainer import term_gradient_norms
 

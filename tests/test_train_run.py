@@ -55,7 +55,7 @@ def test_existing_run_folder_is_not_overwritten(tiny_demo, tmp_path):
     before = (run_dir / "last.pt").read_bytes()
     proc = run_train(*tiny_demo, *TINY, "--epochs", "1", "--run_dir", str(run_dir), check=False)
     assert proc.returncode == 2
-    assert "already holds checkpoints" in proc.stderr and "Traceback" not in proc.stderr
+    assert "already holds another run's" in proc.stderr and "Traceback" not in proc.stderr
     assert (run_dir / "last.pt").read_bytes() == before
 
 

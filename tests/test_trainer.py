@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+import options
 import trainer
 from utils import CoderError
 
@@ -12,15 +13,17 @@ DEFAULTS = {"lr": 2e-4, "epochs": 30, "loss": "dcl", "concept_branch": True, "re
 
 
 def test_overrides_take_the_default_type():
-    config, demo, explicit = trainer.parse_overrides(DEFAULTS, ["--lr", "1e-3", "--epochs=3", "--concept-branch", "false",
+    config, demo, explicit = options.parse_overrides(DEFAULTS, ["--lr", "1e-3", "--epochs=3", "--concept-branch", "false",
                                                       "--loss", "triplet"])
     assert config == {"lr": 1e-3, "epochs": 3, "loss": "triplet", "concept_branch": False, "resume": ""}
     assert not demo and explicit == {"lr", "epochs", "concept_branch", "loss"}
-    assert trainer.parse_overrides(DEFAULTS, ["--demo"])[1]
+    assert options.parse_overrides(DEFAULTS, ["--demo"])[1]
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--learning_rate", "1"], "unknown option --learning_rate; valid options: --demo, --concept_branch, --epochs"),
+    (["--learning_rate", "1"], "unknown option --learning_rate; did you mean --lr?"),
+    (["--epoch", "1"], "unknown option --epoch; did you mean --epochs?"),
+    (["--zzz", "1"], "unknown option --zzz; see the variables at the top of the script"),
     (["--epochs", "three"], "--epochs: cannot read 'three' as int"),
     (["--concept_branch", "maybe"], "cannot read 'maybe' as bool"),
     (["--lr"], "--lr needs a value"),
@@ -28,14 +31,14 @@ def test_overrides_take_the_default_type():
 ])
 def test_bad_overrides_are_clear_errors(argv, message):
     with pytest.raises(CoderError, match=message.replace("-", r"\-").replace("(", r"\(")):
-        trainer.parse_overrides(DEFAULTS, argv)
+        options.parse_overrides(DEFAULTS, argv)
 
 
 def test_demo_keeps_explicit_overrides():
     defaults = {"epochs": 30, "lr": 2e-4, "data_path": "x"}
-    config, demo, _ = trainer.parse_overrides(defaults, ["--demo", "--epochs", "2"])
-    assert demo and config["epochs"] == 2 and config["lr"] == trainer.DEMO_OVERRIDES["lr"]
-    assert config["data_path"] == trainer.DEMO_OVERRIDES["data_path"]
+    config, demo, _ = options.parse_overrides(defaults, ["--demo", "--epochs", "2"])
+    assert demo and config["epochs"] == 2 and config["lr"] == options.DEMO_OVERRIDES["lr"]
+    assert config["data_path"] == options.DEMO_OVERRIDES["data_path"]
 
 
 def test_lr_schedule_warmup_then_step_decay():
