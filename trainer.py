@@ -7,9 +7,7 @@ dev, and can resume from any checkpoint at the exact step it was written.
 """
 from __future__ import annotations
 
-import datetime
 import functools
-import inspect
 import json
 import math
 import os
@@ -19,118 +17,20 @@ import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, Sampler
-from torch.utils.data.distributed import DistributedSampler
+from torch.utils.data import DataLoader
 
 from checkpoint import (build_model, code_version, concept_graph_state, load_checkpoint,
                         load_state_strict, save_checkpoint)
+from distributed import Dist, ResumableSampler, check_replicas, ddp_buffer_kwargs
 from options import DEMO_OVERRIDES, check_train_config, check_writable_dir, parse_overrides, resumed_config
 from utils import CoderError
 
 PROJECT_ROOT = Path(__file__).resolve().parent
-
-# ----------------------------------------------------------------------------- devices
-
-class Dist:
-    """Process layout: a single process, or one process per device under torchrun.
-
-    torchrun (single- or multi-node) sets RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and
-    MASTER_PORT; the process group is initialised from them (NCCL on CUDA, gloo on CPU).
-    `timeout_minutes` bounds how long a process waits at a collective, e.g. the other ranks
-    at the broadcast of the validation score while rank 0 validates.
-    """
-
-    def __init__(self, device_pref: str, timeout_minutes: float = 60.0) -> None:
-        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        if device_pref not in ("auto", "cuda", "cpu"):
-            raise CoderError(f"--device {device_pref}: expected auto, cuda or cpu")
-        use_cuda = torch.cuda.is_available() and device_pref in ("auto", "cuda")
-        if device_pref == "cuda" and not torch.cuda.is_available():
-            raise CoderError("--device cuda was asked for, but CUDA is not available")
-        if use_cuda and self.local_rank >= torch.cuda.device_count():
-            raise CoderError(f"local rank {self.local_rank} has no GPU: this node has "
-                             f"{torch.cuda.device_count()}; use --nproc_per_node <= {torch.cuda.device_count()}")
-        self.device = torch.device(f"cuda:{self.local_rank}" if use_cuda else "cpu")
-        if use_cuda:
-            torch.cuda.set_device(self.device)
-        if self.world_size > 1 and not dist.is_initialized():
-            kwargs: dict[str, Any] = {"timeout": datetime.timedelta(minutes=timeout_minutes)}
-            if use_cuda:
-                kwargs["device_id"] = self.device
-            dist.init_process_group(backend="nccl" if use_cuda else "gloo", **kwargs)
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def mean(self, values: dict[str, torch.Tensor]) -> dict[str, float]:
-        """The average over all processes of each scalar (one all-reduce for all of them)."""
-        names = list(values)
-        stacked = torch.stack([values[k].detach().float().reshape(()) for k in names])
-        if self.world_size > 1:
-            dist.all_reduce(stacked)
-            stacked /= self.world_size
-        return dict(zip(names, stacked.tolist()))
-
-    def broadcast(self, obj: Any) -> Any:
-        """Rank 0's value of a picklable object, on every process."""
-        if self.world_size == 1:
-            return obj
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
-    def close(self) -> None:
-        if self.world_size > 1 and dist.is_initialized():
-            dist.destroy_process_group()
-
-
-class ResumableSampler(Sampler[int]):
-    """Per-epoch shuffled indices of one process, sharded by blocks of each global batch, that
-    can start part-way through an epoch (a resumed run sees exactly the batches it had not seen).
-
-    The epoch's permutation is DistributedSampler's (seed + epoch, the same on every process).
-    Global batch t is permutation[t*B : (t+1)*B] whatever the number of processes W, and rank r
-    takes its r-th contiguous block of B/W indices. DistributedSampler's own sharding would
-    interleave (rank r takes r, r+W, ...): the same global batch as a set, but gathered keys in
-    rank-major order would then enter the queues in another order than with one process. With
-    blocks, the gathered batch is exactly the one-process batch, in the same order, so W
-    processes follow the one-process run (up to float rounding), and a run may even be resumed
-    with another number of processes on the same data order. The trailing partial global
-    batch is dropped.
-    """
-
-    def __init__(self, dataset_size: int, world_size: int, rank: int, seed: int, batch_size: int) -> None:
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} outside a world of {world_size}")
-        self.base = DistributedSampler(range(dataset_size), num_replicas=1, rank=0, shuffle=True,
-                                       seed=seed, drop_last=True)
-        self.world_size, self.rank = world_size, rank
-        self.batch_size = batch_size  # per process
-        self.num_batches = dataset_size // (batch_size * world_size)
-        self.skip_batches = 0
-
-    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
-        self.base.set_epoch(epoch)
-        self.skip_batches = skip_batches
-
-    def __iter__(self) -> Iterator[int]:
-        order = list(self.base)
-        global_batch, local = self.batch_size * self.world_size, self.batch_size
-        for t in range(self.skip_batches, self.num_batches):
-            start = t * global_batch + self.rank * local
-            yield from order[start:start + local]
-
-    def __len__(self) -> int:
-        return max(0, self.num_batches - self.skip_batches) * self.batch_size
-
 
 def make_train_loader(train_set: Any, sampler: ResumableSampler, config: dict[str, Any], pad_id: int,
                       pin_memory: bool = False) -> DataLoader:
@@ -360,43 +260,6 @@ def _amp_dtype(config: dict[str, Any], device: torch.device) -> torch.dtype | No
     return torch.float16
 
 
-def _ddp_buffer_kwargs() -> dict[str, bool]:
-    """DDP arguments for: buffers broadcast from rank 0 once at construction (so every process
-    starts with rank 0's queues and prototypes), never at each forward (the model keeps them
-    equal by construction). Newer PyTorch spells this forward_sync_buffers=False;
-    broadcast_buffers=False (older PyTorch) also skips the construction-time broadcast."""
-    if "forward_sync_buffers" in inspect.signature(torch.nn.parallel.DistributedDataParallel).parameters:
-        return {"forward_sync_buffers": False}
-    return {"broadcast_buffers": False}
-
-
-def _must_agree(name: str) -> bool:
-    """State every process must hold identically: weights, momentum weights, queues,
-    prototypes. BatchNorm running statistics are per process unless SyncBatchNorm (CUDA)."""
-    return not name.endswith(("running_mean", "running_var", "num_batches_tracked"))
-
-
-def _check_replicas(raw_model: torch.nn.Module, world: Dist, log: RunLog) -> None:
-    """Compare a fingerprint of every tensor that must agree across processes; if any differs
-    (a bug or a non-deterministic kernel), log it and copy rank 0's state to every process."""
-    if world.world_size == 1:
-        return
-    state = {k: v for k, v in raw_model.state_dict().items() if _must_agree(k)}
-    prints = torch.stack([torch.stack([v.double().sum(), v.double().abs().sum()]) for v in state.values()])
-    prints = prints.to(world.device)
-    everyone = [torch.empty_like(prints) for _ in range(world.world_size)]
-    dist.all_gather(everyone, prints)
-    differ = torch.stack([(p != everyone[0]).any(1) for p in everyone]).any(0).tolist()
-    if any(differ):
-        names = [k for k, d in zip(state, differ) if d]
-        log.line(f"warning: processes disagree on {len(names)} tensors ({', '.join(names[:6])}); "
-                 f"re-synchronised from rank 0")
-        for name in names:
-            dist.broadcast(state[name], src=0)
-        if hasattr(raw_model, "refresh_queue_kernel"):  # consistent with rank 0's queues and prototypes
-            raw_model.refresh_queue_kernel()
-
-
 def _compile_encoders(raw_model: torch.nn.Module) -> None:
     """torch.compile (in place, so state-dict keys do not change) the region and text encoders,
     online and momentum copies: they hold nearly all the FLOPs. The queue, Sinkhorn and
@@ -575,7 +438,7 @@ class TrainingRun:
             forward = torch.nn.parallel.DistributedDataParallel(
                 raw, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 find_unused_parameters=config["freeze_bert_epochs"] > 0 and config["text_encoder"] == "bert",
-                **_ddp_buffer_kwargs())
+                **ddp_buffer_kwargs())
         if config["compile"]:
             _compile_encoders(raw)
         return forward
@@ -606,7 +469,7 @@ class TrainingRun:
                 "image_dim": self.data["train"].feature_dim}
 
     def save(self, name: str) -> None:
-        _check_replicas(self.model, self.world, self.log)  # collective under DDP: every process calls save
+        check_replicas(self.model, self.world, self.log)  # collective under DDP: every process calls save
         state = self.checkpoint_state()
         if self.world.is_main:
             save_checkpoint(self.run_dir / name, state)

@@ -21,8 +21,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import distributed  # noqa: E402
 import trainer  # noqa: E402
-from model import CODER, ModelConfig, l2norm  # noqa: E402
+from encoders import l2norm  # noqa: E402
+from model import CODER, ModelConfig  # noqa: E402
 
 SCALER = torch.amp.GradScaler("cpu", enabled=False)
 
@@ -64,7 +66,7 @@ def fill_queues(model: CODER, gen: torch.Generator) -> None:
     model.refresh_queue_kernel()
 
 
-def step(model: CODER, optimizer: torch.optim.Optimizer, batch: dict, world: trainer.Dist) -> float:
+def step(model: CODER, optimizer: torch.optim.Optimizer, batch: dict, world: distributed.Dist) -> float:
     """The training loop's own step (trainer.training_step: forward, backward, gradient clipping
     at train_f30k.py's 2.0, AdamW, after_optimizer_step), fp32 as on CPU."""
     start = time.perf_counter()
@@ -108,7 +110,7 @@ def main() -> None:
     optimizers = {name: torch.optim.AdamW(m.param_groups(2e-4, 1e-4)) for name, m in models.items()}
     batches = [random_batch(args.batch, args.regions, args.feature_dim, args.vocab, concepts, gen)
                for _ in range(2)]
-    world = trainer.Dist("cpu")
+    world = distributed.Dist("cpu")
     times: dict[str, list[float]] = {name: [] for name in models}
     for i in range(args.steps + 2):
         for name, model in models.items():

@@ -44,8 +44,10 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import distributed  # noqa: E402
 import trainer  # noqa: E402
-from model import CODER, ModelConfig, l2norm, make_pooling  # noqa: E402
+from encoders import l2norm, make_pooling  # noqa: E402
+from model import CODER, ModelConfig  # noqa: E402
 
 F30K_TRAIN_CAPTIONS = 145_000
 CONCEPTS, CONCEPT_WORD_DIM = 300, 300
@@ -196,7 +198,7 @@ def random_batches(count: int, batch: int, args: argparse.Namespace, vocab_size:
 
 # ----------------------------------------------------------------------------- timing
 
-def synchronize(device: torch.device, world: trainer.Dist) -> None:
+def synchronize(device: torch.device, world: distributed.Dist) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     if world.world_size > 1:
@@ -204,11 +206,11 @@ def synchronize(device: torch.device, world: trainer.Dist) -> None:
 
 
 def time_steps(model: CODER, amp_dtype: torch.dtype | None, batches: list[dict[str, torch.Tensor]],
-               world: trainer.Dist, device: torch.device, args: argparse.Namespace) -> float:
+               world: distributed.Dist, device: torch.device, args: argparse.Namespace) -> float:
     """Seconds per training step: the mean over the timed steps, after the warm-up steps."""
     forward = model
     if world.world_size > 1:
-        forward = torch.nn.parallel.DistributedDataParallel(model, **trainer._ddp_buffer_kwargs())
+        forward = torch.nn.parallel.DistributedDataParallel(model, **distributed.ddp_buffer_kwargs())
     if args.compile:
         trainer._compile_encoders(model)  # what --compile true does in training
     optimizer = torch.optim.AdamW(model.param_groups(2e-4, 1e-4, 0.1))
@@ -245,7 +247,7 @@ def _cpu_worker(rank: int, world_size: int, port: int, threads: int, text: dict[
                            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
     torch.set_num_threads(threads)
     quiet_transformers()
-    world = trainer.Dist("cpu", timeout_minutes=30)
+    world = distributed.Dist("cpu", timeout_minutes=30)
     try:
         device = torch.device("cpu")
         model = build_model(text["encoder"], text["path"], text["vocab"], args, device, text.get("sizes"))
@@ -351,7 +353,7 @@ def run_gpu(args: argparse.Namespace, env: dict[str, Any]) -> int:
         note("error: --gpu needs CUDA (torch.cuda.is_available() is False); "
              "for a smoke test of this path on CPU add --device cpu --tiny")
         return 2
-    world = trainer.Dist(args.device)
+    world = distributed.Dist(args.device)
     device = world.device
     sizes = BERT_TINY if args.tiny else BERT_BASE
     shape = f"{sizes['num_hidden_layers']}x{sizes['hidden_size']}"

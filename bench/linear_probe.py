@@ -32,7 +32,7 @@ def caption_vectors(split: Any, bert_path: str, cache: Path, batch_size: int = 2
 
     import text_cache
     import vocab
-    from model import BertTextEncoder
+    from encoders import BertTextEncoder
     from utils import load_pretrained
 
     tokenizer = vocab.BertTokenizer(bert_path)

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import distributed
 import trainer
 from checkpoint import load_checkpoint
 from conftest import TINY_TRAIN_ARGS, run_script, tiny_demo_args
@@ -121,7 +122,7 @@ def test_sampler_shards_each_global_batch_into_contiguous_blocks():
     gathered (rank-major) batch is the one-process batch in the same order; resuming part-way
     skips whole global batches on every rank."""
     n, global_batch = 103, 12
-    single = trainer.ResumableSampler(n, world_size=1, rank=0, seed=4, batch_size=global_batch)
+    single = distributed.ResumableSampler(n, world_size=1, rank=0, seed=4, batch_size=global_batch)
     single.set_epoch(3)
     order = list(single)
     assert len(order) == len(single) == (n // global_batch) * global_batch
@@ -129,7 +130,7 @@ def test_sampler_shards_each_global_batch_into_contiguous_blocks():
         local = global_batch // world
         shards = []
         for rank in range(world):
-            sampler = trainer.ResumableSampler(n, world_size=world, rank=rank, seed=4, batch_size=local)
+            sampler = distributed.ResumableSampler(n, world_size=world, rank=rank, seed=4, batch_size=local)
             sampler.set_epoch(3)
             shards.append(list(sampler))
             assert len(shards[-1]) == len(sampler)
@@ -148,18 +149,18 @@ def _replica_worker(rank: int, port: int, out_dir: str) -> None:
     os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
     torch.set_num_threads(1)
-    world = trainer.Dist("cpu", timeout_minutes=2)
+    world = distributed.Dist("cpu", timeout_minutes=2)
     try:
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
         model.register_buffer("prototypes", torch.randn(5, 4))
         model[1].running_mean += rank  # per-process BatchNorm statistics are allowed to differ
         log = _Lines()
-        trainer._check_replicas(model, world, log)
+        distributed.check_replicas(model, world, log)
         clean = list(log)
         with torch.no_grad():
             model.prototypes[2, 1] += rank * 1e-7  # a rounding-level drift on rank 1 only
-        trainer._check_replicas(model, world, log)
+        distributed.check_replicas(model, world, log)
         means = world.mean({"a": torch.tensor(float(rank)), "b": torch.tensor(2.0 * rank)})
         torch.save({"clean": clean, "lines": list(log), "state": model.state_dict(), "means": means},
                    f"{out_dir}/rank{rank}.pt")

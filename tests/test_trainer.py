@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import options
+import distributed
 import trainer
 from utils import CoderError
 
@@ -50,10 +51,10 @@ def test_lr_schedule_warmup_then_step_decay():
 
 
 def test_resumable_sampler_continues_the_same_order():
-    full = trainer.ResumableSampler(103, world_size=1, rank=0, seed=5, batch_size=10)
+    full = distributed.ResumableSampler(103, world_size=1, rank=0, seed=5, batch_size=10)
     full.set_epoch(2)
     order = list(full)
-    resumed = trainer.ResumableSampler(103, world_size=1, rank=0, seed=5, batch_size=10)
+    resumed = distributed.ResumableSampler(103, world_size=1, rank=0, seed=5, batch_size=10)
     resumed.set_epoch(2, skip_batches=4)
     assert list(resumed) == order[40:] and len(resumed) == len(order) - 40
     full.set_epoch(3)
@@ -63,7 +64,7 @@ def test_resumable_sampler_continues_the_same_order():
 def test_sampler_shards_are_disjoint_and_cover_the_same_set_as_one_process():
     shards = []
     for rank in range(2):
-        sampler = trainer.ResumableSampler(100, world_size=2, rank=rank, seed=0, batch_size=5)
+        sampler = distributed.ResumableSampler(100, world_size=2, rank=rank, seed=0, batch_size=5)
         sampler.set_epoch(0)
         shards.append(list(sampler))
     assert not set(shards[0]) & set(shards[1])
@@ -93,7 +94,7 @@ def test_starting_an_epoch_leaves_the_global_rng_alone():
         def __getitem__(self, i):
             return {"tokens": torch.tensor([1, i + 4, 2]), "image_id": i, "caption_id": i}
 
-    sampler = trainer.ResumableSampler(12, world_size=1, rank=0, seed=0, batch_size=4)
+    sampler = distributed.ResumableSampler(12, world_size=1, rank=0, seed=0, batch_size=4)
     loader = trainer.make_train_loader(Items(), sampler, {"workers": 0, "seed": 0}, pad_id=0)
     torch.manual_seed(7)
     before = torch.get_rng_state()
