@@ -656,6 +656,21 @@ class CODER(nn.Module):
             groups.append({"name": "bert", "params": bert, "lr": lr * bert_lr_scale, "weight_decay": weight_decay})
         return groups
 
+    def parameter_branches(self) -> dict[str, list[nn.Parameter]]:
+        """The online parameters by branch: "instance" (the two encoders), "concept" (GCN and
+        queries) and, when learned, "prototypes" (see grad_clip_scope in trainer.clip_gradients)."""
+        branches: dict[str, list[nn.Parameter]] = {"instance": [], "concept": [], "prototypes": []}
+        for name, p in self.named_parameters():
+            if name.startswith("momentum."):
+                continue
+            if name.startswith(("image_encoder.", "text_encoder.")):
+                branches["instance"].append(p)
+            elif name == "prototypes":
+                branches["prototypes"].append(p)
+            else:
+                branches["concept"].append(p)
+        return {k: v for k, v in branches.items() if v}
+
     def parameter_counts(self) -> dict[str, int]:
         """Trainable (online) and momentum parameter counts, for logs and the benchmark."""
         return {

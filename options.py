@@ -86,6 +86,7 @@ TRAIN_RULES: dict[str, tuple[Check, str]] = {
     "lr_decay_epoch": at_least(0),
     "lr_decay_factor": above(0.0),
     "grad_clip": above(0.0),
+    "grad_clip_scope": one_of("global", "branch"),
     "freeze_bert_epochs": at_least(0),
     "seed": at_least(0),
     "device": one_of("auto", "cuda", "cpu"),

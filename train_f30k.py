@@ -65,6 +65,7 @@ warmup_epochs = 1
 lr_decay_epoch = 15
 lr_decay_factor = 0.1
 grad_clip = 2.0
+grad_clip_scope = "global"                 # global (spec) | branch: instance encoders and concept branch clipped apart
 freeze_bert_epochs = 0
 # system
 seed = 0

@@ -289,10 +289,21 @@ def term_gradient_norms(raw_model: torch.nn.Module, terms: dict[str, torch.Tenso
     return norms
 
 
+def clip_gradients(raw_model: torch.nn.Module, max_norm: float, scope: str = "global") -> torch.Tensor:
+    """Clip the gradient norm to `max_norm`: of all parameters together ("global", the spec's),
+    or of each branch on its own ("branch": the instance encoders, the concept branch, learned
+    prototypes), so that a branch with large gradients cannot scale down another's updates.
+    Returns the norm of all gradients before clipping."""
+    if scope == "global":
+        return torch.nn.utils.clip_grad_norm_(raw_model.parameters(), max_norm)
+    norms = [torch.nn.utils.clip_grad_norm_(params, max_norm) for params in raw_model.parameter_branches().values()]
+    return torch.linalg.vector_norm(torch.stack(norms))
+
+
 def training_step(forward: Any, raw_model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                   scaler: torch.amp.GradScaler, batch: dict[str, torch.Tensor], amp_dtype: torch.dtype | None,
-                  grad_clip: float, world: Dist, term_norms: dict[str, float] | None = None
-                  ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+                  grad_clip: float, world: Dist, term_norms: dict[str, float] | None = None,
+                  clip_scope: str = "global") -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """One optimizer step: forward (`forward` is the model or its DDP wrapper) under autocast,
     backward (DDP averages the gradients), unscale and clip (the same global norm on every
     process), step, then the model's after_optimizer_step (momentum encoders, prototypes,
@@ -310,7 +321,7 @@ def training_step(forward: Any, raw_model: torch.nn.Module, optimizer: torch.opt
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(losses["loss"]).backward()
     scaler.unscale_(optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), grad_clip)
+    grad_norm = clip_gradients(raw_model, grad_clip, clip_scope)
     scaler.step(optimizer)
     scaler.update()
     raw_model.after_optimizer_step()
@@ -537,7 +548,8 @@ class TrainingRun:
         diagnose = config["diag_every"] and (self.global_step + 1) % config["diag_every"] == 0
         term_norms = {} if diagnose else None
         losses, grad_norm = training_step(self.forward, self.model, self.optimizer, self.scaler, batch,
-                                          self.amp_dtype, config["grad_clip"], self.world, term_norms)
+                                          self.amp_dtype, config["grad_clip"], self.world, term_norms,
+                                          config["grad_clip_scope"])
         self.global_step += 1
         self.step_in_epoch += 1
         # Averaged over processes: the global-batch loss, the same on every process.

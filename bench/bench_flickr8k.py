@@ -104,7 +104,7 @@ CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
     "coder_spec": ("full CODER, the spec's reconstruction",
                    {"BERT": True, **CODER, "concept_query_input": "bn", "lambda_concept": 1.0, "lambda_pseudo": 1.0,
                     "lambda_fused": 0.0, "prototype_init": "random", "prototype_update": "ema",
-                    "l2norm_before_pooling": False}),
+                    "l2norm_before_pooling": False, "grad_clip_scope": "global"}),
     "coder_detach": ("full CODER, concept query on detached x", {"BERT": True, **CODER, "concept_query_input": "detach"}),
     "coder_no_bn": ("full CODER, concept query without BN on x", {"BERT": True, **CODER, "concept_query_input": "no_bn"}),
     "coder_cvse_weights": ("full CODER, CVSE's loss ratio (lambda 0.2)",
@@ -117,6 +117,10 @@ CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
     "dcl_concept_detach": ("DCL + concept branch, detached query",
                            {"BERT": True, "concept_branch": True, "pseudo_label_loss": False,
                             "concept_query_input": "detach"}),
+    "coder_branch_clip": ("full CODER, gradients clipped per branch",
+                          {"BERT": True, **CODER, "concept_query_input": "bn", "grad_clip_scope": "branch"}),
+    "coder_detach_branch_clip": ("full CODER, detached query, clipped per branch",
+                                 {"BERT": True, **CODER, "concept_query_input": "detach", "grad_clip_scope": "branch"}),
 }
 DEFAULT_CONFIGS = ["vsepp", "infonce", "dcl", "dcl_concept", "coder", "coder_bigru"]
 BASELINE = "infonce"
@@ -211,12 +215,17 @@ def run_settings(name: str, dataset: str, device: str, epochs: int | None) -> di
     return settings
 
 
-def train_args(settings: dict[str, Any], seed: int, paths: dict[str, str], run_dir: Path,
-               bert_path: str) -> list[str]:
+def run_overrides(settings: dict[str, Any], seed: int, paths: dict[str, str], run_dir: Path,
+                  bert_path: str) -> dict[str, Any]:
+    """Every option a run passes to train_f30k.py: the row's settings, paths, seed, dev split."""
     overrides = {**settings, **paths, "seed": seed, "run_dir": str(run_dir), "progress": False, "test_split": "",
                  "val_split": "dev", "val_max_images": 0, "overwrite": True}
     if overrides.get("text_encoder") == "bert":
         overrides["bert_path"] = bert_path
+    return overrides
+
+
+def train_args(overrides: dict[str, Any]) -> list[str]:
     args = []
     for key, value in overrides.items():
         args += [f"--{key}", str(value).lower() if isinstance(value, bool) else str(value)]
@@ -258,15 +267,54 @@ class Progress:
               f"{validation['rsum']:.1f} ({seconds:.0f} s); {self.eta(position, validation['epoch'])}", flush=True)
 
 
+# Settings that do not change a run's numbers (machine paths, logging): ignored when a cached run
+# is compared with the one this call would train.
+_INCIDENTAL = {"data_path", "vocab_path", "concept_path", "bert_path", "text_state_cache", "run_dir", "overwrite",
+               "progress", "workers", "eval_batch_size", "log_every", "diag_every", "checkpoint_every_steps",
+               "dist_timeout", "resume"}
+
+
+def script_defaults() -> dict[str, Any]:
+    """The variables at the top of train_f30k.py, which every run starts from."""
+    import train_f30k
+
+    return {k: v for k, v in vars(train_f30k).items() if not k.startswith("_") and isinstance(v, (bool, int, float, str))}
+
+
+def same_settings(saved_config: Path, wanted: dict[str, Any]) -> bool:
+    """Whether a finished run's config.json is the run `wanted` describes (script defaults plus
+    the row's settings). An option newer than the run is fine at its default, which keeps the
+    older behaviour."""
+    if not saved_config.is_file():
+        return False
+    saved = json.loads(saved_config.read_text())
+    defaults = script_defaults()
+    for key, value in wanted.items():
+        if key in _INCIDENTAL:
+            continue
+        if key not in saved:
+            if value != defaults.get(key):
+                return False
+        elif saved[key] != value:
+            return False
+    return True
+
+
 def run_one(name: str, seed: int, settings: dict[str, Any], paths: dict[str, str], out: Path, bert_path: str,
             keep: bool, progress: Progress, position: int) -> dict[str, Any]:
     run_dir = out / "runs" / f"{name}_s{seed}"
     result_file = run_dir / "result.json"
-    args = train_args(settings, seed, paths, run_dir, bert_path)
+    overrides = run_overrides(settings, seed, paths, run_dir, bert_path)
+    args = train_args(overrides)
+    wanted = {**script_defaults(), **overrides}
     if result_file.is_file():
-        if (run_dir / "command.txt").read_text().rstrip("\n").endswith(" ".join(args)):
+        if same_settings(run_dir / "config.json", wanted):
             return {**json.loads(result_file.read_text()), "cached": True}
         print(f"{name} seed {seed}: the cached run used other settings; training it again", flush=True)
+    for other in sorted((out / "runs").glob(f"*_s{seed}")):  # the same run under another row's name
+        if other != run_dir and (other / "result.json").is_file() and same_settings(other / "config.json", wanted):
+            result = {**json.loads((other / "result.json").read_text()), "config": name, "same_run_as": other.name}
+            return {**result, "cached": True}
     if run_dir.exists():
         shutil.rmtree(run_dir)  # an interrupted or outdated run: start it again
     run_dir.mkdir(parents=True)

@@ -168,3 +168,48 @@ def test_option_values_are_checked():
                 {"lambda_fused": -1.0}, {"bert_frozen_layers": -1}):
         with pytest.raises(M.CoderError):
             small_config(**bad)
+
+
+def test_branch_clipping_keeps_the_concept_branch_from_throttling_the_encoders():
+    """grad_clip_scope 'branch': each branch is clipped on its own, so large concept-branch
+    gradients leave the encoders' gradients untouched; 'global' scales every gradient alike."""
+    from trainer import clip_gradients
+
+    def gradients(scope):
+        model = build(small_config(concept_query_input="detach"))
+        model(make_batch())["loss"].backward()
+        for p in model.parameter_branches()["concept"]:
+            p.grad.mul_(1000.0)  # a concept branch whose gradients dwarf the encoders'
+        before = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        total = math.sqrt(sum(float(g.pow(2).sum()) for g in before.values()))
+        returned = clip_gradients(model, 2.0, scope)
+        assert float(returned) == pytest.approx(total, rel=1e-5)  # the norm before clipping
+        return model, before
+
+    model, before = gradients("branch")
+    branches = model.parameter_branches()
+    assert set(branches) == {"instance", "concept"}
+    instance_norm = math.sqrt(sum(float(before[n].pow(2).sum()) for n, _ in model.named_parameters()
+                                  if n.startswith(("image_encoder.", "text_encoder.")) and n in before))
+    for name, p in model.named_parameters():
+        if name.startswith(("image_encoder.", "text_encoder.")) and p.grad is not None:
+            scale = min(1.0, 2.0 / (instance_norm + 1e-6))
+            assert torch.allclose(p.grad, before[name] * scale, rtol=1e-5)
+    concept_norm = math.sqrt(sum(float(p.grad.pow(2).sum()) for p in branches["concept"]))
+    assert concept_norm == pytest.approx(2.0, rel=1e-4)
+
+    model, before = gradients("global")
+    name = "image_encoder.fc.weight"
+    assert float(model.get_parameter(name).grad.norm()) < 0.01 * float(before[name].norm())
+
+
+def test_branch_clipping_is_global_clipping_without_a_concept_branch():
+    from trainer import clip_gradients
+
+    grads = []
+    for scope in ("global", "branch"):
+        model = build(small_config(concept_branch=False))
+        model(make_batch())["loss"].backward()
+        clip_gradients(model, 0.01, scope)
+        grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
+    assert all(torch.allclose(a, b) for a, b in zip(*grads))
