@@ -7,11 +7,12 @@ import hashlib
 import io
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
+from torch.utils.data import Dataset
 
 from utils import CoderError
 
@@ -128,3 +129,24 @@ def get_backbone(name: str, device: str = "cpu") -> Backbone:
     return BACKBONES[name](device)
 
 
+class ImageFiles(Dataset):
+    """Decodes and preprocesses images in DataLoader workers; a bad file becomes an error
+    string instead of an exception, so that the main process decides to fail or skip."""
+
+    def __init__(self, paths: Sequence[Path], preprocess: Callable[[Image.Image], torch.Tensor], start: int):
+        self.paths, self.preprocess, self.start = list(paths), preprocess, start
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str | None]:
+        try:
+            with Image.open(self.paths[i]) as image:
+                return self.start + i, self.preprocess(image), None
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+            return self.start + i, None, f"{type(err).__name__}: {err}"
+
+
+def as_list(items: list) -> list:
+    """DataLoader collate for ImageFiles: keep the (index, tensor, error) items as they are."""
+    return items

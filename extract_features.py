@@ -25,15 +25,14 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from backbones import BACKBONES, Backbone, get_backbone
+from backbones import BACKBONES, Backbone, ImageFiles, as_list, get_backbone
 from caption_sources import Entry, build_split_entries
 from utils import CoderError, atomic_write, cli_entry
 
@@ -42,28 +41,6 @@ PROGRESS_VERSION = 1
 
 
 # --------------------------------------------------------------------------- extraction
-
-
-class _ImageFiles(Dataset):
-    """Decodes and preprocesses images in DataLoader workers; a bad file becomes an error
-    string instead of an exception, so that the main process decides to fail or skip."""
-
-    def __init__(self, paths: Sequence[Path], preprocess: Callable[[Image.Image], torch.Tensor], start: int):
-        self.paths, self.preprocess, self.start = list(paths), preprocess, start
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str | None]:
-        try:
-            with Image.open(self.paths[i]) as image:
-                return self.start + i, self.preprocess(image), None
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-            return self.start + i, None, f"{type(err).__name__}: {err}"
-
-
-def _as_list(items: list) -> list:
-    return items
 
 
 @dataclass
@@ -185,8 +162,8 @@ def extract_split(
 
     start_time = time.perf_counter()
     loader = DataLoader(
-        _ImageFiles([images_dir / name for name, _ in entries[start:]], backbone.preprocess, start),
-        batch_size=batch_size, num_workers=workers, collate_fn=_as_list,
+        ImageFiles([images_dir / name for name, _ in entries[start:]], backbone.preprocess, start),
+        batch_size=batch_size, num_workers=workers, collate_fn=as_list,
         pin_memory=torch.cuda.is_available(),
     )
     with tqdm(total=len(entries), initial=start, desc=split, unit="img", disable=not progress) as bar:

@@ -117,6 +117,8 @@ CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
     "dcl_concept_detach": ("DCL + concept branch, detached query",
                            {"BERT": True, "concept_branch": True, "pseudo_label_loss": False,
                             "concept_query_input": "detach"}),
+    "dcl_soft": ("DCL, beta -5 (hard negatives down-weighted)",
+                 {"BERT": True, "loss": "dcl", "beta": -5.0, "concept_branch": False}),
     "coder_branch_clip": ("full CODER, gradients clipped per branch",
                           {"BERT": True, **CODER, "concept_query_input": "bn", "grad_clip_scope": "branch"}),
     "coder_detach_branch_clip": ("full CODER, detached query, clipped per branch",

@@ -9,7 +9,7 @@ sys.path.insert(0, str(ROOT))
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def shared_data() -> Path:
     """`../shared/data`, or a clean skip where a fresh clone has none."""
     if not SHARED_DATA.is_dir():
@@ -47,3 +47,24 @@ def run_script(script: str, *args: str, procs: int = 1, check: bool = True, time
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
     return proc
+
+
+def tiny_flickr8k(shared_data: Path, root: Path, train: int = 30, dev: int = 10) -> Path:
+    """A Flickr8k-layout folder (images/, captions.txt, train.txt, dev.txt) with the first
+    photos of flickr8k_mini's splits (symbolic links to them)."""
+    import csv
+
+    mini = shared_data / "flickr8k_mini"
+    names = {s: (mini / f"{s}.txt").read_text().split()[:n] for s, n in (("train", train), ("dev", dev))}
+    (root / "images").mkdir(parents=True)
+    with open(mini / "captions.txt", newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["image"] in names["train"] + names["dev"]]
+    with open(root / "captions.txt", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["image", "caption"])
+        writer.writeheader()
+        writer.writerows(rows)
+    for split, files in names.items():
+        (root / f"{split}.txt").write_text("\n".join(files) + "\n")
+        for name in files:
+            (root / "images" / name).symlink_to(mini / "images" / name)
+    return root

@@ -1,7 +1,6 @@
 """bench/bench_flickr8k.py and bench/linear_probe.py on tiny data: the rows' settings, the
 table's statistics against direct computations, the plot, the probe, and one end-to-end call
 on a few real Flickr8k photos (skipped without ../shared/data or the weight packages)."""
-import csv
 import json
 import statistics
 import sys
@@ -15,6 +14,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import bench_flickr8k as B  # noqa: E402
 import linear_probe  # noqa: E402
+from conftest import tiny_flickr8k  # noqa: E402
 
 
 def with_script_defaults(settings):
@@ -87,24 +87,6 @@ def test_probe_learns_and_reports_the_recall_of_its_maps():
 
     history = linear_probe.train_probe(views(200), views(40), lr=1e-2, epochs=4, embed_dim=16, batch_size=50)
     assert len(history) == 4 and history[-1]["rsum"] > 200 and history[-1]["rsum"] > history[0]["rsum"] - 1
-
-
-def tiny_flickr8k(shared_data: Path, root: Path, train: int = 30, dev: int = 10) -> Path:
-    """A Flickr8k-layout folder with the first photos of flickr8k_mini's splits."""
-    mini = shared_data / "flickr8k_mini"
-    names = {s: (mini / f"{s}.txt").read_text().split()[:n] for s, n in (("train", train), ("dev", dev))}
-    (root / "images").mkdir(parents=True)
-    with open(mini / "captions.txt", newline="") as f:
-        rows = [r for r in csv.DictReader(f) if r["image"] in names["train"] + names["dev"]]
-    with open(root / "captions.txt", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["image", "caption"])
-        writer.writeheader()
-        writer.writerows(rows)
-    for split, files in names.items():
-        (root / f"{split}.txt").write_text("\n".join(files) + "\n")
-        for name in files:
-            (root / "images" / name).symlink_to(mini / "images" / name)
-    return root
 
 
 def test_end_to_end_on_a_few_real_photos_then_a_second_call_is_a_no_op(shared_data, tmp_path, monkeypatch, capsys):
