@@ -143,6 +143,14 @@ def gather_from_all(t: Tensor) -> Tensor:
     return torch.cat(parts)
 
 
+def fuse(instance: Tensor, concept: Tensor | None, mu: float) -> Tensor:
+    """[√(1−μ)·x, √μ·x_c]: fuse(v, v_c)·fuse(t, t_c) = (1−μ)·s(v,t) + μ·s(v_c,t_c), the
+    inference similarity S (spec §5), as one dot product. Without a concept part: x."""
+    if concept is None:
+        return instance
+    return torch.cat([math.sqrt(1 - mu) * instance, math.sqrt(mu) * concept], 1)
+
+
 def _mean_pairwise_cosine(x: Tensor) -> Tensor:
     """Mean cosine between distinct rows of unit-norm x (B,d): near 1 when the rows are
     nearly collinear, i.e. carry little about which sample they came from."""
@@ -535,21 +543,15 @@ class CODER(nn.Module):
         image_ids: Tensor,
     ) -> Tensor:
         """DCL on the inference similarity S = (1−μ)·s(v,t) + μ·s(v_c,t_c) (CVSE trains its fused
-        embedding so): S is the dot product of [√(1−μ)·v, √μ·v_c] with [√(1−μ)·t, √μ·t_c], so
-        queries, keys and queue entries are those concatenations."""
+        embedding so): queries, keys and queue entries are their `fuse`d vectors."""
         mu = self.cfg.mu
-        weights = (math.sqrt(1 - mu), math.sqrt(mu))
-
-        def fuse(instance: Tensor, concept: Tensor) -> Tensor:
-            return torch.cat([weights[0] * instance, weights[1] * concept], 1)
-
-        fused_keys = {"image": fuse(keys["image"], keys["image_concept"]),
-                      "text": fuse(keys["text"], keys["text_concept"]), "ids": keys["ids"]}
+        fused_keys = {"image": fuse(keys["image"], keys["image_concept"], mu),
+                      "text": fuse(keys["text"], keys["text_concept"], mu), "ids": keys["ids"]}
         fused_queues = {}
         if "image" in queues:
-            fused_queues = {"image": fuse(queues["image"], queues["image_concept"]),
-                            "text": fuse(queues["text"], queues["text_concept"])}
-        return self._dcl(fuse(img, img_c), fuse(cap, cap_c), "image", "text", fused_keys, fused_queues,
+            fused_queues = {"image": fuse(queues["image"], queues["image_concept"], mu),
+                            "text": fuse(queues["text"], queues["text_concept"], mu)}
+        return self._dcl(fuse(img, img_c, mu), fuse(cap, cap_c, mu), "image", "text", fused_keys, fused_queues,
                          queue_ids, image_ids)
 
     @torch.no_grad()

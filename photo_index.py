@@ -28,18 +28,11 @@ import torch
 from PIL import Image
 
 from backbones import ImageFiles, as_list, get_backbone
+from model import fuse
 from utils import CoderError, atomic_write
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp"}
 DEFAULT_CACHE = Path(__file__).resolve().parent / "data_cache" / "photo_index"
-
-
-def fuse(instance: torch.Tensor, concept: torch.Tensor | None, mu: float) -> torch.Tensor:
-    """[√(1−μ)·x, √μ·x_c]: fused(photo) · fused(text) = (1−μ)·s(v,t) + μ·s(v_c,t_c). Without a
-    concept branch the instance embedding itself."""
-    if concept is None:
-        return instance.float()
-    return torch.cat([math.sqrt(1 - mu) * instance.float(), math.sqrt(mu) * concept.float()], 1)
 
 
 def _file_key(path: Path) -> str:
@@ -85,7 +78,7 @@ class Embedder:
     @torch.no_grad()
     def _images(self, pixels: torch.Tensor) -> torch.Tensor:
         regions = self.backbone.regions(pixels.to(self.device))
-        return fuse(*self.model.encode_images(regions.float()), self.mu).cpu()
+        return fuse(*self.model.encode_images(regions.float()), self.mu).float().cpu()
 
     def photos(self, paths: Sequence[Path], progress: bool = False) -> tuple[torch.Tensor, dict[int, str]]:
         """Fused vectors of image files (rows of unreadable ones stay zero) and the errors by row."""
@@ -122,7 +115,7 @@ class Embedder:
         from retrieve import encode_queries
 
         parts = [fuse(*encode_queries(self.model, list(texts[i:i + batch_size]), self.tokenizer, self.graph,
-                                      self.device), self.mu).cpu()
+                                      self.device), self.mu).float().cpu()
                  for i in range(0, len(texts), batch_size)]
         return torch.cat(parts) if parts else torch.zeros(0, self.dim)
 

@@ -121,6 +121,10 @@ CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
                  {"BERT": True, "loss": "dcl", "beta": -5.0, "concept_branch": False}),
     "coder_branch_clip": ("full CODER, gradients clipped per branch",
                           {"BERT": True, **CODER, "concept_query_input": "bn", "grad_clip_scope": "branch"}),
+    "coder_beta0": ("full CODER, beta 0, detached query, clipped per branch",
+                    {"BERT": True, **CODER, "beta": 0.0, "concept_query_input": "detach", "grad_clip_scope": "branch"}),
+    "coder_soft": ("full CODER, beta -5, detached query, clipped per branch",
+                   {"BERT": True, **CODER, "beta": -5.0, "concept_query_input": "detach", "grad_clip_scope": "branch"}),
     "coder_detach_branch_clip": ("full CODER, detached query, clipped per branch",
                                  {"BERT": True, **CODER, "concept_query_input": "detach", "grad_clip_scope": "branch"}),
 }
@@ -371,7 +375,7 @@ def read_diagnostics(log: Path) -> dict[str, Any]:
         else:
             continue
         pairs = [item.split("=", 1) for item in text.split() if "=" in item]
-        values = {k: float(v) for k, v in pairs if k.startswith(("loss/", "diag/", "grad/"))}
+        values = {k: float(v) for k, v in pairs if k.startswith(("loss/", "diag/", "grad/", "train/"))}
         if step is None:
             epochs[int(m.group(2))] = values
         else:
