@@ -181,11 +181,14 @@ def parse_log(text: str) -> dict[str, Any]:
     validations, epoch_seconds, train_seconds = [], [], []
     last_mark = None
     for line in text.splitlines():
-        if m := _RUN_START.match(line):
-            last_mark = _stamp(m.group(1)) if last_mark is None else last_mark
+        if m := _RUN_START.match(line):  # a start or a resume: time lost to an interruption is no epoch's
+            last_mark = _stamp(m.group(1))
         elif m := _VALIDATION.match(line):
             values = dict(kv.split("=", 1) for kv in m.group(3).split())
-            validations.append({"step": int(m.group(2)), "epoch": len(validations) + 1,
+            step = int(m.group(2))
+            while validations and validations[-1]["step"] >= step:  # redone after a resume
+                validations.pop()
+            validations.append({"step": step, "epoch": len(validations) + 1,
                                 **{k: float(v) for k, v in values.items()}})
         elif (m := _EPOCH_END.match(line)) and m.group(3) == m.group(4) and last_mark is not None:
             train_seconds.append(_stamp(m.group(1)) - last_mark)
@@ -321,19 +324,26 @@ def run_one(name: str, seed: int, settings: dict[str, Any], paths: dict[str, str
         if other != run_dir and (other / "result.json").is_file() and same_settings(other / "config.json", wanted):
             result = {**json.loads((other / "result.json").read_text()), "config": name, "same_run_as": other.name}
             return {**result, "cached": True}
-    if run_dir.exists():
-        shutil.rmtree(run_dir)  # an interrupted or outdated run: start it again
-    run_dir.mkdir(parents=True)
-    cmd = [sys.executable, str(ROOT / "train_f30k.py"), *args]
-    (run_dir / "command.txt").write_text(" ".join(cmd) + "\n")
+    interrupted = (run_dir / "last.pt").is_file() and same_settings(run_dir / "config.json", wanted)
+    if interrupted:  # stopped mid-run with these settings: continue from its last epoch
+        print(f"{name} seed {seed}: resuming the interrupted run from {run_dir / 'last.pt'}", flush=True)
+        cmd = [sys.executable, str(ROOT / "train_f30k.py"), "--resume", str(run_dir / "last.pt"), "--progress", "false"]
+    else:
+        if run_dir.exists():
+            shutil.rmtree(run_dir)  # an outdated run, or one stopped before its first epoch ended
+        run_dir.mkdir(parents=True)
+        cmd = [sys.executable, str(ROOT / "train_f30k.py"), *args]
+    with open(run_dir / "command.txt", "a") as command_file:
+        command_file.write(" ".join(cmd) + "\n")
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error"}
     t0 = time.perf_counter()
-    with open(run_dir / "stdout.txt", "w") as stdout, open(run_dir / "stderr.txt", "w") as stderr:
+    mode = "a" if interrupted else "w"
+    with open(run_dir / "stdout.txt", mode) as stdout, open(run_dir / "stderr.txt", mode) as stderr:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=stdout, stderr=stderr, text=True)
-        seen, mark = 0, t0
+        log = run_dir / "train.log"
+        seen, mark = (len(parse_log(log.read_text())["validations"]) if interrupted else 0), t0
         while True:
             finished = proc.poll() is not None
-            log = run_dir / "train.log"
             validations = parse_log(log.read_text())["validations"] if log.is_file() else []
             for validation in validations[seen:]:
                 now = time.perf_counter()
