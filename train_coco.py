@@ -34,7 +34,7 @@ concept_threshold = 0.3                    # CVSE graph binarisation threshold
 gcn_hidden = 512
 momentum_gcn = True                        # [R] concept keys from a momentum copy of the GCN
 concept_score_scale = 10.0
-concept_query_input = "bn"                 # [R] bn (spec) | detach (concept losses stay out of the encoders) | no_bn
+concept_query_input = "detach"             # [R] detach (concept losses stay out of the encoders) | bn (spec) | no_bn; see docs/coder_parts.md
 label_mix_ratio = 0.4                      # r: caption's own concept labels mixed into its query
 momentum = 0.995                           # [R] key-encoder EMA
 queue_size = 8192                          # [R] entries per dynamic dictionary (0: in-batch only)
@@ -47,7 +47,7 @@ prototype_init = "random"                  # [R] random | keys (drawn from the f
 prototype_update = "ema"                   # [R] ema (prototype_momentum) | learned (trained by the pseudo-label loss)
 loss = "dcl"                               # dcl | triplet (VSE++ baseline)
 tau = 0.05
-beta = 10.0                                # [R] DCL sharpness; 0 = plain momentum InfoNCE
+beta = 0.0                                 # [R] DCL sharpness (spec: 10); 0 = momentum InfoNCE weights; see docs/coder_parts.md
 margin = 0.2                               # triplet baseline only
 lambda_concept = 1.0                       # [R]
 lambda_pseudo = 1.0                        # [R]
@@ -65,7 +65,7 @@ warmup_epochs = 1
 lr_decay_epoch = 15
 lr_decay_factor = 0.1
 grad_clip = 2.0
-grad_clip_scope = "global"                 # global (spec) | branch: instance encoders and concept branch clipped apart
+grad_clip_scope = "branch"                 # branch: instance encoders and concept branch clipped apart | global (spec)
 freeze_bert_epochs = 0
 # system
 seed = 0

@@ -27,7 +27,7 @@ def with_script_defaults(settings):
 def test_rows_share_every_setting_but_their_named_change():
     base = with_script_defaults(B.run_settings("infonce", "full", "cpu", None))
     assert base["bert_frozen_layers"] == 5 and base["beta"] == 0.0 and base["concept_branch"] is False
-    for name in ("dcl", "dcl_concept", "coder"):
+    for name in ("dcl", "infonce_concept", "coder"):
         own = with_script_defaults(B.run_settings(name, "full", "cpu", None))
         changed = {k for k in set(base) | set(own) if base.get(k) != own.get(k)}
         assert changed <= {"beta", "concept_branch", "pseudo_label_loss"}, (name, changed)
@@ -47,6 +47,24 @@ def fake_run(name, seed, rsums):
     return {"config": name, "seed": seed, "best": {k: best[k] for k in B.METRICS}, "best_epoch": best["epoch"],
             "validations": validations, "epoch_seconds": [10.0] * len(rsums), "train_seconds": [8.0] * len(rsums),
             "wall_seconds": 10.0 * len(rsums)}
+
+
+def test_a_resumed_runs_log_counts_each_epoch_once():
+    """Interrupted in epoch 3 after its validation but before its checkpoint, resumed from the end
+    of epoch 2: epoch 3's first validation is replaced and its time starts at the resume."""
+    metrics = " ".join(f"{k}=1.0" for k in B.METRICS if k != "rsum")
+    log = "\n".join([
+        "2026-12-01 10:00:00 run r | code x", "2026-12-01 10:01:40 epoch 1 step 10/10 (global 10) loss=1",
+        f"2026-12-01 10:01:50 validation at step 10: {metrics} rsum=100.0", "2026-12-01 10:02:00 epoch 1 done",
+        f"2026-12-01 10:03:50 validation at step 20: {metrics} rsum=150.0", "2026-12-01 10:04:00 epoch 2 done",
+        f"2026-12-01 10:05:50 validation at step 30: {metrics} rsum=170.0",
+        "2026-12-01 11:00:00 run r | code x", "2026-12-01 11:00:01 resumed from r/last.pt at epoch 3, step 0",
+        "2026-12-01 11:01:30 epoch 3 step 10/10 (global 30) loss=1",
+        f"2026-12-01 11:01:50 validation at step 30: {metrics} rsum=160.0", "2026-12-01 11:02:00 epoch 3 done"])
+    parsed = B.parse_log(log)
+    assert [(v["epoch"], v["rsum"]) for v in parsed["validations"]] == [(1, 100.0), (2, 150.0), (3, 160.0)]
+    assert parsed["epoch_seconds"] == [120.0, 120.0, 120.0]
+    assert parsed["train_seconds"] == [100.0, 90.0]
 
 
 def test_summary_means_and_paired_differences():
