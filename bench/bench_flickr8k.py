@@ -4,7 +4,7 @@
     python bench/bench_flickr8k.py --seeds 3            # seeds 0-2 (finished runs are reused)
     python bench/bench_flickr8k.py --device cuda        # AMP on a GPU, 3 seeds by default
     python bench/bench_flickr8k.py --dataset mini       # the 810-photo subset, a quick check
-    python bench/bench_flickr8k.py --configs coder_detach,coder_fused   # extra rows (see CONFIGS)
+    python bench/bench_flickr8k.py --configs coder_beta10,coder_fused   # extra rows (see CONFIGS)
 
 1. extracts EfficientNet-Lite0 region features of the dataset's photos (cached and resumable
    in data_cache/, a second call is a no-op) and builds vocab.json and a concept folder from the

@@ -67,6 +67,25 @@ def test_a_resumed_runs_log_counts_each_epoch_once():
     assert parsed["train_seconds"] == [100.0, 90.0]
 
 
+def test_a_cached_run_is_reused_only_with_the_same_settings(tmp_path):
+    """Machine paths never matter; an option newer than the run matches the value that keeps the
+    run's behaviour; concept-branch options do not matter when the branch is off."""
+    defaults = B.script_defaults()
+    wanted = {**defaults, **B.run_settings("coder", "full", "cpu", None), "data_path": "/here"}
+    saved = tmp_path / "config.json"
+    saved.write_text(json.dumps({**wanted, "data_path": "/elsewhere"}))
+    assert B.same_settings(saved, wanted)
+    assert not B.same_settings(saved, {**wanted, "beta": 10.0})
+    older = {k: v for k, v in wanted.items() if k != "grad_clip_scope"}  # written before the option
+    saved.write_text(json.dumps(older))
+    assert B.same_settings(saved, {**wanted, "grad_clip_scope": "global"})
+    assert not B.same_settings(saved, {**wanted, "grad_clip_scope": "branch"})
+    infonce = {**defaults, **B.run_settings("infonce", "full", "cpu", None)}
+    saved.write_text(json.dumps({**infonce, "concept_query_input": "bn", "grad_clip_scope": "global"}))
+    assert B.same_settings(saved, infonce)
+    assert not B.same_settings(tmp_path / "missing.json", infonce)
+
+
 def test_summary_means_and_paired_differences():
     results = [fake_run("infonce", 0, [100, 150, 140]), fake_run("infonce", 1, [90, 120, 130]),
                fake_run("coder", 0, [110, 160, 155]), fake_run("coder", 1, [95, 118, 125])]

@@ -84,9 +84,10 @@ def test_two_processes_follow_one_process_step_by_step(runs):
     assert a["model"].keys() == b["model"].keys() and "queue_kernel" in a["model"]
     for name, value in a["model"].items():
         if value.is_floating_point():
-            # The bias of an attention score is softmax-invariant: its gradient is zero up to
-            # rounding, which Adam scales up to lr-sized steps; it gets a looser tolerance.
-            atol = 2e-4 if name.endswith("pool.score.bias") else 1e-5
+            # The bias of an attention score is softmax-invariant (no output depends on it): its
+            # gradient is zero up to rounding, which Adam scales up to steps of up to lr in
+            # either direction (14 steps here, their learning rates summing to ~5e-3).
+            atol = 1e-3 if name.endswith("pool.score.bias") else 1e-5
             got = b["model"][name]
             if name == "queue_kernel":  # exp((s-1)/eps) spans many decades: compare (s-1)/eps
                 got, value, atol = got.clamp_min(1e-30).log(), value.clamp_min(1e-30).log(), 1e-3
