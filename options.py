@@ -248,12 +248,19 @@ RESUME_MAY_CHANGE = ("resume", "run_dir", "overwrite", "epochs", "device", "work
                      "bert_length_groups", "text_state_cache", "diag_every", "data_path")
 
 
+# What a run did before an option existed, where the option's default has changed since: a
+# checkpoint without the option resumes with this value, not today's default.
+BEFORE_THE_OPTION = {"grad_clip_scope": "global", "concept_query_input": "bn"}
+
+
 def resumed_config(config: dict[str, Any], explicit: set[str]) -> dict[str, Any]:
     """The checkpoint's config, with the command line's changes to `RESUME_MAY_CHANGE` only
-    (options newer than the checkpoint take the script's defaults)."""
+    (options newer than the checkpoint take the value that keeps its behaviour, else the
+    script's default)."""
     from checkpoint import load_checkpoint
 
     saved = load_checkpoint(config["resume"])["config"]
+    saved = {**{k: v for k, v in BEFORE_THE_OPTION.items() if k not in saved}, **saved}
     refused = sorted(k for k in explicit if k not in RESUME_MAY_CHANGE and config[k] != saved.get(k, config[k]))
     if refused:
         raise CoderError(f"{config['resume']}: a resumed run keeps its configuration; cannot change "

@@ -40,6 +40,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 SHARED = ROOT.parent / "shared" / "data"
 
+from options import BEFORE_THE_OPTION  # noqa: E402
+
 # Shared by every row on full Flickr8k (6,000 train images, 30,000 captions; dev 1,000 / 5,000).
 # Chosen on dev only; the reason for each value is next to it.
 FULL_COMMON: dict[str, Any] = {
@@ -281,9 +283,6 @@ _INCIDENTAL = {"data_path", "vocab_path", "concept_path", "bert_path", "text_sta
                "dist_timeout", "resume"}
 
 
-# What a run saved before an option existed did, where the option's default has changed since.
-_BEFORE_THE_OPTION = {"grad_clip_scope": "global", "concept_query_input": "bn"}
-
 # Settings without effect when the concept branch is off: nothing reads the concept query, and
 # the instance encoders are then the only branch, so clipping per branch is the global clip.
 _CONCEPT_BRANCH_ONLY = {"concept_query_input", "grad_clip_scope"}
@@ -309,7 +308,7 @@ def same_settings(saved_config: Path, wanted: dict[str, Any]) -> bool:
         if key in _INCIDENTAL or key in inert:
             continue
         if key not in saved:
-            if value != _BEFORE_THE_OPTION.get(key, defaults.get(key)):
+            if value != BEFORE_THE_OPTION.get(key, defaults.get(key)):
                 return False
         elif saved[key] != value:
             return False

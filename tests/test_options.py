@@ -213,3 +213,21 @@ def test_branch_clipping_is_global_clipping_without_a_concept_branch():
         clip_gradients(model, 0.01, scope)
         grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
     assert all(torch.allclose(a, b) for a, b in zip(*grads))
+
+
+def test_a_checkpoint_older_than_an_option_resumes_with_its_old_behaviour(tmp_path):
+    """Options whose default changed after a checkpoint was written: resuming keeps what the run
+    did (per-branch clipping and the detached query did not exist: global clip, BN query)."""
+    import train_f30k
+    from checkpoint import save_checkpoint
+    from options import resumed_config
+
+    defaults = {k: v for k, v in vars(train_f30k).items() if not k.startswith("_") and isinstance(v, (bool, int, float, str))}
+    old = {k: v for k, v in defaults.items() if k not in ("grad_clip_scope", "concept_query_input")}
+    save_checkpoint(tmp_path / "old.pt", {"config": old})
+    save_checkpoint(tmp_path / "new.pt", {"config": defaults})
+    resumed = resumed_config({**defaults, "resume": str(tmp_path / "old.pt")}, {"resume"})
+    assert resumed["grad_clip_scope"] == "global" and resumed["concept_query_input"] == "bn"
+    resumed = resumed_config({**defaults, "resume": str(tmp_path / "new.pt")}, {"resume"})
+    assert resumed["grad_clip_scope"] == defaults["grad_clip_scope"] == "branch"
+    assert resumed["concept_query_input"] == defaults["concept_query_input"] == "detach"
