@@ -368,7 +368,7 @@ def run_one(name: str, seed: int, settings: dict[str, Any], paths: dict[str, str
     result = {"config": name, "seed": seed, "best": {k: best[k] for k in METRICS},
               "best_epoch": best["epoch"], "validations": parsed["validations"],
               "epoch_seconds": parsed["epoch_seconds"], "train_seconds": parsed["train_seconds"],
-              "wall_seconds": wall, "diagnostics": read_diagnostics(run_dir / "train.log")}
+              "wall_seconds": wall, "resumed": interrupted, "diagnostics": read_diagnostics(run_dir / "train.log")}
     result_file.write_text(json.dumps(result, indent=2))
     (run_dir / "last.pt").unlink(missing_ok=True)
     if not keep:
@@ -591,6 +591,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         print(f"[{position + 1}/{len(plan)}] {name} seed {seed}: rsum {best['rsum']:.1f} (i2t R@1 {best['i2t_r1']:.1f}, "
               f"t2i R@1 {best['t2i_r1']:.1f}) at epoch {result['best_epoch']}/{len(result['validations'])}; "
               f"{statistics.fmean(result['epoch_seconds']):.0f} s/epoch, {result['wall_seconds']:.0f} s in all"
+              + (" since the resume" if result.get("resumed") else "")
               + (" (cached)" if result.get("cached") else f"; {progress.eta(position + 1, 0)}"), flush=True)
         write_outputs(out, args.dataset, results, probes, names, extra)
     table = write_outputs(out, args.dataset, results, probes, names, extra)
