@@ -594,6 +594,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
               + (" since the resume" if result.get("resumed") else "")
               + (" (cached)" if result.get("cached") else f"; {progress.eta(position + 1, 0)}"), flush=True)
         write_outputs(out, args.dataset, results, probes, names, extra)
+    if args.report and not results and not probes:
+        raise SystemExit(f"{out / 'runs'}: no finished runs of {', '.join(names)} to report")
     table = write_outputs(out, args.dataset, results, probes, names, extra)
     print(f"\n{spec['title']}; mean ± sample std over seeds (one value: one seed); 'vs InfoNCE' = mean of the "
           f"per-seed paired rsum differences (each seed's value in brackets); best epoch by dev rsum, of the "

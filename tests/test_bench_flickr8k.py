@@ -155,3 +155,9 @@ def test_end_to_end_on_a_few_real_photos_then_a_second_call_is_a_no_op(shared_da
     second = capsys.readouterr().out
     assert "(cached)" in second and "epoch 1/2" not in second  # nothing trained again
     assert [r["rsum"] for r in again] == [r["rsum"] for r in rows]
+
+
+def test_report_without_finished_runs_says_so(tmp_path):
+    with pytest.raises(SystemExit, match="no finished runs of infonce to report"):
+        B.main(["--report", "--out", str(tmp_path), "--configs", "infonce", "--no_probe"])
+    assert not (tmp_path / "results.md").exists()
