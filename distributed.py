@@ -7,6 +7,7 @@ that W processes see exactly the one-process batches (and can resume mid-epoch),
 from __future__ import annotations
 
 import datetime
+import gc
 import inspect
 import os
 from typing import Any, Iterator
@@ -71,7 +72,11 @@ class Dist:
         return box[0]
 
     def close(self) -> None:
+        """Collect garbage first, so that a finished run's DDP reducer (which may sit in a
+        reference cycle) lets go of the group now rather than at interpreter exit, where Gloo's
+        teardown can abort a process that trained successfully."""
         if self.world_size > 1 and dist.is_initialized():
+            gc.collect()
             dist.destroy_process_group()
 
 
