@@ -248,6 +248,12 @@ RESUME_MAY_CHANGE = ("resume", "run_dir", "overwrite", "epochs", "device", "work
                      "bert_length_groups", "text_state_cache", "diag_every", "data_path")
 
 
+def script_config(variables: dict[str, Any]) -> dict[str, Any]:
+    """The config a training script declares: its public top-level bool, int, float and str
+    variables (pass the script's `globals()` or `vars(module)`)."""
+    return {k: v for k, v in variables.items() if not k.startswith("_") and isinstance(v, (bool, int, float, str))}
+
+
 # What a run did before an option existed, where the option's default has changed since: a
 # checkpoint without the option resumes with this value, not today's default.
 BEFORE_THE_OPTION = {"grad_clip_scope": "global", "concept_query_input": "bn"}

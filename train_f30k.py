@@ -86,9 +86,9 @@ overwrite = False
 resume = ""
 
 if __name__ == "__main__":
+    from options import script_config
     from trainer import run
     from utils import cli_entry
 
-    config = {k: v for k, v in dict(globals()).items()
-              if not k.startswith("_") and isinstance(v, (bool, int, float, str))}
+    config = script_config(dict(globals()))
     cli_entry(run)(config, sys.argv[1:], "f30k")

@@ -306,8 +306,8 @@ def training_step(forward: Any, raw_model: torch.nn.Module, optimizer: torch.opt
                   clip_scope: str = "global") -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """One optimizer step: forward (`forward` is the model or its DDP wrapper) under autocast,
     backward (DDP averages the gradients), unscale and clip (`clip_scope`, see clip_gradients;
-    the same norms on every process), step, then the model's after_optimizer_step (momentum encoders, prototypes,
-    queues). Returns this process's losses and the gradient norm; given a dict `term_norms`,
+    the same norms on every process), step, then the model's after_optimizer_step (momentum
+    encoders, prototypes, queues). Returns this process's losses and the gradient norm; given a dict `term_norms`,
     fills it with `term_gradient_norms` first. (bench/bench_throughput.py times exactly this
     function.)"""
     device_type = next(raw_model.parameters()).device.type

@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 SHARED = ROOT.parent / "shared" / "data"
 
-from options import BEFORE_THE_OPTION  # noqa: E402
+from options import BEFORE_THE_OPTION, script_config  # noqa: E402
 
 # Shared by every row on full Flickr8k (6,000 train images, 30,000 captions; dev 1,000 / 5,000).
 # Chosen on dev only; the reason for each value is next to it.
@@ -292,7 +292,7 @@ def script_defaults() -> dict[str, Any]:
     """The variables at the top of train_f30k.py, which every run starts from."""
     import train_f30k
 
-    return {k: v for k, v in vars(train_f30k).items() if not k.startswith("_") and isinstance(v, (bool, int, float, str))}
+    return script_config(vars(train_f30k))
 
 
 def same_settings(saved_config: Path, wanted: dict[str, Any]) -> bool:

@@ -18,10 +18,7 @@ from conftest import tiny_flickr8k  # noqa: E402
 
 
 def with_script_defaults(settings):
-    import train_f30k
-
-    defaults = {k: v for k, v in vars(train_f30k).items() if not k.startswith("_") and isinstance(v, (bool, int, float, str))}
-    return {**defaults, **settings}
+    return {**B.script_defaults(), **settings}
 
 
 def test_rows_share_every_setting_but_their_named_change():

@@ -220,9 +220,9 @@ def test_a_checkpoint_older_than_an_option_resumes_with_its_old_behaviour(tmp_pa
     did (per-branch clipping and the detached query did not exist: global clip, BN query)."""
     import train_f30k
     from checkpoint import save_checkpoint
-    from options import resumed_config
+    from options import resumed_config, script_config
 
-    defaults = {k: v for k, v in vars(train_f30k).items() if not k.startswith("_") and isinstance(v, (bool, int, float, str))}
+    defaults = script_config(vars(train_f30k))
     old = {k: v for k, v in defaults.items() if k not in ("grad_clip_scope", "concept_query_input")}
     save_checkpoint(tmp_path / "old.pt", {"config": old})
     save_checkpoint(tmp_path / "new.pt", {"config": defaults})
