@@ -4,13 +4,13 @@ image name per line for a split; `build_split_entries` turns them into (image, k
 from __future__ import annotations
 
 import csv
-import json
+import io
 import os
 import re
 from pathlib import Path
 from typing import Any, Mapping
 
-from utils import CoderError
+from utils import CoderError, open_input, read_json, read_text, read_text_lines
 
 # SCAN's split names for Karpathy's JSON: COCO's "restval" images join the training set.
 KARPATHY_DEFAULT_SPLITS = {"train": ("train", "restval"), "dev": ("val",), "test": ("test",)}
@@ -26,8 +26,9 @@ def read_captions_csv(path: str | os.PathLike) -> dict[str, list[str]]:
     """
     path = Path(path)
     captions: dict[str, list[str]] = {}
+    text = read_text(path, "captions file")
     try:
-        with open(path, newline="", encoding="utf-8-sig") as f:
+        with io.StringIO(text, newline="") as f:
             reader = csv.reader(f)
             header = next(reader, None)
             if header is None:
@@ -50,10 +51,8 @@ def read_captions_csv(path: str | os.PathLike) -> dict[str, list[str]]:
                 if not image or not caption:
                     raise CoderError(f"{path}, line {reader.line_num}: empty image name or caption")
                 captions.setdefault(image, []).append(caption)
-    except OSError as err:
-        raise CoderError(f"{path}: cannot read captions file ({err.strerror or err})") from None
-    except (UnicodeDecodeError, csv.Error) as err:
-        raise CoderError(f"{path}: not a UTF-8 CSV captions file ({err})") from None
+    except csv.Error as err:
+        raise CoderError(f"{path}, line {reader.line_num}: not a CSV captions file ({err})") from None
     if not captions:
         raise CoderError(f"{path}: captions file has a header but no captions")
     return captions
@@ -66,12 +65,7 @@ def read_karpathy_json(path: str | os.PathLike) -> tuple[dict[str, list[str]], d
     `filename` (Flickr30K), relative to the image folder.
     """
     path = Path(path)
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as err:
-        raise CoderError(f"{path}: cannot read captions file ({err.strerror or err})") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CoderError(f"{path}: not valid JSON ({err})") from None
+    doc = read_json(path, "captions file")
     images = doc.get("images") if isinstance(doc, dict) else None
     if not isinstance(images, list):
         raise CoderError(f"{path}: expected Karpathy's format, an object with an 'images' list")
@@ -83,7 +77,7 @@ def read_karpathy_json(path: str | os.PathLike) -> tuple[dict[str, list[str]], d
             if item.get("filepath"):
                 name = f"{item['filepath']}/{name}"
             split = item["split"]
-            sentences = [_clean_caption(s["raw"]) for s in item["sentences"]]
+            sentences = [_clean_caption(_string(s["raw"])) for s in item["sentences"]]
         except (KeyError, TypeError, AttributeError) as err:
             raise CoderError(
                 f"{path}: images[{i}] lacks filename/split/sentences[].raw ({type(err).__name__}: {err})"
@@ -102,12 +96,7 @@ def read_karpathy_json(path: str | os.PathLike) -> tuple[dict[str, list[str]], d
 
 def read_split_list(path: str | os.PathLike) -> list[str]:
     """A split file: one image filename per line (blank lines ignored, no duplicates)."""
-    path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8-sig").splitlines()
-    except OSError as err:
-        raise CoderError(f"{path}: cannot read split file ({err.strerror or err})") from None
-    names = [line.strip() for line in lines if line.strip()]
+    names = [line.strip() for line in read_text_lines(path, "split file") if line.strip()]
     seen: set[str] = set()
     for name in names:
         if name in seen:
@@ -119,8 +108,15 @@ def read_split_list(path: str | os.PathLike) -> list[str]:
 
 
 def _clean_caption(text: str) -> str:
-    # One caption per line in {split}_caps.txt: no embedded newlines or stray whitespace.
-    return " ".join(str(text).split())
+    # One caption per line in {split}_caps.txt: embedded newlines, U+2028 and other line-break
+    # characters and runs of whitespace become single spaces.
+    return " ".join(text.split())
+
+
+def _string(value: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"a caption is {type(value).__name__}, not a string")
+    return value
 
 
 def _is_json(path: Path) -> bool:
@@ -146,8 +142,7 @@ def build_split_entries(
     Images with more than k captions keep their first k; fewer than k is an error.
     """
     captions = Path(captions)
-    if not captions.is_file():
-        raise CoderError(f"{captions}: captions file does not exist")
+    open_input(captions, "captions file").close()  # not found, a folder, under a file, empty
     if captions_per_image < 1:
         raise CoderError(f"captions per image must be at least 1 (got {captions_per_image})")
     names: dict[str, list[str]] = {}
@@ -155,8 +150,8 @@ def build_split_entries(
         caps, image_split = read_karpathy_json(captions)
         present = set(image_split.values())
         if not splits:
-            splits = {
-                out: values
+            splits = {  # Flickr30K's file has no "restval": train is then its "train" alone
+                out: [v for v in values if v in present]
                 for out, values in KARPATHY_DEFAULT_SPLITS.items()
                 if present.intersection(values)
             }

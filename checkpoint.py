@@ -5,14 +5,16 @@ from __future__ import annotations
 import os
 import pickle
 import subprocess
+import sys
 from dataclasses import fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
-from utils import CoderError, atomic_write
+from options import BEFORE_THE_OPTION, RESUME_MAY_CHANGE
+from utils import CoderError, atomic_write, open_input
 
 CHECKPOINT_FORMAT = "coder-checkpoint-v1"
 
@@ -43,7 +45,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         raise CoderError(f"{path}: is a folder; give the checkpoint file (best.pt or last.pt)")
     if not path.is_file():
         raise CoderError(f"{path}: checkpoint file not found")
-    with open(path, "rb") as f:
+    with open_input(path, "checkpoint file") as f:  # unreadable or empty: one line
         magic = f.read(4)
     if magic != b"PK\x03\x04":  # torch.save writes a zip archive
         raise CoderError(f"{path}: not a checkpoint (not a PyTorch zip archive; an empty, text or foreign file)")
@@ -61,18 +63,89 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     return state
 
 
-# Buffers newer than some checkpoints: a checkpoint written before one existed loads with the
-# fresh model's value, then the named method (if any) recomputes it from the rest of the state.
-# (prototypes_ready: such checkpoints had random prototypes, for which the fresh value is True.)
-DERIVED_BUFFERS = {"queue_kernel": "refresh_queue_kernel", "prototypes_ready": None}
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
-def load_state_strict(module: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
-    """`load_state_dict` that names every missing, unexpected or mis-shaped key in one error
-    (a missing derived buffer is recomputed instead)."""
+def _is_graph(v: Any) -> bool:
+    return v is None or (isinstance(v, dict) and isinstance(v.get("words"), list) and all(
+        isinstance(v.get(k), torch.Tensor) for k in ("counts", "cooccurrence", "word_vectors")))
+
+
+# What every checkpoint holds, and what a resume needs besides (training writes them all).
+CHECKPOINT_KEYS: dict[str, tuple[Any, str]] = {
+    "config": (lambda v: isinstance(v, dict) and all(isinstance(k, str) for k in v), "a dict of options"),
+    "model": (lambda v: isinstance(v, dict) and all(isinstance(t, torch.Tensor) for t in v.values()),
+              "a dict of tensors"),
+    "image_dim": (lambda v: _is_int(v) and v > 0, "a positive integer"),
+    "vocab_words": (lambda v: v is None or (isinstance(v, list) and all(isinstance(w, str) for w in v)),
+                    "a list of words or None"),
+    "concept_graph": (_is_graph, "a dict with words, counts, cooccurrence, word_vectors, or None"),
+}
+RESUME_KEYS: dict[str, tuple[Any, str]] = {
+    "optimizer": (lambda v: isinstance(v, dict) and "state" in v and "param_groups" in v, "an optimizer state"),
+    "scaler": (lambda v: isinstance(v, dict), "a dict"),
+    "rng": (lambda v: isinstance(v, list) and len(v) > 0, "a list of random states"),
+    "epoch": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    "step_in_epoch": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    "global_step": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    "best_rsum": (lambda v: isinstance(v, (int, float)), "a number"),
+}
+
+
+def _check_keys(path: str | os.PathLike, state: dict[str, Any], keys: dict[str, tuple[Any, str]]) -> None:
+    for key, (check, text) in keys.items():
+        if key not in state:
+            raise CoderError(f"{path}: checkpoint has no '{key}' (written by another program, or damaged)")
+        if not check(state[key]):
+            raise CoderError(f"{path}: checkpoint's '{key}' is not {text} (found {type(state[key]).__name__})")
+
+
+# Options every use of a checkpoint reads (others fall back to the model's defaults).
+REQUIRED_OPTIONS = ("text_encoder", "mu", "data_path")
+
+
+def check_checkpoint_contents(path: str | os.PathLike, state: dict[str, Any]) -> None:
+    """Each key a checkpoint must hold, of the right type; the saved options present and
+    within their ranges; finite weights. One line naming the file and the first problem."""
+    _check_keys(path, state, CHECKPOINT_KEYS)
+    _check_saved_options(path, state["config"])
+    bad = next((k for k, t in state["model"].items() if t.is_floating_point() and not torch.isfinite(t).all()), None)
+    if bad is not None:
+        raise CoderError(f"{path}: non-finite values (NaN or inf) in the weights ({bad}); use an earlier checkpoint")
+
+
+def _check_saved_options(path: str | os.PathLike, config: dict[str, Any]) -> None:
+    """The options every use reads are there, and each saved value within its range."""
+    from options import check_values
+
+    missing = [k for k in REQUIRED_OPTIONS if k not in config]
+    if missing:
+        raise CoderError(f"{path}: the checkpoint's config lacks {', '.join(missing)} (written by another program, "
+                         f"or damaged)")
+    try:
+        check_values(config)
+    except CoderError as err:
+        raise CoderError(f"{path}: the checkpoint's config is invalid: {err}") from None
+
+
+def check_resume_contents(path: str | os.PathLike, state: dict[str, Any]) -> None:
+    """What resuming reads besides the weights: optimizer, scaler, random states, position."""
+    _check_keys(path, state, RESUME_KEYS)
+
+
+def note_on_stderr(text: str) -> None:
+    print(text, file=sys.stderr)
+
+
+def load_state_strict(module: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str,
+                      note: Callable[[str], None] = note_on_stderr) -> None:
+    """`load_state_dict` that names every missing, unexpected or mis-shaped key in one error.
+    A module with `upgrade_state_dict` (CODER) first maps a checkpoint of an earlier layout
+    to its own, telling `note` what it dropped."""
+    if hasattr(module, "upgrade_state_dict"):
+        state_dict = module.upgrade_state_dict(state_dict, note)
     own = module.state_dict()
-    derived = [k for k in DERIVED_BUFFERS if k in own and k not in state_dict]
-    state_dict = {**state_dict, **{k: own[k] for k in derived}}
     missing = sorted(set(own) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(own))
     mis_shaped = sorted(k for k in set(own) & set(state_dict) if own[k].shape != state_dict[k].shape)
@@ -84,9 +157,29 @@ def load_state_strict(module: torch.nn.Module, state_dict: dict[str, torch.Tenso
                 parts.append(f"{label}: {shown}")
         raise CoderError(f"{source}: checkpoint does not match this model configuration; " + "; ".join(parts))
     module.load_state_dict(state_dict, strict=True)
-    for key in derived:
-        if DERIVED_BUFFERS[key]:
-            getattr(module, DERIVED_BUFFERS[key])()
+
+
+def saved_config(state: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's run config, with the value that keeps its behaviour for each option
+    newer than it (`options.BEFORE_THE_OPTION`)."""
+    return {**{k: v for k, v in BEFORE_THE_OPTION.items() if k not in state["config"]}, **state["config"]}
+
+
+def resumed_config(config: dict[str, Any], explicit: set[str]) -> dict[str, Any]:
+    """The config of `--resume`'s checkpoint, with the command line's changes to
+    `options.RESUME_MAY_CHANGE` only (`explicit`: the names the command line set)."""
+    state = load_checkpoint(config["resume"])
+    _check_keys(config["resume"], state, {"config": CHECKPOINT_KEYS["config"]})
+    _check_saved_options(config["resume"], state["config"])
+    saved = saved_config(state)
+    refused = sorted(k for k in explicit if k not in RESUME_MAY_CHANGE and config[k] != saved.get(k, config[k]))
+    if refused:
+        raise CoderError(f"{config['resume']}: a resumed run keeps its configuration; cannot change "
+                         f"{', '.join('--' + k for k in refused)} (allowed: "
+                         f"{', '.join('--' + k for k in RESUME_MAY_CHANGE[1:])})")
+    # The run continues where its checkpoint now is, not in the folder it was written in.
+    return {**config, **saved, **{k: config[k] for k in explicit if k in RESUME_MAY_CHANGE},
+            "resume": config["resume"], "run_dir": config["run_dir"] if "run_dir" in explicit else ""}
 
 
 def concept_graph_state(graph: Any) -> dict[str, Any] | None:
@@ -106,9 +199,12 @@ def concept_graph_from_state(state: dict[str, Any] | None) -> Any:
         return None
     from concepts import ConceptGraph
 
-    return ConceptGraph(words=list(state["words"]), counts=state["counts"].numpy(),
-                        cooccurrence=state["cooccurrence"].numpy(),
-                        word_vectors=state["word_vectors"].numpy())
+    graph = ConceptGraph(words=list(state["words"]), counts=state["counts"].numpy(),
+                         cooccurrence=state["cooccurrence"].numpy(),
+                         word_vectors=state["word_vectors"].numpy(), source="the checkpoint's concept graph")
+    if not np.isfinite(graph.word_vectors).all():
+        raise CoderError("the checkpoint's concept graph: non-finite values (NaN or inf) in its word vectors")
+    return graph
 
 
 def model_config_from(config: dict[str, Any], **overrides: Any) -> Any:
@@ -149,7 +245,8 @@ def load_for_inference(path: str | os.PathLike, device: str | torch.device = "cp
         torch.nn.Module, Any, Any, dict[str, Any]]:
     """(model in eval mode, tokenizer, concept graph, run config) from a checkpoint file."""
     state = load_checkpoint(path)
-    config = state["config"]
+    check_checkpoint_contents(path, state)
+    config = saved_config(state)
     graph = concept_graph_from_state(state.get("concept_graph"))
     tokenizer = make_tokenizer(config, state.get("vocab_words"))
     model = build_model(config, state["image_dim"], len(state["vocab_words"] or []), graph)

@@ -30,7 +30,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from utils import CoderError, atomic_write, cli_entry, load_pickle_restricted
+from utils import (CoderError, atomic_write, cli_entry, load_pickle_restricted, npy_header, open_input, path_problem,
+                   read_json, read_text, read_text_lines)
 from vocab import read_captions, tokenize
 
 FORMAT_NAME = "coder-concepts"
@@ -171,20 +172,10 @@ class ConceptGraph:
 
 
 # --- Loading ----------------------------------------------------------------------------------
-def _read_json(path: Path) -> object:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CoderError(f"{path}: file not found") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CoderError(f"{path}: cannot read JSON ({err})") from None
-
-
 def _read_npy(path: Path) -> np.ndarray:
+    npy_header(path, "file")  # a truncated file or an absurd header: refused before loading
     try:
         return np.load(path, allow_pickle=False)
-    except FileNotFoundError:
-        raise CoderError(f"{path}: file not found") from None
     except (OSError, ValueError, EOFError) as err:
         raise CoderError(f"{path}: not a readable .npy array ({err})") from None
 
@@ -198,21 +189,52 @@ def _check_shape(path: Path, arr: object, shape: tuple) -> np.ndarray:
         want = ", ".join("w" if s is None else str(s) for s in shape)
         want = f"({want},)" if len(shape) == 1 else f"({want})"
         raise CoderError(f"{path}: expected an array of shape {want}, found {found}")
-    if not np.issubdtype(arr.dtype, np.number):
+    if not np.issubdtype(arr.dtype, np.number) or np.issubdtype(arr.dtype, np.complexfloating):
         raise CoderError(f"{path}: expected numbers, found dtype {arr.dtype}")
     return arr
 
 
+def _check_counts(path: Path, arr: object, shape: tuple) -> np.ndarray:
+    """Caption counts: integers (whole-valued floats accepted), none negative."""
+    arr = _check_shape(path, arr, shape)
+    if not np.isfinite(arr).all() or (arr != np.round(arr)).any() or (arr < 0).any():
+        raise CoderError(f"{path}: caption counts must be whole numbers >= 0, found {arr.dtype} values such as "
+                         f"{arr.flat[int(np.argmax((arr != np.round(arr)) | (arr < 0) | ~np.isfinite(arr)))]}")
+    return arr
+
+
+def _check_vectors(path: Path, arr: object, n: int) -> np.ndarray:
+    """Word vectors: one finite row per concept (a NaN here would surface as a diverged model)."""
+    arr = _check_shape(path, arr, (n, None))
+    bad = ~np.isfinite(arr).all(axis=1)
+    if bad.any():
+        raise CoderError(f"{path}: non-finite values (NaN or inf) in the word vectors of concept(s) "
+                         f"{np.flatnonzero(bad)[:5].tolist()}")
+    return arr
+
+
+def _check_words(path: Path, words: list) -> list[str]:
+    wrong = next((w for w in words if not isinstance(w, str) or not w.strip()), None)
+    if wrong is not None:
+        raise CoderError(f"{path}: concept words must be non-empty strings, found {wrong!r}")
+    if not words:
+        raise CoderError(f"{path}: lists no concept words")
+    twice = [w for w, c in Counter(words).items() if c > 1]
+    if twice:
+        raise CoderError(f"{path}: concept words listed twice: {twice[:5]}")
+    return words
+
+
 def _load_own(root: Path) -> ConceptGraph:
     meta_path = root / "concepts.json"
-    meta = _read_json(meta_path)
+    meta = read_json(meta_path, "concept file")
     if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME or not isinstance(meta.get("words"), list):
         raise CoderError(f"{meta_path}: not a '{FORMAT_NAME}' file (needs 'format' and a 'words' list)")
-    words = [str(w) for w in meta["words"]]
+    words = _check_words(meta_path, meta["words"])
     n = len(words)
-    counts = _check_shape(root / "counts.npy", _read_npy(root / "counts.npy"), (n,))
-    cooc = _check_shape(root / "cooccurrence.npy", _read_npy(root / "cooccurrence.npy"), (n, n))
-    vectors = _check_shape(root / "word_vectors.npy", _read_npy(root / "word_vectors.npy"), (n, None))
+    counts = _check_counts(root / "counts.npy", _read_npy(root / "counts.npy"), (n,))
+    cooc = _check_counts(root / "cooccurrence.npy", _read_npy(root / "cooccurrence.npy"), (n, n))
+    vectors = _check_vectors(root / "word_vectors.npy", _read_npy(root / "word_vectors.npy"), n)
     return ConceptGraph(words, counts, cooc, vectors, source=str(root))
 
 
@@ -226,9 +248,10 @@ def _single(root: Path, pattern: str) -> Path:
 
 def _load_cvse(root: Path) -> ConceptGraph:
     cat_path = root / "category_concepts.json"
-    mapping = _read_json(cat_path)
-    if not isinstance(mapping, dict) or not all(isinstance(i, int) for i in mapping.values()):
-        raise CoderError(f"{cat_path}: expected a JSON object {{word: index}}")
+    mapping = read_json(cat_path, "concept file")
+    if not isinstance(mapping, dict) or not all(type(i) is int for i in mapping.values()):
+        raise CoderError(f"{cat_path}: expected a JSON object {{word: integer index}}")
+    _check_words(cat_path, list(mapping))
     n = len(mapping)
     if sorted(mapping.values()) != list(range(n)):
         raise CoderError(f"{cat_path}: concept indices are not 0..{n - 1}, each once")
@@ -238,19 +261,19 @@ def _load_cvse(root: Path) -> ConceptGraph:
     adj = load_pickle_restricted(adj_path)
     if not isinstance(adj, dict) or "nums" not in adj or "adj_all" not in adj:
         raise CoderError(f"{adj_path}: expected a dict with 'nums' and 'adj_all'")
-    counts = _check_shape(adj_path, adj["nums"], (n,))
-    cooc = _check_shape(adj_path, adj["adj_all"], (n, n))
+    counts = _check_counts(adj_path, adj["nums"], (n,))
+    cooc = _check_counts(adj_path, adj["adj_all"], (n, n))
 
     vec_path = _single(root, "*_concepts_glove_word2vec.pkl")
-    vectors = _check_shape(vec_path, load_pickle_restricted(vec_path), (n, None))
+    vectors = _check_vectors(vec_path, load_pickle_restricted(vec_path), n)
     return ConceptGraph(words, counts, cooc, vectors, source=str(root))
 
 
 def load_concepts(root: str | Path) -> ConceptGraph:
     """Read a concept folder: the project's own format (`concepts.json`) or CVSE's release."""
     root = Path(root)
-    if not root.is_dir():
-        raise CoderError(f"{root}: concept folder not found")
+    if problem := path_problem(root, True, "concept folder"):
+        raise CoderError(f"{root}: {problem}")
     if (root / "concepts.json").exists():
         return _load_own(root)
     if (root / "category_concepts.json").exists():
@@ -274,6 +297,7 @@ def _glove_from_text(path: Path, wanted: set[str]) -> dict[str, np.ndarray]:
     """Vectors of the wanted words from a GloVe text file, streamed (the 840B file is 5 GB)."""
     found: dict[str, np.ndarray] = {}
     dim = None
+    open_input(path, "word-vector file").close()  # not found, a folder, under a file, empty
     try:
         with path.open(encoding="utf-8", errors="replace") as f:
             for line_no, line in enumerate(f, 1):
@@ -284,15 +308,15 @@ def _glove_from_text(path: Path, wanted: set[str]) -> dict[str, np.ndarray]:
                     vec = np.array(rest.split(" "), dtype=np.float32)
                 except ValueError:
                     raise CoderError(f"{path}:{line_no}: not a GloVe line (word then numbers)") from None
+                if not np.isfinite(vec).all():
+                    raise CoderError(f"{path}:{line_no}: non-finite values (NaN or inf) in the vector of '{word}'")
                 if dim is None:
                     dim = len(vec)
                 elif len(vec) != dim:
                     raise CoderError(f"{path}:{line_no}: {len(vec)} numbers, earlier lines have {dim}")
                 found[word] = vec
-    except FileNotFoundError:
-        raise CoderError(f"{path}: word-vector file not found") from None
     except OSError as err:
-        raise CoderError(f"{path}: cannot read word vectors ({err})") from None
+        raise CoderError(f"{path}: cannot read word vectors ({err.strerror or err})") from None
     return found
 
 
@@ -391,16 +415,15 @@ def _read_word_list(path: Path) -> list[str]:
         if not isinstance(data, dict) or not isinstance(data.get("words"), list):
             raise CoderError(f"{path}: expected a dict with a 'words' list (CVSE concept vocabulary)")
         return [str(w) for w in data["words"]]
-    try:
-        text = path.read_text(encoding="utf-8").strip()
-    except (OSError, UnicodeDecodeError) as err:
-        raise CoderError(f"{path}: cannot read concept list ({err})") from None
+    text = read_text(path, "concept list").strip()
     if text.startswith(("[", "{")):
-        data = _read_json(path)
-        if isinstance(data, dict):
-            return [w for w, _ in sorted(data.items(), key=lambda kv: kv[1])]
-        return [str(w) for w in data] if isinstance(data, list) else []
-    return [line.strip() for line in text.splitlines() if line.strip()]
+        data = read_json(path, "concept list")
+        if isinstance(data, dict) and all(type(i) is int for i in data.values()):
+            return _check_words(path, [w for w, _ in sorted(data.items(), key=lambda kv: kv[1])])
+        if isinstance(data, list):
+            return _check_words(path, data)
+        raise CoderError(f"{path}: expected a JSON list of words or an object {{word: integer index}}")
+    return _check_words(path, [line.strip() for line in read_text_lines(path, "concept list") if line.strip()])
 
 
 def check_concept_output(out: Path, overwrite: bool) -> None:

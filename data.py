@@ -7,6 +7,7 @@ file never holds the array in memory (neither as anonymous memory nor as mapped 
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +18,7 @@ import torch
 from torch.utils.data import Dataset
 
 from concepts import ConceptGraph
-from utils import CoderError
+from utils import CoderError, npy_header, path_problem
 from vocab import read_captions, tokenize
 
 
@@ -30,22 +31,17 @@ class TextTokenizer(Protocol):
 
 
 def _open_features(path: Path) -> np.memmap:
-    """Memory-map a 3-D float .npy file, with a one-line error for each way it can be wrong."""
-    if not path.is_file():
-        raise CoderError(f"{path}: image feature file not found")
+    """Memory-map a 3-D float .npy file, with a one-line error for each way it can be wrong
+    (the header is checked against the file's size before anything is mapped)."""
+    shape, dtype = npy_header(path, "image feature file")
+    if len(shape) != 3 or not np.issubdtype(dtype, np.floating):
+        raise CoderError(f"{path}: expected a float array (images, regions, dim), found {dtype} {shape}")
+    if 0 in shape:
+        raise CoderError(f"{path}: holds no features (shape {shape})")
     try:
-        images = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError, EOFError) as err:
-        raise CoderError(f"{path}: not a readable .npy array ({err})") from None
-    if not isinstance(images, np.memmap):
-        raise CoderError(f"{path}: cannot be memory-mapped (is it an .npz archive?)")
-    if images.ndim != 3 or not np.issubdtype(images.dtype, np.floating):
-        raise CoderError(
-            f"{path}: expected a float array (images, regions, dim), found {images.dtype} {images.shape}"
-        )
-    if images.shape[0] == 0:
-        raise CoderError(f"{path}: holds no images")
-    return images
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as err:
+        raise CoderError(f"{path}: cannot memory-map the features ({err})") from None
 
 
 @dataclass(eq=False)
@@ -96,13 +92,20 @@ class PrecompSplit:
             raise IndexError(f"image index {index} out of range for {self.num_images} images")
         images = self.images
         if not hasattr(os, "preadv") or not images.flags.c_contiguous:
-            return np.array(images[index], dtype=np.float32)
-        if self._fd is None or self._fd_pid != os.getpid():  # each DataLoader worker opens its own
-            self._fd, self._fd_pid = os.open(self.images_path, os.O_RDONLY), os.getpid()
-        out = np.empty(images.shape[1:], dtype=images.dtype)
-        if os.preadv(self._fd, [out], images.offset + index * out.nbytes) != out.nbytes:
-            raise CoderError(f"{self.images_path}: file is shorter than its header says (image {index})")
-        return out.astype(np.float32, copy=False)
+            out = np.array(images[index], dtype=np.float32)
+        else:
+            if self._fd is None or self._fd_pid != os.getpid():  # each DataLoader worker opens its own
+                self._fd, self._fd_pid = os.open(self.images_path, os.O_RDONLY), os.getpid()
+            out = np.empty(images.shape[1:], dtype=images.dtype)
+            if os.preadv(self._fd, [out], images.offset + index * out.nbytes) != out.nbytes:
+                raise CoderError(f"{self.images_path}: file is shorter than its header says (image {index})")
+            out = out.astype(np.float32, copy=False)
+        # Checked per image as it is read (a whole-file scan of COCO's 33 GB would cost minutes):
+        # a NaN is blamed on the file and row that hold it, not on the model.
+        if not np.isfinite(out).all():
+            raise CoderError(f"{self.images_path}: non-finite values (NaN or inf) in the features of image {index}; "
+                             f"fix or re-extract the features")
+        return out
 
     def __getstate__(self) -> dict[str, Any]:
         state = {k: v for k, v in self.__dict__.items() if k not in ("images", "_fd", "_fd_pid")}
@@ -132,8 +135,8 @@ def load_split(
     their captions (SCAN-family loaders validate on the first 1,000 dev images).
     """
     root = Path(data_path)
-    if not root.is_dir():
-        raise CoderError(f"{root}: data folder not found")
+    if problem := path_problem(root, True, "data folder"):
+        raise CoderError(f"{root}: {problem}")
     ims_path, caps_path, ids_path = (root / f"{split}_{s}" for s in ("ims.npy", "caps.txt", "ids.txt"))
     images = _open_features(ims_path)
     captions = read_captions(caps_path)
@@ -148,9 +151,7 @@ def load_split(
             f"{caps_path} has {n_cap} captions for the {n_img} images in {ims_path}: "
             f"{k} per image, expected {captions_per_image}"
         )
-    ids = read_captions(ids_path, "id file") if ids_path.exists() else None
-    if ids is not None and len(ids) not in (n_img, n_cap):
-        raise CoderError(f"{ids_path} has {len(ids)} lines, expected {n_img} (images) or {n_cap} (captions)")
+    ids = _read_ids(ids_path, n_img, n_cap) if ids_path.exists() else None
     if max_images is not None:
         if max_images < 1:
             raise CoderError(f"max_images must be positive, got {max_images}")
@@ -159,6 +160,31 @@ def load_split(
                 ids = ids[: max_images * (k if len(ids) == n_cap else 1)]
             images, captions = images[:max_images], captions[: max_images * k]
     return PrecompSplit(images, captions, ids, k, root, split)
+
+
+def _read_ids(path: Path, num_images: int, num_captions: int) -> list[str]:
+    """`{split}_ids.txt`: one line per image (each image once) or one per caption."""
+    ids = read_captions(path, "id file")
+    if len(ids) not in (num_images, num_captions):
+        raise CoderError(f"{path} has {len(ids)} lines, expected {num_images} (images) or {num_captions} (captions)")
+    if len(ids) == num_images and num_images != num_captions and len(set(ids)) != len(ids):
+        line = next(i for i, name in enumerate(ids) if name in ids[:i])
+        raise CoderError(f"{path}:{line + 1}: image '{ids[line]}' is listed twice (one line per image expected)")
+    return ids
+
+
+def data_fingerprint(split: PrecompSplit) -> dict[str, Any]:
+    """What identifies a split's content wherever its folder lies: its sizes and a hash of its
+    captions, ids and first, middle and last image rows (cheap: no full read of the features)."""
+    digest = hashlib.sha256()
+    for caption in split.captions:
+        digest.update(caption.encode("utf-8") + b"\n")
+    for name in split.ids or []:
+        digest.update(name.encode("utf-8") + b"\n")
+    for index in sorted({0, split.num_images // 2, split.num_images - 1}):
+        digest.update(np.ascontiguousarray(split.images[index]).tobytes())
+    return {"images": split.num_images, "captions": split.num_captions, "regions": split.region_count,
+            "feature_dim": split.feature_dim, "sha256": digest.hexdigest()}
 
 
 # --- Datasets ---------------------------------------------------------------------------------

@@ -181,11 +181,15 @@ def make_demo_dataset(
 
 @cli_entry
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    from options import ArgumentParser, check_writable_dir, int_range
+
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--root", default="data_cache", help="output folder (default data_cache)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--train", type=int, default=2000, help="training images (5 captions each)")
+    parser.add_argument("--seed", type=int_range(0, 2**32 - 1), default=0)
+    parser.add_argument("--train", type=int_range(1, 100_000), default=2000,
+                        help="training images (5 captions each; at most 100,000, 0.8 GB of features)")
     args = parser.parse_args(argv)
+    check_writable_dir(args.root, "--root")
     print(json.dumps(make_demo_dataset(args.root, seed=args.seed, num_train=args.train)))
 
 

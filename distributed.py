@@ -17,6 +17,7 @@ import torch.distributed as dist
 from torch.utils.data import Sampler
 from torch.utils.data.distributed import DistributedSampler
 
+from options import CHOICES
 from utils import CoderError
 
 
@@ -33,8 +34,8 @@ class Dist:
         self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        if device_pref not in ("auto", "cuda", "cpu"):
-            raise CoderError(f"--device {device_pref}: expected auto, cuda or cpu")
+        if device_pref not in CHOICES["device"]:
+            raise CoderError(f"--device {device_pref}: expected one of {', '.join(CHOICES['device'])}")
         use_cuda = torch.cuda.is_available() and device_pref in ("auto", "cuda")
         if device_pref == "cuda" and not torch.cuda.is_available():
             raise CoderError("--device cuda was asked for, but CUDA is not available")
@@ -151,7 +152,5 @@ def check_replicas(raw_model: torch.nn.Module, world: Dist, log: Any) -> None:
         names = [k for k, d in zip(state, differ) if d]
         log.line(f"warning: processes disagree on {len(names)} tensors ({', '.join(names[:6])}); "
                  f"re-synchronised from rank 0")
-        for name in names:
+        for name in names:  # (tensors derived from others, like a cached kernel, are among them if they differ)
             dist.broadcast(state[name], src=0)
-        if hasattr(raw_model, "refresh_queue_kernel"):  # consistent with rank 0's queues and prototypes
-            raw_model.refresh_queue_kernel()

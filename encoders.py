@@ -47,9 +47,9 @@ class MeanPooling(nn.Module):
 
 class AttentionPooling(nn.Module):
     """CVSE's guided self-attention [V]: items and their mean each pass linear→(BN)→tanh,
-    their elementwise product scores each item (linear d→1), softmax over items, weighted sum
-    of the items. The image variant has BN (over all B·L items: images have no padding); the
-    text variant has none."""
+    their elementwise product scores each item (linear d→1, without CVSE's bias: a softmax
+    over items is invariant to it), softmax over items, weighted sum of the items. The image
+    variant has BN (over all B·L items: images have no padding); the text variant has none."""
 
     def __init__(self, dim: int, batch_norm: bool) -> None:
         super().__init__()
@@ -57,7 +57,7 @@ class AttentionPooling(nn.Module):
         self.item_bn = _batch_norm(dim, batch_norm)
         self.mean_proj = nn.Linear(dim, dim)
         self.mean_bn = _batch_norm(dim, batch_norm)
-        self.score = nn.Linear(dim, 1)
+        self.score = nn.Linear(dim, 1, bias=False)
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         batch, length, dim = x.shape
@@ -130,16 +130,30 @@ def make_pooling(kind: str, dim: int, batch_norm: bool) -> nn.Module:
 # Encoders
 
 
+def kept_regions(batch: int, regions: int, drop: float, device: torch.device) -> Tensor:
+    """(batch, regions) bool: each region kept with probability 1 − `drop` (VSE∞'s size
+    augmentation of precomputed features), drawn from the torch generator, so a seeded run
+    draws the same masks and a resumed one continues them. An image whose draws would drop
+    every region keeps the region of its highest draw."""
+    draws = torch.rand(batch, regions, device=device)
+    kept = draws >= drop
+    highest = torch.zeros_like(kept).scatter_(1, draws.argmax(1, keepdim=True), True)
+    return kept | (highest & ~kept.any(1, keepdim=True))
+
+
 class ImageEncoder(nn.Module):
     """Region features (B,R,D) -> per-region linear D→d (each L2-normalised with
     `l2norm_items`, as CVSE) -> pooling -> L2-normalised (B,d).
-    R and D are free (36x2048 bottom-up features, 49x1280 CNN grids, ...)."""
+    R and D are free (36x2048 bottom-up features, 49x1280 CNN grids, ...).
+    In training mode with `region_drop` > 0 the pooling sees only the `kept_regions` of each
+    image (VSE∞); evaluation always pools every region."""
 
     def __init__(self, image_dim: int, embed_dim: int, pooling: str, batch_norm: bool,
-                 l2norm_items: bool = False) -> None:
+                 l2norm_items: bool = False, region_drop: float = 0.0) -> None:
         super().__init__()
         self.image_dim = image_dim
         self.l2norm_items = l2norm_items
+        self.region_drop = region_drop
         self.fc = nn.Linear(image_dim, embed_dim)
         self.pool = make_pooling(pooling, embed_dim, batch_norm)
 
@@ -150,7 +164,10 @@ class ImageEncoder(nn.Module):
                 f"(set the model's image_dim from the data)"
             )
         regions = self.fc(images)
-        return l2norm(self.pool(l2norm(regions) if self.l2norm_items else regions))
+        mask = None
+        if self.training and self.region_drop > 0:
+            mask = kept_regions(images.shape[0], images.shape[1], self.region_drop, images.device)
+        return l2norm(self.pool(l2norm(regions) if self.l2norm_items else regions, mask))
 
 
 class GRUTextEncoder(nn.Module):

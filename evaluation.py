@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from model import fused_similarity
 from utils import CoderError, as_numpy, atomic_write
 
 RECALL_KS = (1, 5, 10)
@@ -179,7 +180,8 @@ class Embeddings:
     """A split's L2-normalised embeddings from one model, on the CPU in float32.
 
     Kept apart from the similarity matrix so that mu can be swept (or models ensembled)
-    without re-encoding. The concept parts are None for a model without a concept branch.
+    without re-encoding. The concept parts are None for a model without a concept branch;
+    `fusion` is the model's way of combining them (`model.fuse`).
     """
 
     image_instance: torch.Tensor
@@ -187,6 +189,7 @@ class Embeddings:
     caption_instance: torch.Tensor
     caption_concept: torch.Tensor | None
     captions_per_image: int = 5
+    fusion: str = "concat"
 
     def __post_init__(self) -> None:
         if (self.image_concept is None) != (self.caption_concept is None):
@@ -303,7 +306,8 @@ def encode_split(
     finally:
         if was_training is not None:
             model.train(was_training)
-    return Embeddings(img_inst, img_con, cap_inst, cap_con, captions_per_image=len(captions) // len(images))
+    return Embeddings(img_inst, img_con, cap_inst, cap_con, captions_per_image=len(captions) // len(images),
+                      fusion=getattr(getattr(model, "cfg", None), "fusion", "concat"))
 
 
 def _as_list(value: Any, n: int, name: str) -> list:
@@ -354,7 +358,8 @@ def similarity_matrix(
     *,
     score_fn: ScoreFn | None = None,
 ) -> torch.Tensor:
-    """S = (1-mu)·(v·t) + mu·(v_c·t_c) (spec §5), or v·t without a concept branch.
+    """S = (1-mu)·(v·t) + mu·(v_c·t_c) (spec §5), or the model's other `emb.fusion`
+    (`model.fused_similarity`), or v·t without a concept branch.
 
     Computed `chunk_size` images at a time on `device` (the captions are moved there once);
     returned on the CPU in float32. `score_fn(v, v_c, t, t_c, mu)` replaces the formula, e.g.
@@ -371,12 +376,8 @@ def similarity_matrix(
         stop = min(start + chunk_size, emb.num_images)
         v = emb.image_instance[start:stop].to(device)
         v_c = None if emb.image_concept is None else emb.image_concept[start:stop].to(device)
-        if score_fn is not None:
-            scores = score_fn(v, v_c, captions, captions_c, mu)
-        else:
-            scores = v @ captions.T
-            if v_c is not None:
-                scores = (1.0 - mu) * scores + mu * (v_c @ captions_c.T)
+        scores = (score_fn(v, v_c, captions, captions_c, mu) if score_fn
+                  else fused_similarity(v, v_c, captions, captions_c, mu, emb.fusion))
         out[start:stop] = scores.float().cpu()
     return out
 

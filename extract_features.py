@@ -72,6 +72,9 @@ def _load_progress(out_dir: Path, overwrite: bool) -> dict:
         progress = json.loads(path.read_text(encoding="utf-8"))
         if progress.get("version") != PROGRESS_VERSION or not isinstance(progress.get("splits"), dict):
             raise ValueError("unknown layout")
+        for split, record in progress["splits"].items():
+            if not _valid_record(record):
+                raise ValueError(f"split '{split}' has a malformed record")
         return progress
     except (OSError, ValueError, AttributeError) as err:
         if overwrite:
@@ -79,6 +82,16 @@ def _load_progress(out_dir: Path, overwrite: bool) -> dict:
         raise CoderError(
             f"{path}: unreadable progress file ({err}); pass --overwrite to start the extraction again"
         ) from None
+
+
+# The fields of a split's record in the progress file, and their types.
+_RECORD_TYPES = {"fingerprint": str, "total": int, "next": int, "written": int, "skipped": list, "complete": bool}
+
+
+def _valid_record(record: Any) -> bool:
+    return isinstance(record, dict) and all(
+        isinstance(record.get(key), kind) and (kind is not int or not isinstance(record[key], bool))
+        for key, kind in _RECORD_TYPES.items())
 
 
 def _save_progress(out_dir: Path, progress: dict) -> None:
@@ -136,12 +149,7 @@ def extract_split(
 
     shape = (len(entries), backbone.region_count, backbone.feature_dim)
     start = 0 if record is None else record["next"]
-    missing = [name for name, _ in entries[start:] if not (images_dir / name).is_file()]
-    if missing:
-        raise CoderError(
-            f"{images_dir / missing[0]}: image file of split '{split}' does not exist"
-            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
-        )
+    image_paths = _image_paths(images_dir, [name for name, _ in entries[start:]], split)
     if record is None:
         for p in (ims_path, caps_path, ids_path, partial_path):
             p.unlink(missing_ok=True)
@@ -162,7 +170,7 @@ def extract_split(
 
     start_time = time.perf_counter()
     loader = DataLoader(
-        ImageFiles([images_dir / name for name, _ in entries[start:]], backbone.preprocess, start),
+        ImageFiles(image_paths, backbone.preprocess, start),
         batch_size=batch_size, num_workers=workers, collate_fn=as_list,
         pin_memory=torch.cuda.is_available(),
     )
@@ -175,10 +183,7 @@ def extract_split(
                 elif skip_bad_images:
                     record["skipped"].append(entries[index][0])
                 else:
-                    raise CoderError(
-                        f"{images_dir / entries[index][0]}: cannot read image ({error}); "
-                        f"pass --skip-bad-images to leave it out with its captions"
-                    )
+                    raise CoderError(f"{error}; pass --skip-bad-images to leave it out with its captions")
             if good:
                 out = backbone.regions(torch.stack(good))
                 if tuple(out.shape) != (len(good), *shape[1:]):
@@ -195,6 +200,27 @@ def extract_split(
             bar.update(len(items))
     del features
     return _finish(state, record, entries, split, out_dir, time.perf_counter() - start_time)
+
+
+def _image_paths(images_dir: Path, names: Sequence[str], split: str) -> list[Path]:
+    """The image files of `names` in `images_dir`; refuses a name that leads outside the
+    folder (`../x.jpg`, an absolute path, a link to a file elsewhere) and a missing file."""
+    root = images_dir.resolve()
+    paths = [images_dir / name for name in names]
+    for name, path in zip(names, paths):
+        if not path.resolve().is_relative_to(root):
+            raise CoderError(
+                f"{path}: image '{name}' of split '{split}' leads outside the image folder {images_dir} "
+                f"(names in a caption file must be paths inside --images)"
+            )
+    missing = [path for path in paths if not path.is_file()]
+    if missing:
+        problem = "is a folder, not an image file" if missing[0].is_dir() else "does not exist"
+        raise CoderError(
+            f"{missing[0]}: image file of split '{split}' {problem}"
+            + (f" (and {len(missing) - 1} more missing)" if len(missing) > 1 else "")
+        )
+    return paths
 
 
 def _usable_record(
@@ -346,7 +372,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 @cli_entry
 def main(argv: Sequence[str] | None = None) -> dict[str, SplitOutput]:
+    from options import check_writable_dir
+
     args = build_parser().parse_args(argv)
+    check_writable_dir(args.out, "--out")
     splits: dict[str, str] = {}
     for text in args.split:
         name, value = _parse_split(text)

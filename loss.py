@@ -65,19 +65,35 @@ def dcl_loss(
     return (torch.logsumexp(torch.cat([positive, negatives], 1), 1) - positive[:, 0]).mean()
 
 
-def triplet_loss(images: Tensor, captions: Tensor, image_ids: Tensor, margin: float = 0.2) -> Tensor:
+def triplet_loss(images: Tensor, captions: Tensor, image_ids: Tensor, margin: float = 0.2,
+                 hardest: bool = True) -> Tensor:
     """VSE++ hardest-negative triplet loss in both directions over the batch (spec §4, [S]).
 
     Row i of `images` and `captions` is a positive pair; pairs sharing an image id are never
     negatives. VSE++ sums over the batch; this returns that sum divided by B, so that its
     scale (and gradient clipping) does not depend on the batch size, like the DCL terms.
+    `hardest=False` sums the hinge over every negative instead (VSE0, which VSE∞ trains with
+    for its first epoch before switching to the hardest negative).
     """
     scores = images @ captions.t()
     positive = scores.diagonal()
     not_negative = image_ids[:, None] == image_ids[None, :]
     caption_cost = (margin + scores - positive[:, None]).clamp(min=0).masked_fill(not_negative, 0)
     image_cost = (margin + scores - positive[None, :]).clamp(min=0).masked_fill(not_negative, 0)
+    if not hardest:
+        return (caption_cost.sum() + image_cost.sum()) / images.shape[0]
     return (caption_cost.max(1).values.sum() + image_cost.max(0).values.sum()) / images.shape[0]
+
+
+def concept_kl_loss(image_scores: Tensor, caption_scores: Tensor) -> Tensor:
+    """KL(caption ‖ image) between the concept-score distributions of each pair (CVSE's KL
+    regulariser: the image's predicted scores learn the caption's label-mixed ones), summed
+    over concepts and averaged over the batch (CVSE sums over the batch too; the mean keeps
+    its ratio to the triplet terms, which are divided by B). Rows sum to 1; zeros of the
+    caption's scores contribute 0, and the image's are floored to keep the log finite."""
+    tiny = torch.finfo(image_scores.dtype).tiny
+    log_ratio = caption_scores.clamp_min(tiny).log() - image_scores.clamp_min(tiny).log()
+    return (caption_scores * log_ratio).sum(1).mean()
 
 
 def pseudo_label_loss(descriptors: Tensor, targets: Tensor, prototypes: Tensor, tau: float = 0.1) -> Tensor:
@@ -91,21 +107,37 @@ def pseudo_label_loss(descriptors: Tensor, targets: Tensor, prototypes: Tensor, 
     return -(targets.detach() * log_p).sum(1).mean()
 
 
+@torch.no_grad()
+def pseudo_label_diagnostics(targets: Tensor, codes: Tensor, pseudo: Tensor) -> dict[str, Tensor]:
+    """What the pseudo-label loss can learn: the targets' entropy (its floor), the loss minus
+    that floor (the mean KL from targets to predictions), and the fraction of the prototypes
+    that some batch embedding's code (`codes`, rows of samples) peaks at."""
+    entropy = -(targets * targets.clamp_min(1e-12).log()).sum(1).mean()
+    used = torch.zeros(codes.shape[1], dtype=torch.bool, device=codes.device)
+    used[codes.argmax(1)] = True
+    return {"diag_target_entropy": entropy, "diag_pseudo_excess": pseudo.detach() - entropy,
+            "diag_prototypes_used": used.float().mean()}
+
+
 def loss_terms(
     instance: Tensor,
     concept: Tensor | None = None,
     pseudo: Tensor | None = None,
     fused: Tensor | None = None,
+    kl: Tensor | None = None,
     *,
     lambda_concept: float = 1.0,
     lambda_pseudo: float = 1.0,
     lambda_fused: float = 0.0,
+    lambda_kl: float = 0.0,
     name: str = "dcl",
 ) -> list[tuple[str, Tensor, float]]:
     """The present terms of L as (log name, term, weight): f"{name}_instance" (weight 1),
-    f"{name}_concept" (λ_c), "pseudo" (λ_p), f"{name}_fused" (λ_f); absent terms are left out."""
+    f"{name}_concept" (λ_c), "pseudo" (λ_p), f"{name}_fused" (λ_f), "concept_kl" (λ_kl);
+    absent terms are left out."""
     terms = [(f"{name}_instance", instance, 1.0), (f"{name}_concept", concept, lambda_concept),
-             ("pseudo", pseudo, lambda_pseudo), (f"{name}_fused", fused, lambda_fused)]
+             ("pseudo", pseudo, lambda_pseudo), (f"{name}_fused", fused, lambda_fused),
+             ("concept_kl", kl, lambda_kl)]
     return [(key, term, weight) for key, term, weight in terms if term is not None]
 
 
@@ -118,14 +150,16 @@ def total_loss(
     name: str = "dcl",
     fused: Tensor | None = None,
     lambda_fused: float = 0.0,
+    kl: Tensor | None = None,
+    lambda_kl: float = 0.0,
 ) -> dict[str, Tensor]:
-    """L = L_instance + λ_c·L_concept + λ_p·L_pseudo + λ_f·L_fused (spec §4; the fused term is
-    CVSE's, off by default), with each term for logging.
+    """L = L_instance + λ_c·L_concept + λ_p·L_pseudo + λ_f·L_fused + λ_kl·L_KL (spec §4; the
+    fused and KL terms are CVSE's, off by default), with each term for logging.
 
     Keys: "loss" (with gradient) and each present term of `loss_terms`, unweighted and detached.
     """
-    terms = loss_terms(instance, concept, pseudo, fused, lambda_concept=lambda_concept,
-                       lambda_pseudo=lambda_pseudo, lambda_fused=lambda_fused, name=name)
+    terms = loss_terms(instance, concept, pseudo, fused, kl, lambda_concept=lambda_concept,
+                       lambda_pseudo=lambda_pseudo, lambda_fused=lambda_fused, lambda_kl=lambda_kl, name=name)
     out = {key: term.detach() for key, term, _ in terms}
     loss = instance
     for _, term, weight in terms[1:]:

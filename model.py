@@ -1,19 +1,20 @@
 """The CODER model (spec §2–§5, §8): the encoders of encoders.py wired into the instance and
-concept branches, momentum encoders and queues, online clustering, and the training-step losses.
+concept branches, momentum encoders, key queues (queues.py), online clustering
+(prototypes.py), and the training-step losses (loss.py).
 
 Layout follows MoCo: online (query) encoders get gradients; `self.momentum` holds a frozen copy
 of every module that produces a key; keys of each batch are gathered across processes and used
-as negatives. `after_optimizer_step()` then moves the momentum copies towards the online
-modules, the prototypes towards the batch, and pushes the keys into FIFO queues (registered
-buffers, so checkpoints hold them). Deferring the queue writes until after the backward lets
-the loss read the queues in place instead of copying them every step.
+as negatives. A training forward writes nothing: it records its keys and codes, and
+`after_optimizer_step()` then moves the momentum copies towards the online modules, the
+prototypes towards the batch, and pushes the keys into the queues, so that the loss reads the
+queues in place instead of copying them every step.
 """
 from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass
-from typing import Any, Mapping
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.distributed as dist
@@ -21,16 +22,22 @@ import torch.nn as nn
 from torch import Tensor
 
 from encoders import BertTextEncoder, ConceptGCN, ConceptQuery, GRUTextEncoder, ImageEncoder, l2norm, load_word_vectors
-from loss import dcl_loss, loss_terms, pseudo_label_loss, sinkhorn_kernel, sinkhorn_knopp, total_loss, triplet_loss
+from loss import (concept_kl_loss, dcl_loss, loss_terms, pseudo_label_diagnostics, pseudo_label_loss, sinkhorn_kernel,
+                  sinkhorn_knopp, total_loss, triplet_loss)
+from options import check_values
+from prototypes import Prototypes, QueueKernel
+from queues import KeyQueues
 from utils import CoderError
 
 
 @dataclass
 class ModelConfig:
-    """Every model and loss hyperparameter, with the spec's defaults.
+    """Every model and loss hyperparameter; the defaults are the train scripts' (`ModelConfig()`
+    is the model they train; `options.PRESETS["spec"]` restores the spec's beta and query).
 
     Fields marked [R] are reconstructions (spec: the abstract names the part, its exact form
-    is not public); each is a plain value so that a user with the paper can switch it.
+    is not public); each is a plain value so that a user with the paper can switch it. The
+    allowed values are the train options' (`options.TRAIN_RULES`, `options.CHOICES`).
     """
 
     embed_dim: int = 1024  # d, joint embedding size
@@ -55,10 +62,10 @@ class ModelConfig:
     concept_branch: bool = True  # False: instance branch only (also turns the pseudo-label loss off)
     gcn_hidden: int = 512  # GCN hidden size [V]
     concept_score_scale: float = 10.0  # softmax sharpness of the concept scores and labels [V]
-    # [R] how the concept query sees the instance embedding x: "bn" = BN(W_x x) with gradient
-    # into the encoders (CVSE, spec); "detach" = the same on a detached x (the concept losses
-    # train the concept branch only); "no_bn" = tanh(W_x x) without BN, with gradient
-    concept_query_input: str = "bn"
+    # [R] how the concept query sees the instance embedding x: "detach" = BN(W_x x) on a
+    # detached x (the concept losses train the concept branch only); "bn" = the same with
+    # gradient into the encoders (CVSE, spec); "no_bn" = tanh(W_x x) without BN, with gradient
+    concept_query_input: str = "detach"
     label_mix_ratio: float = 0.35  # r of the text-side label mix (0.35 F30K, 0.4 COCO) [V]
     # [R] concept keys use E from a momentum copy of the GCN (False: the online E, without gradient)
     momentum_gcn: bool = True
@@ -79,47 +86,34 @@ class ModelConfig:
     prototype_update: str = "ema"
     loss: str = "dcl"  # "dcl" or "triplet" (VSE++ hardest negative baseline, in-batch, per process)
     tau: float = 0.05  # DCL temperature [R]
-    beta: float = 10.0  # DCL weight sharpness [R]; 0 = plain momentum InfoNCE
+    beta: float = 0.0  # DCL weight sharpness [R] (spec: 10); 0 = plain momentum InfoNCE
     margin: float = 0.2  # triplet margin [S]
+    # triplet only: the first N epochs sum the hinge over every in-batch negative (VSE∞'s
+    # warm-up, "VSE0"), then the hardest negative; 0 = hardest from the start (VSE++)
+    triplet_all_negatives_epochs: int = 0
+    # training only: each region is left out of the pooling with this probability (VSE∞'s
+    # size augmentation; an image keeps at least one); 0 = every region (spec)
+    region_drop: float = 0.0
     lambda_concept: float = 1.0  # λ_c [R]
     lambda_pseudo: float = 1.0  # λ_p [R]
     # weight of a DCL term on the fused similarity (1−μ)·s(v,t) + μ·s(v_c,t_c) (CVSE trains its
     # fused embedding with weight 3 against instance 5); 0 = off (spec)
     lambda_fused: float = 0.0
+    # weight of KL(caption ‖ image) between the pair's concept-score distributions (CVSE's
+    # regulariser, weight 2 against instance 5); 0 = off (spec)
+    lambda_kl: float = 0.0
     pseudo_label_loss: bool = True  # [R] concept descriptors predict the pair's pseudo label
     tau_pseudo: float = 0.1  # τ_p [R]
     mu: float = 0.15  # inference weight of the concept similarity [R]
+    # how the two embeddings of a sample make the one S ranks by (`fuse`): "concat" =
+    # (1−μ)·s(v,t) + μ·s(v_c,t_c) (spec §5); "weighted_sum" = the cosine of
+    # l2norm((1−μ)·x + μ·x_c) (CVSE's fused embedding, 0.85/0.15 at μ = 0.15)
+    fusion: str = "concat"
 
     def __post_init__(self) -> None:
-        choices = {
-            "image_pooling": ("attn", "mean", "gpo"),
-            "text_pooling": ("attn", "mean", "gpo"),
-            "text_encoder": ("bigru", "bert"),
-            "loss": ("dcl", "triplet"),
-            "concept_query_input": ("bn", "detach", "no_bn"),
-            "prototype_init": ("random", "keys"),
-            "prototype_update": ("ema", "learned"),
-        }
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise CoderError(f"model config: {name}={getattr(self, name)!r}, expected one of {allowed}")
-        for name in ("embed_dim", "image_dim", "word_dim", "gcn_hidden", "num_prototypes", "sinkhorn_iterations",
-                     "bert_length_groups"):
-            if getattr(self, name) < 1:
-                raise CoderError(f"model config: {name} must be positive, got {getattr(self, name)}")
-        if self.bert_frozen_layers < 0:
-            raise CoderError(f"model config: bert_frozen_layers must be >= 0, got {self.bert_frozen_layers}")
-        for name in ("lambda_concept", "lambda_pseudo", "lambda_fused"):
-            if not getattr(self, name) >= 0:
-                raise CoderError(f"model config: {name} must be >= 0, got {getattr(self, name)}")
-        if self.queue_size < 0:
-            raise CoderError(f"model config: queue_size must be >= 0, got {self.queue_size}")
-        for name in ("sinkhorn_epsilon", "tau", "tau_pseudo"):
-            if getattr(self, name) <= 0:
-                raise CoderError(f"model config: {name} must be positive, got {getattr(self, name)}")
-        for name in ("momentum", "prototype_momentum", "label_mix_ratio", "mu"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise CoderError(f"model config: {name} must lie in [0, 1], got {getattr(self, name)}")
+        check_values(asdict(self), owner="model config")
+        if self.image_dim < 1:
+            raise CoderError(f"model config: image_dim must be positive, got {self.image_dim}")
 
 
 def _rank_and_world() -> tuple[int, int]:
@@ -143,12 +137,25 @@ def gather_from_all(t: Tensor) -> Tensor:
     return torch.cat(parts)
 
 
-def fuse(instance: Tensor, concept: Tensor | None, mu: float) -> Tensor:
-    """[√(1−μ)·x, √μ·x_c]: fuse(v, v_c)·fuse(t, t_c) = (1−μ)·s(v,t) + μ·s(v_c,t_c), the
-    inference similarity S (spec §5), as one dot product. Without a concept part: x."""
+def fuse(instance: Tensor, concept: Tensor | None, mu: float, fusion: str = "concat") -> Tensor:
+    """One unit vector per sample whose dot products are the inference similarity S:
+    "concat" [√(1−μ)·x, √μ·x_c], so that fuse(v, v_c)·fuse(t, t_c) = (1−μ)·s(v,t) + μ·s(v_c,t_c)
+    (spec §5); "weighted_sum" l2norm((1−μ)·x + μ·x_c) (CVSE). Without a concept part: x."""
     if concept is None:
         return instance
+    if fusion == "weighted_sum":
+        return l2norm((1 - mu) * instance + mu * concept)
     return torch.cat([math.sqrt(1 - mu) * instance, math.sqrt(mu) * concept], 1)
+
+
+def fused_similarity(images: Tensor, images_concept: Tensor | None, captions: Tensor,
+                     captions_concept: Tensor | None, mu: float, fusion: str = "concat") -> Tensor:
+    """S (N_img, N_cap) = `fuse`(images)·`fuse`(captions), the similarity that training's fused
+    term, evaluation and the search app all rank by; s(v,t) alone when either side has no
+    concept part."""
+    if images_concept is None or captions_concept is None:
+        return images @ captions.t()
+    return fuse(images, images_concept, mu, fusion) @ fuse(captions, captions_concept, mu, fusion).t()
 
 
 def _mean_pairwise_cosine(x: Tensor) -> Tensor:
@@ -158,6 +165,38 @@ def _mean_pairwise_cosine(x: Tensor) -> Tensor:
         n = x.shape[0]
         total = x.sum(0)
         return ((total @ total - (x * x).sum()) / max(n * (n - 1), 1)).detach()
+
+
+# State-dict keys of checkpoints written before the queues and prototypes had their modules.
+RENAMED_KEYS = {"image_queue": "queues.image", "text_queue": "queues.text",
+                "image_concept_queue": "queues.image_concept", "text_concept_queue": "queues.text_concept",
+                "queue_ids": "queues.ids", "queue_ptr": "queues.pointer", "queue_count": "queues.count",
+                "prototypes": "prototypes.weight", "prototypes_ready": "prototypes.ready",
+                "queue_kernel": "queue_kernel.rows"}
+
+
+@torch.no_grad()
+def upgrade_state_dict(state: Mapping[str, Tensor], own: Mapping[str, Tensor], epsilon: float,
+                       note: Callable[[str], None]) -> dict[str, Tensor]:
+    """`state`, of a model of an earlier layout, in the layout of `own` (a state dict of this
+    code): queue and prototype buffers under their modules' names (RENAMED_KEYS); the attention
+    pooling's score biases (before a softmax: no output depended on them) dropped, with a
+    `note`; buffers newer than the checkpoint derived from the rest (the queue kernel from the
+    queues and prototypes; the readiness flag True, as such checkpoints had random prototypes)."""
+    state = {RENAMED_KEYS.get(k, k): v for k, v in state.items()}
+    biases = [k for k in state if k.endswith("pool.score.bias") and k not in own]
+    if biases:
+        note(f"note: dropped the attention pooling's score bias ({len(biases)} tensors): it preceded a "
+             f"softmax, so no output depended on it")
+        state = {k: v for k, v in state.items() if k not in biases}
+    if "prototypes.ready" in own and "prototypes.ready" not in state:
+        state["prototypes.ready"] = torch.tensor(True)
+    sources = ("queues.image", "queues.text", "prototypes.weight")
+    if "queue_kernel.rows" in own and "queue_kernel.rows" not in state and all(
+            k in state and state[k].shape == own[k].shape for k in sources):
+        entries = torch.cat([state["queues.image"], state["queues.text"]])
+        state["queue_kernel.rows"] = sinkhorn_kernel(entries @ state["prototypes.weight"].t(), epsilon)
+    return state
 
 
 # ---------------------------------------------------------------------------------------------
@@ -170,6 +209,8 @@ class CODER(nn.Module):
     GCN input, both from the data layer (needed when cfg.concept_branch); they are stored as
     buffers, so a checkpoint's state dict holds them. Building the model reads no file but a
     BERT directory: GloVe initialisation of the bigru embedding is `init_word_embeddings`.
+    `cache_queue_kernel` (compute only) keeps Sinkhorn's kernel rows of the queue entries
+    between steps (prototypes.QueueKernel) instead of recomputing them every step.
     """
 
     def __init__(
@@ -177,76 +218,65 @@ class CODER(nn.Module):
         cfg: ModelConfig,
         concept_adjacency: Tensor | None = None,
         concept_vectors: Tensor | None = None,
+        cache_queue_kernel: bool = True,
     ) -> None:
         super().__init__()
         self.cfg = cfg
-        d = cfg.embed_dim
-        self.image_encoder = ImageEncoder(cfg.image_dim, d, cfg.image_pooling, cfg.batch_norm,
-                                          cfg.l2norm_before_pooling)
+        self.image_encoder = ImageEncoder(cfg.image_dim, cfg.embed_dim, cfg.image_pooling, cfg.batch_norm,
+                                          cfg.l2norm_before_pooling, cfg.region_drop)
+        self.epoch = 0  # the training epoch (set_epoch), read by the triplet warm-up
         self.text_encoder = self._build_text_encoder()
-
         self.use_pseudo = cfg.concept_branch and cfg.pseudo_label_loss
         self.use_concept_keys = cfg.concept_branch and cfg.loss == "dcl"
         self.online_names = ["image_encoder", "text_encoder"]
         if cfg.concept_branch:
-            if concept_adjacency is None or concept_vectors is None:
-                raise CoderError("concept_branch=True needs the concept graph (adjacency and word vectors)")
-            n = concept_adjacency.shape[0]
-            if concept_adjacency.shape != (n, n) or concept_vectors.shape[0] != n:
-                raise CoderError(
-                    f"concept graph shapes differ: adjacency {tuple(concept_adjacency.shape)}, "
-                    f"word vectors {tuple(concept_vectors.shape)}"
-                )
-            self.register_buffer("concept_adjacency", concept_adjacency.detach().float().clone())
-            self.register_buffer("concept_vectors", concept_vectors.detach().float().clone())
-            self.gcn = ConceptGCN(concept_vectors.shape[1], cfg.gcn_hidden, d)
-            self.image_query = ConceptQuery(d, cfg.batch_norm, cfg.concept_score_scale, cfg.concept_query_input)
-            self.text_query = ConceptQuery(d, cfg.batch_norm, cfg.concept_score_scale, cfg.concept_query_input)
-            self.online_names += ["gcn", "image_query", "text_query"]
-
+            self._build_concept_branch(concept_adjacency, concept_vectors)
         # Key encoders: instance keys for DCL and for the pseudo labels; concept keys for DCL.
         self.key_names: list[str] = []
         if cfg.loss == "dcl" or self.use_pseudo:
             self.key_names += ["image", "text"]
         if self.use_concept_keys:
             self.key_names += ["image_concept", "text_concept"]
-        momentum_modules = []
-        if self.key_names:
-            momentum_modules += ["image_encoder", "text_encoder"]
-        if self.use_concept_keys:
-            momentum_modules += (["gcn"] if cfg.momentum_gcn else []) + ["image_query", "text_query"]
-        self.momentum = nn.ModuleDict({name: copy.deepcopy(getattr(self, name)) for name in momentum_modules})
-        for p in self.momentum.parameters():
-            p.requires_grad_(False)
-
+        self.momentum = self._build_momentum()
         queued = self.key_names if cfg.loss == "dcl" or cfg.sinkhorn_with_queue else []
-        self.queue_names = queued if cfg.queue_size > 0 else []
-        for name in self.queue_names:
-            self.register_buffer(f"{name}_queue", torch.zeros(cfg.queue_size, d))
-        # The queues advance in lockstep (one enqueue per batch), so one id row labels the
-        # same entry of every queue.
-        id_slots = cfg.queue_size if self.queue_names else 0
-        self.register_buffer("queue_ids", torch.full((id_slots,), -1, dtype=torch.long))
-        self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
-        self.register_buffer("queue_count", torch.zeros((), dtype=torch.long))
+        self.queues = KeyQueues(queued, cfg.queue_size, cfg.embed_dim)
+        self.prototypes = self.queue_kernel = None
         if self.use_pseudo:
-            prototypes = l2norm(torch.randn(cfg.num_prototypes, d))
-            if cfg.prototype_update == "learned":
-                self.prototypes = nn.Parameter(prototypes)
-            else:
-                self.register_buffer("prototypes", prototypes)
-            # False until prototype_init="keys" has drawn the prototypes from keys
-            self.register_buffer("prototypes_ready", torch.tensor(cfg.prototype_init == "random"))
-        # Sinkhorn's kernel rows of the instance queues' entries (image rows, then text rows, by
-        # queue slot), kept current as entries arrive and prototypes move: a step computes only
-        # the new rows and the columns of the prototypes that moved instead of all 2K x K_p.
-        # A buffer, so that a resumed run reads the same values.
-        self.cache_queue_kernel = self.use_pseudo and cfg.sinkhorn_with_queue and bool(self.queue_names)
-        if self.cache_queue_kernel:
-            self.register_buffer("queue_kernel", torch.zeros(2 * cfg.queue_size, cfg.num_prototypes))
+            self.prototypes = Prototypes(cfg.num_prototypes, cfg.embed_dim, cfg.prototype_init,
+                                         cfg.prototype_update, cfg.prototype_momentum)
+        self.sinkhorn_queues = self.use_pseudo and cfg.sinkhorn_with_queue and bool(self.queues.names)
+        if self.sinkhorn_queues and cache_queue_kernel:
+            self.queue_kernel = QueueKernel(cfg.queue_size, cfg.num_prototypes, cfg.sinkhorn_epsilon)
         # Keys, codes and embeddings of training forwards whose queue and prototype updates wait
         # for after_optimizer_step() (in order; several with gradient accumulation).
         self._pending_updates: list[dict[str, Any]] = []
+
+    def _build_concept_branch(self, adjacency: Tensor | None, vectors: Tensor | None) -> None:
+        cfg = self.cfg
+        if adjacency is None or vectors is None:
+            raise CoderError("concept_branch=True needs the concept graph (adjacency and word vectors)")
+        n = adjacency.shape[0]
+        if adjacency.shape != (n, n) or vectors.shape[0] != n:
+            raise CoderError(f"concept graph shapes differ: adjacency {tuple(adjacency.shape)}, "
+                             f"word vectors {tuple(vectors.shape)}")
+        self.register_buffer("concept_adjacency", adjacency.detach().float().clone())
+        self.register_buffer("concept_vectors", vectors.detach().float().clone())
+        self.gcn = ConceptGCN(vectors.shape[1], cfg.gcn_hidden, cfg.embed_dim)
+        self.image_query = ConceptQuery(cfg.embed_dim, cfg.batch_norm, cfg.concept_score_scale, cfg.concept_query_input)
+        self.text_query = ConceptQuery(cfg.embed_dim, cfg.batch_norm, cfg.concept_score_scale, cfg.concept_query_input)
+        self.online_names += ["gcn", "image_query", "text_query"]
+
+    def _build_momentum(self) -> nn.ModuleDict:
+        """Frozen copies of every module that produces a key (MoCo's key encoders)."""
+        names = []
+        if self.key_names:
+            names += ["image_encoder", "text_encoder"]
+        if self.use_concept_keys:
+            names += (["gcn"] if self.cfg.momentum_gcn else []) + ["image_query", "text_query"]
+        momentum = nn.ModuleDict({name: copy.deepcopy(getattr(self, name)) for name in names})
+        for p in momentum.parameters():
+            p.requires_grad_(False)
+        return momentum
 
     def _build_text_encoder(self) -> nn.Module:
         cfg = self.cfg
@@ -309,12 +339,14 @@ class CODER(nn.Module):
 
     def _embed_images(
         self, images: Tensor, concepts: Tensor | None, momentum: bool = False
-    ) -> tuple[Tensor, Tensor | None]:
+    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """(instance, concept descriptor, concept scores α); the last two None without concepts."""
         modules = self._modules_of(momentum)
         instance = modules["image_encoder"](images)
         if concepts is None:
-            return instance, None
-        return instance, self._descriptor(modules["image_query"](instance, concepts), concepts)
+            return instance, None, None
+        alpha = modules["image_query"](instance, concepts)
+        return instance, self._descriptor(alpha, concepts), alpha
 
     def _embed_captions(
         self,
@@ -325,26 +357,28 @@ class CODER(nn.Module):
         concepts: Tensor | None,
         momentum: bool = False,
         text_states: Tensor | None = None,
-    ) -> tuple[Tensor, Tensor | None]:
+    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """(instance, concept descriptor, concept scores: the query's mixed with the caption's
+        own labels); the last two None without concepts."""
         modules = self._modules_of(momentum)
         if attention_mask is None:
             positions = torch.arange(tokens.shape[1], device=tokens.device)
             attention_mask = positions[None, :] < lengths.to(tokens.device)[:, None]
         instance = modules["text_encoder"](tokens, lengths, attention_mask, text_states)
         if concepts is None:
-            return instance, None
+            return instance, None, None
         if concept_labels is None:
             raise CoderError("the concept branch needs the captions' concept_labels (load a concept graph)")
         alpha = modules["text_query"](instance, concepts)
         r = self.cfg.label_mix_ratio
         label_alpha = torch.softmax(self.cfg.concept_score_scale * concept_labels.to(alpha.dtype), 1)
         alpha = r * label_alpha + (1 - r) * alpha
-        return instance, self._descriptor(alpha, concepts)
+        return instance, self._descriptor(alpha, concepts), alpha
 
     def encode_images(self, images: Tensor) -> tuple[Tensor, Tensor | None]:
         """Online (query) encoders: L2-normalised (instance (B,d), concept (B,d) or None)."""
         concepts = self._concepts() if self.cfg.concept_branch else None
-        return self._embed_images(images, concepts)
+        return self._embed_images(images, concepts)[:2]
 
     def encode_captions(
         self, tokens: Tensor, lengths: Tensor, attention_mask: Tensor | None, concept_labels: Tensor | None
@@ -352,7 +386,7 @@ class CODER(nn.Module):
         """Online (query) encoders: L2-normalised (instance (B,d), concept (B,d) or None).
         A caption's concept attention uses its own labels only (never its image's other captions)."""
         concepts = self._concepts() if self.cfg.concept_branch else None
-        return self._embed_captions(tokens, lengths, attention_mask, concept_labels, concepts)
+        return self._embed_captions(tokens, lengths, attention_mask, concept_labels, concepts)[:2]
 
     def similarity(
         self,
@@ -362,133 +396,160 @@ class CODER(nn.Module):
         cap_con: Tensor | None,
         mu: float | None = None,
     ) -> Tensor:
-        """S = (1−μ)·s(v,t) + μ·s(v_c,t_c) (N_img, N_cap), spec §5; μ defaults to cfg.mu;
-        instance similarity only when there is no concept branch."""
-        mu = self.cfg.mu if mu is None else mu
-        sims = img_inst @ cap_inst.t()
-        if img_con is None or cap_con is None:
-            return sims
-        return (1 - mu) * sims + mu * (img_con @ cap_con.t())
+        """`fused_similarity` (N_img, N_cap) with μ defaulting to cfg.mu, by cfg.fusion."""
+        return fused_similarity(img_inst, img_con, cap_inst, cap_con, self.cfg.mu if mu is None else mu,
+                                self.cfg.fusion)
+
+    def fuse(self, instance: Tensor, concept: Tensor | None, mu: float | None = None) -> Tensor:
+        """`fuse` by cfg.fusion (μ defaulting to cfg.mu): the vectors a search index holds."""
+        return fuse(instance, concept, self.cfg.mu if mu is None else mu, self.cfg.fusion)
+
+    @property
+    def fused_dim(self) -> int:
+        """The width of `fuse`'s vectors."""
+        concat = self.cfg.concept_branch and self.cfg.fusion == "concat"
+        return self.cfg.embed_dim * (2 if concat else 1)
+
+    def set_epoch(self, epoch: int) -> None:
+        """The trainer's epoch (0-based), at the start of each epoch and on resume: the triplet
+        warm-up (cfg.triplet_all_negatives_epochs) depends on it."""
+        self.epoch = epoch
 
     # -- training step -------------------------------------------------------------------------
 
     def forward(self, batch: Mapping[str, Tensor], return_terms: bool = False) -> Any:
         """One training step's losses: "loss", each term (see loss.total_loss) and cheap
-        diagnostics ("diag_*", see `_diagnostics`); with `return_terms`, also the weighted terms
-        with their graphs (for per-term gradient norms), as a second value.
+        diagnostics ("diag_*"); with `return_terms`, also the weighted terms with their graphs
+        (for per-term gradient norms), as a second value.
 
-        Keys come from the momentum encoders without gradient and are gathered from all
-        processes; each process computes the loss of its local queries against them (spec §8),
-        so DDP's gradient averaging gives the global-batch gradient. The triplet loss uses
-        in-batch online embeddings and stays per process. A batch may carry `text_states`, the
-        frozen BERT bottom's output (text_cache.py), for both text encoders. Forward writes no
-        buffer: in training mode it records the keys and codes for `after_optimizer_step()`,
-        which must follow every training-mode forward (record nothing with model.eval()).
+        Encode the batch with the online encoders; its keys with the momentum encoders, without
+        gradient, gathered from all processes (each process's loss takes its local queries
+        against them, spec §8, so DDP's gradient averaging gives the global-batch gradient);
+        the losses; and, in training mode, a record of the keys and codes for
+        `after_optimizer_step()`, which must follow every training-mode forward. A batch may
+        carry `text_states`, the frozen BERT bottom's output (text_cache.py).
         """
         cfg = self.cfg
-        image_ids = batch["image_ids"]
-        labels = batch.get("concept_labels")
         concepts = self._concepts() if cfg.concept_branch else None
-        img, img_c = self._embed_images(batch["images"], concepts)
-        cap, cap_c = self._embed_captions(batch["tokens"], batch["lengths"], batch.get("attention_mask"), labels,
-                                          concepts, text_states=batch.get("text_states"))
+        queries, scores = self._queries(batch, concepts)
         keys = self._keys(batch, concepts) if self.key_names else {}
-        with torch.autocast(img.device.type, enabled=False):
-            img, cap = img.float(), cap.float()
-            img_c = img_c.float() if img_c is not None else None
-            cap_c = cap_c.float() if cap_c is not None else None
-            # Views, not copies: the queues change only in after_optimizer_step(), after backward.
-            filled = self._filled()
-            queues = {name: getattr(self, f"{name}_queue")[:filled] for name in self.queue_names}
-            queue_ids = self.queue_ids[:filled]
-            concept = fused = None
-            if cfg.loss == "triplet":
-                instance = triplet_loss(img, cap, image_ids, cfg.margin)
-                if img_c is not None:
-                    concept = triplet_loss(img_c, cap_c, image_ids, cfg.margin)
-            else:
-                instance = self._dcl(img, cap, "image", "text", keys, queues, queue_ids, image_ids)
-                if img_c is not None:
-                    concept = self._dcl(img_c, cap_c, "image_concept", "text_concept", keys, queues, queue_ids,
-                                        image_ids)
-                if img_c is not None and cfg.lambda_fused > 0:
-                    fused = self._fused_dcl(img, img_c, cap, cap_c, keys, queues, queue_ids, image_ids)
-            pseudo, pending, diagnostics = None, {}, {}
+        with torch.autocast(queries[0].device.type, enabled=False):
+            (instance, concept, fused), diagnostics = self._contrastive_terms(*queries, keys, batch["image_ids"])
+            kl = concept_kl_loss(*scores) if scores is not None and cfg.lambda_kl > 0 else None
+            pseudo, clusters, pseudo_diagnostics = None, {}, {}
             if self.use_pseudo:
-                targets, codes, embeddings = self._pseudo_labels(keys, img.shape[0])
-                pending.update(embeddings=embeddings, codes=codes)
-                if bool(self.prototypes_ready):
-                    prototypes = self.prototypes if cfg.prototype_update == "learned" else self.prototypes.detach()
-                    pseudo = (pseudo_label_loss(img_c, targets, prototypes, cfg.tau_pseudo)
-                              + pseudo_label_loss(cap_c, targets, prototypes, cfg.tau_pseudo)) / 2
-                    diagnostics = self._pseudo_diagnostics(targets, codes, pseudo)
-            if img_c is not None:
-                diagnostics.update(diag_concept_cos_image=_mean_pairwise_cosine(img_c),
-                                   diag_concept_cos_text=_mean_pairwise_cosine(cap_c))
-            if self.queue_names:
-                pending.update(keys={name: keys[name] for name in self.queue_names}, ids=keys["ids"])
-            if self.training and pending:
-                self._pending_updates.append(pending)
+                pseudo, clusters, pseudo_diagnostics = self._pseudo_term(queries[1], queries[3], keys)
+        if self.training:
+            self._record(keys, clusters)
         lambdas = {"lambda_concept": cfg.lambda_concept, "lambda_pseudo": cfg.lambda_pseudo,
-                   "lambda_fused": cfg.lambda_fused}
-        losses = {**total_loss(instance, concept, pseudo, name=cfg.loss, fused=fused, **lambdas), **diagnostics}
+                   "lambda_fused": cfg.lambda_fused, "lambda_kl": cfg.lambda_kl}
+        losses = {**total_loss(instance, concept, pseudo, name=cfg.loss, fused=fused, kl=kl, **lambdas),
+                  **pseudo_diagnostics, **diagnostics}
         if not return_terms:
             return losses
-        terms = loss_terms(instance, concept, pseudo, fused, name=cfg.loss, **lambdas)
+        terms = loss_terms(instance, concept, pseudo, fused, kl, name=cfg.loss, **lambdas)
         return losses, {key: weight * term for key, term, weight in terms}
 
-    @torch.no_grad()
-    def _pseudo_diagnostics(self, targets: Tensor, codes: Tensor, pseudo: Tensor) -> dict[str, Tensor]:
-        """What the pseudo-label loss can learn: the targets' entropy (its floor), the loss
-        minus that floor (the mean KL from targets to predictions), and the fraction of the
-        prototypes that some gathered batch embedding's code peaks at."""
-        entropy = -(targets * targets.clamp_min(1e-12).log()).sum(1).mean()
-        used = torch.zeros(codes.shape[1], dtype=torch.bool, device=codes.device)
-        used[codes.argmax(1)] = True
-        return {"diag_target_entropy": entropy, "diag_pseudo_excess": pseudo.detach() - entropy,
-                "diag_prototypes_used": used.float().mean()}
+    def _queries(self, batch: Mapping[str, Tensor], concepts: Tensor | None) -> tuple[
+            list[Tensor | None], tuple[Tensor, Tensor] | None]:
+        """Online embeddings [v, v_c, t, t_c] of the batch in float32 (concept parts None
+        without the concept branch), and the (image, caption) concept scores (None without)."""
+        img, img_c, img_scores = self._embed_images(batch["images"], concepts)
+        cap, cap_c, cap_scores = self._embed_captions(batch["tokens"], batch["lengths"], batch.get("attention_mask"),
+                                                      batch.get("concept_labels"), concepts,
+                                                      text_states=batch.get("text_states"))
+        scores = None if img_scores is None else (img_scores.float(), cap_scores.float())
+        return [None if x is None else x.float() for x in (img, img_c, cap, cap_c)], scores
+
+    def _contrastive_terms(self, img: Tensor, img_c: Tensor | None, cap: Tensor, cap_c: Tensor | None,
+                           keys: Mapping[str, Tensor], image_ids: Tensor) -> tuple[tuple, dict[str, Tensor]]:
+        """(instance, concept, fused) terms (None where absent) and the concept diagnostics.
+        The fused term ranks by the inference similarity (`fuse` by cfg.fusion). DCL reads the
+        queues in place: they change only in after_optimizer_step()."""
+        cfg = self.cfg
+        concept = fused = None
+        if cfg.loss == "triplet":
+            hardest = self.epoch >= cfg.triplet_all_negatives_epochs
+            instance = triplet_loss(img, cap, image_ids, cfg.margin, hardest)
+            if img_c is not None:
+                concept = triplet_loss(img_c, cap_c, image_ids, cfg.margin, hardest)
+            if img_c is not None and cfg.lambda_fused > 0:
+                fused = triplet_loss(self.fuse(img, img_c), self.fuse(cap, cap_c), image_ids, cfg.margin, hardest)
+        else:
+            queues = {name: self.queues.entries(name) for name in self.queues.names}
+            queue_ids = self.queues.filled_ids()
+            instance = self._dcl(img, cap, "image", "text", keys, queues, queue_ids, image_ids)
+            if img_c is not None:
+                concept = self._dcl(img_c, cap_c, "image_concept", "text_concept", keys, queues, queue_ids, image_ids)
+            if img_c is not None and cfg.lambda_fused > 0:
+                fused = self._fused_dcl(img, img_c, cap, cap_c, keys, queues, queue_ids, image_ids)
+        diagnostics = {}
+        if img_c is not None:
+            diagnostics = {"diag_concept_cos_image": _mean_pairwise_cosine(img_c),
+                           "diag_concept_cos_text": _mean_pairwise_cosine(cap_c)}
+        return (instance, concept, fused), diagnostics
+
+    def _pseudo_term(self, img_c: Tensor, cap_c: Tensor, keys: Mapping[str, Tensor]) -> tuple[
+            Tensor | None, dict[str, Tensor], dict[str, Tensor]]:
+        """The pseudo-label loss (None until the prototypes are ready), the batch's codes and
+        embeddings for the prototype update, and the loss's diagnostics."""
+        targets, codes, embeddings = self._pseudo_labels(keys, img_c.shape[0])
+        clusters = {"embeddings": embeddings, "codes": codes}
+        if not self.prototypes.is_ready:
+            return None, clusters, {}
+        prototypes, tau = self.prototypes.for_loss(), self.cfg.tau_pseudo
+        pseudo = (pseudo_label_loss(img_c, targets, prototypes, tau)
+                  + pseudo_label_loss(cap_c, targets, prototypes, tau)) / 2
+        return pseudo, clusters, pseudo_label_diagnostics(targets, codes, pseudo)
+
+    def _record(self, keys: Mapping[str, Tensor], clusters: dict[str, Tensor]) -> None:
+        """Keep what after_optimizer_step() writes: the codes, and the keys for the queues."""
+        pending = dict(clusters)
+        if self.queues.names:
+            pending.update(keys={name: keys[name] for name in self.queues.names}, ids=keys["ids"])
+        if pending:
+            self._pending_updates.append(pending)
 
     @torch.no_grad()
     def after_optimizer_step(self) -> None:
         """Call after each optimizer.step(): the EMA update of the momentum encoders, then, for
-        each training forward since the last call, the prototype update and the enqueue of its
+        each training forward since the last call, the prototype update and the push of its
         keys. Every process holds the same queues and prototypes afterwards (the updates use
-        gathered data; the prototypes are also broadcast from rank 0). With several forwards
-        per step (gradient accumulation) all are queued in order, but a later forward does not
-        see an earlier one's keys as queue negatives."""
+        gathered data). With several forwards per step (gradient accumulation) all are queued
+        in order, but a later forward does not see an earlier one's keys as queue negatives."""
         self.momentum_update()
-        if self.use_pseudo and self.cfg.prototype_update == "learned" and bool(self.prototypes_ready):
-            self.prototypes.copy_(l2norm(self.prototypes))  # the optimizer moved every prototype
-            self.refresh_queue_kernel()
+        if self.prototypes is not None and self.prototypes.learned and self.prototypes.is_ready:
+            self.prototypes.renormalise()  # the optimizer moved every prototype
+            self._refresh_queue_kernel()
         for pending in self._pending_updates:
             if "codes" in pending:
-                if not bool(self.prototypes_ready):
-                    self._init_prototypes_from_keys(pending["embeddings"])
-                elif self.cfg.prototype_update == "ema":
-                    self._update_prototypes(pending["embeddings"], pending["codes"])
+                self._update_prototypes(pending["embeddings"], pending["codes"])
             if "keys" in pending:
-                self._enqueue(pending["keys"], pending["ids"])
+                slots = self.queues.push(pending["keys"], pending["ids"])
+                if self.queue_kernel is not None:
+                    self.queue_kernel.write_slots(slots, self.queues.image, self.queues.text, self.prototypes.weight)
         self._pending_updates.clear()
 
     @torch.no_grad()
-    def _init_prototypes_from_keys(self, embeddings: Tensor) -> None:
-        """[R] prototype_init="keys": once the batch's momentum instance keys and the instance
-        queues hold K_p entries, the prototypes become K_p of them drawn at random (rank 0's
-        draw on every process); until then the pseudo-label loss is off (without queues, K_p
-        must not exceed the global batch's 2B keys, or it never starts)."""
-        filled = self._filled() if "image" in self.queue_names else 0
-        pool = embeddings
-        if filled:
-            pool = torch.cat([embeddings, self.image_queue[:filled], self.text_queue[:filled]])
-        count = self.prototypes.shape[0]
-        if pool.shape[0] < count:
-            return
-        chosen = pool[torch.randperm(pool.shape[0])[:count].to(pool.device)]
-        self.prototypes.copy_(l2norm(chosen))
-        if _rank_and_world()[1] > 1:
-            dist.broadcast(self.prototypes.data, src=0)
-        self.prototypes_ready.fill_(True)
-        self.refresh_queue_kernel()
+    def _update_prototypes(self, embeddings: Tensor, codes: Tensor) -> None:
+        """Init "keys": draw the prototypes once the batch's instance keys and the instance
+        queues hold K_p (without queues, K_p must not exceed the global batch's 2B keys, or the
+        pseudo-label loss never starts). Update "ema": move them, and the kernel's columns."""
+        if not self.prototypes.is_ready:
+            pool = embeddings
+            if self.queues.filled and "image" in self.queues.names:
+                pool = torch.cat([embeddings, self.queues.entries("image"), self.queues.entries("text")])
+            if self.prototypes.draw_from(pool):
+                self._refresh_queue_kernel()
+        elif not self.prototypes.learned:
+            moved = self.prototypes.ema_step(embeddings, codes)
+            if self.queue_kernel is not None:
+                self.queue_kernel.write_columns(moved, self.queues.entries("image"), self.queues.entries("text"),
+                                                self.prototypes.weight)
+
+    def _refresh_queue_kernel(self) -> None:
+        if self.queue_kernel is not None:
+            self.queue_kernel.refresh(self.queues.image, self.queues.text, self.prototypes.weight)
 
     @torch.no_grad()
     def _keys(self, batch: Mapping[str, Tensor], concepts: Tensor | None) -> dict[str, Tensor]:
@@ -496,8 +557,8 @@ class CODER(nn.Module):
         key_concepts = None
         if self.use_concept_keys:
             key_concepts = self._concepts(momentum=True) if "gcn" in self.momentum else concepts.detach()
-        image, image_c = self._embed_images(batch["images"], key_concepts, momentum=True)
-        text, text_c = self._embed_captions(batch["tokens"], batch["lengths"], batch.get("attention_mask"),
+        image, image_c, _ = self._embed_images(batch["images"], key_concepts, momentum=True)
+        text, text_c, _ = self._embed_captions(batch["tokens"], batch["lengths"], batch.get("attention_mask"),
                                             batch.get("concept_labels"), key_concepts, momentum=True,
                                             text_states=batch.get("text_states"))
         keys = {"image": image, "text": text, "image_concept": image_c, "text_concept": text_c}
@@ -510,17 +571,8 @@ class CODER(nn.Module):
         rank, _ = _rank_and_world()
         return rank * batch_size + torch.arange(batch_size, device=device)
 
-    def _dcl(
-        self,
-        img: Tensor,
-        cap: Tensor,
-        image_key: str,
-        text_key: str,
-        keys: Mapping[str, Tensor],
-        queues: Mapping[str, Tensor],
-        queue_ids: Tensor,
-        image_ids: Tensor,
-    ) -> Tensor:
+    def _dcl(self, img: Tensor, cap: Tensor, image_key: str, text_key: str, keys: Mapping[str, Tensor],
+             queues: Mapping[str, Tensor], queue_ids: Tensor, image_ids: Tensor) -> Tensor:
         """L_DCL = mean of image→text and text→image, local queries against gathered keys."""
         cfg = self.cfg
         rows = self._local_rows(img.shape[0], img.device)
@@ -531,27 +583,17 @@ class CODER(nn.Module):
                        k_ids=keys["ids"], pos_index=rows)
         return (i2t + t2i) / 2
 
-    def _fused_dcl(
-        self,
-        img: Tensor,
-        img_c: Tensor,
-        cap: Tensor,
-        cap_c: Tensor,
-        keys: Mapping[str, Tensor],
-        queues: Mapping[str, Tensor],
-        queue_ids: Tensor,
-        image_ids: Tensor,
-    ) -> Tensor:
-        """DCL on the inference similarity S = (1−μ)·s(v,t) + μ·s(v_c,t_c) (CVSE trains its fused
-        embedding so): queries, keys and queue entries are their `fuse`d vectors."""
-        mu = self.cfg.mu
-        fused_keys = {"image": fuse(keys["image"], keys["image_concept"], mu),
-                      "text": fuse(keys["text"], keys["text_concept"], mu), "ids": keys["ids"]}
+    def _fused_dcl(self, img: Tensor, img_c: Tensor, cap: Tensor, cap_c: Tensor, keys: Mapping[str, Tensor],
+                   queues: Mapping[str, Tensor], queue_ids: Tensor, image_ids: Tensor) -> Tensor:
+        """DCL on the inference similarity S (CVSE trains its fused embedding so): queries, keys
+        and queue entries are their `fuse`d vectors."""
+        fused_keys = {"image": self.fuse(keys["image"], keys["image_concept"]),
+                      "text": self.fuse(keys["text"], keys["text_concept"]), "ids": keys["ids"]}
         fused_queues = {}
         if "image" in queues:
-            fused_queues = {"image": fuse(queues["image"], queues["image_concept"], mu),
-                            "text": fuse(queues["text"], queues["text_concept"], mu)}
-        return self._dcl(fuse(img, img_c, mu), fuse(cap, cap_c, mu), "image", "text", fused_keys, fused_queues,
+            fused_queues = {"image": self.fuse(queues["image"], queues["image_concept"]),
+                            "text": self.fuse(queues["text"], queues["text_concept"])}
+        return self._dcl(self.fuse(img, img_c), self.fuse(cap, cap_c), "image", "text", fused_keys, fused_queues,
                          queue_ids, image_ids)
 
     @torch.no_grad()
@@ -560,77 +602,17 @@ class CODER(nn.Module):
         entries when cfg.sinkhorn_with_queue, batch rows kept). Returns the local pairs' pseudo
         labels (mean of image and caption codes), the batch codes and the batch embeddings."""
         embeddings = torch.cat([keys["image"], keys["text"]])
-        kernel = [sinkhorn_kernel(embeddings @ self.prototypes.t(), self.cfg.sinkhorn_epsilon)]
-        if self.cache_queue_kernel:
-            filled, size = self._filled(), self.cfg.queue_size
-            kernel += [self.queue_kernel[:filled], self.queue_kernel[size : size + filled]]
+        prototypes, epsilon = self.prototypes.weight, self.cfg.sinkhorn_epsilon
+        kernel = [sinkhorn_kernel(embeddings @ prototypes.t(), epsilon)]
+        if self.queue_kernel is not None:
+            kernel += self.queue_kernel.blocks(self.queues.filled)
+        elif self.sinkhorn_queues:
+            kernel += [sinkhorn_kernel(self.queues.entries(name) @ prototypes.t(), epsilon)
+                       for name in ("image", "text")]
         codes = sinkhorn_knopp(kernel, self.cfg.sinkhorn_iterations, num_rows=embeddings.shape[0])
         batch = keys["image"].shape[0]
         rows = self._local_rows(local_size, embeddings.device)
         return (codes[rows] + codes[batch + rows]) / 2, codes, embeddings
-
-    @torch.no_grad()
-    def _update_prototypes(self, embeddings: Tensor, codes: Tensor) -> None:
-        """[R] Each prototype moves towards the mean of the batch embeddings whose Sinkhorn code
-        peaks at it: c ← l2norm(ρ·c + (1−ρ)·mean), ρ = cfg.prototype_momentum; prototypes with no
-        assigned embedding stay. Gathered data only, so every process computes the same update;
-        CUDA's index_add_ sums in a non-deterministic order, so rank 0's result is broadcast
-        before the cached queue kernel columns of the moved prototypes are recomputed."""
-        assigned = codes.argmax(1)
-        sums = torch.zeros_like(self.prototypes).index_add_(0, assigned, embeddings)
-        counts = torch.bincount(assigned, minlength=self.prototypes.shape[0])
-        hit = counts > 0
-        rho = self.cfg.prototype_momentum
-        self.prototypes[hit] = l2norm(rho * self.prototypes[hit] + (1 - rho) * sums[hit] / counts[hit, None])
-        if _rank_and_world()[1] > 1:  # rank 0's prototypes and moved columns, exactly
-            moved_mask = hit.to(torch.uint8)
-            dist.broadcast(self.prototypes, src=0)
-            dist.broadcast(moved_mask, src=0)
-            hit = moved_mask.bool()
-        if self.cache_queue_kernel:
-            filled, size = self._filled(), self.cfg.queue_size
-            columns = hit.nonzero().squeeze(1)
-            moved = self.prototypes[columns].t()
-            for start, queue in ((0, self.image_queue), (size, self.text_queue)):
-                self.queue_kernel[start : start + filled, columns] = self._kernel(queue[:filled] @ moved)
-
-    def _kernel(self, scores: Tensor) -> Tensor:
-        return sinkhorn_kernel(scores, self.cfg.sinkhorn_epsilon)
-
-    @torch.no_grad()
-    def refresh_queue_kernel(self) -> None:
-        """Recompute the whole cached queue kernel, after the queues or prototypes were written
-        directly (the training step keeps the cache current by itself)."""
-        if self.cache_queue_kernel:
-            size = self.cfg.queue_size
-            self.queue_kernel[:size] = self._kernel(self.image_queue @ self.prototypes.t())
-            self.queue_kernel[size:] = self._kernel(self.text_queue @ self.prototypes.t())
-
-    def _filled(self) -> int:
-        return int(self.queue_count) if self.queue_names else 0
-
-    @torch.no_grad()
-    def _enqueue(self, keys: Mapping[str, Tensor], ids: Tensor) -> None:
-        """FIFO push with wrap-around of keys already gathered by `gather_from_all` (so every
-        process holds the same queues); of a batch longer than the queue only its last rows stay."""
-        size = self.cfg.queue_size
-        total = ids.shape[0]
-        kept = min(total, size)
-        ptr = int(self.queue_ptr)
-        slots = (ptr + total - kept + torch.arange(kept, device=ids.device)) % size
-        for name, value in keys.items():
-            getattr(self, f"{name}_queue")[slots] = value[total - kept :].to(self.queue_ids.device, torch.float32)
-        self.queue_ids[slots] = ids[total - kept :]
-        if self.cache_queue_kernel:
-            prototypes = self.prototypes.t()
-            self.queue_kernel[slots] = self._kernel(self.image_queue[slots] @ prototypes)
-            self.queue_kernel[size + slots] = self._kernel(self.text_queue[slots] @ prototypes)
-        self.queue_ptr.fill_((ptr + total) % size)
-        self.queue_count.fill_(min(int(self.queue_count) + total, size))
-
-    def queue_fill(self) -> float:
-        """Fraction of the queues filled (0.0 without queues)."""
-        return self._filled() / self.cfg.queue_size if self.queue_names else 0.0
 
     @torch.no_grad()
     def momentum_update(self) -> None:
@@ -667,11 +649,17 @@ class CODER(nn.Module):
                 continue
             if name.startswith(("image_encoder.", "text_encoder.")):
                 branches["instance"].append(p)
-            elif name == "prototypes":
+            elif name.startswith("prototypes."):
                 branches["prototypes"].append(p)
             else:
                 branches["concept"].append(p)
         return {k: v for k, v in branches.items() if v}
+
+    # -- checkpoints of earlier layouts --------------------------------------------------------
+
+    def upgrade_state_dict(self, state: Mapping[str, Tensor], note: Callable[[str], None]) -> dict[str, Tensor]:
+        """A state dict of an earlier layout in this one (see `upgrade_state_dict`)."""
+        return upgrade_state_dict(state, self.state_dict(), self.cfg.sinkhorn_epsilon, note)
 
     def parameter_counts(self) -> dict[str, int]:
         """Trainable (online) and momentum parameter counts, for logs and the benchmark."""

@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Iterable, NoReturn
 
-from utils import CoderError
+from utils import CoderError, path_problem
 
 PROJECT_ROOT = Path(__file__).resolve().parent
 
@@ -26,12 +26,16 @@ def _finite(v: Any) -> bool:
     return isinstance(v, (int, float)) and math.isfinite(v)
 
 
-def at_least(low: float) -> tuple[Check, str]:
-    return (lambda v: _finite(v) and v >= low), f"must be at least {low:g}"
+def _at_most(high: float) -> str:
+    return f" and at most {high:g}" if math.isfinite(high) else ""
 
 
-def above(low: float) -> tuple[Check, str]:
-    return (lambda v: _finite(v) and v > low), f"must be greater than {low:g}"
+def at_least(low: float, high: float = math.inf) -> tuple[Check, str]:
+    return (lambda v: _finite(v) and low <= v <= high), f"must be at least {low:g}{_at_most(high)}"
+
+
+def above(low: float, high: float = math.inf) -> tuple[Check, str]:
+    return (lambda v: _finite(v) and low < v <= high), f"must be greater than {low:g}{_at_most(high)}"
 
 
 def within(low: float, high: float) -> tuple[Check, str]:
@@ -44,55 +48,75 @@ def one_of(*choices: str) -> tuple[Check, str]:
 
 FINITE = (_finite, "must be a finite number")
 
+# The options with a fixed set of values, read by every check of them (TRAIN_RULES below,
+# model.ModelConfig, the trainer's autocast, distributed.Dist).
+CHOICES: dict[str, tuple[str, ...]] = {
+    "image_pooling": ("attn", "mean", "gpo"),
+    "text_pooling": ("attn", "mean", "gpo"),
+    "text_encoder": ("bigru", "bert"),
+    "concept_query_input": ("bn", "detach", "no_bn"),
+    "prototype_init": ("random", "keys"),
+    "prototype_update": ("ema", "learned"),
+    "loss": ("dcl", "triplet"),
+    "fusion": ("concat", "weighted_sum"),
+    "grad_clip_scope": ("global", "branch"),
+    "device": ("auto", "cuda", "cpu"),
+    "amp": ("auto", "bf16", "fp16", "off"),
+}
+
 # The train scripts' options (train_f30k.py, train_coco.py). Options not listed are free
 # strings (paths are checked by `check_train_config`) or booleans (checked when parsed).
 TRAIN_RULES: dict[str, tuple[Check, str]] = {
     "val_max_images": at_least(0),
     "embed_dim": at_least(1),
-    "image_pooling": one_of("attn", "mean", "gpo"),
-    "text_pooling": one_of("attn", "mean", "gpo"),
-    "text_encoder": one_of("bigru", "bert"),
+    "image_pooling": one_of(*CHOICES["image_pooling"]),
+    "text_pooling": one_of(*CHOICES["text_pooling"]),
+    "text_encoder": one_of(*CHOICES["text_encoder"]),
     "word_dim": at_least(1),
     "bert_length_groups": at_least(1),
     "bert_frozen_layers": at_least(0),
     "concept_threshold": within(0.0, 1.0),
     "gcn_hidden": at_least(1),
-    "concept_score_scale": above(0.0),
+    "concept_score_scale": above(0.0, 1000.0),
     "label_mix_ratio": within(0.0, 1.0),
-    "concept_query_input": one_of("bn", "detach", "no_bn"),
+    "concept_query_input": one_of(*CHOICES["concept_query_input"]),
     "momentum": within(0.0, 1.0),
     "queue_size": at_least(0),
     "num_prototypes": at_least(1),
-    "sinkhorn_epsilon": above(0.0),
-    "sinkhorn_iterations": at_least(1),
+    "sinkhorn_epsilon": at_least(0.01, 10.0),  # below ~0.02 rows underflow (loss.sinkhorn_kernel)
+    "sinkhorn_iterations": at_least(1, 1000),
     "prototype_momentum": within(0.0, 1.0),
-    "prototype_init": one_of("random", "keys"),
-    "prototype_update": one_of("ema", "learned"),
-    "loss": one_of("dcl", "triplet"),
-    "tau": above(0.0),
-    "beta": FINITE,
-    "margin": at_least(0.0),
-    "lambda_concept": at_least(0.0),
-    "lambda_pseudo": at_least(0.0),
-    "lambda_fused": at_least(0.0),
-    "tau_pseudo": above(0.0),
+    "prototype_init": one_of(*CHOICES["prototype_init"]),
+    "prototype_update": one_of(*CHOICES["prototype_update"]),
+    "loss": one_of(*CHOICES["loss"]),
+    "tau": at_least(1e-3, 100.0),  # logits are cosines / tau: 1e-30 gives infinite gradients
+    "beta": within(-1000.0, 1000.0),
+    "margin": at_least(0.0, 2.0),  # cosine similarities differ by at most 2
+    "triplet_all_negatives_epochs": at_least(0),
+    "region_drop": within(0.0, 1.0),  # 1: one region per image (one is always kept)
+    "lambda_concept": at_least(0.0, 1000.0),
+    "lambda_pseudo": at_least(0.0, 1000.0),
+    "lambda_fused": at_least(0.0, 1000.0),
+    "lambda_kl": at_least(0.0, 1000.0),
+    "tau_pseudo": at_least(1e-3, 100.0),
     "mu": within(0.0, 1.0),
-    "epochs": at_least(1),
+    "fusion": one_of(*CHOICES["fusion"]),
+    "epochs": at_least(1, 100000),
     "batch_size": at_least(1),
-    "lr": above(0.0),
-    "bert_lr_scale": at_least(0.0),
-    "weight_decay": at_least(0.0),
+    "lr": above(0.0, 10.0),
+    "bert_lr_scale": at_least(0.0, 100.0),
+    "weight_decay": at_least(0.0, 10.0),
     "warmup_epochs": at_least(0),
     "lr_decay_epoch": at_least(0),
-    "lr_decay_factor": above(0.0),
+    "lr_decay_factor": above(0.0, 1.0),
     "grad_clip": above(0.0),
-    "grad_clip_scope": one_of("global", "branch"),
+    "grad_clip_scope": one_of(*CHOICES["grad_clip_scope"]),
     "freeze_bert_epochs": at_least(0),
-    "seed": at_least(0),
-    "device": one_of("auto", "cuda", "cpu"),
-    "amp": one_of("auto", "bf16", "fp16", "off"),
-    "dist_timeout": above(0.0),
-    "workers": at_least(0),
+    "seed": at_least(0, 2**32 - 1),  # numpy's seed range
+    "device": one_of(*CHOICES["device"]),
+    "amp": one_of(*CHOICES["amp"]),
+    "dist_timeout": above(0.0, 10080.0),  # minutes: at most a week
+    "workers": at_least(0, 256),
     "eval_batch_size": at_least(1),
     "log_every": at_least(1),
     "diag_every": at_least(0),
@@ -120,11 +144,13 @@ def unknown_option(name: str, valid: Iterable[str]) -> CoderError:
     return CoderError(f"unknown option --{name}{hint}")
 
 
-def check_values(config: dict[str, Any]) -> None:
-    """Each option's type-independent rule (range, choices); the first failure is raised."""
+def check_values(config: dict[str, Any], owner: str = "") -> None:
+    """Each option's type-independent rule (range, choices); the first failure is raised, named
+    as an option, or as `owner: name=value` (e.g. owner "model config")."""
     for name, (check, text) in TRAIN_RULES.items():
         if name in config and not check(config[name]):
-            raise CoderError(f"--{name} {config[name]}: {text}")
+            named = f"{owner}: {name}={config[name]!r}" if owner else f"--{name} {config[name]}:"
+            raise CoderError(f"{named} {text}")
 
 
 def _split_files(root: Path, split: str) -> list[Path]:
@@ -135,37 +161,79 @@ def check_train_config(config: dict[str, Any], resuming: bool) -> None:
     """Every value and every named file of a train config, before any work starts."""
     check_values(config)
     root = Path(config["data_path"])
-    if not root.is_dir():
-        raise CoderError(f"--data_path {root}: data folder not found")
+    if problem := path_problem(root, True, "data folder"):
+        raise CoderError(f"--data_path {root}: {problem}")
     splits = [("train_split", config["train_split"]), ("val_split", config["val_split"])]
     if config["test_split"]:
         splits.append(("test_split", config["test_split"]))
     for option, split in splits:
+        folder = next((p for p in _split_files(root, split) if p.is_dir()), None)
+        if folder is not None:
+            raise CoderError(f"--{option} {split}: {folder} is a folder, expected a file")
         missing = [p.name for p in _split_files(root, split) if not p.is_file()]
         if missing:
             have = sorted({p.name[: -len("_ims.npy")] for p in root.glob("*_ims.npy")})
             near = closest(split, have)
             hint = f"; did you mean '{near[0]}'?" if near else f" (splits there: {', '.join(have) or 'none'})"
             raise CoderError(f"--{option} {split}: {root} has no {' or '.join(missing)}{hint}")
-    if config["text_encoder"] == "bigru" and not resuming and not Path(config["vocab_path"]).is_file():
-        raise CoderError(f"--vocab_path {config['vocab_path']}: vocabulary file not found (the bigru text encoder "
-                         f"needs one; build it with vocab.py build)")
-    if config["concept_branch"] and not resuming and not Path(config["concept_path"]).is_dir():
-        raise CoderError(f"--concept_path {config['concept_path']}: concept folder not found (or pass "
-                         f"--concept_branch false)")
-    if config["word_vectors"] not in ("", "glove-package") and not Path(config["word_vectors"]).is_file():
-        raise CoderError(f"--word_vectors {config['word_vectors']}: file not found (a GloVe text file, or glove-package)")
+    if config["text_encoder"] == "bigru" and not resuming and (
+            problem := path_problem(config["vocab_path"], False, "vocabulary file")):
+        raise CoderError(f"--vocab_path {config['vocab_path']}: {problem} (the bigru text encoder needs one; "
+                         f"build it with vocab.py build)")
+    if config["concept_branch"] and not resuming and (
+            problem := path_problem(config["concept_path"], True, "concept folder")):
+        raise CoderError(f"--concept_path {config['concept_path']}: {problem} (or pass --concept_branch false)")
+    if config["word_vectors"] not in ("", "glove-package") and (
+            problem := path_problem(config["word_vectors"], False, "word-vector file")):
+        raise CoderError(f"--word_vectors {config['word_vectors']}: {problem} (a GloVe text file, or "
+                         f"glove-package)")
     if config["text_encoder"] == "bigru" and config["bert_frozen_layers"]:
         raise CoderError("--bert_frozen_layers needs --text_encoder bert")
     if config["freeze_bert_epochs"] and config["text_encoder"] != "bert":
         raise CoderError("--freeze_bert_epochs needs --text_encoder bert")
-    if config["resume"] and not Path(config["resume"]).is_file():
-        raise CoderError(f"--resume {config['resume']}: checkpoint file not found")
+    if config["text_encoder"] == "bert" and config["bert_frozen_layers"] and config["text_state_cache"] != "off":
+        from text_cache import cache_dir
+
+        folder = cache_dir(config["text_state_cache"], root)
+        shown = f"auto ({folder})" if config["text_state_cache"] == "auto" else None
+        check_writable_dir(folder, "--text_state_cache", shown)
+    if config["resume"] and (problem := path_problem(config["resume"], False, "checkpoint file")):
+        raise CoderError(f"--resume {config['resume']}: {problem}")
     if config["device"] == "cuda":
         import torch
 
         if not torch.cuda.is_available():
             raise CoderError("--device cuda: CUDA is not available on this machine (use --device cpu or auto)")
+
+
+def training_memory(config: dict[str, Any], regions: int, feature_dim: int, vocab_size: int) -> dict[str, int]:
+    """Rough bytes of a run's largest allocations, by the option that sizes each (float32;
+    weights counted five times: themselves, gradients, two Adam moments, the momentum copy)."""
+    dim, word, floats = config["embed_dim"], config["word_dim"], 4
+    weights = (feature_dim * dim + vocab_size * word + 6 * (word + dim) * dim + config["num_prototypes"] * dim
+               + word * config["gcn_hidden"] + config["gcn_hidden"] * dim)
+    queue = config["queue_size"]
+    widest = max(dim, feature_dim)
+    return {
+        "embed_dim": 5 * floats * weights,
+        # the queues, their prototype kernel, and the batch's logits against them
+        "queue_size": floats * queue * (4 * dim + 2 * config["num_prototypes"] + 12 * config["batch_size"]),
+        "batch_size": floats * config["batch_size"] * (16 * regions * widest + 12 * config["batch_size"]),
+        "eval_batch_size": floats * 4 * config["eval_batch_size"] * regions * widest,
+    }
+
+
+def check_training_memory(config: dict[str, Any], regions: int, feature_dim: int, vocab_size: int,
+                          available: int, where: str) -> None:
+    """Refuse, before anything is allocated, a run whose estimate exceeds the memory `where`
+    has (a queue of 10^11 entries would otherwise end in an allocator traceback)."""
+    parts = training_memory(config, regions, feature_dim, vocab_size)
+    total = sum(parts.values())
+    if total > available:
+        option = max(parts, key=parts.get)
+        raise CoderError(f"--{option} {config[option]}: the run needs about {total / 2**30:,.1f} GiB "
+                         f"({option}: {parts[option] / 2**30:,.1f} GiB), more than the {available / 2**30:,.1f} GiB "
+                         f"of {where}; lower it")
 
 
 # ----------------------------------------------------------------------------- train scripts
@@ -193,16 +261,23 @@ DEMO_OVERRIDES: dict[str, Any] = {
 }
 
 
+# Named sets of values for `--preset NAME`, applied before the command line's other options
+# (which may still change any of them). "spec": the spec's reconstruction where the scripts'
+# defaults differ from it (DCL sharpness 10, the BN concept query, one global gradient clip).
+PRESETS: dict[str, dict[str, Any]] = {
+    "spec": {"beta": 10.0, "concept_query_input": "bn", "grad_clip_scope": "global"},
+}
+
+
 def parse_overrides(defaults: dict[str, Any], argv: list[str]) -> tuple[dict[str, Any], bool, set[str]]:
-    """Apply `--name value` (or `--name=value`) overrides; returns (config, demo flag, the
-    names given on the command line).
+    """Apply `--preset NAME` (see PRESETS), then the `--name value` (or `--name=value`)
+    overrides; returns (config, demo flag, the names the command line set, the preset's among them).
 
     Values take the type of the default (booleans accept true/false/1/0/yes/no). An unknown
     name is an error that lists the valid ones.
     """
-    config = dict(defaults)
-    demo = False
-    explicit = set()
+    given: dict[str, Any] = {}
+    demo, preset = False, {}
     args = list(argv)
     while args:
         arg = args.pop(0)
@@ -213,14 +288,20 @@ def parse_overrides(defaults: dict[str, Any], argv: list[str]) -> tuple[dict[str
         if name == "demo" and not value:
             demo = True
             continue
-        if name not in config:
-            raise unknown_option(name, [*config, "demo"])
+        if name not in defaults and name != "preset":
+            raise unknown_option(name, [*defaults, "demo", "preset"])
         if not value:
             if not args:
                 raise CoderError(f"option --{name} needs a value")
             value = args.pop(0)
-        config[name] = _convert(name, value, defaults[name])
-        explicit.add(name)
+        if name == "preset":
+            if value not in PRESETS:
+                raise CoderError(f"--preset {value}: unknown preset; choose one of {', '.join(PRESETS)}")
+            preset = PRESETS[value]
+        else:
+            given[name] = _convert(name, value, defaults[name])
+    config = {**defaults, **{k: v for k, v in preset.items() if k in defaults}, **given}
+    explicit = set(given) | (set(preset) & set(defaults))
     if demo:
         config.update({k: v for k, v in DEMO_OVERRIDES.items() if k in config and k not in explicit})
     return config, demo, explicit
@@ -259,23 +340,6 @@ def script_config(variables: dict[str, Any]) -> dict[str, Any]:
 BEFORE_THE_OPTION = {"grad_clip_scope": "global", "concept_query_input": "bn"}
 
 
-def resumed_config(config: dict[str, Any], explicit: set[str]) -> dict[str, Any]:
-    """The checkpoint's config, with the command line's changes to `RESUME_MAY_CHANGE` only
-    (options newer than the checkpoint take the value that keeps its behaviour, else the
-    script's default)."""
-    from checkpoint import load_checkpoint
-
-    saved = load_checkpoint(config["resume"])["config"]
-    saved = {**{k: v for k, v in BEFORE_THE_OPTION.items() if k not in saved}, **saved}
-    refused = sorted(k for k in explicit if k not in RESUME_MAY_CHANGE and config[k] != saved.get(k, config[k]))
-    if refused:
-        raise CoderError(f"{config['resume']}: a resumed run keeps its configuration; cannot change "
-                         f"{', '.join('--' + k for k in refused)} (allowed: "
-                         f"{', '.join('--' + k for k in RESUME_MAY_CHANGE[1:])})")
-    return {**config, **saved, **{k: config[k] for k in explicit if k in RESUME_MAY_CHANGE},
-            "resume": config["resume"]}
-
-
 # ----------------------------------------------------------------------------- argparse types
 
 
@@ -302,6 +366,11 @@ def _typed(kind: type, rule: tuple[Check, str]) -> Callable[[str], Any]:
 
     parse.__name__ = kind.__name__  # argparse names the type in its messages
     return parse
+
+
+def int_range(low: int, high: int) -> Callable[[str], int]:
+    """An argparse type for an integer in [low, high] (an upper bound for legal but absurd sizes)."""
+    return _typed(int, at_least(low, high))
 
 
 positive_int = _typed(int, at_least(1))
@@ -338,10 +407,15 @@ def default_device() -> str:
 
 
 def check_output_file(path: str | os.PathLike, option: str, overwrite: bool = False,
-                      inputs: Iterable[str | os.PathLike] = ()) -> Path:
+                      inputs: Iterable[str | os.PathLike] = (), suffixes: Iterable[str] = ()) -> Path:
     """An output file the command may write: not one of its inputs, not a folder, not an
-    existing file unless `overwrite`, in a folder that exists or can be made and is writable."""
+    existing file unless `overwrite`, with one of `suffixes` (when given: the formats the
+    writer knows), in a folder that exists or can be made and is writable."""
     path = Path(path)
+    suffixes = list(suffixes)
+    if suffixes and path.suffix.lower() not in suffixes:
+        raise CoderError(f"{option} {path}: cannot write a '{path.suffix or 'no extension'}' file; name it with one "
+                         f"of {', '.join(suffixes)}")
     for source in inputs:
         if Path(source).exists() and path.exists() and path.resolve() == Path(source).resolve():
             raise CoderError(f"{option} {path}: is also an input of this command; write elsewhere")

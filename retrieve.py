@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 import torch
 
-from utils import CoderError, cli_entry
+from utils import CoderError, atomic_write, cli_entry, path_problem
 
 
 def encode_queries(model: Any, texts: Sequence[str], tokenizer: Any, graph: Any,
@@ -50,6 +50,9 @@ def image_names(split: Any) -> list[str]:
     return list(ids[:: split.captions_per_image])
 
 
+GRID_FORMATS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+
+
 def draw_grid(rows: list[tuple[str, list[Path], list[bool]]], out: Path, thumb: int = 160) -> None:
     """One row per query: its text above its top-k thumbnails (green frame: a correct image)."""
     from PIL import Image, ImageDraw
@@ -70,8 +73,8 @@ def draw_grid(rows: list[tuple[str, list[Path], list[bool]]], out: Path, thumb: 
                 cell = Image.new("RGB", (thumb, thumb), "#2e9e44" if ok else "#dddddd")
                 cell.paste(img, ((thumb - img.width) // 2, (thumb - img.height) // 2))
             grid.paste(cell, (left, top + text_h))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    grid.save(out)
+    image_format = Image.registered_extensions()[out.suffix.lower()]
+    atomic_write(out, lambda f: grid.save(f, format=image_format))
 
 
 @cli_entry
@@ -98,9 +101,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.grid and not (args.images_dir and args.query):
         parser.error("--grid needs --images_dir and at least one --query")
     if args.grid:
-        check_output_file(args.grid, "--grid", args.overwrite)
-        if not Path(args.images_dir).is_dir():
-            raise CoderError(f"--images_dir {args.images_dir}: folder not found")
+        check_output_file(args.grid, "--grid", args.overwrite, suffixes=GRID_FORMATS)
+        if problem := path_problem(args.images_dir, True, "image folder"):
+            raise CoderError(f"--images_dir {args.images_dir}: {problem}")
 
     import data
     import evaluation

@@ -6,52 +6,142 @@ Type a sentence to see the photos it finds; click a photo (or upload one) to see
 it finds in --captions and its nearest photos. On first start the photos are embedded (region
 features with the backbone of extract_features.py, then the checkpoint's image encoder) and
 cached under data_cache/photo_index; a restart reads the cache and embeds only new or changed
-photos ("Rescan folder" does the same while running). The server binds to 127.0.0.1, serves
-only the indexed photos (by id, never by path), and never writes into the photo folder.
+photos ("Rescan folder" does the same while running). The server binds to 127.0.0.1, answers
+only requests addressed to this machine's names (Host header), accepts POSTs only from its own
+page, serves only the indexed photos (by id, never by path, re-checked on every request) and
+never writes into the photo folder.
 
 JSON API: GET /api/status, GET /api/search?q=TEXT&k=N, GET /api/photos/{id}/neighbours?k=N,
 POST /api/upload (multipart field "file"), POST /api/refresh; images at /photos/{id} and
 /thumbs/{id}.
 """
-
 import io
+import socket
 import sys
 import time
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Sequence
+from urllib.parse import urlsplit
 
 from utils import CoderError, cli_entry
 
 PAGE = Path(__file__).resolve().parent / "web" / "index.html"
 THUMB_SIZE = 256
+MAX_K = 200  # results per request, for --k and the API alike
+MULTIPART_OVERHEAD = 64 << 10  # form boundaries and part headers allowed on top of the upload limit
+# The names a browser on this machine uses for the server; a request with another Host header
+# comes from a page that rebound its own domain name to this address (DNS rebinding).
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "[::1]")
+WILDCARD_ADDRESSES = ("0.0.0.0", "::", "")
 
 
-def create_app(photos: Any, captions: Any = None, max_upload_bytes: int = 10 << 20, default_k: int = 12) -> Any:
-    """The FastAPI app over a PhotoIndex and an optional CaptionSet (photo_index.py)."""
-    from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
-    from fastapi.responses import FileResponse, HTMLResponse, Response
+def allowed_hosts(bind_host: str, extra: Sequence[str] = ()) -> list[str]:
+    """Host header values to answer: localhost names, the bound address (unless a wildcard)
+    and `extra` (--allow_host)."""
+    hosts = [*LOCAL_HOSTS, *extra]
+    if bind_host not in WILDCARD_ADDRESSES:
+        hosts.append(f"[{bind_host}]" if ":" in bind_host else bind_host)
+    return sorted({h.lower() for h in hosts})
 
-    app = FastAPI(title="CODER photo search", docs_url=None, redoc_url=None)
+
+def cross_site(headers: Any) -> bool:
+    """Whether a browser sent this request from another site's page (its Sec-Fetch-Site or
+    Origin says so). Requests with neither header do not come from a web page (curl, scripts)."""
+    site, origin = headers.get("sec-fetch-site"), headers.get("origin")
+    return site not in (None, "same-origin", "none") or (origin is not None and
+                                                         urlsplit(origin).netloc != headers.get("host"))
+
+
+async def read_capped_body(request: Any, limit: int) -> bytes:
+    """The request body, refused (413) by its declared Content-Length before anything is read,
+    and otherwise read only up to `limit` bytes: memory and disk never hold more."""
+    from fastapi import HTTPException
+
+    too_large = HTTPException(413, f"upload larger than the {limit - MULTIPART_OVERHEAD >> 20} MB limit")
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise HTTPException(400, "invalid Content-Length header")
+        if int(declared) > limit:
+            raise too_large
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def multipart_file(content_type: str, body: bytes, field: str = "file") -> tuple[str | None, bytes]:
+    """(file name, bytes) of the form field `field` of a multipart/form-data body, parsed in
+    memory (400 when there is none)."""
+    from fastapi import HTTPException
+    from python_multipart import FormParser
+    from python_multipart.exceptions import FormParserError
+    from python_multipart.multipart import parse_options_header
+
+    kind, params = parse_options_header(content_type)
+    if kind != b"multipart/form-data" or b"boundary" not in params:
+        raise HTTPException(400, f"send the photo as multipart/form-data in a field named '{field}'")
+    files: dict[bytes, Any] = {}
+    parser = FormParser("multipart/form-data", lambda _: None, lambda f: files.setdefault(f.field_name, f),
+                        boundary=params[b"boundary"], config={"MAX_MEMORY_FILE_SIZE": len(body) + 1})
+    try:
+        parser.write(body)
+        parser.finalize()
+    except FormParserError as err:
+        raise HTTPException(400, f"malformed multipart body ({type(err).__name__})") from None
+    upload = files.get(field.encode())
+    if upload is None:
+        raise HTTPException(400, f"no file in the form field '{field}'")
+    upload.file_object.seek(0)
+    name = Path(upload.file_name.decode("utf-8", "replace")).name if upload.file_name else None
+    return name or None, upload.file_object.read()
+
+
+def photo_entry(gallery: Any, photo_id: int, score: float | None = None) -> dict[str, Any]:
+    """What the page shows of one photo of `gallery`."""
+    entry = {"id": photo_id, "name": gallery.photos[photo_id]["name"], "thumb": f"/thumbs/{photo_id}",
+             "url": f"/photos/{photo_id}"}
+    return entry if score is None else {**entry, "score": round(score, 4)}
+
+
+def caption_entries(captions: Any, vector: Any, k: int, own_photo: str | None) -> list[dict[str, Any]]:
+    """The top k captions of a CaptionSet for one fused vector, marked `own` where the caption
+    file gives them to `own_photo` (none without a caption set)."""
+    if captions is None:
+        return []
+    return [{"text": captions.texts[i], "score": round(s, 4), "photo": captions.images[i],
+             "own": own_photo is not None and captions.images[i] == own_photo}
+            for i, s in captions.index.ranked(vector, k)[0]]
+
+
+def create_app(photos: Any, captions: Any = None, max_upload_bytes: int = 10 << 20, default_k: int = 12,
+               hosts: Sequence[str] = LOCAL_HOSTS) -> Any:
+    """The FastAPI app over a PhotoIndex and an optional CaptionSet (photo_index.py), answering
+    requests whose Host is one of `hosts` (see `allowed_hosts`)."""
+    from fastapi import FastAPI, Query
+    from starlette.middleware.trustedhost import TrustedHostMiddleware
+
+    if not 1 <= default_k <= MAX_K:
+        raise CoderError(f"--k {default_k}: must be between 1 and {MAX_K}")
+    app = FastAPI(title="CODER photo search", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(hosts), www_redirect=False)
+    k_query = Query(default_k, ge=1, le=MAX_K)
+    add_search_routes(app, photos, captions, default_k, k_query)
+    add_state_changing_routes(app, photos, captions, max_upload_bytes, k_query)
+    add_image_routes(app, photos)
+    return app
+
+
+def add_search_routes(app: Any, photos: Any, captions: Any, default_k: int, k_query: Any) -> None:
+    """The page, the status, text search and a photo's neighbours (GET; read only)."""
+    from fastapi import HTTPException, Query
+    from fastapi.responses import HTMLResponse
+
     embedder = photos.embedder
-
-    def photo_entry(photo_id: int, score: float | None = None) -> dict[str, Any]:
-        entry = {"id": photo_id, "name": photos.photos[photo_id]["name"], "thumb": f"/thumbs/{photo_id}",
-                 "url": f"/photos/{photo_id}"}
-        return entry if score is None else {**entry, "score": round(score, 4)}
-
-    def caption_entries(vector: Any, k: int, own_photo: str | None) -> list[dict[str, Any]]:
-        if captions is None:
-            return []
-        return [{"text": captions.texts[i], "score": round(s, 4), "photo": captions.images[i],
-                 "own": own_photo is not None and captions.images[i] == own_photo}
-                for i, s in captions.index.ranked(vector, k)[0]]
-
-    def checked_photo(photo_id: int) -> Path:
-        try:
-            return photos.path(photo_id)
-        except KeyError:
-            raise HTTPException(404, f"no photo {photo_id} (the index has {len(photos.photos)})") from None
 
     @app.get("/", response_class=HTMLResponse)
     def page() -> str:
@@ -59,90 +149,151 @@ def create_app(photos: Any, captions: Any = None, max_upload_bytes: int = 10 << 
 
     @app.get("/api/status")
     def status() -> dict[str, Any]:
-        return {"photos": len(photos.photos), "captions": len(captions.texts) if captions else 0,
-                "checkpoint": str(embedder.checkpoint), "mu": embedder.mu, "default_k": default_k,
+        return {"photos": len(photos.gallery.photos), "captions": len(captions.texts) if captions else 0,
+                "mu": embedder.mu, "default_k": default_k, "max_k": MAX_K,
                 "search": "approximate (faiss)" if photos.approximate else "exact"}
 
     @app.get("/api/search")
-    def search(q: str = Query(..., max_length=1000), k: int = Query(default_k, ge=1, le=200)) -> dict[str, Any]:
+    def search(q: str = Query(..., max_length=1000), k: int = k_query) -> dict[str, Any]:
         if not q.strip():
             raise HTTPException(400, "an empty query matches nothing; type some words")
         start = time.perf_counter()
-        ranked = photos.search(embedder.texts([q]), k)[0]
-        return {"query": q, "results": [photo_entry(i, s) for i, s in ranked],
+        gallery = photos.gallery  # one state for the ids and the names, whatever a rescan does meanwhile
+        ranked = gallery.search(embedder.texts([q]), k)[0]
+        return {"query": q, "results": [photo_entry(gallery, i, s) for i, s in ranked],
                 "milliseconds": round(1000 * (time.perf_counter() - start), 1)}
 
     @app.get("/api/photos/{photo_id}/neighbours")
-    def neighbours(photo_id: int, k: int = Query(default_k, ge=1, le=200)) -> dict[str, Any]:
-        checked_photo(photo_id)
-        vector = photos.vectors[photo_id:photo_id + 1]
-        name = photos.photos[photo_id]["name"]
-        ranked = [(i, s) for i, s in photos.search(vector, k + 1)[0] if i != photo_id][:k]
-        return {"photo": photo_entry(photo_id), "captions": caption_entries(vector, k, name),
-                "photos": [photo_entry(i, s) for i, s in ranked]}
+    def neighbours(photo_id: int, k: int = k_query) -> dict[str, Any]:
+        gallery = photos.gallery
+        if not 0 <= photo_id < len(gallery.photos):
+            raise HTTPException(404, f"no photo {photo_id} (the index has {len(gallery.photos)})")
+        vector = gallery.vectors[photo_id:photo_id + 1]
+        ranked = [(i, s) for i, s in gallery.search(vector, k + 1)[0] if i != photo_id][:k]
+        return {"photo": photo_entry(gallery, photo_id),
+                "captions": caption_entries(captions, vector, k, gallery.photos[photo_id]["name"]),
+                "photos": [photo_entry(gallery, i, s) for i, s in ranked]}
 
-    @app.post("/api/upload")
-    async def upload(request: Request, file: UploadFile = File(...), k: int = Query(default_k, ge=1, le=200)
-                     ) -> dict[str, Any]:
-        declared = int(request.headers.get("content-length") or 0)
-        data = await file.read(max_upload_bytes + 1)
-        if declared > max_upload_bytes + 65536 or len(data) > max_upload_bytes:
-            raise HTTPException(413, f"upload larger than {max_upload_bytes >> 20} MB")
+
+def add_state_changing_routes(app: Any, photos: Any, captions: Any, max_upload_bytes: int, k_query: Any) -> None:
+    """Upload and rescan (POST): refused from other sites' pages; an upload's body read with
+    a bound, its decoding and embedding run off the event loop."""
+    from fastapi import Depends, HTTPException, Request
+    from starlette.concurrency import run_in_threadpool
+
+    def refuse_cross_site(request: Request) -> None:
+        if cross_site(request.headers):
+            raise HTTPException(403, "cross-site request refused: only this app's own page may change its state")
+
+    def answer_upload(name: str | None, data: bytes, k: int) -> dict[str, Any]:
         try:
-            vector = embedder.image_bytes(data).unsqueeze(0)
+            vector = photos.embedder.image_bytes(data).unsqueeze(0)
         except CoderError as err:
-            raise HTTPException(400, f"{file.filename}: {err}") from None
-        own = Path(file.filename or "").name or None
-        return {"name": own, "captions": caption_entries(vector, k, own),
-                "photos": [photo_entry(i, s) for i, s in photos.search(vector, k)[0]]}
+            raise HTTPException(400, f"{name or 'upload'}: {err}") from None
+        gallery = photos.gallery
+        return {"name": name, "captions": caption_entries(captions, vector, k, name),
+                "photos": [photo_entry(gallery, i, s) for i, s in gallery.search(vector, k)[0]]}
 
-    @app.post("/api/refresh")
+    @app.post("/api/upload", dependencies=[Depends(refuse_cross_site)])
+    async def upload(request: Request, k: int = k_query) -> dict[str, Any]:
+        body = await read_capped_body(request, max_upload_bytes + MULTIPART_OVERHEAD)
+        name, data = multipart_file(request.headers.get("content-type", ""), body)
+        if len(data) > max_upload_bytes:
+            raise HTTPException(413, f"upload larger than the {max_upload_bytes >> 20} MB limit")
+        return await run_in_threadpool(answer_upload, name, data, k)
+
+    @app.post("/api/refresh", dependencies=[Depends(refuse_cross_site)])
     def refresh() -> dict[str, Any]:
-        return photos.refresh()
+        counts = photos.refresh()
+        return {**counts, "unreadable": sorted(counts["unreadable"])}  # names only: the errors hold paths
+
+
+def add_image_routes(app: Any, photos: Any) -> None:
+    """A photo's file and its thumbnail, by id; its path resolved again on every request."""
+    from fastapi import HTTPException
+    from fastapi.responses import FileResponse, Response
+
+    from backbones import UnreadablePhoto, open_photo
+    from photo_index import PhotoNotServed
+
+    def served_file(photo_id: int) -> Path:
+        try:
+            return photos.path(photos.gallery, photo_id)
+        except PhotoNotServed as err:
+            raise HTTPException(404, str(err)) from None
+
+    @lru_cache(maxsize=4096)
+    def thumbnail(path: Path, size: int, mtime_ns: int) -> bytes:
+        image = open_photo(path, THUMB_SIZE)
+        image.thumbnail((THUMB_SIZE, THUMB_SIZE))
+        out = io.BytesIO()
+        image.save(out, "JPEG", quality=85)
+        return out.getvalue()
 
     @app.get("/photos/{photo_id}")
     def photo(photo_id: int) -> FileResponse:
-        return FileResponse(checked_photo(photo_id))
-
-    @lru_cache(maxsize=4096)
-    def thumbnail(path: Path, mtime: int) -> bytes:
-        from PIL import Image
-
-        with Image.open(path) as image:
-            image = image.convert("RGB")
-            image.thumbnail((THUMB_SIZE, THUMB_SIZE))
-            out = io.BytesIO()
-            image.save(out, "JPEG", quality=85)
-        return out.getvalue()
+        return FileResponse(served_file(photo_id))
 
     @app.get("/thumbs/{photo_id}")
     def thumb(photo_id: int) -> Response:
-        path = checked_photo(photo_id)
-        return Response(thumbnail(path, photos.photos[photo_id]["mtime"]), media_type="image/jpeg",
-                        headers={"Cache-Control": "max-age=3600"})
-
-    return app
+        path = served_file(photo_id)
+        stat = path.stat()
+        try:
+            data = thumbnail(path, stat.st_size, stat.st_mtime_ns)
+        except UnreadablePhoto:
+            raise HTTPException(404, f"photo {photo_id} can no longer be read; rescan") from None
+        return Response(data, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
 
 
 def build_parser() -> Any:
-    from options import ArgumentParser, default_device, non_negative_int, positive_int, torch_device
+    from options import ArgumentParser, default_device, int_range, non_negative_int, positive_int, torch_device
 
     parser = ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("--checkpoint", required=True, help="a trained checkpoint (best.pt)")
     parser.add_argument("--images", required=True, help="folder of photos to search (read only)")
     parser.add_argument("--captions", default="", help="captions to search: CSV image,caption or one per line")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
-    parser.add_argument("--port", type=positive_int, default=8000)
-    parser.add_argument("--k", type=positive_int, default=12, help="results per query")
+    parser.add_argument("--port", type=int_range(1, 65535), default=8000)
+    parser.add_argument("--allow_host", action="append", default=[], metavar="NAME",
+                        help="another Host name to answer besides localhost and --host (repeatable), "
+                             "e.g. this machine's LAN name when --host is 0.0.0.0")
+    parser.add_argument("--k", type=int_range(1, MAX_K), default=12, help=f"results per query (at most {MAX_K})")
     parser.add_argument("--index", choices=("exact", "faiss"), default="exact",
                         help="exact search, or an approximate faiss index for very large folders")
+    parser.add_argument("--include_hidden", action="store_true",
+                        help="also index hidden files and folders (names starting with '.')")
     parser.add_argument("--backbone", default="efficientnet-lite0", help="region backbone of the training features")
     parser.add_argument("--cache_dir", default="", help="embedding cache (default data_cache/photo_index)")
-    parser.add_argument("--max_upload_mb", type=positive_int, default=10)
+    parser.add_argument("--max_upload_mb", type=int_range(1, 1024), default=10)
     parser.add_argument("--batch_size", type=positive_int, default=32)
     parser.add_argument("--workers", type=non_negative_int, default=0)
     parser.add_argument("--device", type=torch_device, default=default_device())
     return parser
+
+
+def check_args(args: Any) -> None:
+    """Every input and option that argparse cannot check, before anything is loaded or indexed."""
+    from backbones import BACKBONES
+    from options import check_writable_dir
+    from utils import path_problem
+
+    for value, option, folder, what in ((args.checkpoint, "--checkpoint", False, "checkpoint"),
+                                        (args.images, "--images", True, "photo folder"),
+                                        (args.captions, "--captions", False, "caption file")):
+        problem = value and path_problem(value, folder, what)
+        if problem:
+            raise CoderError(f"{option} {value}: {problem}")
+    if args.backbone not in BACKBONES:
+        raise CoderError(f"--backbone {args.backbone}: unknown (choose from: {', '.join(sorted(BACKBONES))})")
+    if args.cache_dir:
+        check_writable_dir(args.cache_dir, "--cache_dir")
+    try:
+        family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
+        with socket.socket(family) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((args.host, args.port))
+    except (OSError, OverflowError) as err:
+        raise CoderError(f"--host {args.host} --port {args.port}: cannot listen there ({err.strerror or err})") from None
 
 
 def build_index(args: Any) -> tuple[Any, Any]:
@@ -150,14 +301,15 @@ def build_index(args: Any) -> tuple[Any, Any]:
     from photo_index import IMAGE_SUFFIXES, CaptionSet, Embedder, PhotoIndex
 
     embedder = Embedder(args.checkpoint, args.device, args.backbone, args.batch_size, args.workers)
-    photos = PhotoIndex(embedder, args.images, args.cache_dir or None, approximate=args.index == "faiss")
+    photos = PhotoIndex(embedder, args.images, args.cache_dir or None, approximate=args.index == "faiss",
+                        include_hidden=args.include_hidden)
     start = time.perf_counter()
     counts = photos.refresh(progress=sys.stderr.isatty())
-    print(f"{len(photos.photos)} photos indexed ({counts['added']} new, {counts['removed']} removed) in "
+    print(f"{len(photos.gallery.photos)} photos indexed ({counts['added']} new, {counts['removed']} removed) in "
           f"{time.perf_counter() - start:.0f} s", flush=True)
     for name, err in counts["unreadable"].items():
         print(f"skipped {name}: {err}", file=sys.stderr)
-    if not photos.photos:
+    if not photos.gallery.photos:
         raise CoderError(f"--images {args.images}: no readable photos ({', '.join(sorted(IMAGE_SUFFIXES))})")
     caption_set = CaptionSet(embedder, args.captions, args.cache_dir or None, progress=True) if args.captions else None
     return photos, caption_set
@@ -167,13 +319,17 @@ def build_index(args: Any) -> tuple[Any, Any]:
 def main(argv: Sequence[str] | None = None) -> None:
     try:
         import fastapi  # noqa: F401
+        import python_multipart  # noqa: F401
         import uvicorn
     except ImportError:
         raise CoderError("serve.py needs its web packages: pip install fastapi uvicorn python-multipart") from None
     args = build_parser().parse_args(argv)
+    check_args(args)
     photos, caption_set = build_index(args)
-    app = create_app(photos, caption_set, args.max_upload_mb << 20, args.k)
-    print(f"open http://{args.host}:{args.port}/  (Ctrl-C stops the server)", flush=True)
+    app = create_app(photos, caption_set, args.max_upload_mb << 20, args.k, allowed_hosts(args.host, args.allow_host))
+    shown = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"open http://{'127.0.0.1' if args.host in WILDCARD_ADDRESSES else shown}:{args.port}/  "
+          f"(Ctrl-C stops the server)", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
 
 

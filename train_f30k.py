@@ -27,7 +27,7 @@ word_vectors = ""                          # GloVe text file, "glove-package", o
 bert_path = "bert-base-uncased"            # hub name or a local directory
 bert_length_groups = 1                     # BERT over N groups of similar-length captions (same outputs up to dropout; faster on CPU)
 bert_frozen_layers = 0                     # BERT's embeddings and first N layers frozen, no dropout (0: fine-tune all)
-text_state_cache = "auto"                  # frozen layers' outputs computed once: auto (data_cache/text_states) | off | a folder
+text_state_cache = "auto"                  # frozen layers' outputs computed once: auto (data_path/text_states) | off | a folder
 l2norm_before_pooling = False              # L2-normalise each region / token feature before pooling (CVSE)
 concept_branch = True
 concept_threshold = 0.3                    # CVSE graph binarisation threshold
@@ -49,12 +49,16 @@ loss = "dcl"                               # dcl | triplet (VSE++ baseline)
 tau = 0.05
 beta = 0.0                                 # [R] DCL sharpness (spec: 10); 0 = momentum InfoNCE weights; see docs/coder_parts.md
 margin = 0.2                               # triplet baseline only
+triplet_all_negatives_epochs = 0           # triplet: first N epochs over all in-batch negatives (VSE∞ warm-up), then the hardest
+region_drop = 0.0                          # training: drop each region from the pooling with this probability (VSE∞: 0.2)
 lambda_concept = 1.0                       # [R]
 lambda_pseudo = 1.0                        # [R]
-lambda_fused = 0.0                         # DCL on the fused similarity (CVSE: 3 against instance 5); 0 = off
+lambda_fused = 0.0                         # the loss (dcl or triplet) on the fused similarity (CVSE: 3 against instance 5); 0 = off
+lambda_kl = 0.0                            # KL(caption || image) of the concept scores (CVSE: 2 against instance 5); 0 = off
 pseudo_label_loss = True
 tau_pseudo = 0.1                           # [R]
 mu = 0.15                                  # [R] concept-branch weight in the similarity
+fusion = "concat"                          # concat: (1-mu)s + mu s_c (spec) | weighted_sum: cosine of l2norm((1-mu)x + mu x_c) (CVSE)
 # optimisation (spec §6)
 epochs = 30
 batch_size = 128                           # global batch over all processes

@@ -24,11 +24,12 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-from checkpoint import (build_model, code_version, concept_graph_state, load_checkpoint,
-                        load_state_strict, save_checkpoint)
+from checkpoint import (build_model, check_checkpoint_contents, check_resume_contents, code_version,
+                        concept_graph_state, load_checkpoint, load_state_strict, resumed_config, save_checkpoint)
 from distributed import Dist, ResumableSampler, check_replicas, ddp_buffer_kwargs
-from options import DEMO_OVERRIDES, check_train_config, check_writable_dir, parse_overrides, resumed_config
-from utils import CoderError
+from options import (CHOICES, DEMO_OVERRIDES, check_train_config, check_training_memory, check_writable_dir,
+                     parse_overrides)
+from utils import CoderError, atomic_write
 
 PROJECT_ROOT = Path(__file__).resolve().parent
 
@@ -102,8 +103,11 @@ class RunLog:
         if self.file is None:
             return
         stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-        self.file.write(f"{stamp} {text}\n")
-        self.file.flush()
+        try:
+            self.file.write(f"{stamp} {text}\n")
+            self.file.flush()
+        except OSError as err:  # a full disk: name the log, not a traceback from deep in the loop
+            raise CoderError(f"{self.file.name}: cannot write ({err.strerror or err})") from None
         from tqdm import tqdm
 
         tqdm.write(text)
@@ -172,7 +176,8 @@ def load_data(config: dict[str, Any], resume_state: dict[str, Any] | None = None
     train = data.load_split(config["data_path"], config["train_split"])
     val = data.load_split(config["data_path"], config["val_split"],
                           max_images=config["val_max_images"] or None)
-    return {"train": train, "val": val, "tokenizer": tokenizer, "graph": graph, "vocab_words": vocab_words}
+    return {"train": train, "val": val, "tokenizer": tokenizer, "graph": graph, "vocab_words": vocab_words,
+            "fingerprint": data.data_fingerprint(train)}
 
 
 def _text_states(text_encoder: torch.nn.Module, split: Any, tokenizer: Any, config: dict[str, Any],
@@ -182,7 +187,7 @@ def _text_states(text_encoder: torch.nn.Module, split: Any, tokenizer: Any, conf
     and read it."""
     import text_cache
 
-    folder = text_cache.cache_dir(config["text_state_cache"])
+    folder = text_cache.cache_dir(config["text_state_cache"], config["data_path"])
     if config["text_encoder"] != "bert" or config["bert_frozen_layers"] == 0 or folder is None:
         return None
     start = time.perf_counter()
@@ -238,15 +243,12 @@ def train(config: dict[str, Any], dataset: str) -> dict[str, Any]:
         world.close()
 
 
-AMP_CHOICES = ("auto", "bf16", "fp16", "off")
-
-
 def _amp_dtype(config: dict[str, Any], device: torch.device) -> torch.dtype | None:
     """The autocast dtype: on CUDA, "auto" is bf16 where the GPU supports it, else fp16 (with a
     GradScaler); on CPU, "auto" is off and "bf16" is CPU autocast (fp16 needs CUDA)."""
     amp = config["amp"]
-    if amp not in AMP_CHOICES:
-        raise CoderError(f"--amp {amp}: expected one of {', '.join(AMP_CHOICES)}")
+    if amp not in CHOICES["amp"]:
+        raise CoderError(f"--amp {amp}: expected one of {', '.join(CHOICES['amp'])}")
     if amp == "off":
         return None
     if device.type != "cuda":
@@ -289,7 +291,11 @@ def term_gradient_norms(raw_model: torch.nn.Module, terms: dict[str, torch.Tenso
     return norms
 
 
-def clip_gradients(raw_model: torch.nn.Module, max_norm: float, scope: str = "global") -> torch.Tensor:
+# The gradient clipping scope of the train scripts (their grad_clip_scope); the spec's is "global".
+GRAD_CLIP_SCOPE = "branch"
+
+
+def clip_gradients(raw_model: torch.nn.Module, max_norm: float, scope: str = GRAD_CLIP_SCOPE) -> torch.Tensor:
     """Clip the gradient norm to `max_norm`: of all parameters together ("global", the spec's),
     or of each branch on its own ("branch": the instance encoders, the concept branch, learned
     prototypes), so that a branch with large gradients cannot scale down another's updates.
@@ -303,7 +309,7 @@ def clip_gradients(raw_model: torch.nn.Module, max_norm: float, scope: str = "gl
 def training_step(forward: Any, raw_model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                   scaler: torch.amp.GradScaler, batch: dict[str, torch.Tensor], amp_dtype: torch.dtype | None,
                   grad_clip: float, world: Dist, term_norms: dict[str, float] | None = None,
-                  clip_scope: str = "global") -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+                  clip_scope: str = GRAD_CLIP_SCOPE) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """One optimizer step: forward (`forward` is the model or its DDP wrapper) under autocast,
     backward (DDP averages the gradients), unscale and clip (`clip_scope`, see clip_gradients;
     the same norms on every process), step, then the model's after_optimizer_step (momentum
@@ -335,6 +341,9 @@ class TrainingRun:
     def __init__(self, config: dict[str, Any], dataset: str, world: Dist) -> None:
         self.config, self.dataset, self.world = config, dataset, world
         resume_state = load_checkpoint(config["resume"]) if config["resume"] else None
+        if resume_state is not None:
+            check_checkpoint_contents(config["resume"], resume_state)
+            check_resume_contents(config["resume"], resume_state)
         self.device = world.device
         self.amp_dtype = _amp_dtype(config, self.device)
         if self.device.type == "cuda":
@@ -388,6 +397,8 @@ class TrainingRun:
     def _build_model(self, fresh: bool) -> torch.nn.Module:
         config, world = self.config, self.world
         train_split, graph = self.data["train"], self.data["graph"]
+        check_training_memory(config, train_split.region_count, train_split.feature_dim,
+                              len(self.data["vocab_words"] or []), *device_memory(self.device))
         model = build_model(config, train_split.feature_dim, len(self.data["vocab_words"] or []), graph).to(self.device)
         if world.world_size > 1 and config["batch_norm"]:
             if self.device.type == "cuda":
@@ -421,8 +432,31 @@ class TrainingRun:
             raise CoderError(f"{split.captions_path}: {len(self.train_set)} training captions do not fill one "
                              f"batch of {config['batch_size']}; lower --batch_size")
 
+    def _check_resumable(self, state: dict[str, Any]) -> None:
+        """A checkpoint continues only on the data it was trained on (which may have moved);
+        a folder moved since it was written is where the run continues."""
+        resume, saved_config = self.config["resume"], state["config"]
+        saved, now = state.get("data_fingerprint"), self.data["fingerprint"]
+        where = Path(self.config["data_path"]) / f"{self.config['train_split']}_*"
+        if saved is None:
+            self.log.line(f"note: {resume} predates data fingerprints; cannot check that {where} is the data it "
+                          f"was trained on")
+        elif saved != now:
+            raise CoderError(f"{resume}: trained on other data ({_describe_data(saved)}) than {where} holds "
+                             f"({_describe_data(now)}); resume with the run's own data, or start a new run")
+        elif Path(saved_config["data_path"]).resolve() != Path(self.config["data_path"]).resolve():
+            self.log.line(f"note: the training data moved from {saved_config['data_path']} to "
+                          f"{self.config['data_path']} (same content)")
+        if state["step_in_epoch"] > self.steps_per_epoch:
+            raise CoderError(f"{resume}: written at step {state['step_in_epoch']} of an epoch, but an epoch of "
+                             f"{where} has {self.steps_per_epoch} steps; resume with the run's own data")
+        saved_dir = saved_config.get("run_dir")
+        if saved_dir and self.run_dir is not None and Path(saved_dir).resolve() != self.run_dir.resolve():
+            self.log.line(f"note: the run folder moved from {saved_dir}; the run continues in {self.run_dir}")
+
     def _restore(self, state: dict[str, Any]) -> None:
-        load_state_strict(self.model, state["model"], self.config["resume"])
+        self._check_resumable(state)
+        load_state_strict(self.model, state["model"], self.config["resume"], self.log.line)
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scaler.is_enabled() and state["scaler"]:  # empty when saved without fp16
             self.scaler.load_state_dict(state["scaler"])
@@ -445,11 +479,13 @@ class TrainingRun:
         forward = raw
         if self.world.world_size > 1:
             # Only the online encoders train; momentum copies have requires_grad=False, so DDP
-            # leaves them alone. Frozen BERT epochs leave parameters without a gradient.
+            # leaves them alone. Frozen BERT epochs leave parameters without a gradient, and so
+            # do learned prototypes until they are drawn from keys.
+            waiting_prototypes = raw.prototypes is not None and raw.prototypes.learned and not raw.prototypes.is_ready
             forward = torch.nn.parallel.DistributedDataParallel(
                 raw, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                find_unused_parameters=config["freeze_bert_epochs"] > 0 and config["text_encoder"] == "bert",
-                **ddp_buffer_kwargs())
+                find_unused_parameters=config["freeze_bert_epochs"] > 0 and config["text_encoder"] == "bert"
+                or waiting_prototypes, **ddp_buffer_kwargs())
         if config["compile"]:
             _compile_encoders(raw)
         return forward
@@ -458,7 +494,8 @@ class TrainingRun:
         config, world = self.config, self.world
         if not world.is_main:
             return
-        (self.run_dir / "config.json").write_text(json.dumps({**config, "code_version": self.version}, indent=2))
+        run_config = json.dumps({**config, "code_version": self.version}, indent=2)
+        atomic_write(self.run_dir / "config.json", lambda f: f.write(run_config), mode="w")
         amp = str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else "off"
         self.log.line(f"run {self.run_dir} | code {self.version} | device {self.device} x{world.world_size} | "
                       f"batch {config['batch_size']} ({config['batch_size'] // world.world_size} per process) | "
@@ -472,12 +509,13 @@ class TrainingRun:
         if self.world.world_size > 1:
             rngs = [None] * self.world.world_size
             dist.all_gather_object(rngs, rng_state())
-        return {"config": self.config, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+        config = {**self.config, "run_dir": str(self.run_dir or self.config["run_dir"])}  # where it was written
+        return {"config": config, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scaler": self.scaler.state_dict(), "rng": rngs, "epoch": self.epoch,
                 "step_in_epoch": self.step_in_epoch, "global_step": self.global_step, "best_rsum": self.best_rsum,
                 "code_version": self.version, "vocab_words": self.data["vocab_words"],
                 "concept_graph": concept_graph_state(self.data["graph"]),
-                "image_dim": self.data["train"].feature_dim}
+                "image_dim": self.data["train"].feature_dim, "data_fingerprint": self.data["fingerprint"]}
 
     def save(self, name: str) -> None:
         check_replicas(self.model, self.world, self.log)  # collective under DDP: every process calls save
@@ -520,27 +558,35 @@ class TrainingRun:
         config, world = self.config, self.world
         self.sampler.set_epoch(self.epoch, skip_batches=self.step_in_epoch)
         self.model.set_text_backbone_frozen(self.epoch < config["freeze_bert_epochs"])
+        self.model.set_epoch(self.epoch)
         self.forward.train()
         bar = tqdm(self.loader, total=self.steps_per_epoch, initial=self.step_in_epoch,
                    desc=f"epoch {self.epoch + 1}/{config['epochs']}", dynamic_ncols=True,
                    disable=not (world.is_main and progress_bars(config["progress"])))
         self.window = (time.perf_counter(), 0)
         for batch in bar:
+            inputs_problem = _non_finite_inputs(batch, self.data["train"], self.global_step + 1)
+            if inputs_problem:  # checked on the host's copy: no wait for the device
+                raise CoderError(inputs_problem)
             batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
             self.step(batch, bar)
             if config["val_every_steps"] and self.global_step % config["val_every_steps"] == 0 \
                     and self.step_in_epoch < self.steps_per_epoch:
+                self.mean_losses()  # never validate or save a diverged model
                 self.validate_and_keep_best()
                 self.forward.train()
             if config["checkpoint_every_steps"] and self.global_step % config["checkpoint_every_steps"] == 0 \
                     and self.step_in_epoch < self.steps_per_epoch:
+                self.mean_losses()
                 self.save("last.pt")
                 self.log.line(f"step checkpoint saved: epoch {self.epoch + 1} step {self.step_in_epoch} "
                               f"(global {self.global_step})")
         bar.close()
 
     def step(self, batch: dict[str, torch.Tensor], bar: Any) -> None:
-        """One optimizer step with its learning rate, divergence check and logging."""
+        """One optimizer step with its learning rate and, at logging steps (and the last of an
+        epoch), the divergence check and the log line: the losses stay on the device between
+        them, so that a step does not wait for the device."""
         config = self.config
         factor = lr_factor(self.global_step, self.steps_per_epoch, config)
         for group in self.optimizer.param_groups:
@@ -552,10 +598,7 @@ class TrainingRun:
                                           config["grad_clip_scope"])
         self.global_step += 1
         self.step_in_epoch += 1
-        # Averaged over processes: the global-batch loss, the same on every process.
-        mean_losses = self.world.mean(losses)
-        if not math.isfinite(mean_losses["loss"]):
-            raise CoderError(_divergence_message(batch, self.data["train"], self.global_step, mean_losses["loss"]))
+        self.last_losses = losses
         if term_norms:
             self.log.scalars(term_norms, self.global_step)
             self.log.line(f"gradient norms at step {self.global_step} (rank 0's batch): "
@@ -563,14 +606,24 @@ class TrainingRun:
         start, items = self.window
         self.window = (start, items + config["batch_size"])
         if self.global_step % config["log_every"] == 0 or self.step_in_epoch == self.steps_per_epoch:
-            self._log_step(mean_losses, grad_norm, bar)
+            self._log_step(self.mean_losses(), grad_norm, bar)
+
+    def mean_losses(self) -> dict[str, float]:
+        """The last step's losses averaged over the processes (the global-batch loss, the same on
+        every process; a collective, called by all at the same steps). A non-finite loss stops
+        the run: training diverged at that step or one after the previous check."""
+        mean = self.world.mean(self.last_losses)
+        if not math.isfinite(mean["loss"]):
+            raise CoderError(f"training diverged by step {self.global_step} (loss {mean['loss']}); "
+                             f"try a lower --lr or --amp off")
+        return mean
 
     def _log_step(self, mean_losses: dict[str, float], grad_norm: torch.Tensor, bar: Any) -> None:
         start, items = self.window
         values = {(f"diag/{k[5:]}" if k.startswith("diag_") else f"loss/{k}"): v for k, v in mean_losses.items()}
         values["speed/captions_per_s"] = items / max(time.perf_counter() - start, 1e-9)
         values["train/grad_norm"] = float(grad_norm)
-        values["train/queue_fill"] = self.model.queue_fill()
+        values["train/queue_fill"] = self.model.queues.fraction_filled()
         for i, group in enumerate(self.optimizer.param_groups):
             values[f"lr/{group.get('name', i)}"] = group["lr"]
         self.log.scalars(values, self.global_step)
@@ -590,15 +643,27 @@ class TrainingRun:
                 f"python {script} --resume {path}")
 
 
-def _divergence_message(batch: dict[str, torch.Tensor], split: Any, step: int, loss: float) -> str:
-    """A non-finite loss: blame non-finite inputs when the batch has any, else the optimisation."""
+def _non_finite_inputs(batch: dict[str, torch.Tensor], split: Any, step: int) -> str | None:
+    """What is wrong with a batch whose features hold NaN or inf (None if nothing is)."""
     for key in ("images", "text_states"):
         if key in batch and not torch.isfinite(batch[key]).all():
             where = batch["image_ids"][~torch.isfinite(batch[key]).flatten(1).all(1)].unique().tolist()
             source = split.images_path if key == "images" else "the text state cache (text_state_cache)"
             return (f"{source}: non-finite values (NaN or inf) in the features of image(s) {where[:5]} "
                     f"at step {step}; fix or re-extract the features")
-    return f"training diverged at step {step} (loss {loss}); try a lower --lr or --amp off"
+    return None
+
+
+def device_memory(device: torch.device) -> tuple[int, str]:
+    """(bytes, description) of the memory a run on `device` can use: the GPU's, else the RAM."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory, f"GPU {device}"
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine's RAM"
+
+
+def _describe_data(fingerprint: dict[str, Any]) -> str:
+    return (f"{fingerprint['images']} images x {fingerprint['regions']} x {fingerprint['feature_dim']}, "
+            f"{fingerprint['captions']} captions, hash {fingerprint['sha256'][:12]}")
 
 
 def progress_bars(requested: bool) -> bool:
@@ -642,6 +707,6 @@ def _final_test(run_dir: Path, config: dict[str, Any], device: torch.device, dat
     model, tokenizer, graph, saved_config = load_for_inference(run_dir / "best.pt", device)
     split = data.load_split(path, config["test_split"])
     metrics = validate(model, split, tokenizer, graph, saved_config, device, protocol=dataset)
-    (run_dir / "test_metrics.json").write_text(json.dumps(metrics, indent=2))
+    atomic_write(run_dir / "test_metrics.json", lambda f: f.write(json.dumps(metrics, indent=2)), mode="w")
     log.line(f"test split '{config['test_split']}' with best.pt:\n" + evaluation.format_table(metrics))
     return metrics

@@ -2,10 +2,14 @@
 atomic file writes, offline-aware loading of pretrained `transformers` objects."""
 from __future__ import annotations
 
+import errno
 import functools
 import io
+import json
+import math
 import os
 import pickle
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -23,8 +27,8 @@ class CoderError(Exception):
 
 def cli_entry(main: Callable[..., Any]) -> Callable[..., Any]:
     """Decorate a script's `main` so that a CoderError prints one line and exits non-zero
-    (status 2, or the error's `exit_code`), and Ctrl-C ends with one line (status 130),
-    never with a traceback."""
+    (status 2, or the error's `exit_code`), Ctrl-C ends with one line (status 130), and a disk
+    that fills up names the file; any other exception is a bug and keeps its traceback."""
 
     @functools.wraps(main)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -32,13 +36,30 @@ def cli_entry(main: Callable[..., Any]) -> Callable[..., Any]:
             return main(*args, **kwargs)
         except CoderError as err:
             code = getattr(err, "exit_code", 2)
-            print(f"error: {err}" if code == 2 else str(err), file=sys.stderr)
+            message = _unwrap_worker_message(str(err))
+            print(f"error: {message}" if code == 2 else message, file=sys.stderr)
             raise SystemExit(code) from None
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             raise SystemExit(130) from None
+        except OSError as err:
+            if err.errno not in _DISK_FULL:
+                raise
+            print(f"error: {err.filename or 'an output file'}: {os.strerror(err.errno)}", file=sys.stderr)
+            raise SystemExit(2) from None
 
     return wrapper
+
+
+_DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
+def _unwrap_worker_message(message: str) -> str:
+    """A CoderError raised in a DataLoader worker reaches the main process as a new CoderError
+    whose message is the worker's whole traceback; keep its last line, the original message."""
+    if message.startswith("Caught CoderError") and "CoderError: " in message:
+        return message.rsplit("CoderError: ", 1)[1].strip()
+    return message
 
 
 # Globals a third-party pickle of numpy arrays and plain containers may legitimately name.
@@ -73,39 +94,182 @@ def load_pickle_restricted(path: str | os.PathLike) -> Any:
     Anything else (a class, a function, `os.system`) is refused with a CoderError naming the file.
     """
     path = Path(path)
-    try:
-        data = path.read_bytes()
-    except OSError as err:
-        raise CoderError(f"{path}: cannot read ({err.strerror or err})") from None
+    data = read_input_file(path, "pickle file")
     try:
         return _RestrictedUnpickler(io.BytesIO(data), encoding="latin1").load()
     except pickle.UnpicklingError as err:
         raise CoderError(f"{path}: unsafe or corrupt pickle ({err})") from None
-    except (EOFError, ValueError, TypeError, AttributeError, ImportError, IndexError) as err:
+    except (EOFError, ValueError, TypeError, AttributeError, ImportError, IndexError, KeyError,
+            MemoryError) as err:
         raise CoderError(f"{path}: corrupt pickle ({type(err).__name__}: {err})") from None
 
 
+# --- Input files ------------------------------------------------------------------------------
+# Characters that str.splitlines() and other tools take for a line break, unlike `wc -l`.
+_LINE_BREAKS = re.compile("[\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029]")
+
+
+def _file_among_parents(path: Path) -> Path | None:
+    """The nearest parent of `path` that is a file (so the path cannot exist), if any."""
+    for parent in path.absolute().parents:
+        if parent.exists():
+            return parent if not parent.is_dir() else None
+    return None
+
+
+def read_input_file(path: str | os.PathLike, what: str) -> bytes:
+    """The bytes of an input file, or a one-line CoderError saying how the path is wrong:
+    not found, a folder where the file belongs, under a file, unreadable, or empty."""
+    with open_input(path, what) as f:
+        try:
+            return f.read()
+        except OSError as err:
+            raise CoderError(f"{path}: cannot read {what} ({err.strerror or err})") from None
+
+
+def read_text(path: str | os.PathLike, what: str) -> str:
+    """An input file as UTF-8 text (a UTF-8 byte-order mark dropped); UTF-16, bytes that are
+    not UTF-8 and NUL bytes are refused with the line where they are."""
+    raw = read_input_file(path, what)
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise CoderError(f"{path}: {what} is UTF-16 text; save it as UTF-8")
+    raw = raw.removeprefix(b"\xef\xbb\xbf")
+    nul = raw.find(b"\0")
+    if nul >= 0:
+        line = raw.count(b"\n", 0, nul) + 1
+        raise CoderError(f"{path}:{line}: NUL byte in a {what} (a binary file?)")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        raise CoderError(f"{path}:{line}: not UTF-8 text (byte {raw[err.start]:#04x}); save the {what} as UTF-8") from None
+
+
+def read_text_lines(path: str | os.PathLike, what: str) -> list[str]:
+    """The lines of a UTF-8 text file as `wc -l` counts them: split on \\n only (Windows \\r\\n
+    endings accepted). A character that other tools count as a line break inside a line
+    (U+2028, U+0085, \\x0b, a lone \\r, ...) is refused with its line number, since the file's
+    line count would then depend on the reader."""
+    text = read_text(path, what).replace("\r\n", "\n")
+    found = _LINE_BREAKS.search(text)
+    if found:
+        line = text.count("\n", 0, found.start()) + 1
+        raise CoderError(f"{path}:{line}: U+{ord(found.group()):04X} inside a line, which other tools count as a "
+                         f"line break; replace it with a space")
+    lines = text.split("\n")
+    if lines[-1] == "":
+        lines.pop()
+    return lines
+
+
+def read_json(path: str | os.PathLike, what: str) -> Any:
+    """An input JSON file, with the file's problems (see `read_text`) and JSON syntax errors
+    as one line naming the file."""
+    text = read_text(path, what)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise CoderError(f"{path}: not a valid JSON {what} ({err})") from None
+    except RecursionError:
+        raise CoderError(f"{path}: not a valid JSON {what} (nested too deeply)") from None
+
+
+def npy_header(path: str | os.PathLike, what: str) -> tuple[tuple[int, ...], np.dtype]:
+    """(shape, dtype) from a .npy file's header, checked against the file's size before any
+    array is allocated or mapped: a truncated file or a header claiming an absurd shape is a
+    one-line error, not an allocator failure."""
+    path = Path(path)
+    with open_input(path, what) as f:
+        try:
+            version = np.lib.format.read_magic(f)
+            if version == (1, 0):
+                shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+            elif version == (2, 0):
+                shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+            else:
+                raise ValueError(f"unsupported .npy version {version}")
+        except (ValueError, EOFError, SyntaxError, TypeError) as err:
+            raise CoderError(f"{path}: not a readable .npy array ({err})") from None
+        data_bytes = os.fstat(f.fileno()).st_size - f.tell()
+    if dtype.hasobject:
+        raise CoderError(f"{path}: holds Python objects, not numbers; refusing to load it")
+    needed = math.prod(shape) * dtype.itemsize
+    if needed > data_bytes:
+        raise CoderError(f"{path}: header says {dtype} {tuple(shape)} ({needed:,} bytes) but the file holds "
+                         f"{data_bytes:,} bytes of data (truncated, or a corrupt header)")
+    return tuple(shape), dtype
+
+
+def open_input(path: str | os.PathLike, what: str) -> Any:
+    """An input file opened for reading, or a one-line CoderError saying how the path is wrong:
+    not found, a folder where the file belongs, under a file, unreadable, or empty."""
+    path = Path(path)
+    if path.is_dir():
+        raise CoderError(f"{path}: is a folder, expected a {what}")
+    try:
+        f = open(path, "rb")
+    except (FileNotFoundError, NotADirectoryError):
+        blocker = _file_among_parents(path)
+        if blocker is not None:
+            raise CoderError(f"{path}: {what} not found ({blocker} is a file, not a folder)") from None
+        raise CoderError(f"{path}: {what} not found") from None
+    except OSError as err:
+        raise CoderError(f"{path}: cannot read {what} ({err.strerror or err})") from None
+    if os.fstat(f.fileno()).st_size == 0:
+        f.close()
+        raise CoderError(f"{path}: {what} is empty")
+    return f
+
+
+def path_problem(path: str | os.PathLike, folder: bool, what: str) -> str | None:
+    """Why `path` is not the `what` (a folder or a file) it should be, or None when it is:
+    "not found" only when nothing is there."""
+    path = Path(path)
+    if path.is_dir() if folder else path.is_file():
+        return None
+    if path.exists():
+        return f"is a {'file' if folder else 'folder'}, expected a {what}"
+    return f"{what} not found"
+
+
+# --- Output files -----------------------------------------------------------------------------
 def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: str = "wb") -> None:
     """Write a file through `write(fileobj)` into a temporary sibling, then rename it in place.
 
     A crash mid-write leaves the previous file intact; readers never see a half-written file.
+    A failed write (a full disk, a read-only folder) is a CoderError naming the file.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make results unreadable to the group
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make results unreadable to the group
         with os.fdopen(fd, mode) as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as err:
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
-        raise
+        cause = write_failure(err)
+        if cause is None:
+            raise
+        raise CoderError(f"{path}: cannot write ({os.strerror(cause.errno) if cause.errno else cause}); "
+                         f"an earlier {path.name}, if any, is unchanged") from None
+
+
+def write_failure(err: BaseException) -> OSError | None:
+    """The OSError behind a failed write, also where a library wrapped it (torch.save raises
+    RuntimeError around the file object's OSError), or None for any other failure."""
+    while err is not None:
+        if isinstance(err, OSError):
+            return err
+        err = err.__cause__ or err.__context__
+    return None
 
 
 def load_pretrained(cls: Any, name_or_dir: str, what: str = "model", **kwargs: Any) -> Any:
@@ -116,6 +280,8 @@ def load_pretrained(cls: Any, name_or_dir: str, what: str = "model", **kwargs: A
     """
     path = Path(name_or_dir).expanduser()
     looks_local = path.exists() or os.sep in str(name_or_dir) or str(name_or_dir).startswith(".")
+    if looks_local and path.exists() and not path.is_dir():
+        raise CoderError(f"{name_or_dir}: is a file, expected a {what} directory")
     if looks_local and not path.is_dir():
         raise CoderError(f"{name_or_dir}: {what} directory does not exist")
     try:

@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import numbers
 import re
 import sys
 from collections import Counter
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from utils import CoderError, atomic_write, cli_entry, load_pickle_restricted, load_pretrained
+from utils import (CoderError, atomic_write, cli_entry, load_pickle_restricted, load_pretrained, read_json,
+                   read_text_lines)
 
 SPECIAL_TOKENS = ("<pad>", "<start>", "<end>", "<unk>")
 PAD, START, END, UNK = range(4)
@@ -150,53 +152,38 @@ class Vocabulary:
     def load(cls, path: str | Path) -> "Vocabulary":
         """Read SCAN's JSON vocabulary or a pickled dict vocabulary (restricted unpickler)."""
         path = Path(path)
-        if path.suffix == ".pkl":
-            data = load_pickle_restricted(path)
-        else:
-            try:
-                data = json.loads(path.read_text(encoding="utf-8"))
-            except FileNotFoundError:
-                raise CoderError(f"{path}: vocabulary file not found") from None
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-                raise CoderError(f"{path}: cannot read vocabulary ({err})") from None
+        data = load_pickle_restricted(path) if path.suffix == ".pkl" else read_json(path, "vocabulary file")
         return cls(_words_from_mapping(data, path), source=str(path))
 
 
 def _words_from_mapping(data: object, path: Path) -> list[str]:
-    """Words in id order from a `word2idx` dict (SCAN/CVSE) or a `words` list."""
+    """Words in id order from a `word2idx` dict (SCAN/CVSE) or a `words` list; ids must be
+    integers 0..n-1 (not floats, strings or booleans) and words strings."""
     if isinstance(data, dict) and isinstance(data.get("word2idx"), dict):
         word2idx = data["word2idx"]
-        try:
-            ids = sorted((int(i), str(w)) for w, i in word2idx.items())
-        except (TypeError, ValueError):
-            raise CoderError(f"{path}: word2idx holds non-integer ids") from None
+        wrong = next(((w, i) for w, i in word2idx.items()
+                      if not isinstance(w, str) or not isinstance(i, numbers.Integral) or isinstance(i, bool)), None)
+        if wrong is not None:
+            raise CoderError(f"{path}: word2idx maps {wrong[0]!r} to {wrong[1]!r} ({type(wrong[1]).__name__}); "
+                             f"words must be strings and ids integers")
+        ids = sorted((int(i), w) for w, i in word2idx.items())
         if [i for i, _ in ids] != list(range(len(ids))):
             raise CoderError(f"{path}: word2idx ids are not 0..{len(ids) - 1} without gaps")
         return [w for _, w in ids]
     if isinstance(data, dict) and isinstance(data.get("words"), list):
-        return [str(w) for w in data["words"]]
+        wrong = next((w for w in data["words"] if not isinstance(w, str)), None)
+        if wrong is not None:
+            raise CoderError(f"{path}: 'words' holds {wrong!r} ({type(wrong).__name__}); every word must be a string")
+        return list(data["words"])
     raise CoderError(f"{path}: not a vocabulary (expected a dict with 'word2idx' or 'words')")
 
 
 def read_captions(path: str | Path, what: str = "caption file") -> list[str]:
-    """Captions of a file, one per line (surrounding whitespace stripped). Trailing blank lines
-    are dropped; an empty file, a blank line among the captions, or bytes that are not UTF-8
-    are errors that name the line."""
-    path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise CoderError(f"{path}: {what} not found") from None
-    except IsADirectoryError:
-        raise CoderError(f"{path}: is a folder, expected a {what}") from None
-    except OSError as err:
-        raise CoderError(f"{path}: cannot read {what} ({err.strerror or err})") from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        line = raw[: err.start].count(b"\n") + 1
-        raise CoderError(f"{path}:{line}: not UTF-8 text (byte {raw[err.start]:#04x}); save the {what} as UTF-8") from None
-    lines = [line.strip() for line in text.splitlines()]
+    """Captions of a file, one per line as `wc -l` counts them (surrounding whitespace
+    stripped). Trailing blank lines are dropped; an empty file, a blank line among the captions,
+    and the problems `utils.read_text_lines` refuses (not UTF-8, NUL bytes, U+2028 and other
+    line-break characters inside a line) are errors that name the line."""
+    lines = [line.strip() for line in read_text_lines(path, what)]
     while lines and not lines[-1]:
         lines.pop()
     if not lines:

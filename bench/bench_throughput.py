@@ -1,9 +1,11 @@
 """Training throughput (captions/s) and peak memory of the full CODER model, timed through
 `trainer.training_step` (the training loop's own step: autocast, backward with DDP's gradient
-averaging, unscale and clip, AdamW, after_optimizer_step) plus its per-step loss averaging.
+averaging, unscale and clip, AdamW, after_optimizer_step); the loop reads the losses back only
+at logging steps, so the timed steps read nothing.
 
-The model is the spec's full configuration: 36x2048 regions, d = 1024, queues of 8192 (full),
-1000 prototypes, 300 concepts, global batch 128. Batches are random tensors made once (on the
+The model is the default one (`ModelConfig()`, the train scripts' defaults) at the spec's
+sizes: 36x2048 regions, d = 1024, queues of 8192 (full), 1000 prototypes, 300 concepts, global
+batch 128. Batches are random tensors made once (on the
 device), so the numbers are the model's compute, without data loading. One JSON line per
 measurement on stdout; notes go to stderr.
 
@@ -159,13 +161,10 @@ def build_model(text_encoder: str, bert_path: str, vocab_size: int, args: argpar
     if torch_bert:  # swap the (tiny) bigru for the Transformer, online and momentum copies
         model.text_encoder = TorchBertLike(sizes, args.embed_dim)
         model.momentum["text_encoder"] = copy.deepcopy(model.text_encoder).requires_grad_(False)
-    with torch.no_grad():  # full queues: the timed steps pay for every entry
-        for name in model.queue_names:
-            queue = getattr(model, f"{name}_queue")
-            queue.copy_(l2norm(torch.randn(queue.shape, generator=gen)))
-        model.queue_ids.copy_(torch.arange(model.queue_ids.shape[0]) // 5 + 10**6)
-        model.queue_count.fill_(cfg.queue_size)
-    model.refresh_queue_kernel()
+    queues = model.queues  # full queues: the timed steps pay for every entry
+    queues.push({name: l2norm(torch.randn(queues.size, cfg.embed_dim, generator=gen)) for name in queues.names},
+                torch.arange(queues.size) // 5 + 10**6)
+    model._refresh_queue_kernel()
     return model.to(device)
 
 
@@ -220,9 +219,7 @@ def time_steps(model: CODER, amp_dtype: torch.dtype | None, batches: list[dict[s
         if i == args.warmup:
             synchronize(device, world)
             start = time.perf_counter()
-        losses, _ = trainer.training_step(forward, model, optimizer, scaler, batches[i % len(batches)],
-                                          amp_dtype, 2.0, world)
-        world.mean(losses)  # the loop's per-step loss averaging (one all-reduce, one sync)
+        trainer.training_step(forward, model, optimizer, scaler, batches[i % len(batches)], amp_dtype, 2.0, world)
     synchronize(device, world)
     return (time.perf_counter() - start) / args.steps
 

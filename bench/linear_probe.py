@@ -93,7 +93,7 @@ def run_probe(data_path: str | Path, bert_path: str, *, lr: float, epochs: int, 
     import data
     import text_cache
 
-    cache = cache or text_cache.DEFAULT_DIR
+    cache = cache or text_cache.cache_dir("auto", data_path)
     splits = {name: data.load_split(data_path, name) for name in ("train", "dev")}
     start = time.perf_counter()
     features = {name: {"images": torch.from_numpy(image_vectors(split)),

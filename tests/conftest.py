@@ -17,6 +17,33 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+# A tiny random BERT: the same transformers classes as MiniLM (so the same project code runs),
+# in milliseconds and without the weight wheel.
+TINY_BERT_HIDDEN = 32
+TINY_BERT_LAYERS = 3
+TINY_BERT_WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", ",", "a", "the", "dog", "cat", "on",
+                   *"bcdefghijklmnopqrstuvwxyz0123456789", *(f"##{c}" for c in "abcdefghijklmnopqrstuvwxyz")]
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A folder with a randomly initialised 3-layer, 32-wide BERT and its word-piece tokenizer,
+    saved as `from_pretrained` reads them (what `bert_path` points at)."""
+    import torch
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    folder = tmp_path_factory.mktemp("tiny_bert")
+    (folder / "vocab.txt").write_text("\n".join(TINY_BERT_WORDS) + "\n")
+    BertTokenizer(str(folder / "vocab.txt")).save_pretrained(str(folder))
+    config = BertConfig(vocab_size=len(TINY_BERT_WORDS), hidden_size=TINY_BERT_HIDDEN,
+                        num_hidden_layers=TINY_BERT_LAYERS, num_attention_heads=2, intermediate_size=64,
+                        max_position_embeddings=64)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        BertModel(config, add_pooling_layer=False).save_pretrained(str(folder))
+    return str(folder)
+
+
 # Tiny-model options shared by the tests that run the real train script end to end.
 TINY_TRAIN_ARGS = ["--embed_dim", "32", "--word_dim", "16", "--gcn_hidden", "16", "--num_prototypes", "8",
                    "--lr", "1e-3", "--workers", "0", "--eval_batch_size", "64", "--progress", "false",
@@ -51,8 +78,9 @@ def run_script(script: str, *args: str, procs: int = 1, check: bool = True, time
 
 def tiny_flickr8k(shared_data: Path, root: Path, train: int = 30, dev: int = 10) -> Path:
     """A Flickr8k-layout folder (images/, captions.txt, train.txt, dev.txt) with the first
-    photos of flickr8k_mini's splits (symbolic links to them)."""
+    photos of flickr8k_mini's splits (copies: extract_features refuses links out of the folder)."""
     import csv
+    import shutil
 
     mini = shared_data / "flickr8k_mini"
     names = {s: (mini / f"{s}.txt").read_text().split()[:n] for s, n in (("train", train), ("dev", dev))}
@@ -66,5 +94,5 @@ def tiny_flickr8k(shared_data: Path, root: Path, train: int = 30, dev: int = 10)
     for split, files in names.items():
         (root / f"{split}.txt").write_text("\n".join(files) + "\n")
         for name in files:
-            (root / "images" / name).symlink_to(mini / "images" / name)
+            shutil.copyfile(mini / "images" / name, root / "images" / name)
     return root

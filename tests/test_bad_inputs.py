@@ -48,6 +48,8 @@ def env(tmp_path_factory):
         (root / name).mkdir()
     (root / "config_only" / "config.json").write_text("{}")
     (root / "metrics_only" / "test_metrics.json").write_text("{}")
+    (root / "bench" / "runs" / "coder_s0").mkdir(parents=True)
+    (root / "bench" / "runs" / "coder_s0" / "result.json").write_text("{}")
     cvse = root / "cvse"
     cvse.mkdir()
     (cvse / "category_concepts.json").write_text('{"dog": 0}')
@@ -122,6 +124,14 @@ CASES = [
     ("stray argument", lambda e: train(e, "lr=3"), "unexpected argument 'lr=3'", []),
     ("cuda without cuda", lambda e: train(e, "--device", "cuda"), "CUDA is not available", []),
     ("frozen layers on bigru", lambda e: train(e, "--bert_frozen_layers", "2"), "needs --text_encoder bert", []),
+    ("tiny temperature", lambda e: train(e, "--tau", "1e-30"), "--tau 1e-30: must be at least 0.001", []),
+    ("seed beyond numpy's", lambda e: train(e, "--seed", str(2**32)), "--seed 4294967296: must be at least 0 and at most",
+     []),
+    ("absurd worker count", lambda e: train(e, "--workers", "100000"), "--workers 100000: must be at least 0 and at most",
+     []),
+    ("absurd queue", lambda e: train(e, "--queue_size", "100000000000"),
+     "--queue_size 100000000000: the run needs about", []),
+    ("absurd embedding", lambda e: train(e, "--embed_dim", "10000000"), "--embed_dim 10000000: the run needs about", []),
     # train: files and folders
     ("test split typo", lambda e: train(e, "--test_split", "tset"), "--test_split tset: ", []),
     ("val split typo", lambda e: train(e, "--val_split", "dve"), "did you mean 'dev'?", []),
@@ -129,6 +139,16 @@ CASES = [
     ("missing vocabulary", lambda e: train(e, "--vocab_path", f"{e['root']}/no.json"), "vocabulary file not found", []),
     ("missing concepts", lambda e: train(e, "--concept_path", f"{e['root']}/none"), "concept folder not found", []),
     ("missing word vectors", lambda e: train(e, "--word_vectors", f"{e['root']}/glove.txt"), "file not found", []),
+    ("data folder is a file", lambda e: train(e, "--data_path", f"{e['root']}/afile"),
+     "afile: is a file, expected a data folder", ["afile"]),
+    ("vocabulary is a folder", lambda e: train(e, "--vocab_path", e["root"]), "is a folder, expected a vocabulary file",
+     []),
+    ("concepts are a file", lambda e: train(e, "--concept_path", f"{e['root']}/afile"),
+     "is a file, expected a concept folder", ["afile"]),
+    ("word vectors are a folder", lambda e: train(e, "--word_vectors", e["root"]),
+     "is a folder, expected a word-vector file", []),
+    ("resume from a folder", lambda e: train(e, "--resume", f"{e['root']}/run"),
+     "run: is a folder; give the checkpoint file", []),
     ("missing BERT folder", lambda e: train(e, "--text_encoder", "bert", "--bert_path", f"{e['root']}/bert"),
      "BERT", []),
     ("run folder is a file", lambda e: train(e, "--run_dir", f"{e['root']}/afile"), "is a file", ["afile"]),
@@ -224,6 +244,14 @@ CASES = [
      "expected NAME=FILE", []),
     ("extract: missing captions", lambda e: ["extract_features.py", "--images", e["root"], "--captions",
                                              f"{e['root']}/none.csv", "--out", f"{e['root']}/x"], "none.csv", []),
+    ("extract: out is a file", lambda e: ["extract_features.py", "--images", e["root"], "--captions",
+                                          f"{e['root']}/caps.txt", "--out", f"{e['root']}/afile"],
+     "afile is a file, not a folder", ["afile"]),
+    # demo data and the benchmark
+    ("demo: absurd size", lambda e: ["demo_data.py", "--root", f"{e['root']}/d", "--train", str(10**9)],
+     "must be at least 1 and at most 100000", []),
+    ("bench: report with fresh", lambda e: ["bench/bench_flickr8k.py", "--report", "--fresh", "--out",
+                                            f"{e['root']}/bench"], "never deletes", ["bench/runs/coder_s0/result.json"]),
     # retrieval
     ("retrieve: empty query", lambda e: ["retrieve.py", "--checkpoint", e["ckpt"], "--data_path", e["data"],
                                          "--query", "  "], "an empty query matches nothing", []),
@@ -232,6 +260,9 @@ CASES = [
     ("retrieve: existing grid", lambda e: ["retrieve.py", "--checkpoint", e["ckpt"], "--data_path", e["data"],
                                            "--query", "a dog", "--images_dir", e["root"], "--grid",
                                            f"{e['root']}/grid.png"], "exists", ["grid.png"]),
+    ("retrieve: grid of no image format", lambda e: ["retrieve.py", "--checkpoint", e["ckpt"], "--data_path", e["data"],
+                                                     "--query", "a dog", "--images_dir", e["root"], "--grid",
+                                                     f"{e['root']}/grid.txt"], "cannot write a '.txt' file", []),
     ("retrieve: image out of range", lambda e: ["retrieve.py", "--checkpoint", e["ckpt"], "--data_path", e["data"],
                                                 "--image", "999"], "has images 0..", []),
     ("retrieve: nothing asked", lambda e: ["retrieve.py", "--checkpoint", e["ckpt"], "--data_path", e["data"]],
@@ -264,8 +295,11 @@ def run_in_process(argv: list[str], capsys) -> tuple[int, str]:
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_bad_input_gives_one_clear_line_and_changes_nothing(env, case, capsys):
+def test_bad_input_gives_one_clear_line_and_changes_nothing(env, case, capsys, monkeypatch):
     _, command, fragment, kept = case
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the CUDA rows hold on a GPU machine too
     root = Path(env["root"])
     before = {name: _digest(root / name) for name in kept}
     shutil.rmtree(root / "new_run", ignore_errors=True)

@@ -31,8 +31,8 @@ def anchors(page: Path) -> set[str]:
 def code_options() -> set[str]:
     """Every option a project script accepts: argparse strings in the code, and the variables
     at the top of the train scripts (`--name`, also spelled `--name-with-dashes`)."""
-    options = {"--demo"}
-    for path in [*ROOT.glob("*.py"), *ROOT.glob("bench/*.py")]:
+    options = {"--demo", "--preset"}  # the train scripts' two flags (options.parse_overrides)
+    for path in [*ROOT.glob("*.py"), *ROOT.glob("bench/*.py"), *ROOT.glob("bench/*.sh")]:
         options |= set(re.findall(r"[\"'](--[a-z][\w-]*)[\"']", path.read_text()))
     import train_f30k
 

@@ -1,16 +1,17 @@
 """eval_f30k.py / eval_coco.py on tiny trained checkpoints: the printed and saved metrics equal a
-direct computation, ensembles average similarity matrices, --sweep-mu picks mu on dev."""
+direct computation (spec §5's similarity and the ranks by per-query loops, from
+test_evaluation.py), ensembles average similarity matrices, --sweep-mu picks mu on dev."""
 import json
 import subprocess
 import sys
 
 import pytest
-import torch
 
 import data
 import evaluation
 from checkpoint import load_for_inference
 from conftest import ROOT, TINY_TRAIN_ARGS, run_script, tiny_demo_args
+from test_evaluation import direct_similarity, naive_metrics
 
 TINY = [*TINY_TRAIN_ARGS, "--queue_size", "96", "--batch_size", "32", "--epochs", "1", "--test_split", ""]
 
@@ -31,9 +32,7 @@ def direct_sims(checkpoint, data_path, split_name, mu):
     model, tokenizer, graph, _ = load_for_inference(checkpoint)
     split = data.load_split(data_path, split_name)
     emb = evaluation.encode_split(model, split, tokenizer, graph, "cpu")
-    with torch.no_grad():
-        return model.similarity(emb.image_instance, emb.image_concept, emb.caption_instance, emb.caption_concept,
-                                mu=mu)
+    return direct_similarity(emb, mu).numpy()
 
 
 def test_single_checkpoint_and_json(runs, tmp_path, capsys):
@@ -42,7 +41,7 @@ def test_single_checkpoint_and_json(runs, tmp_path, capsys):
                     "f30k")
     printed = capsys.readouterr().out
     saved = json.loads(out.read_text())
-    want = evaluation.recall_metrics(direct_sims(runs["checkpoints"][0], runs["data_path"], "test", 0.3))
+    want = naive_metrics(direct_sims(runs["checkpoints"][0], runs["data_path"], "test", 0.3), 5)
     assert saved["mu"] == 0.3 and saved["split"] == "test"
     assert saved["metrics"] == pytest.approx(want, abs=1e-9)
     assert f"{want['rsum']:8.2f}".strip() in printed and "image->text" in printed
@@ -52,7 +51,7 @@ def test_ensemble_averages_similarities(runs, tmp_path):
     out = tmp_path / "e.json"
     evaluation.main(["--checkpoint", *runs["checkpoints"], "--json", str(out), "--workers", "0"], "f30k")
     sims = [direct_sims(c, runs["data_path"], "test", 0.15) for c in runs["checkpoints"]]
-    want = evaluation.recall_metrics((sims[0] + sims[1]) / 2)
+    want = naive_metrics((sims[0] + sims[1]) / 2, 5)
     assert json.loads(out.read_text())["metrics"] == pytest.approx(want, abs=1e-4)
 
 
@@ -63,7 +62,7 @@ def test_sweep_mu_picks_the_best_dev_mu(runs, tmp_path):
     result = json.loads(out.read_text())
     table = {float(m): r for m, r in result["mu_sweep"].items()}
     assert len(table) == 21 and result["mu"] == max(table, key=lambda m: (table[m], -m))
-    dev = evaluation.recall_metrics(direct_sims(runs["checkpoints"][0], runs["data_path"], "dev", 0.5))
+    dev = naive_metrics(direct_sims(runs["checkpoints"][0], runs["data_path"], "dev", 0.5), 5)
     assert table[0.5] == pytest.approx(dev["rsum"], abs=1e-4)
 
 

@@ -109,7 +109,7 @@ def test_read_captions_csv(tmp_path):
     path.write_text("image,caption\na.jpg,x\nb.jpg,one, two\n")
     with pytest.raises(CoderError, match="line 3: 3 fields"):
         caption_sources.read_captions_csv(path)
-    with pytest.raises(CoderError, match="does not exist"):
+    with pytest.raises(CoderError, match="nope.csv: captions file not found"):
         caption_sources.build_split_entries(tmp_path / "nope.csv", {"train": path})
 
 

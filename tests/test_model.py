@@ -78,6 +78,15 @@ ABLATIONS = {
                        {"dcl_instance", "dcl_concept", "dcl_fused", "pseudo", "loss"}),
     "learned_prototypes": ({"prototype_update": "learned"}, {"dcl_instance", "dcl_concept", "pseudo", "loss"}),
     "l2norm_items": ({"l2norm_before_pooling": True}, {"dcl_instance", "dcl_concept", "pseudo", "loss"}),
+    # the Flickr8k benchmark's peers (tests/test_peers.py checks each term's value)
+    "vse_infty": ({"image_pooling": "gpo", "text_pooling": "gpo", "loss": "triplet", "triplet_all_negatives_epochs": 1,
+                   "region_drop": 0.2, "queue_size": 0, "concept_branch": False}, {"triplet_instance", "loss"}),
+    "cvse": ({"loss": "triplet", "queue_size": 0, "pseudo_label_loss": False, "concept_query_input": "bn",
+              "fusion": "weighted_sum", "lambda_fused": 0.6, "lambda_concept": 0.2, "lambda_kl": 0.4,
+              "l2norm_before_pooling": True},
+             {"triplet_instance", "triplet_concept", "triplet_fused", "concept_kl", "loss"}),
+    "kl_with_dcl": ({"lambda_kl": 1.0, "fusion": "weighted_sum", "lambda_fused": 1.0},
+                    {"dcl_instance", "dcl_concept", "dcl_fused", "concept_kl", "pseudo", "loss"}),
 }
 
 
@@ -98,7 +107,7 @@ def test_every_trainable_parameter_gets_a_gradient_and_momentum_none(name):
     grouped = [p for g in model.param_groups(1e-3, 1e-4) for p in g["params"]]
     assert len(grouped) == len(online) and {id(p) for p in grouped} == {id(p) for p in online.values()}
     if name == "triplet_baseline":
-        assert len(model.momentum) == 0 and model.queue_names == [] and model.queue_fill() == 0.0
+        assert len(model.momentum) == 0 and model.queues.names == [] and model.queues.fraction_filled() == 0.0
 
 
 def test_momentum_copies_cover_every_key_module():
@@ -136,56 +145,38 @@ def test_config_validation():
         M.CODER(small_config(vocab_size=0, concept_branch=False))
     with pytest.raises(CoderError, match="concept graph"):
         M.CODER(small_config())
-    with pytest.raises(CoderError, match="sinkhorn_epsilon must be positive"):
+    with pytest.raises(CoderError, match="model config: sinkhorn_epsilon=0.0 must be at least"):
         small_config(sinkhorn_epsilon=0.0)
 
 
-def test_spec_defaults():
+def test_defaults():
+    """The spec's sizes; beta 0 and the detached query of the train scripts (the spec's values
+    are the "spec" preset, see tests/test_options.py)."""
     cfg = M.ModelConfig()
     assert (cfg.embed_dim, cfg.queue_size, cfg.num_prototypes, cfg.momentum) == (1024, 8192, 1000, 0.995)
-    assert (cfg.tau, cfg.beta, cfg.tau_pseudo, cfg.mu, cfg.label_mix_ratio) == (0.05, 10.0, 0.1, 0.15, 0.35)
+    assert (cfg.tau, cfg.beta, cfg.tau_pseudo, cfg.mu, cfg.label_mix_ratio) == (0.05, 0.0, 0.1, 0.15, 0.35)
     assert (cfg.sinkhorn_epsilon, cfg.sinkhorn_iterations, cfg.prototype_momentum) == (0.05, 3, 0.99)
+    assert cfg.concept_query_input == "detach"
 
 
 # -- queues and prototypes -------------------------------------------------------------------
 
-def test_queue_fifo_with_wraparound_matches_naive_ring_buffer():
-    model = build(small_config(queue_size=5))
-    ring = {name: [None] * 5 for name in model.queue_names + ["ids"]}
-    ptr, count, next_id = 0, 0, 0
-    for size in (2, 3, 4, 7, 1, 5):
-        ids = torch.arange(next_id, next_id + size)
-        keys = {name: torch.randn(size, 32) for name in model.queue_names}
-        model._enqueue(keys, ids)
-        for row in range(size):  # one row at a time, the obvious way
-            for name in model.queue_names:
-                ring[name][ptr] = keys[name][row]
-            ring["ids"][ptr] = int(ids[row])
-            ptr, count = (ptr + 1) % 5, min(count + 1, 5)
-        next_id += size
-        assert int(model.queue_ptr) == ptr and int(model.queue_count) == count
-        assert model.queue_fill() == count / 5
-        for slot in range(count):
-            assert int(model.queue_ids[slot]) == ring["ids"][slot]
-            for name in model.queue_names:
-                assert torch.equal(getattr(model, f"{name}_queue")[slot], ring[name][slot])
-
-
 def test_forward_enqueues_keys_and_moves_prototypes_only_in_training():
     model = build()
     batch = make_batch()
-    prototypes = model.prototypes.clone()
+    prototypes = model.prototypes.weight.clone()
     model(batch)
-    assert int(model.queue_count) == 0 and torch.equal(model.prototypes, prototypes)  # not before the step
+    assert model.queues.filled == 0 and torch.equal(model.prototypes.weight, prototypes)  # not before the step
     model.after_optimizer_step()
-    assert int(model.queue_count) == 8 and int(model.queue_ptr) == 8
-    assert torch.equal(model.queue_ids[:8], batch["image_ids"])
+    assert model.queues.filled == 8 and int(model.queues.count) == 8 and int(model.queues.pointer) == 8
+    assert torch.equal(model.queues.filled_ids(), batch["image_ids"])
     with torch.no_grad():  # same momentum weights and batch -> the enqueued keys
         keys = model._keys(batch, model._concepts())
-    for name in model.queue_names:
-        assert torch.allclose(getattr(model, f"{name}_queue")[:8], keys[name], atol=1e-6)
-    assert not torch.equal(model.prototypes, prototypes)
-    assert torch.allclose(model.prototypes.norm(dim=1), torch.ones(16), atol=1e-6)
+    assert model.queues.names == ["image", "text", "image_concept", "text_concept"]
+    for name in model.queues.names:
+        assert torch.allclose(model.queues.entries(name), keys[name], atol=1e-6)
+    assert not torch.equal(model.prototypes.weight, prototypes)
+    assert torch.allclose(model.prototypes.weight.norm(dim=1), torch.ones(16), atol=1e-6)
 
     model.eval()
     state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -194,46 +185,51 @@ def test_forward_enqueues_keys_and_moves_prototypes_only_in_training():
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
 
 
-def test_cached_queue_kernel_tracks_queues_and_prototypes():
-    """The Sinkhorn cache equals a full recomputation after steps that fill, wrap and move."""
-    model = build(small_config(queue_size=20))
-    assert model.cache_queue_kernel
-    optimizer = torch.optim.SGD(model.param_groups(0.1, 0.0), lr=0.1)
-    for seed in range(5):  # 8 keys per step: the 20-slot queues wrap around
+def _sgd_steps(model, seeds, lr=0.1):
+    optimizer = torch.optim.SGD(model.param_groups(lr, 0.0), lr=lr)
+    for seed in seeds:  # 8 keys per step, 4 new images each
         out = model(make_batch(seed=seed, first_image=4 * seed))
         optimizer.zero_grad(set_to_none=True)
         out["loss"].backward()
         optimizer.step()
         model.after_optimizer_step()
-    assert int(model.queue_count) == 20 and int(model.queue_ptr) == 0
-    scores = torch.cat([model.image_queue, model.text_queue]) @ model.prototypes.t()
-    assert torch.allclose(model.queue_kernel, torch.exp((scores - 1) / 0.05), rtol=1e-4, atol=1e-30)
-    assert "queue_kernel" in model.state_dict()
-    # A checkpoint written before the cache existed loads, and the cache is recomputed.
-    from checkpoint import load_state_strict
+    return out
 
-    old_state = {k: v for k, v in model.state_dict().items() if k != "queue_kernel"}
-    other = build(small_config(queue_size=20), seed=1)
-    load_state_strict(other, old_state, "old.pt")
-    assert torch.allclose(other.queue_kernel.log(), model.queue_kernel.log(), atol=1e-4)
-    assert not build(small_config(sinkhorn_with_queue=False)).cache_queue_kernel
-    assert not build(small_config(queue_size=0)).cache_queue_kernel
+
+def test_cached_queue_kernel_tracks_queues_and_prototypes():
+    """The Sinkhorn cache equals a full recomputation after steps that fill, wrap and move, and
+    the model without the cache computes the same losses."""
+    model = build(small_config(queue_size=20))
+    uncached = M.CODER(model.cfg, *concept_graph(), cache_queue_kernel=False)
+    uncached.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("queue_kernel.")})
+    assert model.queue_kernel is not None and uncached.queue_kernel is None
+    torch.manual_seed(1)
+    cached_out = _sgd_steps(model, range(5))  # the 20-slot queues wrap around
+    torch.manual_seed(1)
+    uncached_out = _sgd_steps(uncached, range(5))
+    assert model.queues.filled == 20 and model.queues.next_slot == 0 and int(model.queues.pointer) == 0
+    entries = torch.cat([model.queues.image, model.queues.text])
+    want = torch.exp((entries @ model.prototypes.weight.t() - 1) / 0.05)
+    assert torch.allclose(model.queue_kernel.rows, want, rtol=1e-4, atol=1e-30)
+    for name in ("loss", "pseudo", "dcl_instance"):
+        assert torch.allclose(cached_out[name], uncached_out[name], atol=1e-5), name
+    assert torch.allclose(model.prototypes.weight, uncached.prototypes.weight, atol=1e-5)
+    assert not build(small_config(sinkhorn_with_queue=False)).queue_kernel
+    assert not build(small_config(queue_size=0)).queue_kernel
 
 
 def test_pseudo_labels_use_the_queues_like_a_direct_sinkhorn():
     model = build(small_config(queue_size=20))
     gen = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for name in model.queue_names:
-            getattr(model, f"{name}_queue").copy_(F.normalize(torch.randn(20, 32, generator=gen), dim=1))
-        model.queue_count.fill_(12)
-    model.refresh_queue_kernel()
+    entries = {name: F.normalize(torch.randn(12, 32, generator=gen), dim=1) for name in model.queues.names}
+    model.queues.push(entries, torch.arange(12) + 100)
+    model._refresh_queue_kernel()
     keys = {"image": F.normalize(torch.randn(4, 32), dim=1), "text": F.normalize(torch.randn(4, 32), dim=1)}
     _, codes, _ = model._pseudo_labels(keys, 4)
     from loss import sinkhorn_kernel, sinkhorn_knopp
 
-    pool = torch.cat([keys["image"], keys["text"], model.image_queue[:12], model.text_queue[:12]])
-    want = sinkhorn_knopp(sinkhorn_kernel(pool @ model.prototypes.t(), 0.05), 3, num_rows=8)
+    pool = torch.cat([keys["image"], keys["text"], entries["image"], entries["text"]])
+    want = sinkhorn_knopp(sinkhorn_kernel(pool @ model.prototypes.weight.t(), 0.05), 3, num_rows=8)
     assert torch.allclose(codes, want, atol=1e-6)
 
 
@@ -243,25 +239,10 @@ def test_training_forwards_wait_for_the_step_in_order():
     first, second = make_batch(seed=0), make_batch(seed=1, first_image=4)
     (model(first)["loss"] + model(second)["loss"]).backward()
     model.after_optimizer_step()
-    assert int(model.queue_count) == 16
-    assert torch.equal(model.queue_ids[:16], torch.cat([first["image_ids"], second["image_ids"]]))
+    assert model.queues.filled == 16
+    assert torch.equal(model.queues.filled_ids(), torch.cat([first["image_ids"], second["image_ids"]]))
     model.after_optimizer_step()  # nothing pending: only the EMA
-    assert int(model.queue_count) == 16
-
-
-def test_prototype_update_follows_assignments():
-    model = build(small_config(prototype_momentum=0.5))
-    emb = F.normalize(torch.randn(4, 32), dim=1)
-    codes = torch.zeros(4, 16)
-    codes[[0, 1, 2, 3], [3, 3, 7, 3]] = 1.0
-    old = model.prototypes.clone()
-    model._update_prototypes(emb, codes)
-    want3 = F.normalize(0.5 * old[3] + 0.5 * emb[[0, 1, 3]].mean(0), dim=0)
-    want7 = F.normalize(0.5 * old[7] + 0.5 * emb[2], dim=0)
-    assert torch.allclose(model.prototypes[3], want3, atol=1e-6)
-    assert torch.allclose(model.prototypes[7], want7, atol=1e-6)
-    untouched = [i for i in range(16) if i not in (3, 7)]
-    assert torch.equal(model.prototypes[untouched], old[untouched])
+    assert model.queues.filled == 16
 
 
 def test_pseudo_labels_are_pair_means_of_sinkhorn_codes():
@@ -270,7 +251,8 @@ def test_pseudo_labels_are_pair_means_of_sinkhorn_codes():
     targets, codes, embeddings = model._pseudo_labels(keys, 4)
     from loss import sinkhorn_kernel, sinkhorn_knopp
 
-    want = sinkhorn_knopp(sinkhorn_kernel(torch.cat([keys["image"], keys["text"]]) @ model.prototypes.t(), 0.05), 3)
+    scores = torch.cat([keys["image"], keys["text"]]) @ model.prototypes.weight.t()
+    want = sinkhorn_knopp(sinkhorn_kernel(scores, 0.05), 3)
     assert torch.allclose(codes, want) and torch.allclose(targets, (want[:4] + want[4:]) / 2)
     assert torch.allclose(targets.sum(1), torch.ones(4), atol=1e-6)
 
@@ -280,13 +262,51 @@ def test_state_dict_holds_queues_prototypes_and_momentum():
     model(make_batch())
     model.after_optimizer_step()
     state = model.state_dict()
-    for name in ("image_queue", "text_queue", "image_concept_queue", "text_concept_queue", "queue_ids",
-                 "queue_ptr", "queue_count", "prototypes", "queue_kernel", "concept_adjacency", "concept_vectors",
-                 "momentum.image_encoder.fc.weight", "momentum.gcn.layer1.weight"):
+    for name in ("queues.image", "queues.text", "queues.image_concept", "queues.text_concept", "queues.ids",
+                 "queues.pointer", "queues.count", "prototypes.weight", "prototypes.ready", "queue_kernel.rows",
+                 "concept_adjacency", "concept_vectors", "momentum.image_encoder.fc.weight",
+                 "momentum.gcn.layer1.weight"):
         assert name in state, name
     other = build(seed=1)
     other.load_state_dict(state)
-    assert torch.equal(other.image_queue, model.image_queue) and int(other.queue_count) == 8
+    assert torch.equal(other.queues.image, model.queues.image) and other.queues.filled == 8
+    assert other.queues.next_slot == 8 and other.prototypes.is_ready
+
+
+def old_layout(state: dict) -> dict:
+    """A state dict as the code before queues.py and prototypes.py wrote it (buffer names of
+    the model itself; an attention-score bias in each attention pooling)."""
+    renamed = {new: old for old, new in M.RENAMED_KEYS.items()}
+    old = {renamed.get(k, k): v for k, v in state.items()}
+    for key in list(old):
+        if key.endswith("pool.score.weight"):
+            old[key[: -len("weight")] + "bias"] = torch.zeros(1)
+    return old
+
+
+def test_checkpoints_of_the_previous_layout_load(tmp_path):
+    """Old names map to the new modules; the pooling score biases are dropped with a note; a
+    checkpoint older than the kernel cache and the readiness flag gets both derived."""
+    from checkpoint import load_state_strict
+
+    model = build(small_config(queue_size=20))
+    _sgd_steps(model, range(3))
+    old = old_layout(model.state_dict())
+    assert {"image_queue", "queue_ptr", "prototypes", "queue_kernel", "image_encoder.pool.score.bias"} <= set(old)
+    notes = []
+    other = build(small_config(queue_size=20), seed=1)
+    load_state_strict(other, old, "old.pt", notes.append)
+    assert len(notes) == 1 and "dropped the attention pooling's score bias (4 tensors)" in notes[0]
+    for key, value in model.state_dict().items():
+        assert torch.equal(other.state_dict()[key], value), key
+    assert other.queues.filled == 20 and other.queues.next_slot == model.queues.next_slot == 4
+    older = {k: v for k, v in old.items() if k not in ("queue_kernel", "prototypes_ready")}
+    oldest = build(small_config(queue_size=20), seed=2)
+    load_state_strict(oldest, older, "older.pt", notes.append)
+    assert oldest.prototypes.is_ready
+    assert torch.allclose(oldest.queue_kernel.rows.log(), model.queue_kernel.rows.log(), atol=1e-4)
+    with pytest.raises(CoderError, match="old.pt: checkpoint does not match"):
+        load_state_strict(build(small_config(queue_size=24)), old, "old.pt", notes.append)
 
 
 # -- encoders and the concept branch --------------------------------------------------------
@@ -454,12 +474,11 @@ def test_bert_missing_directory_is_a_clear_error(tmp_path):
 
 def demo_batch(tmp_path, size: int = 16) -> tuple[dict, M.ModelConfig, tuple | None]:
     """A tiny batch of the demo dataset through the data layer (data.collate's keys)."""
-    demo_data = pytest.importorskip("demo_data")
-    import concepts
     import data
     import vocab
+    from demo_data import make_demo_dataset
 
-    paths = demo_data.make_demo_dataset(tmp_path)
+    paths = make_demo_dataset(tmp_path)
     split = data.load_split(paths["data_path"], "train", max_images=size // 2)
     tokenizer = vocab.Vocabulary.load(paths["vocab_path"])
     graph = concepts.load_concepts(paths["concept_dir"])
@@ -568,20 +587,20 @@ def test_two_processes_match_one_and_share_state(tmp_path):
             assert torch.allclose(got["grads"][n], g, atol=1e-5), n
         for n, v in single["state"].items():
             got_n, v = got["state"][n].float(), v.float()
-            if n == "queue_kernel":  # entries span many orders of magnitude: compare their logs
+            if n == "queue_kernel.rows":  # entries span many orders of magnitude: compare their logs
                 got_n, v = got_n.clamp_min(1e-30).log(), v.clamp_min(1e-30).log()
-            assert torch.allclose(got_n, v, atol=1e-4 if n == "queue_kernel" else 1e-5), n
+            assert torch.allclose(got_n, v, atol=1e-4 if n == "queue_kernel.rows" else 1e-5), n
 
     a, b = ranks[0]["full"]["state"], ranks[1]["full"]["state"]
-    shared = [n for n in a if "queue" in n or n == "prototypes" or n.startswith("momentum.") and "running" not in n
-              and "num_batches" not in n]
-    assert "image_concept_queue" in shared and "momentum.text_query.score" in shared
-    assert "queue_kernel" in shared
+    shared = [n for n in a if n.startswith(("queues.", "prototypes.", "queue_kernel.")) or n.startswith("momentum.")
+              and "running" not in n and "num_batches" not in n]
+    assert "queues.image_concept" in shared and "momentum.text_query.score" in shared
+    assert "queue_kernel.rows" in shared and "prototypes.weight" in shared
     for n in shared:
         x, y = a[n].float(), b[n].float()
-        if n == "queue_kernel":
+        if n == "queue_kernel.rows":
             x, y = x.clamp_min(1e-30).log(), y.clamp_min(1e-30).log()
-        assert torch.allclose(x, y, atol=1e-6 if n != "queue_kernel" else 1e-4), n
+        assert torch.allclose(x, y, atol=1e-6 if n != "queue_kernel.rows" else 1e-4), n
 
 
 def test_gather_from_all_is_identity_without_distributed():

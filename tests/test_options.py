@@ -108,39 +108,39 @@ def test_prototypes_from_keys_wait_for_enough_keys_then_copy_them():
     prototypes are K_p of those keys and the cached Sinkhorn kernel matches them."""
     model = build(small_config(prototype_init="keys", num_prototypes=24, queue_size=32)).train()
     first = _step(model, make_batch(seed=0))  # 16 keys < 24 prototypes
-    assert "pseudo" not in first and not bool(model.prototypes_ready)
+    assert "pseudo" not in first and not model.prototypes.is_ready and not bool(model.prototypes.ready)
     batch = make_batch(seed=1, first_image=4)
     with torch.no_grad():
         pool = torch.cat([model._keys(batch, model._concepts())[n] for n in ("image", "text")]
-                         + [model.image_queue[:8], model.text_queue[:8]])
+                         + [model.queues.entries("image"), model.queues.entries("text")])
     second = _step(model, batch)
-    assert "pseudo" not in second and bool(model.prototypes_ready)
-    cosines = model.prototypes @ F.normalize(pool, dim=-1).t()
+    assert "pseudo" not in second and model.prototypes.is_ready and bool(model.prototypes.ready)
+    cosines = model.prototypes.weight @ F.normalize(pool, dim=-1).t()
     assert cosines.max(1).values.min() > 1 - 1e-6  # every prototype is one of the keys
     assert len(set(cosines.argmax(1).tolist())) == 24  # distinct keys
-    kernel = model.queue_kernel.clone()
-    model.refresh_queue_kernel()
-    assert torch.allclose(kernel, model.queue_kernel, rtol=1e-5)
+    kernel = model.queue_kernel.rows.clone()
+    model._refresh_queue_kernel()
+    assert torch.allclose(kernel, model.queue_kernel.rows, rtol=1e-5)
     assert "pseudo" in _step(model, make_batch(seed=2, first_image=8))
 
 
 def test_learned_prototypes_train_and_stay_unit_norm():
     model = build(small_config(prototype_update="learned")).train()
-    assert isinstance(model.prototypes, torch.nn.Parameter)
+    assert isinstance(model.prototypes.weight, torch.nn.Parameter)
     optimizer = torch.optim.SGD(model.param_groups(0.5, 0.0), lr=0.5)
-    before = model.prototypes.detach().clone()
+    before = model.prototypes.weight.detach().clone()
     for seed in range(3):
         out = model(make_batch(seed=seed, first_image=4 * seed))
         optimizer.zero_grad(set_to_none=True)
         out["loss"].backward()
-        assert model.prototypes.grad is not None and model.prototypes.grad.abs().sum() > 0
+        assert model.prototypes.weight.grad is not None and model.prototypes.weight.grad.abs().sum() > 0
         optimizer.step()
         model.after_optimizer_step()
-    assert not torch.allclose(before, model.prototypes)
-    assert torch.allclose(model.prototypes.norm(dim=1), torch.ones(16), atol=1e-5)
-    kernel = model.queue_kernel.clone()
-    model.refresh_queue_kernel()
-    assert torch.allclose(kernel, model.queue_kernel, rtol=1e-5)
+    assert not torch.allclose(before, model.prototypes.weight)
+    assert torch.allclose(model.prototypes.weight.norm(dim=1), torch.ones(16), atol=1e-5)
+    kernel = model.queue_kernel.rows.clone()
+    model._refresh_queue_kernel()
+    assert torch.allclose(kernel, model.queue_kernel.rows, rtol=1e-5)
 
 
 def test_diagnostics_match_direct_computations():
@@ -150,7 +150,7 @@ def test_diagnostics_match_direct_computations():
     model._pending_updates.clear()
     with torch.no_grad():
         concepts = model._concepts()
-        img, img_c = model._embed_images(batch["images"], concepts)
+        img, img_c, _ = model._embed_images(batch["images"], concepts)
         targets, codes, _ = model._pseudo_labels(model._keys(batch, concepts), 8)
     n = img_c.shape[0]
     cos = img_c @ img_c.t()
@@ -219,8 +219,8 @@ def test_a_checkpoint_older_than_an_option_resumes_with_its_old_behaviour(tmp_pa
     """Options whose default changed after a checkpoint was written: resuming keeps what the run
     did (per-branch clipping and the detached query did not exist: global clip, BN query)."""
     import train_f30k
-    from checkpoint import save_checkpoint
-    from options import resumed_config, script_config
+    from checkpoint import resumed_config, save_checkpoint
+    from options import script_config
 
     defaults = script_config(vars(train_f30k))
     old = {k: v for k, v in defaults.items() if k not in ("grad_clip_scope", "concept_query_input")}
@@ -231,3 +231,41 @@ def test_a_checkpoint_older_than_an_option_resumes_with_its_old_behaviour(tmp_pa
     resumed = resumed_config({**defaults, "resume": str(tmp_path / "new.pt")}, {"resume"})
     assert resumed["grad_clip_scope"] == defaults["grad_clip_scope"] == "branch"
     assert resumed["concept_query_input"] == defaults["concept_query_input"] == "detach"
+
+
+def test_the_scripts_train_the_default_model():
+    """The train scripts' hyperparameter blocks (kept in full for users to edit) hold the
+    ModelConfig and trainer defaults; COCO differs only in its dataset's label mix ratio."""
+    import inspect
+    from dataclasses import asdict
+
+    import train_coco
+    import train_f30k
+    import trainer
+    from options import script_config
+
+    defaults = asdict(M.ModelConfig())
+    for script, dataset_specific in ((train_f30k, {}), (train_coco, {"label_mix_ratio": 0.4})):
+        config = script_config(vars(script))
+        shared = {k: config[k] for k in defaults if k in config}
+        assert len(shared) > 30
+        assert shared == {k: dataset_specific.get(k, defaults[k]) for k in shared}, script.__name__
+        assert config["grad_clip_scope"] == trainer.GRAD_CLIP_SCOPE
+    for function, name in ((trainer.clip_gradients, "scope"), (trainer.training_step, "clip_scope")):
+        assert inspect.signature(function).parameters[name].default == "branch"
+
+
+def test_spec_preset_comes_before_the_other_options():
+    import train_f30k
+    from options import PRESETS, parse_overrides, script_config
+
+    defaults = script_config(vars(train_f30k))
+    config, _, explicit = parse_overrides(defaults, ["--preset", "spec"])
+    assert (config["beta"], config["concept_query_input"], config["grad_clip_scope"]) == (10.0, "bn", "global")
+    assert explicit == set(PRESETS["spec"])
+    config, _, explicit = parse_overrides(defaults, ["--beta", "5", "--preset=spec"])
+    assert config["beta"] == 5.0 and config["concept_query_input"] == "bn"
+    with pytest.raises(M.CoderError, match="--preset paper: unknown preset; choose one of spec"):
+        parse_overrides(defaults, ["--preset", "paper"])
+    with pytest.raises(M.CoderError, match="option --preset needs a value"):
+        parse_overrides(defaults, ["--preset"])

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 import data
 import evaluation
 import retrieve
 from checkpoint import load_for_inference
 from demo_data import make_demo_dataset
+from test_evaluation import direct_similarity
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -44,15 +44,13 @@ def trained(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def direct(trained):
-    """The test split's embeddings and similarity matrix computed without retrieve.py."""
+    """The test split's embeddings, and their similarity matrix by spec §5's formula written out
+    (not the model's own fused similarity, which retrieve.py uses)."""
     model, tokenizer, graph, config = load_for_inference(trained["checkpoint"])
     assert graph is not None  # the concept branch is part of what is checked
     split = data.load_split(trained["data_path"], "test")
     emb = evaluation.encode_split(model, split, tokenizer, graph, "cpu")
-    with torch.no_grad():
-        sims = model.similarity(emb.image_instance, emb.image_concept, emb.caption_instance, emb.caption_concept,
-                                mu=config["mu"])
-    return {"split": split, "sims": sims}
+    return {"split": split, "sims": direct_similarity(emb, config["mu"])}
 
 
 def parse_blocks(out: str) -> dict[str, list[tuple[float, str, bool]]]:

@@ -13,8 +13,11 @@ import time
 import pytest
 import torch
 
-from checkpoint import load_checkpoint
+import data
+import evaluation
+from checkpoint import load_checkpoint, load_for_inference
 from conftest import ROOT, TINY_TRAIN_ARGS, run_script, tiny_demo_args
+from test_evaluation import direct_similarity, naive_metrics
 
 
 TINY = [*TINY_TRAIN_ARGS, "--queue_size", "96", "--batch_size", "32", "--warmup_epochs", "1",
@@ -38,13 +41,16 @@ def test_demo_style_run_writes_everything(tiny_demo, tmp_path):
     state = load_checkpoint(run_dir / "last.pt")
     assert state["epoch"] == 2 and state["step_in_epoch"] == 0
     assert state["config"]["embed_dim"] == 32 and state["code_version"]
-    assert state["model"]["queue_count"].item() > 0
+    assert state["model"]["queues.count"].item() > 0
     best = load_checkpoint(run_dir / "best.pt")  # records its own score, so resuming from it keeps the bar
     rsums = [float(line.rsplit("rsum=", 1)[1]) for line in (run_dir / "train.log").read_text().splitlines()
              if "validation at step" in line]
     assert best["best_rsum"] == state["best_rsum"] and round(best["best_rsum"], 2) == max(rsums)
-    metrics = json.loads((run_dir / "test_metrics.json").read_text())
-    assert 0 <= metrics["rsum"] <= 600
+    model, tokenizer, graph, config = load_for_inference(run_dir / "best.pt")
+    split = data.load_split(tiny_demo[1], "test")
+    emb = evaluation.encode_split(model, split, tokenizer, graph, "cpu")
+    want = naive_metrics(direct_similarity(emb, config["mu"]).numpy(), split.captions_per_image)
+    assert json.loads((run_dir / "test_metrics.json").read_text()) == pytest.approx(want, abs=1e-6)
     log = (run_dir / "train.log").read_text()
     assert "validation at step" in log and "loss/loss=" in log and "code " in log
 

@@ -1,5 +1,7 @@
 """The training loop's pieces: command-line config, LR schedule, resumable sampling, RNG state."""
 import random
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -101,3 +103,79 @@ def test_starting_an_epoch_leaves_the_global_rng_alone():
     batches = list(loader)
     assert torch.equal(torch.get_rng_state(), before)
     assert len(batches) == 3 and batches[0]["tokens"].shape == (4, 3)
+
+
+READS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__")
+PROJECT = str(Path(__file__).resolve().parent.parent)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"prototype_init": "keys", "num_prototypes": 12},
+                                       {"prototype_update": "learned"}, {"loss": "triplet"}])
+def test_a_training_step_reads_nothing_back_from_the_model(monkeypatch, overrides):
+    """After warm-up (queues filling, prototypes drawn from keys), trainer.training_step's
+    project code makes no .item()/.tolist()/bool()/int()/float()/index read of a tensor: it
+    branches on host-side counters. (Reads inside torch, of tensors torch keeps on the host,
+    such as a packed sequence's batch sizes or AdamW's step counts, are torch's own.)"""
+    from test_model import build, make_batch, small_config
+
+    model = build(small_config(**overrides)).train()
+    optimizer = torch.optim.AdamW(model.param_groups(1e-3, 1e-4))
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    world = distributed.Dist("cpu")
+    batches = [make_batch(seed=seed, first_image=4 * seed) for seed in range(4)]
+
+    def step(seed):
+        return trainer.training_step(model, model, optimizer, scaler, batches[seed], None, 2.0, world)
+
+    for seed in range(3):
+        step(seed)
+    assert model.prototypes is None or model.prototypes.is_ready
+    reads = []
+    for name in READS:
+        original = getattr(torch.Tensor, name)
+
+        def counting(tensor, *args, _name=name, _original=original):
+            caller = sys._getframe(1).f_code.co_filename
+            if caller.startswith(PROJECT):
+                reads.append(f"{_name} in {caller}:{sys._getframe(1).f_lineno}")
+            return _original(tensor, *args)
+
+        monkeypatch.setattr(torch.Tensor, name, counting)
+    assert int(torch.tensor(3)) == 3 and len(reads) == 1  # the counting works
+    reads.clear()
+    losses, grad_norm = step(3)
+    assert reads == []
+    monkeypatch.undo()
+    assert torch.isfinite(losses["loss"]) and float(grad_norm) > 0
+
+
+def test_the_loop_reads_the_losses_only_at_logging_steps(tmp_path, monkeypatch):
+    """The per-step losses stay on the device except at logging steps (every log_every steps and
+    the last of each epoch), where the divergence check reads them too."""
+    import train_f30k
+    from conftest import TINY_TRAIN_ARGS, tiny_demo_args
+
+    argv = [*tiny_demo_args(tmp_path / "data", seed=1, num_train=24, num_eval=10), *TINY_TRAIN_ARGS,
+            "--queue_size", "40", "--batch_size", "16", "--epochs", "2", "--log_every", "3", "--test_split", "",
+            "--checkpoint_every_steps", "0", "--diag_every", "0", "--run_dir", str(tmp_path / "run")]
+    config, _, _ = options.parse_overrides(options.script_config(vars(train_f30k)), argv)
+    read_at = []
+    mean = distributed.Dist.mean
+
+    def recording(world, values):
+        read_at.append(run_state["run"].global_step)
+        return mean(world, values)
+
+    run_state = {}
+    original_init = trainer.TrainingRun.__init__
+
+    def remember(self, *args):
+        run_state["run"] = self
+        original_init(self, *args)
+
+    monkeypatch.setattr(distributed.Dist, "mean", recording)
+    monkeypatch.setattr(trainer.TrainingRun, "__init__", remember)
+    trainer.train(config, "f30k")
+    assert read_at == [3, 6, 7, 9, 12, 14]  # 7 steps per epoch
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert "(global 3)" in log and "(global 4)" not in log and "(global 14)" in log

