@@ -146,7 +146,9 @@ class ImageEncoder(nn.Module):
     `l2norm_items`, as CVSE) -> pooling -> L2-normalised (B,d).
     R and D are free (36x2048 bottom-up features, 49x1280 CNN grids, ...).
     In training mode with `region_drop` > 0 the pooling sees only the `kept_regions` of each
-    image (VSE∞); evaluation always pools every region."""
+    image (VSE∞; a momentum copy draws its own mask, another view of the image, and the BN of
+    `attn` pooling still counts the dropped regions in its statistics); evaluation always
+    pools every region."""
 
     def __init__(self, image_dim: int, embed_dim: int, pooling: str, batch_norm: bool,
                  l2norm_items: bool = False, region_drop: float = 0.0) -> None:

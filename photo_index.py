@@ -5,8 +5,9 @@ Photos become region features with the backbone of extract_features.py (backbone
 embeddings with the checkpoint's image encoder; texts go through its text encoder the way
 retrieve.py encodes queries. Each item is stored as one "fused" vector (`model.fuse`:
 [√(1−μ)·x, √μ·x_c], x the instance embedding and x_c the concept descriptor, or CVSE's
-l2norm((1−μ)·x + μ·x_c) for a run with fusion "weighted_sum"), so that the dot product of a photo's and a text's fused vectors is exactly the similarity S of
-`CODER.similarity` that evaluation ranks by. Exact search is a chunked matrix product; for very
+l2norm((1−μ)·x + μ·x_c) for a run with fusion "weighted_sum"), so that the dot product of a
+photo's and a text's fused vectors is exactly the similarity S of `CODER.similarity` that
+evaluation ranks by. Exact search is a chunked matrix product; for very
 large galleries an approximate faiss index can replace it.
 
 Embeddings are cached on disk (never in the photo folder), keyed by the checkpoint, the
