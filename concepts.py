@@ -414,7 +414,7 @@ def _read_word_list(path: Path) -> list[str]:
         data = load_pickle_restricted(path)
         if not isinstance(data, dict) or not isinstance(data.get("words"), list):
             raise CoderError(f"{path}: expected a dict with a 'words' list (CVSE concept vocabulary)")
-        return [str(w) for w in data["words"]]
+        return _check_words(path, data["words"])
     text = read_text(path, "concept list").strip()
     if text.startswith(("[", "{")):
         data = read_json(path, "concept list")

@@ -168,7 +168,8 @@ def _read_ids(path: Path, num_images: int, num_captions: int) -> list[str]:
     if len(ids) not in (num_images, num_captions):
         raise CoderError(f"{path} has {len(ids)} lines, expected {num_images} (images) or {num_captions} (captions)")
     if len(ids) == num_images and num_images != num_captions and len(set(ids)) != len(ids):
-        line = next(i for i, name in enumerate(ids) if name in ids[:i])
+        first_line: dict[str, int] = {}
+        line = next(i for i, name in enumerate(ids) if first_line.setdefault(name, i) != i)
         raise CoderError(f"{path}:{line + 1}: image '{ids[line]}' is listed twice (one line per image expected)")
     return ids
 

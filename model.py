@@ -545,7 +545,7 @@ class CODER(nn.Module):
             moved = self.prototypes.ema_step(embeddings, codes)
             if self.queue_kernel is not None:
                 self.queue_kernel.write_columns(moved, self.queues.entries("image"), self.queues.entries("text"),
-                                                self.prototypes.weight)
+                                                self.prototypes.weight, at_most=embeddings.shape[0])
 
     def _refresh_queue_kernel(self) -> None:
         if self.queue_kernel is not None:

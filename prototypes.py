@@ -118,9 +118,12 @@ class QueueKernel(nn.Module):
             self.rows[start + slots] = sinkhorn_kernel(queue[slots] @ prototypes.t(), self.epsilon)
 
     @torch.no_grad()
-    def write_columns(self, moved: Tensor, image: Tensor, text: Tensor, prototypes: Tensor) -> None:
-        """Columns of the prototypes in the mask `moved`, for the filled entries `image`, `text`."""
-        columns = moved.nonzero().squeeze(1)
+    def write_columns(self, moved: Tensor, image: Tensor, text: Tensor, prototypes: Tensor, at_most: int) -> None:
+        """Columns of the prototypes in the mask `moved` (of which there are at most `at_most`:
+        one per assigned embedding), for the filled entries `image`, `text`. The columns are
+        the mask's top `at_most` entries, a fixed number, so that the host never waits for the
+        device to count them; a column of an unmoved prototype is rewritten with its own value."""
+        columns = torch.topk(moved.to(torch.uint8), min(at_most, moved.shape[0]), sorted=False).indices
         chosen = prototypes[columns].t()
         for start, queue in ((0, image), (self.size, text)):
             self.rows[start: start + queue.shape[0], columns] = sinkhorn_kernel(queue @ chosen, self.epsilon)

@@ -61,7 +61,7 @@ async def read_capped_body(request: Any, limit: int) -> bytes:
     too_large = HTTPException(413, f"upload larger than the {limit - MULTIPART_OVERHEAD >> 20} MB limit")
     declared = request.headers.get("content-length")
     if declared is not None:
-        if not declared.isdigit():
+        if not (declared.isascii() and declared.isdigit()):
             raise HTTPException(400, "invalid Content-Length header")
         if int(declared) > limit:
             raise too_large
@@ -223,7 +223,8 @@ def add_image_routes(app: Any, photos: Any) -> None:
             raise HTTPException(404, str(err)) from None
 
     @lru_cache(maxsize=4096)
-    def thumbnail(path: Path, size: int, mtime_ns: int) -> bytes:
+    def thumbnail(path: Path, file_size: int, mtime_ns: int) -> bytes:
+        """A photo's thumbnail, cached by path, file size and modification time."""
         image = open_photo(path, THUMB_SIZE)
         image.thumbnail((THUMB_SIZE, THUMB_SIZE))
         out = io.BytesIO()
@@ -237,10 +238,10 @@ def add_image_routes(app: Any, photos: Any) -> None:
     @app.get("/thumbs/{photo_id}")
     def thumb(photo_id: int) -> Response:
         path = served_file(photo_id)
-        stat = path.stat()
         try:
+            stat = path.stat()
             data = thumbnail(path, stat.st_size, stat.st_mtime_ns)
-        except UnreadablePhoto:
+        except (OSError, UnreadablePhoto):  # deleted or damaged since it was indexed
             raise HTTPException(404, f"photo {photo_id} can no longer be read; rescan") from None
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
 
@@ -287,12 +288,16 @@ def check_args(args: Any) -> None:
         raise CoderError(f"--backbone {args.backbone}: unknown (choose from: {', '.join(sorted(BACKBONES))})")
     if args.cache_dir:
         check_writable_dir(args.cache_dir, "--cache_dir")
+    if args.captions:
+        from photo_index import read_caption_file
+
+        read_caption_file(Path(args.captions))  # a bad caption file is refused before the photos are indexed
     try:
         family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
         with socket.socket(family) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             probe.bind((args.host, args.port))
-    except (OSError, OverflowError) as err:
+    except OSError as err:
         raise CoderError(f"--host {args.host} --port {args.port}: cannot listen there ({err.strerror or err})") from None
 
 

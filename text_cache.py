@@ -167,7 +167,10 @@ def frozen_text_states(encoder: torch.nn.Module, token_ids: Sequence[Sequence[in
         raise CoderError(f"{err}; --text_state_cache may name another folder, or off") from None
     finally:
         encoder.train(was_training)
-    return TokenStates(_load(path, int(offsets[-1]), hidden), offsets)
+    states = _load(path, int(offsets[-1]), hidden)
+    if states is None:  # written a moment ago: only another process could have damaged it
+        raise CoderError(f"{path}: the text states just written cannot be read back; is another run writing there?")
+    return TokenStates(states, offsets)
 
 
 def _check_space(folder: Path, nbytes: int) -> None:

@@ -364,6 +364,14 @@ class TrainingRun:
     def _set_up(self, resume_state: dict[str, Any] | None) -> None:
         config = self.config
         self.data = load_data(config, resume_state)
+        local_batch = config["batch_size"] // self.world.world_size
+        split = self.data["train"]
+        self.steps_per_epoch = split.num_captions // self.world.world_size // local_batch
+        if self.steps_per_epoch == 0:
+            raise CoderError(f"{split.captions_path}: {split.num_captions} training captions do not fill one "
+                             f"batch of {config['batch_size']}; lower --batch_size")
+        if resume_state is not None:
+            self._check_resumable(resume_state)  # before the model, the text-state cache and the loader
         self.model = self._build_model(resume_state is None)
         self.optimizer = torch.optim.AdamW(self.model.param_groups(config["lr"], config["weight_decay"],
                                                                    config["bert_lr_scale"]))
@@ -427,10 +435,6 @@ class TrainingRun:
         self.sampler = ResumableSampler(len(self.train_set), world.world_size, world.rank, config["seed"], local_batch)
         self.loader = make_train_loader(self.train_set, self.sampler, config, tokenizer.pad_id,
                                         pin_memory=self.device.type == "cuda")
-        self.steps_per_epoch = len(self.train_set) // world.world_size // local_batch
-        if self.steps_per_epoch == 0:
-            raise CoderError(f"{split.captions_path}: {len(self.train_set)} training captions do not fill one "
-                             f"batch of {config['batch_size']}; lower --batch_size")
 
     def _check_resumable(self, state: dict[str, Any]) -> None:
         """A checkpoint continues only on the data it was trained on (which may have moved);
@@ -449,13 +453,14 @@ class TrainingRun:
                           f"{self.config['data_path']} (same content)")
         if state["step_in_epoch"] > self.steps_per_epoch:
             raise CoderError(f"{resume}: written at step {state['step_in_epoch']} of an epoch, but an epoch of "
-                             f"{where} has {self.steps_per_epoch} steps; resume with the run's own data")
+                             f"{where} has {self.steps_per_epoch} steps at batch {self.config['batch_size']} over "
+                             f"{self.world.world_size} process(es); resume with the run's own data, batch size "
+                             f"and process count")
         saved_dir = saved_config.get("run_dir")
         if saved_dir and self.run_dir is not None and Path(saved_dir).resolve() != self.run_dir.resolve():
             self.log.line(f"note: the run folder moved from {saved_dir}; the run continues in {self.run_dir}")
 
     def _restore(self, state: dict[str, Any]) -> None:
-        self._check_resumable(state)
         load_state_strict(self.model, state["model"], self.config["resume"], self.log.line)
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scaler.is_enabled() and state["scaler"]:  # empty when saved without fp16
@@ -565,7 +570,7 @@ class TrainingRun:
                    disable=not (world.is_main and progress_bars(config["progress"])))
         self.window = (time.perf_counter(), 0)
         for batch in bar:
-            inputs_problem = _non_finite_inputs(batch, self.data["train"], self.global_step + 1)
+            inputs_problem = _non_finite_inputs(batch, self.global_step + 1)
             if inputs_problem:  # checked on the host's copy: no wait for the device
                 raise CoderError(inputs_problem)
             batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
@@ -643,15 +648,15 @@ class TrainingRun:
                 f"python {script} --resume {path}")
 
 
-def _non_finite_inputs(batch: dict[str, torch.Tensor], split: Any, step: int) -> str | None:
-    """What is wrong with a batch whose features hold NaN or inf (None if nothing is)."""
-    for key in ("images", "text_states"):
-        if key in batch and not torch.isfinite(batch[key]).all():
-            where = batch["image_ids"][~torch.isfinite(batch[key]).flatten(1).all(1)].unique().tolist()
-            source = split.images_path if key == "images" else "the text state cache (text_state_cache)"
-            return (f"{source}: non-finite values (NaN or inf) in the features of image(s) {where[:5]} "
-                    f"at step {step}; fix or re-extract the features")
-    return None
+def _non_finite_inputs(batch: dict[str, torch.Tensor], step: int) -> str | None:
+    """What is wrong with a batch whose cached text states hold NaN or inf (None if nothing is).
+    The image features are checked as they are read (data.PrecompSplit)."""
+    states = batch.get("text_states")
+    if states is None or torch.isfinite(states).all():
+        return None
+    where = batch["image_ids"][~torch.isfinite(states).flatten(1).all(1)].unique().tolist()
+    return (f"the text state cache (text_state_cache): non-finite values (NaN or inf) in the states of the "
+            f"captions of image(s) {where[:5]} at step {step}; delete the cache file to recompute it")
 
 
 def device_memory(device: torch.device) -> tuple[int, str]:

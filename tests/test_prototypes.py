@@ -64,7 +64,7 @@ def test_queue_kernel_updates_equal_a_full_recomputation(filled):
     kernel.write_slots(torch.tensor([1]), image, text, prototypes)
     prototypes[2] = unit(8, seed=6)  # a prototype moved
     moved = torch.tensor([False, False, True, False])
-    kernel.write_columns(moved, image[:filled], text[:filled], prototypes)
+    kernel.write_columns(moved, image[:filled], text[:filled], prototypes, at_most=2)  # one unmoved column too
     image_rows, text_rows = kernel.blocks(filled)
     assert torch.allclose(image_rows, direct(image[:filled], prototypes), rtol=1e-5)
     assert torch.allclose(text_rows, direct(text[:filled], prototypes), rtol=1e-5)

@@ -105,7 +105,7 @@ def test_starting_an_epoch_leaves_the_global_rng_alone():
     assert len(batches) == 3 and batches[0]["tokens"].shape == (4, 3)
 
 
-READS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__")
+READS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero")
 PROJECT = str(Path(__file__).resolve().parent.parent)
 
 
