@@ -188,6 +188,25 @@ class GRUTextEncoder(nn.Module):
         self.gru = nn.GRU(word_dim, embed_dim, batch_first=True, bidirectional=True)
         self.pool = make_pooling(pooling, embed_dim, batch_norm=False)
 
+    @torch.no_grad()
+    def init_embedding(self, vocab_words: list[str], source: str) -> float:
+        """Copy the word vectors of `source` (see `load_word_vectors`) into the embedding.
+
+        `vocab_words` are the vocabulary in id order; <pad> (id 0) stays zero and words without
+        a vector keep their random initialisation. Returns the coverage: the fraction of
+        vocabulary words that got a vector.
+        """
+        vocab_size, word_dim = self.embed.weight.shape
+        if len(vocab_words) != vocab_size:
+            raise CoderError(f"{len(vocab_words)} vocabulary words but vocab_size={vocab_size}")
+        vectors, found = load_word_vectors(vocab_words, source)
+        if vectors.shape[1] != word_dim:
+            raise CoderError(f"{source}: {vectors.shape[1]}-d word vectors but word_dim={word_dim}; "
+                             f"set word_dim={vectors.shape[1]}")
+        found[0] = False  # <pad>
+        self.embed.weight[torch.from_numpy(found)] = torch.from_numpy(vectors[found]).to(self.embed.weight)
+        return float(found.sum()) / len(vocab_words)
+
     def forward(self, tokens: Tensor, lengths: Tensor, attention_mask: Tensor,
                 text_states: Tensor | None = None) -> Tensor:
         if text_states is not None:

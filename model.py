@@ -21,7 +21,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch import Tensor
 
-from encoders import BertTextEncoder, ConceptGCN, ConceptQuery, GRUTextEncoder, ImageEncoder, l2norm, load_word_vectors
+from encoders import BertTextEncoder, ConceptGCN, ConceptQuery, GRUTextEncoder, ImageEncoder, l2norm
 from loss import (concept_kl_loss, dcl_loss, loss_terms, pseudo_label_diagnostics, pseudo_label_loss, sinkhorn_kernel,
                   sinkhorn_knopp, total_loss, triplet_loss)
 from options import check_values
@@ -167,6 +167,40 @@ def _mean_pairwise_cosine(x: Tensor) -> Tensor:
         return ((total @ total - (x * x).sum()) / max(n * (n - 1), 1)).detach()
 
 
+def local_rows(batch_size: int, device: torch.device, rank: int) -> Tensor:
+    """Where process `rank`'s batch sits in the gathered keys (rank-major, equal sizes)."""
+    return rank * batch_size + torch.arange(batch_size, device=device)
+
+
+def symmetric_dcl(img: Tensor, cap: Tensor, image_keys: Tensor, text_keys: Tensor, key_ids: Tensor,
+                  image_queue: Tensor | None, text_queue: Tensor | None, queue_ids: Tensor, image_ids: Tensor,
+                  tau: float, beta: float, rank: int) -> Tensor:
+    """L_DCL = mean of image→text and text→image: process `rank`'s queries against the gathered
+    keys (`key_ids` their image ids) and the queue entries (None: no queue)."""
+    rows = local_rows(img.shape[0], img.device, rank)
+    empty = img.new_zeros(0, img.shape[1])
+    i2t = dcl_loss(img, text_keys, empty if text_queue is None else text_queue, image_ids, queue_ids, tau, beta,
+                   k_ids=key_ids, pos_index=rows)
+    t2i = dcl_loss(cap, image_keys, empty if image_queue is None else image_queue, image_ids, queue_ids, tau, beta,
+                   k_ids=key_ids, pos_index=rows)
+    return (i2t + t2i) / 2
+
+
+def fused_dcl(img: Tensor, img_c: Tensor, cap: Tensor, cap_c: Tensor, keys: Mapping[str, Tensor],
+              queues: Mapping[str, Tensor], mu: float, fusion: str, queue_ids: Tensor, image_ids: Tensor,
+              tau: float, beta: float, rank: int) -> Tensor:
+    """`symmetric_dcl` on the inference similarity S (CVSE trains its fused embedding so):
+    queries, keys and queue entries (by name, as the model's) are their `fuse`d vectors."""
+    image_queue = text_queue = None
+    if "image" in queues:
+        image_queue = fuse(queues["image"], queues["image_concept"], mu, fusion)
+        text_queue = fuse(queues["text"], queues["text_concept"], mu, fusion)
+    return symmetric_dcl(fuse(img, img_c, mu, fusion), fuse(cap, cap_c, mu, fusion),
+                         fuse(keys["image"], keys["image_concept"], mu, fusion),
+                         fuse(keys["text"], keys["text_concept"], mu, fusion), keys["ids"], image_queue, text_queue,
+                         queue_ids, image_ids, tau, beta, rank)
+
+
 # State-dict keys of checkpoints written before the queues and prototypes had their modules.
 RENAMED_KEYS = {"image_queue": "queues.image", "text_queue": "queues.text",
                 "image_concept_queue": "queues.image_concept", "text_concept_queue": "queues.text_concept",
@@ -292,29 +326,15 @@ class CODER(nn.Module):
 
     @torch.no_grad()
     def init_word_embeddings(self, vocab_words: list[str]) -> float:
-        """Initialise the bigru word embedding (and its momentum copy) from cfg.word_vectors.
-
-        Call once on a fresh model before training (a checkpoint holds the trained embedding).
-        `vocab_words` are the vocabulary in id order; <pad> (id 0) stays zero and words without
-        a vector keep their random initialisation. Returns the coverage: the fraction of
-        vocabulary words that got a vector.
-        """
-        cfg = self.cfg
-        if cfg.text_encoder != "bigru" or not cfg.word_vectors:
+        """Initialise the bigru word embedding from cfg.word_vectors (`GRUTextEncoder.init_embedding`)
+        and copy it into the momentum text encoder. Call once on a fresh model before training (a
+        checkpoint holds the trained embedding). Returns the vocabulary's coverage."""
+        if self.cfg.text_encoder != "bigru" or not self.cfg.word_vectors:
             raise CoderError("init_word_embeddings needs text_encoder='bigru' and a word_vectors source")
-        if len(vocab_words) != cfg.vocab_size:
-            raise CoderError(f"{len(vocab_words)} vocabulary words but vocab_size={cfg.vocab_size}")
-        vectors, found = load_word_vectors(vocab_words, cfg.word_vectors)
-        if vectors.shape[1] != cfg.word_dim:
-            raise CoderError(
-                f"{cfg.word_vectors}: {vectors.shape[1]}-d word vectors but word_dim={cfg.word_dim}; "
-                f"set word_dim={vectors.shape[1]}"
-            )
-        found[0] = False  # <pad>
-        rows, values = torch.from_numpy(found), torch.from_numpy(vectors[found])
-        for encoder in [self.text_encoder, self.momentum["text_encoder"]] if self.momentum else [self.text_encoder]:
-            encoder.embed.weight[rows] = values.to(encoder.embed.weight)
-        return float(found.sum()) / len(vocab_words)
+        coverage = self.text_encoder.init_embedding(vocab_words, self.cfg.word_vectors)
+        if "text_encoder" in self.momentum:
+            self.momentum["text_encoder"].embed.weight.copy_(self.text_encoder.embed.weight)
+        return coverage
 
     def set_text_backbone_frozen(self, frozen: bool) -> None:
         """Freeze (or release) BERT's weights, e.g. for the first epochs (spec §6); the linear
@@ -348,16 +368,9 @@ class CODER(nn.Module):
         alpha = modules["image_query"](instance, concepts)
         return instance, self._descriptor(alpha, concepts), alpha
 
-    def _embed_captions(
-        self,
-        tokens: Tensor,
-        lengths: Tensor,
-        attention_mask: Tensor | None,
-        concept_labels: Tensor | None,
-        concepts: Tensor | None,
-        momentum: bool = False,
-        text_states: Tensor | None = None,
-    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    def _embed_captions(self, tokens: Tensor, lengths: Tensor, attention_mask: Tensor | None,
+                        concept_labels: Tensor | None, concepts: Tensor | None, momentum: bool = False,
+                        text_states: Tensor | None = None) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """(instance, concept descriptor, concept scores: the query's mixed with the caption's
         own labels); the last two None without concepts."""
         modules = self._modules_of(momentum)
@@ -388,14 +401,8 @@ class CODER(nn.Module):
         concepts = self._concepts() if self.cfg.concept_branch else None
         return self._embed_captions(tokens, lengths, attention_mask, concept_labels, concepts)[:2]
 
-    def similarity(
-        self,
-        img_inst: Tensor,
-        img_con: Tensor | None,
-        cap_inst: Tensor,
-        cap_con: Tensor | None,
-        mu: float | None = None,
-    ) -> Tensor:
+    def similarity(self, img_inst: Tensor, img_con: Tensor | None, cap_inst: Tensor, cap_con: Tensor | None,
+                   mu: float | None = None) -> Tensor:
         """`fused_similarity` (N_img, N_cap) with μ defaulting to cfg.mu, by cfg.fusion."""
         return fused_similarity(img_inst, img_con, cap_inst, cap_con, self.cfg.mu if mu is None else mu,
                                 self.cfg.fusion)
@@ -478,11 +485,14 @@ class CODER(nn.Module):
         else:
             queues = {name: self.queues.entries(name) for name in self.queues.names}
             queue_ids = self.queues.filled_ids()
-            instance = self._dcl(img, cap, "image", "text", keys, queues, queue_ids, image_ids)
+            dcl = dict(queue_ids=queue_ids, image_ids=image_ids, tau=cfg.tau, beta=cfg.beta, rank=_rank_and_world()[0])
+            instance = symmetric_dcl(img, cap, keys["image"], keys["text"], keys["ids"], queues.get("image"),
+                                     queues.get("text"), **dcl)
             if img_c is not None:
-                concept = self._dcl(img_c, cap_c, "image_concept", "text_concept", keys, queues, queue_ids, image_ids)
+                concept = symmetric_dcl(img_c, cap_c, keys["image_concept"], keys["text_concept"], keys["ids"],
+                                        queues.get("image_concept"), queues.get("text_concept"), **dcl)
             if img_c is not None and cfg.lambda_fused > 0:
-                fused = self._fused_dcl(img, img_c, cap, cap_c, keys, queues, queue_ids, image_ids)
+                fused = fused_dcl(img, img_c, cap, cap_c, keys, queues, cfg.mu, cfg.fusion, **dcl)
         diagnostics = {}
         if img_c is not None:
             diagnostics = {"diag_concept_cos_image": _mean_pairwise_cosine(img_c),
@@ -566,36 +576,6 @@ class CODER(nn.Module):
         gathered["ids"] = gather_from_all(batch["image_ids"])
         return gathered
 
-    def _local_rows(self, batch_size: int, device: torch.device) -> Tensor:
-        """Where this process's batch sits in the gathered keys (rank-major, equal sizes)."""
-        rank, _ = _rank_and_world()
-        return rank * batch_size + torch.arange(batch_size, device=device)
-
-    def _dcl(self, img: Tensor, cap: Tensor, image_key: str, text_key: str, keys: Mapping[str, Tensor],
-             queues: Mapping[str, Tensor], queue_ids: Tensor, image_ids: Tensor) -> Tensor:
-        """L_DCL = mean of image→text and text→image, local queries against gathered keys."""
-        cfg = self.cfg
-        rows = self._local_rows(img.shape[0], img.device)
-        empty = img.new_zeros(0, img.shape[1])
-        i2t = dcl_loss(img, keys[text_key], queues.get(text_key, empty), image_ids, queue_ids, cfg.tau, cfg.beta,
-                       k_ids=keys["ids"], pos_index=rows)
-        t2i = dcl_loss(cap, keys[image_key], queues.get(image_key, empty), image_ids, queue_ids, cfg.tau, cfg.beta,
-                       k_ids=keys["ids"], pos_index=rows)
-        return (i2t + t2i) / 2
-
-    def _fused_dcl(self, img: Tensor, img_c: Tensor, cap: Tensor, cap_c: Tensor, keys: Mapping[str, Tensor],
-                   queues: Mapping[str, Tensor], queue_ids: Tensor, image_ids: Tensor) -> Tensor:
-        """DCL on the inference similarity S (CVSE trains its fused embedding so): queries, keys
-        and queue entries are their `fuse`d vectors."""
-        fused_keys = {"image": self.fuse(keys["image"], keys["image_concept"]),
-                      "text": self.fuse(keys["text"], keys["text_concept"]), "ids": keys["ids"]}
-        fused_queues = {}
-        if "image" in queues:
-            fused_queues = {"image": self.fuse(queues["image"], queues["image_concept"]),
-                            "text": self.fuse(queues["text"], queues["text_concept"])}
-        return self._dcl(self.fuse(img, img_c), self.fuse(cap, cap_c), "image", "text", fused_keys, fused_queues,
-                         queue_ids, image_ids)
-
     @torch.no_grad()
     def _pseudo_labels(self, keys: Mapping[str, Tensor], local_size: int) -> tuple[Tensor, Tensor, Tensor]:
         """Sinkhorn codes of the gathered momentum instance embeddings (with the instance queues'
@@ -611,7 +591,7 @@ class CODER(nn.Module):
                        for name in ("image", "text")]
         codes = sinkhorn_knopp(kernel, self.cfg.sinkhorn_iterations, num_rows=embeddings.shape[0])
         batch = keys["image"].shape[0]
-        rows = self._local_rows(local_size, embeddings.device)
+        rows = local_rows(local_size, embeddings.device, _rank_and_world()[0])
         return (codes[rows] + codes[batch + rows]) / 2, codes, embeddings
 
     @torch.no_grad()
@@ -624,46 +604,50 @@ class CODER(nn.Module):
         if key_params:
             torch._foreach_lerp_(key_params, params, 1 - self.cfg.momentum)  # = m·θ_k + (1−m)·θ_q
 
-    # -- optimizer -----------------------------------------------------------------------------
-
-    def param_groups(self, lr: float, weight_decay: float, bert_lr_scale: float = 0.1) -> list[dict[str, Any]]:
-        """AdamW groups of the online parameters: "main" at lr and, with the bert text encoder,
-        "bert" at lr·bert_lr_scale (frozen BERT weights included: they simply get no gradient).
-        Momentum copies are never included."""
-        main, bert = [], []
-        for name, p in self.named_parameters():
-            if name.startswith("momentum."):
-                continue
-            (bert if name.startswith("text_encoder.bert.") else main).append(p)
-        groups = [{"name": "main", "params": main, "lr": lr, "weight_decay": weight_decay}]
-        if bert:
-            groups.append({"name": "bert", "params": bert, "lr": lr * bert_lr_scale, "weight_decay": weight_decay})
-        return groups
-
-    def parameter_branches(self) -> dict[str, list[nn.Parameter]]:
-        """The online parameters by branch: "instance" (the two encoders), "concept" (GCN and
-        queries) and, when learned, "prototypes" (see grad_clip_scope in trainer.clip_gradients)."""
-        branches: dict[str, list[nn.Parameter]] = {"instance": [], "concept": [], "prototypes": []}
-        for name, p in self.named_parameters():
-            if name.startswith("momentum."):
-                continue
-            if name.startswith(("image_encoder.", "text_encoder.")):
-                branches["instance"].append(p)
-            elif name.startswith("prototypes."):
-                branches["prototypes"].append(p)
-            else:
-                branches["concept"].append(p)
-        return {k: v for k, v in branches.items() if v}
-
     # -- checkpoints of earlier layouts --------------------------------------------------------
 
     def upgrade_state_dict(self, state: Mapping[str, Tensor], note: Callable[[str], None]) -> dict[str, Tensor]:
         """A state dict of an earlier layout in this one (see `upgrade_state_dict`)."""
         return upgrade_state_dict(state, self.state_dict(), self.cfg.sinkhorn_epsilon, note)
 
-    def parameter_counts(self) -> dict[str, int]:
-        """Trainable (online) and momentum parameter counts, for logs and the benchmark."""
-        return {
-            "trainable": sum(p.numel() for p in self.parameters() if p.requires_grad),
-            "momentum": sum(p.numel() for p in self.momentum.parameters()),
-        }
+
+# -- optimizer-facing views of a model --------------------------------------------------------
+
+
+def _online_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """The named parameters without the momentum copies (they never get an optimizer)."""
+    return [(name, p) for name, p in model.named_parameters() if not name.startswith("momentum.")]
+
+
+def param_groups(model: CODER, lr: float, weight_decay: float, bert_lr_scale: float = 0.1) -> list[dict[str, Any]]:
+    """AdamW groups of the online parameters: "main" at lr and, with the bert text encoder,
+    "bert" at lr·bert_lr_scale (frozen BERT weights included: they simply get no gradient)."""
+    main, bert = [], []
+    for name, p in _online_parameters(model):
+        (bert if name.startswith("text_encoder.bert.") else main).append(p)
+    groups = [{"name": "main", "params": main, "lr": lr, "weight_decay": weight_decay}]
+    if bert:
+        groups.append({"name": "bert", "params": bert, "lr": lr * bert_lr_scale, "weight_decay": weight_decay})
+    return groups
+
+
+def parameter_branches(model: CODER) -> dict[str, list[nn.Parameter]]:
+    """The online parameters by branch: "instance" (the two encoders), "concept" (GCN and
+    queries) and, when learned, "prototypes" (see grad_clip_scope in trainer.clip_gradients)."""
+    branches: dict[str, list[nn.Parameter]] = {"instance": [], "concept": [], "prototypes": []}
+    for name, p in _online_parameters(model):
+        if name.startswith(("image_encoder.", "text_encoder.")):
+            branches["instance"].append(p)
+        elif name.startswith("prototypes."):
+            branches["prototypes"].append(p)
+        else:
+            branches["concept"].append(p)
+    return {k: v for k, v in branches.items() if v}
+
+
+def parameter_counts(model: CODER) -> dict[str, int]:
+    """Trainable (online) and momentum parameter counts, for logs and the benchmark."""
+    return {
+        "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "momentum": sum(p.numel() for p in model.momentum.parameters()),
+    }

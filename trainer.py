@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader
 from checkpoint import (build_model, check_checkpoint_contents, check_resume_contents, code_version,
                         concept_graph_state, load_checkpoint, load_state_strict, resumed_config, save_checkpoint)
 from distributed import Dist, ResumableSampler, check_replicas, ddp_buffer_kwargs
+from model import param_groups, parameter_branches
 from options import (CHOICES, DEMO_OVERRIDES, check_train_config, check_training_memory, check_writable_dir,
                      parse_overrides)
 from utils import CoderError, atomic_write
@@ -302,7 +303,7 @@ def clip_gradients(raw_model: torch.nn.Module, max_norm: float, scope: str = GRA
     Returns the norm of all gradients before clipping."""
     if scope == "global":
         return torch.nn.utils.clip_grad_norm_(raw_model.parameters(), max_norm)
-    norms = [torch.nn.utils.clip_grad_norm_(params, max_norm) for params in raw_model.parameter_branches().values()]
+    norms = [torch.nn.utils.clip_grad_norm_(params, max_norm) for params in parameter_branches(raw_model).values()]
     return torch.linalg.vector_norm(torch.stack(norms))
 
 
@@ -373,8 +374,8 @@ class TrainingRun:
         if resume_state is not None:
             self._check_resumable(resume_state)  # before the model, the text-state cache and the loader
         self.model = self._build_model(resume_state is None)
-        self.optimizer = torch.optim.AdamW(self.model.param_groups(config["lr"], config["weight_decay"],
-                                                                   config["bert_lr_scale"]))
+        self.optimizer = torch.optim.AdamW(param_groups(self.model, config["lr"], config["weight_decay"],
+                                                             config["bert_lr_scale"]))
         for group in self.optimizer.param_groups:
             group["base_lr"] = group["lr"]
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)

@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 import backbones  # noqa: E402
 import extract_features  # noqa: E402
 
-FLICKR8K = Path("/work/shared/data/flickr8k/images")
+FLICKR8K = ROOT.parent / "shared" / "data" / "flickr8k" / "images"  # the development setup's real photos
 
 
 class FullDecode(backbones.CenterCropNormalize):

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import distributed  # noqa: E402
 import trainer  # noqa: E402
 from encoders import l2norm  # noqa: E402
-from model import CODER, ModelConfig  # noqa: E402
+from model import CODER, ModelConfig, param_groups, parameter_counts  # noqa: E402
 
 SCALER = torch.amp.GradScaler("cpu", enabled=False)
 
@@ -112,7 +112,7 @@ def main() -> None:
         graph = (adjacency, vectors) if cfg.concept_branch else (None, None)
         models[name] = CODER(cfg, *graph, cache_queue_kernel=name != "coder_no_kernel_cache")
         fill_queues(models[name], gen)
-    optimizers = {name: torch.optim.AdamW(m.param_groups(2e-4, 1e-4)) for name, m in models.items()}
+    optimizers = {name: torch.optim.AdamW(param_groups(m, 2e-4, 1e-4)) for name, m in models.items()}
     batches = [random_batch(args.batch, args.regions, args.feature_dim, args.vocab, concepts, gen)
                for _ in range(2)]
     world = distributed.Dist("cpu")
@@ -126,7 +126,7 @@ def main() -> None:
           f"regions {args.regions}x{args.feature_dim}, vocab {args.vocab}, {args.steps} timed steps")
     baseline = statistics.median(times["triplet"])
     for name, model in models.items():
-        counts = model.parameter_counts()
+        counts = parameter_counts(model)
         median = statistics.median(times[name])
         print(f"{name:18s} step {median:.3f} s (median; min {min(times[name]):.3f}) = {median / baseline:.2f}x triplet"
               f" | params trainable {counts['trainable']:,} momentum {counts['momentum']:,}")

@@ -10,7 +10,7 @@ loaded (its weights resident, after one warm-up batch), as a share of the file. 
 up the cache) are counted. BERT-base (768 wide) doubles the file, and only the per-batch
 buffers of the growth. Target: peak RSS growth under 10% of the file. Linux only.
 
-    python bench/bench_text_states.py [--captions 566000] [--dir /tmp/text_states_bench] [--keep]
+    python bench/bench_text_states.py [--captions 566000] [--dir DIR] [--keep]
 """
 from __future__ import annotations
 

@@ -49,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import distributed  # noqa: E402
 import trainer  # noqa: E402
 from encoders import l2norm, make_pooling  # noqa: E402
-from model import CODER, ModelConfig  # noqa: E402
+from model import CODER, ModelConfig, param_groups, parameter_counts  # noqa: E402
 
 F30K_TRAIN_CAPTIONS = 145_000
 CONCEPTS, CONCEPT_WORD_DIM = 300, 300
@@ -212,7 +212,7 @@ def time_steps(model: CODER, amp_dtype: torch.dtype | None, batches: list[dict[s
         forward = torch.nn.parallel.DistributedDataParallel(model, **distributed.ddp_buffer_kwargs())
     if args.compile:
         trainer._compile_encoders(model)  # what --compile true does in training
-    optimizer = torch.optim.AdamW(model.param_groups(2e-4, 1e-4, 0.1))
+    optimizer = torch.optim.AdamW(param_groups(model, 2e-4, 1e-4, 0.1))
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     model.train()
     for i in range(args.warmup + args.steps):
@@ -375,7 +375,7 @@ def run_gpu(args: argparse.Namespace, env: dict[str, Any]) -> int:
                  f"measuring a BERT-sized torch.nn Transformer instead")
             text = fallback
             model = build_model(text["encoder"], text["path"], text["vocab"], args, device, text["sizes"])
-        counts = model.parameter_counts()
+        counts = parameter_counts(model)
         note(f"model built and moved to {device} in {time.perf_counter() - started:.1f} s: "
              f"{counts['trainable']:,} trainable parameters, {counts['momentum']:,} momentum")
     batches = random_batches(2, args.batch, args, text["vocab"], text["encoder"] != "bigru", 0, device)

@@ -104,7 +104,7 @@ def test_every_trainable_parameter_gets_a_gradient_and_momentum_none(name):
     missing = [n for n, p in online.items() if p.grad is None]
     assert not missing
     assert all(not p.requires_grad and p.grad is None for p in model.momentum.parameters())
-    grouped = [p for g in model.param_groups(1e-3, 1e-4) for p in g["params"]]
+    grouped = [p for g in M.param_groups(model, 1e-3, 1e-4) for p in g["params"]]
     assert len(grouped) == len(online) and {id(p) for p in grouped} == {id(p) for p in online.values()}
     if name == "triplet_baseline":
         assert len(model.momentum) == 0 and model.queues.names == [] and model.queues.fraction_filled() == 0.0
@@ -186,7 +186,7 @@ def test_forward_enqueues_keys_and_moves_prototypes_only_in_training():
 
 
 def _sgd_steps(model, seeds, lr=0.1):
-    optimizer = torch.optim.SGD(model.param_groups(lr, 0.0), lr=lr)
+    optimizer = torch.optim.SGD(M.param_groups(model, lr, 0.0), lr=lr)
     for seed in seeds:  # 8 keys per step, 4 new images each
         out = model(make_batch(seed=seed, first_image=4 * seed))
         optimizer.zero_grad(set_to_none=True)
@@ -391,7 +391,7 @@ def test_encode_and_similarity_with_mu():
 
 def test_word_vectors_from_glove_text_file(tmp_path):
     path = tmp_path / "vectors.txt"
-    path.write_text("3 4\ndog 1 2 3 4\ncat 5 6 7 8\nthe 0 0 1 0\n")
+    path.write_text("4 4\ndog 1 2 3 4\ncat 5 6 7 8\nthe 0 0 1 0\n<pad> 9 9 9 9\n")  # <pad> must stay zero
     model = build(small_config(concept_branch=False, vocab_size=5, word_dim=4, word_vectors=str(path)))
     coverage = model.init_word_embeddings(["<pad>", "dog", "Cat", "zebra", "the"])
     assert coverage == pytest.approx(3 / 5)
@@ -406,6 +406,15 @@ def test_word_vectors_from_glove_text_file(tmp_path):
     path.write_text("dog 1 2 3 4\ncat 5 6\n")
     with pytest.raises(CoderError, match=":2:"):
         E.load_word_vectors(["dog", "cat"], str(path))
+
+
+def test_learned_prototypes_are_a_branch_of_their_own():
+    """grad_clip_scope "branch" clips the learned prototypes apart from the concept branch."""
+    model = build(small_config(prototype_update="learned"))
+    branches = M.parameter_branches(model)
+    assert [id(p) for p in branches["prototypes"]] == [id(model.prototypes.weight)]
+    assert all(p is not model.prototypes.weight for p in branches["concept"] + branches["instance"])
+    assert "prototypes" not in M.parameter_branches(build(small_config()))
 
 
 def test_word_vectors_from_glove_package():
@@ -433,7 +442,7 @@ def test_bert_encoder_with_minilm_wheel():
     model(batch)["loss"].backward()
     online = [(n, p) for n, p in model.named_parameters() if not n.startswith("momentum.")]
     assert all(p.grad is not None for _, p in online)
-    groups = {g["name"]: g for g in model.param_groups(1e-3, 0.0)}
+    groups = {g["name"]: g for g in M.param_groups(model, 1e-3, 0.0)}
     assert groups["bert"]["lr"] == pytest.approx(1e-4) and groups["main"]["lr"] == 1e-3
     bert = {id(p) for n, p in online if n.startswith("text_encoder.bert.")}
     assert {id(p) for p in groups["bert"]["params"]} == bert
@@ -495,7 +504,7 @@ def test_training_steps_on_demo_data_lower_the_loss(tmp_path):
     batch, cfg, graph = demo_batch(tmp_path)
     torch.manual_seed(0)
     model = M.CODER(cfg, *graph)
-    optimizer = torch.optim.AdamW(model.param_groups(2e-3, 1e-4))
+    optimizer = torch.optim.AdamW(M.param_groups(model, 2e-3, 1e-4))
     losses, instance = [], []
     for _ in range(12):
         out = model(batch)
@@ -518,7 +527,7 @@ DDP_STEPS = 2
 def _train_steps(model, batches, ddp: bool) -> dict:
     """SGD steps; returns the losses, first-step gradients and the final state."""
     net = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if ddp else model
-    optimizer = torch.optim.SGD(model.param_groups(0.5, 0.0), lr=0.5)
+    optimizer = torch.optim.SGD(M.param_groups(model, 0.5, 0.0), lr=0.5)
     losses, grads = [], None
     for batch in batches:
         out = net(batch)

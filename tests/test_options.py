@@ -79,7 +79,8 @@ def test_fused_term_is_infonce_on_the_inference_similarity():
             "ids": torch.arange(b)}
     queues = {name: unit(2, d) for name in ("image", "image_concept", "text", "text_concept")}
     queue_ids = torch.tensor([0, 7])  # the first entry shares image 0: never its negative
-    got = model._fused_dcl(img, img_c, cap, cap_c, keys, queues, queue_ids, torch.arange(b))
+    got = M.fused_dcl(img, img_c, cap, cap_c, keys, queues, mu, model.cfg.fusion, queue_ids, torch.arange(b),
+                      tau, 0.0, rank=0)
 
     def fused(q, q_c, k, k_c):
         return (1 - mu) * q @ k.t() + mu * q_c @ k_c.t()
@@ -127,7 +128,7 @@ def test_prototypes_from_keys_wait_for_enough_keys_then_copy_them():
 def test_learned_prototypes_train_and_stay_unit_norm():
     model = build(small_config(prototype_update="learned")).train()
     assert isinstance(model.prototypes.weight, torch.nn.Parameter)
-    optimizer = torch.optim.SGD(model.param_groups(0.5, 0.0), lr=0.5)
+    optimizer = torch.optim.SGD(M.param_groups(model, 0.5, 0.0), lr=0.5)
     before = model.prototypes.weight.detach().clone()
     for seed in range(3):
         out = model(make_batch(seed=seed, first_image=4 * seed))
@@ -178,7 +179,7 @@ def test_branch_clipping_keeps_the_concept_branch_from_throttling_the_encoders()
     def gradients(scope):
         model = build(small_config(concept_query_input="detach"))
         model(make_batch())["loss"].backward()
-        for p in model.parameter_branches()["concept"]:
+        for p in M.parameter_branches(model)["concept"]:
             p.grad.mul_(1000.0)  # a concept branch whose gradients dwarf the encoders'
         before = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         total = math.sqrt(sum(float(g.pow(2).sum()) for g in before.values()))
@@ -187,7 +188,7 @@ def test_branch_clipping_keeps_the_concept_branch_from_throttling_the_encoders()
         return model, before
 
     model, before = gradients("branch")
-    branches = model.parameter_branches()
+    branches = M.parameter_branches(model)
     assert set(branches) == {"instance", "concept"}
     instance_norm = math.sqrt(sum(float(before[n].pow(2).sum()) for n, _ in model.named_parameters()
                                   if n.startswith(("image_encoder.", "text_encoder.")) and n in before))

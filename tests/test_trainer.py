@@ -10,6 +10,7 @@ import torch
 import options
 import distributed
 import trainer
+from model import param_groups
 from utils import CoderError
 
 DEFAULTS = {"lr": 2e-4, "epochs": 30, "loss": "dcl", "concept_branch": True, "resume": ""}
@@ -119,7 +120,7 @@ def test_a_training_step_reads_nothing_back_from_the_model(monkeypatch, override
     from test_model import build, make_batch, small_config
 
     model = build(small_config(**overrides)).train()
-    optimizer = torch.optim.AdamW(model.param_groups(1e-3, 1e-4))
+    optimizer = torch.optim.AdamW(param_groups(model, 1e-3, 1e-4))
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     world = distributed.Dist("cpu")
     batches = [make_batch(seed=seed, first_image=4 * seed) for seed in range(4)]
