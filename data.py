@@ -190,12 +190,18 @@ def data_fingerprint(split: PrecompSplit) -> dict[str, Any]:
 
 # --- Datasets ---------------------------------------------------------------------------------
 class _CaptionItems(Dataset):
-    """Shared text part of the per-caption datasets."""
+    """Shared text part of the per-caption datasets: tokens, concept labels and, given
+    `text_states`, the caption's precomputed frozen-BERT states (text_cache.py)."""
 
-    def __init__(self, split: PrecompSplit, tokenizer: TextTokenizer, concept_graph: ConceptGraph | None = None):
+    def __init__(self, split: PrecompSplit, tokenizer: TextTokenizer, concept_graph: ConceptGraph | None = None,
+                 text_states: Any = None):
+        if text_states is not None and len(text_states) != split.num_captions:
+            raise CoderError(f"{split.captions_path}: {len(text_states)} cached text states for {split.num_captions} "
+                             f"captions")
         self.split = split
         self.tokenizer = tokenizer
         self.concept_graph = concept_graph
+        self.text_states = text_states
 
     def __len__(self) -> int:
         return self.split.num_captions
@@ -212,30 +218,21 @@ class _CaptionItems(Dataset):
         if self.concept_graph is not None:
             # Concept labels come from the word tokens whatever the text encoder is.
             item["concept_labels"] = torch.from_numpy(self.concept_graph.multi_hot(tokenize(caption)))
-        return item
-
-
-class PairDataset(_CaptionItems):
-    """Training pairs: one item per caption, with its image's regions (and, given
-    `text_states`, the caption's precomputed frozen-BERT states, text_cache.py)."""
-
-    def __init__(self, split: PrecompSplit, tokenizer: TextTokenizer, concept_graph: ConceptGraph | None = None,
-                 text_states: Any = None):
-        super().__init__(split, tokenizer, concept_graph)
-        if text_states is not None and len(text_states) != split.num_captions:
-            raise CoderError(f"{split.captions_path}: {len(text_states)} cached text states for {split.num_captions} "
-                             f"captions")
-        self.text_states = text_states
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        item = self._text_item(index)
-        item["image"] = torch.from_numpy(self.split.read_image(item["image_id"]))
         if self.text_states is not None:
             states = np.array(self.text_states[index], dtype=np.float32)
             if states.shape[0] != len(item["tokens"]):
                 raise CoderError(f"caption {index} of split '{self.split.split}': {len(item['tokens'])} tokens "
                                  f"but {states.shape[0]} cached states (a stale text state cache?)")
             item["text_states"] = torch.from_numpy(states)
+        return item
+
+
+class PairDataset(_CaptionItems):
+    """Training pairs: one item per caption, with its image's regions."""
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        item = self._text_item(index)
+        item["image"] = torch.from_numpy(self.split.read_image(item["image_id"]))
         return item
 
 

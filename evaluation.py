@@ -254,6 +254,7 @@ def encode_split(
     batch_size: int = 128,
     num_workers: int = 0,
     progress: bool | None = None,
+    text_states: Any = None,
 ) -> Embeddings:
     """Embed every image once and every caption once with the model's online encoders.
 
@@ -261,14 +262,15 @@ def encode_split(
     `encode_captions(tokens, lengths, attention_mask, concept_labels)` returning
     (instance, concept or None). Runs in eval mode under no_grad and restores the model's
     training mode afterwards, so the training loop can call it for validation.
-    `progress=None` shows a bar only on a terminal.
+    `progress=None` shows a bar only on a terminal. `text_states` (text_cache.TokenStates of the
+    split's captions) gives the frozen BERT bottom's output, which the model then does not rerun.
     """
     import data  # imported here so this module works (and is testable) without the data stack
 
     device = torch.device(device)
     collate = functools.partial(data.collate, pad_id=tokenizer.pad_id)
     images = data.ImageDataset(split)
-    captions = data.CaptionDataset(split, tokenizer, concept_graph)
+    captions = data.CaptionDataset(split, tokenizer, concept_graph, text_states=text_states)
     if len(images) == 0:
         raise CoderError("cannot evaluate a split with no images")
     expected = getattr(getattr(model, "cfg", None), "image_dim", None)
@@ -287,11 +289,13 @@ def encode_split(
         return model.encode_images(on_device(batch, "images"))
 
     def encode_captions(batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+        cached = {} if text_states is None else {"text_states": on_device(batch, "text_states")}
         return model.encode_captions(
             on_device(batch, "tokens"),
             on_device(batch, "lengths"),
             on_device(batch, "attention_mask"),
             on_device(batch, "concept_labels"),
+            **cached,
         )
 
     was_training = getattr(model, "training", None)

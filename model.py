@@ -394,12 +394,15 @@ class CODER(nn.Module):
         return self._embed_images(images, concepts)[:2]
 
     def encode_captions(
-        self, tokens: Tensor, lengths: Tensor, attention_mask: Tensor | None, concept_labels: Tensor | None
+        self, tokens: Tensor, lengths: Tensor, attention_mask: Tensor | None, concept_labels: Tensor | None,
+        text_states: Tensor | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """Online (query) encoders: L2-normalised (instance (B,d), concept (B,d) or None).
-        A caption's concept attention uses its own labels only (never its image's other captions)."""
+        A caption's concept attention uses its own labels only (never its image's other captions).
+        `text_states`: the frozen BERT bottom's output for these tokens (text_cache.py)."""
         concepts = self._concepts() if self.cfg.concept_branch else None
-        return self._embed_captions(tokens, lengths, attention_mask, concept_labels, concepts)[:2]
+        return self._embed_captions(tokens, lengths, attention_mask, concept_labels, concepts,
+                                    text_states=text_states)[:2]
 
     def similarity(self, img_inst: Tensor, img_con: Tensor | None, cap_inst: Tensor, cap_con: Tensor | None,
                    mu: float | None = None) -> Tensor:

@@ -182,14 +182,17 @@ def load_data(config: dict[str, Any], resume_state: dict[str, Any] | None = None
 
 
 def _text_states(text_encoder: torch.nn.Module, split: Any, tokenizer: Any, config: dict[str, Any],
-                 world: Dist, log: "RunLog") -> Any:
-    """The training captions' frozen-BERT states (text_cache.py), or None where the run has no
-    frozen BERT layers or the cache is off. Rank 0 computes a missing cache; the others wait
-    and read it."""
+                 world: Dist, log: "RunLog", every_process: bool = True) -> Any:
+    """A split's frozen-BERT states (text_cache.py), or None where the run has no frozen BERT
+    layers or the cache is off. Rank 0 computes a missing cache; with `every_process` the others
+    wait and read it (the training split), otherwise they get None (the validation split, which
+    only rank 0 encodes)."""
     import text_cache
 
     folder = text_cache.cache_dir(config["text_state_cache"], config["data_path"])
     if config["text_encoder"] != "bert" or config["bert_frozen_layers"] == 0 or folder is None:
+        return None
+    if not (world.is_main or every_process):
         return None
     start = time.perf_counter()
     token_ids = [tokenizer.encode(caption) for caption in split.captions]
@@ -200,21 +203,24 @@ def _text_states(text_encoder: torch.nn.Module, split: Any, tokenizer: Any, conf
                                              progress=config["progress"] and world.is_main)
 
     states = compute() if world.is_main else None
-    if world.world_size > 1:
+    if world.world_size > 1 and every_process:
         dist.barrier()
         states = states if world.is_main else compute()
-    log.line(f"frozen BERT states of {len(token_ids)} training captions ({config['bert_frozen_layers']} layers) "
-             f"from {folder} in {time.perf_counter() - start:.0f} s")
+    log.line(f"frozen BERT states of {len(token_ids)} captions of split '{split.split}' "
+             f"({config['bert_frozen_layers']} layers) from {folder} in {time.perf_counter() - start:.0f} s")
     return states
 
 
 def validate(model: torch.nn.Module, split: Any, tokenizer: Any, graph: Any, config: dict[str, Any],
-             device: torch.device, protocol: str = "f30k") -> dict[str, Any]:
-    """Retrieval metrics of the current query encoders on a split (mu from the config)."""
+             device: torch.device, protocol: str = "f30k", text_states: Any = None) -> dict[str, Any]:
+    """Retrieval metrics of the current query encoders on a split (mu from the config); with
+    `text_states` the frozen BERT bottom is read from them instead of run again."""
     import evaluation
 
-    return evaluation.evaluate(model, split, tokenizer, graph, device, config["mu"], protocol=protocol,
-                               batch_size=config["eval_batch_size"], num_workers=config["workers"])
+    embeddings = evaluation.encode_split(model, split, tokenizer, graph, device, batch_size=config["eval_batch_size"],
+                                         num_workers=config["workers"], text_states=text_states)
+    sims = evaluation.ensemble_similarity([embeddings], config["mu"], device)
+    return evaluation.protocol_metrics(sims, protocol, embeddings.captions_per_image)
 
 
 def run(defaults: dict[str, Any], argv: list[str], dataset: str) -> dict[str, Any]:
@@ -433,6 +439,8 @@ class TrainingRun:
         tokenizer, graph, split = self.data["tokenizer"], self.data["graph"], self.data["train"]
         text_states = _text_states(self.model.text_encoder, split, tokenizer, config, world, self.log)
         self.train_set = PairDataset(split, tokenizer, graph, text_states=text_states)
+        self.val_text_states = _text_states(self.model.text_encoder, self.data["val"], tokenizer, config, world,
+                                            self.log, every_process=False)
         self.sampler = ResumableSampler(len(self.train_set), world.world_size, world.rank, config["seed"], local_batch)
         self.loader = make_train_loader(self.train_set, self.sampler, config, tokenizer.pad_id,
                                         pin_memory=self.device.type == "cuda")
@@ -537,7 +545,7 @@ class TrainingRun:
         rsum = None
         if self.world.is_main:
             metrics = validate(self.model, self.data["val"], self.data["tokenizer"], self.data["graph"], self.config,
-                               self.device)
+                               self.device, text_states=self.val_text_states)
             self.log.scalars({f"val/{k}": v for k, v in metrics.items()}, self.global_step)
             self.log.line(f"validation at step {self.global_step}: "
                           + " ".join(f"{k}={v:.2f}" for k, v in metrics.items()))

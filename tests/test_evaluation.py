@@ -360,7 +360,7 @@ def fake_data_module() -> types.ModuleType:
             return {"image": torch.from_numpy(np.array(self.split.images[i])), "image_id": i}
 
     class CaptionDataset(torch.utils.data.Dataset):
-        def __init__(self, split, tokenizer, graph):
+        def __init__(self, split, tokenizer, graph, text_states=None):
             self.split, self.tokenizer, self.graph = split, tokenizer, graph
 
         def __len__(self):

@@ -183,3 +183,64 @@ def test_gru_and_unfrozen_bert_refuse_precomputed_states(tiny_bert):
         gru(tokens, LENGTHS, mask, text_states=torch.zeros(9, 12, TINY_BERT_HIDDEN))
     with pytest.raises(CoderError, match="needs text_encoder='bert'"):
         M.CODER(M.ModelConfig(embed_dim=8, vocab_size=10, bert_frozen_layers=2, concept_branch=False))
+
+
+def test_validation_reads_the_bottom_from_the_dev_states(tiny_bert, tmp_path, monkeypatch):
+    """trainer.validate given the dev captions' cached states: the caption embeddings of running
+    BERT whole (1e-5) and the same metrics, without running the bottom once."""
+    import trainer
+    from demo_data import make_demo_dataset
+
+    paths = make_demo_dataset(tmp_path / "demo", seed=0, num_train=4, num_dev=6, num_test=2, regions=3, dim=8)
+    split = data.load_split(paths["data_path"], "dev")
+    tokenizer = vocab.BertTokenizer(tiny_bert)
+    torch.manual_seed(0)
+    model = M.CODER(M.ModelConfig(embed_dim=16, image_dim=8, text_encoder="bert", bert_path=tiny_bert,
+                                  bert_frozen_layers=2, bert_length_groups=2, queue_size=0, concept_branch=False))
+    states = text_cache.frozen_text_states(model.text_encoder, [tokenizer.encode(c) for c in split.captions],
+                                           tmp_path / "cache")
+    config = {"eval_batch_size": 7, "workers": 0, "mu": 0.15}
+    whole = evaluation_of(model, split, tokenizer, None)
+    want = trainer.validate(model, split, tokenizer, None, config, torch.device("cpu"))
+    calls = []
+    monkeypatch.setattr(model.text_encoder, "bottom_states", lambda *args: calls.append(args))
+    cached = evaluation_of(model, split, tokenizer, states)
+    got = trainer.validate(model, split, tokenizer, None, config, torch.device("cpu"), text_states=states)
+    assert not calls
+    torch.testing.assert_close(cached.caption_instance, whole.caption_instance, atol=1e-5, rtol=0)
+    assert torch.equal(cached.image_instance, whole.image_instance)
+    assert got == pytest.approx(want, abs=1e-9)
+
+
+def evaluation_of(model, split, tokenizer, states):
+    import evaluation
+
+    return evaluation.encode_split(model, split, tokenizer, None, "cpu", batch_size=7, progress=False,
+                                   text_states=states)
+
+
+def test_a_training_run_validates_on_the_cached_dev_states(tiny_bert, tmp_path):
+    """train_f30k.py with frozen layers: the train and dev captions' states are cached, and the
+    logged validation is what the whole BERT of best.pt scores on dev."""
+    import re
+
+    import evaluation
+    from checkpoint import load_for_inference
+    from conftest import TINY_TRAIN_ARGS, run_script, tiny_demo_args
+    from test_evaluation import naive_metrics
+
+    demo = tiny_demo_args(tmp_path / "demo", seed=1, num_train=24, num_eval=10)
+    run_dir = tmp_path / "run"
+    run_script("train_f30k.py", *demo, *TINY_TRAIN_ARGS, "--text_encoder", "bert", "--bert_path", tiny_bert,
+               "--bert_frozen_layers", "2", "--text_state_cache", str(tmp_path / "states"), "--epochs", "1",
+               "--batch_size", "16", "--warmup_epochs", "0", "--queue_size", "32", "--run_dir", str(run_dir))
+    log = (run_dir / "train.log").read_text()
+    for split, count in (("train", 24 * 5), ("dev", 10 * 5)):
+        assert f"frozen BERT states of {count} captions of split '{split}' (2 layers)" in log
+    assert len(list((tmp_path / "states").glob("*.states.npy"))) == 2
+    logged = dict(kv.split("=") for kv in re.search(r"validation at step \d+: (.*)", log).group(1).split())
+    model, tokenizer, graph, config = load_for_inference(run_dir / "best.pt")
+    dev = data.load_split(demo[1], "dev")
+    emb = evaluation.encode_split(model, dev, tokenizer, graph, "cpu")
+    whole = naive_metrics(evaluation.ensemble_similarity([emb], config["mu"]).double().numpy(), 5)
+    assert {k: float(v) for k, v in logged.items()} == pytest.approx(whole, abs=0.006)

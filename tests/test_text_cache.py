@@ -184,7 +184,8 @@ def test_a_training_run_keeps_the_states_in_its_data_folder(bert_dir, tmp_path):
     from distributed import Dist
 
     tokenizer = vocab.Vocabulary.from_words(["a", "dog", "runs", "on", "grass", "red", "ball"])
-    split = types.SimpleNamespace(captions=["a dog runs", "a red ball on grass", "dog", "grass grass a dog runs"])
+    split = types.SimpleNamespace(split="train",
+                                  captions=["a dog runs", "a red ball on grass", "dog", "grass grass a dog runs"])
     config = {"text_encoder": "bert", "bert_frozen_layers": 1, "text_state_cache": "auto", "data_path": str(tmp_path),
               "eval_batch_size": 2, "progress": False}
     enc, world = encoder(bert_dir), Dist("cpu")
