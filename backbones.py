@@ -12,7 +12,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
 from utils import CoderError
@@ -24,6 +24,9 @@ from utils import CoderError
 # refuses from 179 MP on (and warns from 89 MP on).
 MAX_PHOTO_PIXELS = 100_000_000
 
+# How `open_photo` decodes, part of every backbone's fingerprint: features (and a search index)
+# made by an older decoder are never mixed with these.
+DECODING = "jpeg-draft-scale|exif-orientation"
 # What PIL raises on a file that is not a readable image (truncated, junk, unsupported mode).
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError)
 
@@ -52,7 +55,9 @@ def open_photo(source: Path | str | bytes, target_side: int, max_pixels: int = M
     (PhotoTooLarge), and a JPEG is decoded at the smallest of its 1/8, 1/4, 1/2 or full
     scales that still covers `target_side` (`Image.draft`): a 12 MP photo decodes at
     500 x 375 for a 256-pixel target, several times faster and in 1/64 of the memory.
-    Every failure is an UnreadablePhoto naming the file, if any (the callers' one error type).
+    The photo is turned upright by its EXIF orientation, as cameras and phones store portrait
+    shots as landscape pixels plus a rotation tag (a viewer shows them upright, and so should
+    the features). Every failure is an UnreadablePhoto naming the file, if any (the callers' one error type).
     """
     where = "" if isinstance(source, bytes) else f"{source}: "
     try:
@@ -65,7 +70,8 @@ def open_photo(source: Path | str | bytes, target_side: int, max_pixels: int = M
                 )
             image.draft("RGB", _covering_size((w, h), target_side))
             image.load()
-            return image if image.mode == "RGB" else image.convert("RGB")
+            upright = ImageOps.exif_transpose(image)
+            return upright if upright.mode == "RGB" else upright.convert("RGB")
     except Image.DecompressionBombError as err:  # PIL's own limit, far above ours, refused on opening
         raise PhotoTooLarge(
             f"{where}more than the {max_pixels / 1e6:.0f} megapixels this program decodes ({err})"
@@ -132,7 +138,7 @@ class Backbone:
         raise NotImplementedError
 
     def fingerprint(self) -> str:
-        return f"{self.name}|{self.preprocess!r}|{self.region_count}x{self.feature_dim}"
+        return f"{self.name}|{self.preprocess!r}|{DECODING}|{self.region_count}x{self.feature_dim}"
 
 
 class EfficientNetLite0(Backbone):

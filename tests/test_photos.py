@@ -85,6 +85,64 @@ def test_small_and_non_jpeg_photos_are_decoded_at_full_size(tmp_path):
     assert backbones.open_photo(large_png.read_bytes(), 256).size == (1200, 900)
 
 
+def quarters(height: int = 300, width: int = 400) -> np.ndarray:
+    """An image no rotation or flip maps onto itself: left half red, right top blue, right
+    bottom green."""
+    pixels = np.zeros((height, width, 3), np.uint8)
+    pixels[:, :width // 2] = (250, 20, 20)
+    pixels[:height // 2, width // 2:] = (20, 20, 250)
+    pixels[height // 2:, width // 2:] = (20, 250, 20)
+    return pixels
+
+
+def with_orientation(pixels: np.ndarray, orientation: int, size: tuple[int, int] | None = None) -> bytes:
+    """A JPEG of `pixels` (resized to `size`) whose EXIF says how a viewer must turn it."""
+    image = Image.fromarray(pixels)
+    image = image if size is None else image.resize(size, Image.NEAREST)
+    exif = image.getexif()
+    exif[0x0112] = orientation
+    out = io.BytesIO()
+    image.save(out, "JPEG", quality=95, exif=exif.tobytes())
+    return out.getvalue()
+
+
+# EXIF orientation -> what a viewer does to the stored pixels, written with numpy
+UPRIGHT = {1: lambda a: a, 2: lambda a: a[:, ::-1], 3: lambda a: np.rot90(a, 2), 4: lambda a: a[::-1],
+           5: lambda a: np.rot90(a[:, ::-1], 1), 6: lambda a: np.rot90(a, -1), 7: lambda a: np.rot90(a[:, ::-1], -1),
+           8: lambda a: np.rot90(a, 1)}
+
+
+@pytest.mark.parametrize("orientation", sorted(UPRIGHT))
+def test_photos_are_turned_upright_by_their_exif_orientation(tmp_path, orientation):
+    """A phone's portrait shot is landscape pixels plus a rotation tag: decoded, it is the
+    picture a viewer shows, from a file or from bytes, at full and at reduced scale."""
+    pixels = quarters()
+    want = UPRIGHT[orientation](pixels)
+    photo = with_orientation(pixels, orientation)
+    (tmp_path / "photo.jpg").write_bytes(photo)
+    for source in (photo, tmp_path / "photo.jpg"):
+        decoded = backbones.open_photo(source, 300)
+        assert decoded.size == (want.shape[1], want.shape[0]) and decoded.mode == "RGB"
+        assert np.abs(np.asarray(decoded, np.float32) - want).mean() < 2.0
+    camera = backbones.open_photo(with_orientation(pixels, orientation, size=(4000, 3000)), 256)
+    assert camera.size == ((375, 500) if orientation >= 5 else (500, 375))  # the 1/8 scale, turned
+    small = np.asarray(Image.fromarray(want).resize(camera.size, Image.NEAREST), np.float32)
+    assert np.abs(np.asarray(camera, np.float32) - small).mean() < 4.0
+
+
+def test_a_split_extracted_by_another_decoder_is_refused_not_mixed(tmp_path, monkeypatch):
+    """The decoding is part of the backbone's fingerprint: features of photos decoded by an
+    older decoder (no EXIF orientation, say) are never resumed with these."""
+    from test_extract_features import Interrupted, TinyBackbone, make_dataset, run
+
+    make_dataset(tmp_path)
+    with pytest.raises(Interrupted):
+        run(tmp_path, tmp_path / "out", TinyBackbone(fail_after=1))
+    monkeypatch.setattr(backbones, "DECODING", "jpeg-draft-scale")
+    with pytest.raises(CoderError, match="split 'train' was extracted with other inputs.*--overwrite"):
+        run(tmp_path, tmp_path / "out", TinyBackbone())
+
+
 @pytest.mark.parametrize("size", [(224, 224), (500, 375), (375, 500), (640, 427), (257, 999), (1000, 224),
                                   (100, 50), (12, 10), (4000, 3000)])
 def test_crop_box_resize_matches_full_resize_then_crop(size):
