@@ -188,6 +188,12 @@ def data_fingerprint(split: PrecompSplit) -> dict[str, Any]:
             "feature_dim": split.feature_dim, "sha256": digest.hexdigest()}
 
 
+def to_device(batch: dict[str, torch.Tensor], device: torch.device | str) -> dict[str, torch.Tensor]:
+    """A collated batch on the device, but for the caption lengths: sequence packing (the
+    Bi-GRU) reads them on the host, where they stay, so that it never waits for the device."""
+    return {k: v if k == "lengths" else v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
 # --- Datasets ---------------------------------------------------------------------------------
 class _CaptionItems(Dataset):
     """Shared text part of the per-caption datasets: tokens, concept labels and, given

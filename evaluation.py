@@ -292,7 +292,7 @@ def encode_split(
         cached = {} if text_states is None else {"text_states": on_device(batch, "text_states")}
         return model.encode_captions(
             on_device(batch, "tokens"),
-            on_device(batch, "lengths"),
+            batch["lengths"],  # on the host, where sequence packing reads them
             on_device(batch, "attention_mask"),
             on_device(batch, "concept_labels"),
             **cached,

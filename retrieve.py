@@ -33,7 +33,7 @@ def encode_queries(model: Any, texts: Sequence[str], tokenizer: Any, graph: Any,
         if graph is not None:
             item["concept_labels"] = torch.from_numpy(graph.multi_hot(vocab.tokenize(text)))
         items.append(item)
-    batch = {k: v.to(device) for k, v in data.collate(items, pad_id=tokenizer.pad_id).items()}
+    batch = data.to_device(data.collate(items, pad_id=tokenizer.pad_id), device)
     with torch.no_grad():
         return model.encode_captions(batch["tokens"], batch["lengths"], batch["attention_mask"],
                                      batch.get("concept_labels"))

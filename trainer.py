@@ -569,6 +569,8 @@ class TrainingRun:
     def train_epoch(self) -> None:
         from tqdm import tqdm
 
+        from data import to_device
+
         config, world = self.config, self.world
         self.sampler.set_epoch(self.epoch, skip_batches=self.step_in_epoch)
         self.model.set_text_backbone_frozen(self.epoch < config["freeze_bert_epochs"])
@@ -582,7 +584,7 @@ class TrainingRun:
             inputs_problem = _non_finite_inputs(batch, self.global_step + 1)
             if inputs_problem:  # checked on the host's copy: no wait for the device
                 raise CoderError(inputs_problem)
-            batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+            batch = to_device(batch, self.device)
             self.step(batch, bar)
             if config["val_every_steps"] and self.global_step % config["val_every_steps"] == 0 \
                     and self.step_in_epoch < self.steps_per_epoch:

@@ -144,7 +144,8 @@ CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
                                 {"BERT": True, **CODER, **SPEC, "lambda_concept": 0.2, "lambda_pseudo": 0.2}),
 }
 DEFAULT_CONFIGS = ["vsepp", "infonce", "dcl", "infonce_concept", "coder", "coder_bigru", "vse_infty", "cvse"]
-BASELINE = "infonce"
+BASELINE = "infonce"  # every row's paired difference is taken against it ...
+REFERENCE = "coder"  # ... and against the full model (the peers' question: does CODER beat them?)
 PROBE_LRS = (1e-3, 1e-4)
 PROBE_EPOCHS = 8
 METRICS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
@@ -487,8 +488,10 @@ def _spread(values: list[float]) -> tuple[float, float]:
 
 def summarise(results: list[dict[str, Any]], order: list[str]) -> list[dict[str, Any]]:
     """One row per configuration: mean and sample std of each metric over seeds, best epochs,
-    times, and the per-seed paired rsum difference against the InfoNCE row (same seed)."""
-    baseline = {r["seed"]: r["best"]["rsum"] for r in results if r["config"] == BASELINE}
+    times, and the per-seed paired rsum differences (same seed) against the InfoNCE row
+    (`paired`) and against the full model (`paired_reference`: the row minus CODER)."""
+    rsum_of = {name: {r["seed"]: r["best"]["rsum"] for r in results if r["config"] == name}
+               for name in (BASELINE, REFERENCE)}
     rows = []
     for name in order:
         runs = sorted((r for r in results if r["config"] == name), key=lambda r: r["seed"])
@@ -502,9 +505,11 @@ def summarise(results: list[dict[str, Any]], order: list[str]) -> list[dict[str,
         row["epochs"] = [len(r["validations"]) for r in runs]
         row["epoch_seconds"] = statistics.fmean(s for r in runs for s in r["epoch_seconds"])
         row["train_seconds"] = statistics.fmean(s for r in runs for s in r["train_seconds"])
-        paired = [r["best"]["rsum"] - baseline[r["seed"]] for r in runs if r["seed"] in baseline]
-        row["paired"] = paired
-        row["paired_spread"] = _spread(paired) if paired else None
+        for key, against in (("paired", BASELINE), ("paired_reference", REFERENCE)):
+            other = rsum_of[against]
+            paired = [r["best"]["rsum"] - other[r["seed"]] for r in runs if r["seed"] in other]
+            row[key] = paired
+            row[f"{key}_spread"] = _spread(paired) if paired else None
         rows.append(row)
     return rows
 
@@ -517,21 +522,26 @@ def _cell(spread: tuple[float, float], n: int, signed: bool = False) -> str:
 
 def markdown(rows: list[dict[str, Any]], probes: list[dict[str, Any]]) -> str:
     head = ("| # | configuration | i2t R@1 | R@5 | R@10 | t2i R@1 | R@5 | R@10 | rsum | vs InfoNCE (paired) "
-            "| best epoch | s/epoch | seeds |")
-    lines = [head, "|" + "---|" * 13]
+            "| vs full CODER (paired) | best epoch | s/epoch | seeds |")
+    lines = [head, "|" + "---|" * 14]
     for probe in probes:
         best = probe["best"]
         cells = " | ".join(f"{best[k]:.1f}" for k in METRICS[:-1])
         lines.append(f"| - | linear probe (frozen features), lr {probe['lr']:g} | {cells} | **{best['rsum']:.1f}** | - "
-                     f"| {probe['best_epoch']} of {len(probe['validations'])} | {probe['epoch_seconds']:.1f} | 1 |")
+                     f"| - | {probe['best_epoch']} of {len(probe['validations'])} | {probe['epoch_seconds']:.1f} | 1 |")
+
+    def paired(row: dict[str, Any], key: str, against: str) -> str:
+        if row["config"] == against or not row[key]:
+            return "-"
+        return (_cell(row[f"{key}_spread"], len(row[key]), signed=True)
+                + f" ({', '.join(f'{d:+.1f}' for d in row[key])})")
+
     for i, row in enumerate(rows, 1):
         n = len(row["seeds"])
         cells = " | ".join(_cell(row[k], n) for k in METRICS[:-1])
-        paired = "-" if row["config"] == BASELINE or not row["paired"] else (
-            _cell(row["paired_spread"], len(row["paired"]), signed=True)
-            + f" ({', '.join(f'{d:+.1f}' for d in row['paired'])})")
         epochs = ",".join(f"{b}/{e}" for b, e in zip(row["best_epochs"], row["epochs"]))
-        lines.append(f"| {i} | {row['description']} | {cells} | **{_cell(row['rsum'], n)}** | {paired} | {epochs} "
+        lines.append(f"| {i} | {row['description']} | {cells} | **{_cell(row['rsum'], n)}** "
+                     f"| {paired(row, 'paired', BASELINE)} | {paired(row, 'paired_reference', REFERENCE)} | {epochs} "
                      f"| {row['epoch_seconds']:.0f} ({row['train_seconds']:.0f}) | {n} |")
     return "\n".join(lines)
 

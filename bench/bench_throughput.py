@@ -47,6 +47,7 @@ import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import distributed  # noqa: E402
+from data import to_device  # noqa: E402
 import trainer  # noqa: E402
 from encoders import l2norm, make_pooling  # noqa: E402
 from model import CODER, ModelConfig, param_groups, parameter_counts  # noqa: E402
@@ -183,7 +184,7 @@ def random_batches(count: int, batch: int, args: argparse.Namespace, vocab_size:
         if bert:
             tokens[:, 0] = 101
             tokens[torch.arange(batch), lengths - 1] = 102
-        batches.append({k: v.to(device) for k, v in {
+        batches.append(to_device({
             "images": torch.randn(batch, args.regions, args.feature_dim, generator=gen).relu(),
             "tokens": tokens,
             "lengths": lengths,
@@ -191,7 +192,7 @@ def random_batches(count: int, batch: int, args: argparse.Namespace, vocab_size:
             "concept_labels": (torch.rand(batch, CONCEPTS, generator=gen) < 0.01).float(),
             "image_ids": (torch.arange(batch) + i * batch + seed * 10**5) // 5,
             "caption_ids": torch.arange(batch) + i * batch,
-        }.items()})
+        }, device))
     return batches
 
 

@@ -191,3 +191,11 @@ def test_ids_file_with_wrong_count(precomp):
     (precomp / "train_ids.txt").write_text("a\nb\nc\n")
     with pytest.raises(CoderError, match=r"train_ids\.txt has 3 lines, expected 4 \(images\) or 8"):
         data.load_split(precomp, "train")
+
+
+def test_to_device_moves_all_but_the_lengths_packing_reads_on_the_host():
+    batch = {"tokens": torch.ones(2, 3, dtype=torch.long), "lengths": torch.tensor([3, 2]),
+             "images": torch.zeros(2, 4, 5)}
+    moved = data.to_device(batch, "meta")  # a device that is not the host
+    assert moved["tokens"].device.type == "meta" and moved["images"].device.type == "meta"
+    assert moved["lengths"] is batch["lengths"]

@@ -344,6 +344,21 @@ def test_gpo_weights_depend_on_count_only_and_sum_to_one():
     assert torch.allclose(gpo(x), x[:, 0], atol=1e-6)  # a single item is its own pooled value
 
 
+def test_gpo_weights_are_the_gru_run_over_each_count_alone():
+    """The weights of count n: the BiGRU over the encodings of positions 1..n alone (no packing),
+    its two directions averaged, scored, softmax at temperature 0.1."""
+    torch.manual_seed(0)
+    gpo = E.GPO()
+    counts = torch.tensor([3, 1, 7, 3, 5])
+    weights = gpo.pool_weights(counts, 7)
+    with torch.no_grad():
+        for row, n in enumerate(counts.tolist()):
+            out, _ = gpo.gru(gpo._positions(n, torch.device("cpu"))[None])
+            scores = gpo.score((out[0, :, :32] + out[0, :, 32:]) / 2).squeeze(-1)
+            want = torch.softmax(scores / 0.1, 0)
+            assert torch.allclose(weights[row, :n], want, atol=1e-6) and not weights[row, n:].any()
+
+
 def test_gcn_and_concept_query_shapes():
     adjacency, vectors = concept_graph()
     gcn = E.ConceptGCN(CONCEPT_DIM, 24, 32)

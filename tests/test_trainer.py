@@ -106,16 +106,20 @@ def test_starting_an_epoch_leaves_the_global_rng_alone():
     assert len(batches) == 3 and batches[0]["tokens"].shape == (4, 3)
 
 
-READS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero")
+READS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero", "cpu", "numpy")
 PROJECT = str(Path(__file__).resolve().parent.parent)
 
 
 @pytest.mark.parametrize("overrides", [{}, {"prototype_init": "keys", "num_prototypes": 12},
-                                       {"prototype_update": "learned"}, {"loss": "triplet"}])
+                                       {"prototype_update": "learned"}, {"loss": "triplet"},
+                                       {"image_pooling": "gpo", "text_pooling": "gpo", "loss": "triplet",
+                                        "triplet_all_negatives_epochs": 1, "region_drop": 0.2, "queue_size": 0,
+                                        "concept_branch": False}])
 def test_a_training_step_reads_nothing_back_from_the_model(monkeypatch, overrides):
     """After warm-up (queues filling, prototypes drawn from keys), trainer.training_step's
-    project code makes no .item()/.tolist()/bool()/int()/float()/index read of a tensor: it
-    branches on host-side counters. (Reads inside torch, of tensors torch keeps on the host,
+    project code makes no .item()/.tolist()/.cpu()/.numpy()/bool()/int()/float()/index read of
+    a tensor, nor a torch.unique (whose size only the device knows): it branches on host-side
+    counters. The last case is the VSE∞ row (GPO pooling, region dropping, the warm-up). (Reads inside torch, of tensors torch keeps on the host,
     such as a packed sequence's batch sizes or AdamW's step counts, are torch's own.)"""
     from test_model import build, make_batch, small_config
 
@@ -142,6 +146,15 @@ def test_a_training_step_reads_nothing_back_from_the_model(monkeypatch, override
             return _original(tensor, *args)
 
         monkeypatch.setattr(torch.Tensor, name, counting)
+    unique = torch.unique
+
+    def counted_unique(*args, **kwargs):
+        caller = sys._getframe(1).f_code.co_filename
+        if caller.startswith(PROJECT):
+            reads.append(f"torch.unique in {caller}:{sys._getframe(1).f_lineno}")
+        return unique(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "unique", counted_unique)
     assert int(torch.tensor(3)) == 3 and len(reads) == 1  # the counting works
     reads.clear()
     losses, grad_norm = step(3)
