@@ -154,3 +154,6 @@ def check_replicas(raw_model: torch.nn.Module, world: Dist, log: Any) -> None:
                  f"re-synchronised from rank 0")
         for name in names:  # (tensors derived from others, like a cached kernel, are among them if they differ)
             dist.broadcast(state[name], src=0)
+        for module in raw_model.modules():  # host copies of what was overwritten (queue position, readiness)
+            if hasattr(module, "read_host_copies"):
+                module.read_host_copies()

@@ -92,9 +92,14 @@ class Prototypes(nn.Module):
         """Learned prototypes back onto the unit sphere after the optimizer moved them."""
         self.weight.copy_(l2norm(self.weight))
 
+    def read_host_copies(self) -> None:
+        """Set `is_ready` from the buffer: after a load, or after the buffers were overwritten
+        (distributed.check_replicas); never per step."""
+        self.is_ready = bool(self.ready)
+
     def _load_from_state_dict(self, state_dict: Mapping[str, Any], prefix: str, *args: Any) -> None:
         super()._load_from_state_dict(state_dict, prefix, *args)
-        self.is_ready = bool(self.ready)  # once per load, not per step
+        self.read_host_copies()
 
 
 class QueueKernel(nn.Module):

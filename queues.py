@@ -58,6 +58,11 @@ class KeyQueues(nn.Module):
         self.count.fill_(self.filled)
         return slots
 
+    def read_host_copies(self) -> None:
+        """Set the host copies from the buffers: after a load, or after the buffers were
+        overwritten (distributed.check_replicas); never per step."""
+        self.filled, self.next_slot = int(self.count), int(self.pointer)
+
     def _load_from_state_dict(self, state_dict: Mapping[str, Any], prefix: str, *args: Any) -> None:
         super()._load_from_state_dict(state_dict, prefix, *args)
-        self.filled, self.next_slot = int(self.count), int(self.pointer)  # once per load, not per step
+        self.read_host_copies()

@@ -21,6 +21,8 @@ import distributed
 import trainer
 from checkpoint import load_checkpoint
 from conftest import TINY_TRAIN_ARGS, run_script, tiny_demo_args
+from prototypes import Prototypes
+from queues import KeyQueues
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -176,8 +178,18 @@ def _replica_worker(rank: int, port: int, out_dir: str) -> None:
         with torch.no_grad():
             model.prototypes[2, 1] += rank * 1e-7  # a rounding-level drift on rank 1 only
         distributed.check_replicas(model, world, log)
+        model.add_module("queues", KeyQueues(["image"], 8, 4))
+        model.add_module("clusters", Prototypes(6, 4, "keys", "ema", 0.9))
+        for _ in range(1 + 2 * rank):  # rank 1 pushed two batches more, and drew its prototypes
+            model.queues.push({"image": torch.ones(3, 4)}, torch.arange(3))
+        if rank == 1:
+            model.clusters.ready.fill_(True)
+            model.clusters.is_ready = True
+        distributed.check_replicas(model, world, log)
         means = world.mean({"a": torch.tensor(float(rank)), "b": torch.tensor(2.0 * rank)})
-        torch.save({"clean": clean, "lines": list(log), "state": model.state_dict(), "means": means},
+        host = {"filled": model.queues.filled, "next_slot": model.queues.next_slot,
+                "ready": model.clusters.is_ready}
+        torch.save({"clean": clean, "lines": list(log), "state": model.state_dict(), "means": means, "host": host},
                    f"{out_dir}/rank{rank}.pt")
     finally:
         world.close()
@@ -185,7 +197,8 @@ def _replica_worker(rank: int, port: int, out_dir: str) -> None:
 
 def test_replica_check_resyncs_from_rank_zero(tmp_path):
     """The check run at every checkpoint: BatchNorm statistics may differ; any other drift is
-    logged by rank 0 and replaced by rank 0's values everywhere."""
+    logged by rank 0 and replaced by rank 0's values everywhere, host copies included (the
+    queues' fill and write position, the prototypes' readiness)."""
     import socket
 
     import torch.multiprocessing as mp
@@ -202,7 +215,9 @@ def test_replica_check_resyncs_from_rank_zero(tmp_path):
     assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2))
     assert r0["clean"] == r1["clean"] == []  # (in training only rank 0's log writes)
-    assert len(r0["lines"]) == 1 and "disagree on 1 tensors (prototypes)" in r0["lines"][0]
+    assert len(r0["lines"]) == 2 and "disagree on 1 tensors (prototypes)" in r0["lines"][0]
+    assert "queues.image" in r0["lines"][1] and "clusters.ready" in r0["lines"][1]
+    assert r1["host"] == r0["host"] == {"filled": 3, "next_slot": 3, "ready": False}
     assert torch.equal(r0["state"]["prototypes"], r1["state"]["prototypes"])
     assert not torch.equal(r0["state"]["1.running_mean"], r1["state"]["1.running_mean"])
     assert r0["means"] == r1["means"] == {"a": 0.5, "b": 1.0}
