@@ -91,12 +91,16 @@ def test_summary_means_and_paired_differences():
     assert rows["coder"]["paired"] == [10, -5]
     assert rows["coder"]["paired_spread"] == pytest.approx((2.5, statistics.stdev([10, -5])))
     assert rows["infonce"]["best_epochs"] == [2, 3] and rows["infonce"]["epochs"] == [3, 3]
+    assert rows["infonce"]["paired_reference"] == [-10, 5] and rows["coder"]["paired_reference"] == [0, 0]
     probe = {"lr": 1e-4, "best": fake_run("x", 0, [50])["best"], "best_epoch": 1, "validations": [{}],
              "epoch_seconds": 1.5}
     table = B.markdown(B.summarise(results, ["infonce", "coder"]), [probe])
     lines = table.splitlines()
     assert "linear probe" in lines[2] and "**50.0**" in lines[2]
     assert "+2.5 ± 10.6 (+10.0, -5.0)" in lines[4] and "2/3,3/3" in lines[3]
+    infonce_cells, coder_cells = lines[3].split(" | "), lines[4].split(" | ")
+    assert infonce_cells[9:11] == ["-", "-2.5 ± 10.6 (-10.0, +5.0)"]  # vs InfoNCE, vs the full model
+    assert coder_cells[10] == "-"
 
 
 def test_curves_plot_is_written(tmp_path):
@@ -158,3 +162,25 @@ def test_report_without_finished_runs_says_so(tmp_path):
     with pytest.raises(SystemExit, match="no finished runs of infonce to report"):
         B.main(["--report", "--out", str(tmp_path), "--configs", "infonce", "--no_probe"])
     assert not (tmp_path / "results.md").exists()
+
+
+RECORD = ROOT / "bench" / "results" / "flickr8k" / "runs"
+
+
+def test_the_committed_runs_are_the_runs_their_rows_describe():
+    """bench/results/flickr8k holds the finished runs behind the docs' table: each is the run
+    its row would train today (a changed row or train-script default makes the record stale,
+    and this fails), and its result.json is what its train.log says."""
+    runs = sorted(path.parent for path in RECORD.glob("*_s*/result.json"))
+    assert runs, f"{RECORD}: no committed runs"
+    for run in runs:
+        name, seed = run.name.rsplit("_s", 1)
+        saved = json.loads((run / "config.json").read_text())
+        settings = B.run_settings(name, "full", saved["device"], None)
+        wanted = {**B.script_defaults(), **B.run_overrides(settings, int(seed), {}, run, "")}
+        assert B.same_settings(run / "config.json", wanted), f"{run.name}: not the run its row describes"
+        result = B.read_result(run / "result.json")
+        parsed = B.parse_log((run / "train.log").read_text())
+        assert result["validations"] == parsed["validations"], run.name
+        best = B.best_validation(parsed["validations"])
+        assert result["best"] == {k: best[k] for k in B.METRICS} and result["best_epoch"] == best["epoch"], run.name
