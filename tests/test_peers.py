@@ -206,6 +206,9 @@ def test_peer_rows_are_default_rows_with_the_common_budget():
         for key in ("epochs", "lr", "warmup_epochs", "lr_decay_epoch", "batch_size", "bert_frozen_layers"):
             assert settings[key] == vsepp[key], (name, key)
         M.ModelConfig(**{k: v for k, v in settings.items() if k in M.ModelConfig.__dataclass_fields__})
+    cvse, long = (B.run_settings(name, "full", "cpu", None) for name in ("cvse", "cvse_long"))
+    assert {k for k in set(cvse) | set(long) if cvse.get(k) != long.get(k)} == {"epochs", "lr_decay_epoch"}
+    assert (long["epochs"], long["lr_decay_epoch"]) == (2 * cvse["epochs"], 2 * cvse["lr_decay_epoch"])
 
 
 def row_args(name: str, bert_path: str) -> list[str]:
