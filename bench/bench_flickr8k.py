@@ -674,8 +674,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     if args.report and not results and not probes:
         raise SystemExit(f"{out / 'runs'}: no finished runs of {', '.join(names)} to report")
     table = write_outputs(out, args.dataset, results, probes, names, extra)
-    print(f"\n{spec['title']}; mean ± sample std over seeds (one value: one seed); 'vs InfoNCE' = mean of the "
-          f"per-seed paired rsum differences (each seed's value in brackets); best epoch by dev rsum, of the "
+    print(f"\n{spec['title']}; mean ± sample std over seeds (one value: one seed); 'vs InfoNCE' and "
+          f"'vs full CODER' = mean of the per-seed paired rsum differences, this row minus that one (each seed's "
+          f"value in brackets); best epoch by dev rsum, of the "
           f"epochs run; s/epoch = training + validation (training only in brackets)\n")
     print(table)
     print(f"\n{out / 'results.md'}, {out / 'results.json'}, {out / 'curves.png'}")
