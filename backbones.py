@@ -70,7 +70,10 @@ def open_photo(source: Path | str | bytes, target_side: int, max_pixels: int = M
                 )
             image.draft("RGB", _covering_size((w, h), target_side))
             image.load()
-            upright = ImageOps.exif_transpose(image)
+            try:
+                upright = ImageOps.exif_transpose(image)
+            except (KeyError, IndexError, ZeroDivisionError, TypeError):  # a malformed EXIF block: as stored
+                upright = image
             return upright if upright.mode == "RGB" else upright.convert("RGB")
     except Image.DecompressionBombError as err:  # PIL's own limit, far above ours, refused on opening
         raise PhotoTooLarge(

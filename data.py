@@ -190,7 +190,7 @@ def data_fingerprint(split: PrecompSplit) -> dict[str, Any]:
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device | str) -> dict[str, torch.Tensor]:
     """A collated batch on the device, but for the caption lengths: sequence packing (the
-    Bi-GRU) reads them on the host, where they stay, so that it never waits for the device."""
+    Bi-GRU) reads them on the host, where they stay, so that it never reads them back."""
     return {k: v if k == "lengths" else v.to(device, non_blocking=True) for k, v in batch.items()}
 
 

@@ -95,16 +95,18 @@ class GPO(nn.Module):
     def pool_weights(self, counts: Tensor, length: int) -> Tensor:
         """(B, length) weights, zero beyond each row's count (1..length). The GRU runs over the
         positions of every count length, length-1, .., 1 at once, a batch whose sizes the host
-        knows without reading `counts` (no device sync), and each row takes its count's weights."""
+        knows without reading `counts` (no device-to-host read), and each row takes its count's
+        weights. A row with no item (count 0) gets count 1's weights, which its zeroed items ignore."""
         every_count = torch.arange(length, 0, -1)  # on the host, as packing needs; sorted descending
         positions = self._positions(length, counts.device).expand(length, length, self.position_dim)
         packed = pack_padded_sequence(positions, every_count, batch_first=True)
         out, _ = pad_packed_sequence(self.gru(packed)[0], batch_first=True, total_length=length)
         half = out.shape[-1] // 2
         scores = self.score((out[..., :half] + out[..., half:]) / 2).squeeze(-1)
-        valid = torch.arange(length, device=counts.device)[None, :] < every_count.to(counts.device)[:, None]
+        device = counts.device
+        valid = torch.arange(length, device=device)[None, :] < torch.arange(length, 0, -1, device=device)[:, None]
         weights = torch.softmax(scores.masked_fill(~valid, float("-inf")) / self.temperature, 1)
-        return weights[length - counts]
+        return weights[(length - counts).clamp(max=length - 1)]
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         batch, length, _ = x.shape
@@ -213,8 +215,10 @@ class GRUTextEncoder(nn.Module):
                 text_states: Tensor | None = None) -> Tensor:
         if text_states is not None:
             raise CoderError("precomputed text states are for the bert text encoder only")
-        # packing takes the lengths on the host: the trainer and the evaluation keep them there
-        packed = pack_padded_sequence(self.embed(tokens), lengths, batch_first=True, enforce_sorted=False)
+        # packing takes the lengths on the host: the trainer and the evaluation keep them there (DDP
+        # on a GPU moves every input to the device, so they may still arrive there)
+        host_lengths = lengths if lengths.device.type == "cpu" else lengths.cpu()
+        packed = pack_padded_sequence(self.embed(tokens), host_lengths, batch_first=True, enforce_sorted=False)
         out, _ = pad_packed_sequence(self.gru(packed)[0], batch_first=True, total_length=tokens.shape[1])
         half = out.shape[-1] // 2
         words = (out[..., :half] + out[..., half:]) / 2

@@ -57,6 +57,8 @@ def draw_grid(rows: list[tuple[str, list[Path], list[bool]]], out: Path, thumb: 
     """One row per query: its text above its top-k thumbnails (green frame: a correct image)."""
     from PIL import Image, ImageDraw
 
+    from backbones import open_photo
+
     k = max(len(paths) for _, paths, _ in rows)
     text_h, pad = 22, 6
     grid = Image.new("RGB", (k * (thumb + pad) + pad, len(rows) * (thumb + text_h + pad) + pad), "white")
@@ -67,11 +69,10 @@ def draw_grid(rows: list[tuple[str, list[Path], list[bool]]], out: Path, thumb: 
         draw.text((pad, top + 4), text if len(text) <= max_chars else text[: max_chars - 3] + "...", fill="black")
         for c, (path, ok) in enumerate(zip(paths, correct)):
             left = pad + c * (thumb + pad)
-            with Image.open(path) as img:
-                img = img.convert("RGB")
-                img.thumbnail((thumb - 6, thumb - 6))
-                cell = Image.new("RGB", (thumb, thumb), "#2e9e44" if ok else "#dddddd")
-                cell.paste(img, ((thumb - img.width) // 2, (thumb - img.height) // 2))
+            img = open_photo(path, thumb)  # upright by its EXIF orientation, like the features
+            img.thumbnail((thumb - 6, thumb - 6))
+            cell = Image.new("RGB", (thumb, thumb), "#2e9e44" if ok else "#dddddd")
+            cell.paste(img, ((thumb - img.width) // 2, (thumb - img.height) // 2))
             grid.paste(cell, (left, top + text_h))
     image_format = Image.registered_extensions()[out.suffix.lower()]
     atomic_write(out, lambda f: grid.save(f, format=image_format))

@@ -437,10 +437,11 @@ class TrainingRun:
         config, world = self.config, self.world
         local_batch = config["batch_size"] // world.world_size
         tokenizer, graph, split = self.data["tokenizer"], self.data["graph"], self.data["train"]
-        text_states = _text_states(self.model.text_encoder, split, tokenizer, config, world, self.log)
-        self.train_set = PairDataset(split, tokenizer, graph, text_states=text_states)
+        # the validation split's first: rank 0 builds both before the barrier the others wait at
         self.val_text_states = _text_states(self.model.text_encoder, self.data["val"], tokenizer, config, world,
                                             self.log, every_process=False)
+        text_states = _text_states(self.model.text_encoder, split, tokenizer, config, world, self.log)
+        self.train_set = PairDataset(split, tokenizer, graph, text_states=text_states)
         self.sampler = ResumableSampler(len(self.train_set), world.world_size, world.rank, config["seed"], local_batch)
         self.loader = make_train_loader(self.train_set, self.sampler, config, tokenizer.pad_id,
                                         pin_memory=self.device.type == "cuda")

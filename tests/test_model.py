@@ -359,6 +359,26 @@ def test_gpo_weights_are_the_gru_run_over_each_count_alone():
             assert torch.allclose(weights[row, :n], want, atol=1e-6) and not weights[row, n:].any()
 
 
+def test_gpo_pools_a_row_without_items_to_zero():
+    """A count of 0 (nothing kept) is no index out of range: the row pools to zeros."""
+    torch.manual_seed(0)
+    gpo = E.GPO()
+    mask = torch.tensor([[False, False, False], [True, True, False]])
+    pooled = gpo(torch.randn(2, 3, 4), mask)
+    assert torch.equal(pooled[0], torch.zeros(4)) and torch.isfinite(pooled).all()
+
+
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_gru_text_encoder_takes_lengths_on_the_host_or_on_the_device(device):
+    """The trainer keeps lengths on the host; DDP on a GPU moves every input to the device."""
+    torch.manual_seed(0)
+    enc = E.GRUTextEncoder(VOCAB, 8, 16, "mean").to(device).eval()
+    tokens = torch.tensor([[5, 6, 7, 0], [8, 9, 10, 11]], device=device)
+    mask, lengths = (tokens > 0).long(), torch.tensor([3, 4])
+    on_host = enc(tokens, lengths, mask)
+    assert torch.allclose(enc(tokens, lengths.to(device), mask), on_host, atol=1e-6)
+
+
 def test_gcn_and_concept_query_shapes():
     adjacency, vectors = concept_graph()
     gcn = E.ConceptGCN(CONCEPT_DIM, 24, 32)

@@ -130,6 +130,20 @@ def test_photos_are_turned_upright_by_their_exif_orientation(tmp_path, orientati
     assert np.abs(np.asarray(camera, np.float32) - small).mean() < 4.0
 
 
+def test_a_malformed_exif_block_leaves_the_photo_as_stored(monkeypatch):
+    """Pillow has raised KeyError, IndexError or ZeroDivisionError on broken EXIF tags; such a
+    photo is still readable, in its stored orientation."""
+    from PIL import ImageOps
+
+    def broken(image, **kwargs):
+        raise KeyError(0x0112)
+
+    monkeypatch.setattr(ImageOps, "exif_transpose", broken)
+    pixels = quarters()
+    decoded = backbones.open_photo(with_orientation(pixels, 6), 300)
+    assert decoded.size == (400, 300) and np.abs(np.asarray(decoded, np.float32) - pixels).mean() < 2.0
+
+
 def test_a_split_extracted_by_another_decoder_is_refused_not_mixed(tmp_path, monkeypatch):
     """The decoding is part of the backbone's fingerprint: features of photos decoded by an
     older decoder (no EXIF orientation, say) are never resumed with these."""
