@@ -141,7 +141,7 @@ def extract_split(
     ims_path, partial_path, caps_path, ids_path = _paths(out_dir, split)
     state = _load_progress(out_dir, overwrite)
     fingerprint = _fingerprint(entries, backbone, k)
-    record = _usable_record(state, split, out_dir, fingerprint, backbone.name, len(entries), overwrite)
+    record = _usable_record(state, split, out_dir, fingerprint, backbone, len(entries), overwrite)
     if record is not None and record["complete"]:
         return SplitOutput(split, ims_path, caps_path, ids_path, record["written"], record["skipped"])
     if record is not None and not partial_path.exists() and record["next"] == len(entries) and ims_path.exists():
@@ -155,7 +155,7 @@ def extract_split(
             p.unlink(missing_ok=True)
         features = np.lib.format.open_memmap(partial_path, mode="w+", dtype=np.float32, shape=shape)
         record = state["splits"][split] = {
-            "fingerprint": fingerprint, "backbone": backbone.name,
+            "fingerprint": fingerprint, "backbone": backbone.name, "backbone_fingerprint": backbone.fingerprint(),
             "total": len(entries), "next": 0, "written": 0, "skipped": [], "complete": False,
         }
         _save_progress(out_dir, state)
@@ -225,7 +225,7 @@ def _image_paths(images_dir: Path, names: Sequence[str], split: str) -> list[Pat
 
 
 def _usable_record(
-    state: dict, split: str, out_dir: Path, fingerprint: str, backbone: str, total: int, overwrite: bool
+    state: dict, split: str, out_dir: Path, fingerprint: str, backbone: Backbone, total: int, overwrite: bool
 ) -> dict | None:
     """The split's progress record when its work can be reused, None to start afresh; refuses
     (unless `overwrite`) to replace files made from other inputs or by someone else."""
@@ -233,11 +233,16 @@ def _usable_record(
     record = state["splits"].get(split)
     if record is not None and record.get("fingerprint") != fingerprint:
         if not overwrite:
-            raise CoderError(
-                f"{out_dir / PROGRESS_FILE}: split '{split}' was extracted with other inputs or another "
-                f"backbone ({record.get('backbone')}, {record.get('total')} images; now {backbone}, "
-                f"{total} images); pass --overwrite to redo it, or use another --out"
-            )
+            then = record.get("backbone_fingerprint")  # (records before it was kept: unknown)
+            if then is None:
+                what = (f"with other inputs or another backbone ({record.get('backbone')}, {record.get('total')} "
+                        f"images; now {backbone.name}, {total} images)")
+            elif then != backbone.fingerprint():
+                what = f"by another backbone, preprocessing or photo decoder (then {then}; now {backbone.fingerprint()})"
+            else:
+                what = f"from other photos, captions or split lists ({record.get('total')} images; now {total})"
+            raise CoderError(f"{out_dir / PROGRESS_FILE}: split '{split}' was extracted {what}; pass --overwrite "
+                             f"to redo it, or use another --out")
         return None
     if record is None:
         stray = [p.name for p in (ims_path, caps_path, ids_path, partial_path) if p.exists()]

@@ -244,9 +244,10 @@ def test_changed_inputs_are_refused_not_mixed(tmp_path):
     out = tmp_path / "out"
     with pytest.raises(Interrupted):
         run(tmp_path, out, TinyBackbone(fail_after=1))
-    with pytest.raises(CoderError, match="split 'train' was extracted with other inputs.*--overwrite"):
+    with pytest.raises(CoderError, match=r"split 'train' was extracted by another backbone, preprocessing or photo "
+                                         r"decoder \(then .*seed=0; now .*seed=1\); pass --overwrite"):
         run(tmp_path, out, TinyBackbone(seed=1))
-    with pytest.raises(CoderError, match="--overwrite"):
+    with pytest.raises(CoderError, match="extracted from other photos, captions or split lists.*--overwrite"):
         run(tmp_path, out, TinyBackbone(), captions_per_image=4)
     other = TinyBackbone(seed=1)
     result = run(tmp_path, out, other, overwrite=True)

@@ -153,7 +153,8 @@ def test_a_split_extracted_by_another_decoder_is_refused_not_mixed(tmp_path, mon
     with pytest.raises(Interrupted):
         run(tmp_path, tmp_path / "out", TinyBackbone(fail_after=1))
     monkeypatch.setattr(backbones, "DECODING", "jpeg-draft-scale")
-    with pytest.raises(CoderError, match="split 'train' was extracted with other inputs.*--overwrite"):
+    with pytest.raises(CoderError, match=r"extracted by another backbone, preprocessing or photo decoder \(then "
+                                         r".*\|jpeg-draft-scale\|exif-orientation\|.*; now .*\|jpeg-draft-scale\|"):
         run(tmp_path, tmp_path / "out", TinyBackbone())
 
 
