@@ -18,14 +18,19 @@ from utils import CoderError, atomic_write, open_input
 
 CHECKPOINT_FORMAT = "coder-checkpoint-v1"
 
+RECORD_DIR = "bench/results"
 
-def code_version() -> str:
-    """The git commit of the code (with '+dirty' for uncommitted changes), or 'unknown'."""
-    root = Path(__file__).resolve().parent
+
+def code_version(root: str | os.PathLike | None = None) -> str:
+    """The git commit of the code (with '+dirty' for uncommitted changes), or 'unknown'. The
+    benchmark record (RECORD_DIR) is not code: a benchmark rewriting its table between runs
+    leaves the next run's version clean. `root` is the checkout (this file's folder by default)."""
+    root = Path(root) if root is not None else Path(__file__).resolve().parent
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
                                 text=True, timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                f":(exclude){RECORD_DIR}"], cwd=root,
                                capture_output=True, text=True, timeout=10, check=True).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"

