@@ -47,6 +47,18 @@ def fake_run(name, seed, rsums):
             "wall_seconds": 10.0 * len(rsums)}
 
 
+def test_configs_expand_groups_in_place_each_row_once():
+    assert B.parse_configs("default") == ["infonce", "coder", "vse_infty", "cvse"]
+    assert B.parse_configs("default,ablations") == ["infonce", "coder", "vse_infty", "cvse",
+                                                    "vsepp", "dcl", "infonce_concept", "coder_bigru"]
+    assert B.parse_configs(" cvse_long, coder ,default") == ["cvse_long", "coder", "infonce", "vse_infty", "cvse"]
+    for text, error in (("coder,nope", "unknown config 'nope'"), (" , ", "names no row")):
+        with pytest.raises(ValueError, match=error):
+            B.parse_configs(text)
+    # every row of the main table is in a group, and the groups do not overlap
+    assert sorted(B.DEFAULT_CONFIGS + B.ABLATION_CONFIGS) == sorted(list(B.CONFIGS)[:8])
+
+
 def test_a_resumed_runs_log_counts_each_epoch_once():
     """Interrupted in epoch 3 after its validation but before its checkpoint, resumed from the end
     of epoch 2: epoch 3's first validation is replaced and its time starts at the resume."""
