@@ -628,7 +628,6 @@ def write_outputs(out: Path, dataset: str, results: list[dict[str, Any]], probes
     return table
 
 
-@cli_entry
 def parse_configs(text: str) -> list[str]:
     """`--configs`: row names and group names (CONFIG_GROUPS) expanded in place, each row once."""
     names: list[str] = []
@@ -644,6 +643,7 @@ def parse_configs(text: str) -> list[str]:
     return names
 
 
+@cli_entry
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dataset", choices=list(DATASETS), default="full")
