@@ -109,8 +109,8 @@ CVSE = {"loss": "triplet", "queue_size": 0, "concept_branch": True, "pseudo_labe
 SPEC = PRESETS["spec"]
 
 # name -> (description, overrides on top of the dataset's COMMON and the train script's
-# defaults; "BERT" marks MiniLM rows). Rows after `cvse_long` are opt-in (--configs): the
-# experiments on CODER's reconstructed parts.
+# defaults; "BERT" marks MiniLM rows). CONFIG_GROUPS below names the default and ablation rows;
+# the rest (cvse_long and the coder_* experiments on CODER's reconstructed parts) are opt-in.
 CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
     "vsepp": ("VSE++ (triplet, hardest negative, in-batch)",
               {"BERT": True, "loss": "triplet", "queue_size": 0, "concept_branch": False}),
