@@ -6,7 +6,9 @@ for --warmup steps (full queues, prototypes ready) and then profiled for --steps
 step's parts are labelled from outside the code (forward hooks and wrappers, nothing edited):
 data loading, each online and momentum module's forward, the losses, Sinkhorn, backward,
 clipping, AdamW and the after-step updates. Prints each part's share of the profiled wall time,
-then the operators with the most self CPU time.
+then the operators with the most self CPU time. Before profiling it times the training loader alone,
+without the profiler, with and without the cached text states (--loader_batches), so the data
+loading's share can be checked against the profiler's own cost.
 
     python bench/profile_step.py --data_path data_cache/flickr8k_precomp [--row coder] [--warmup 40] [--steps 8]
 """
@@ -101,12 +103,33 @@ def batches(run: trainer.TrainingRun) -> Any:
         run.epoch += 1
 
 
+def time_loading(run: trainer.TrainingRun, count: int) -> dict[str, float]:
+    """Milliseconds per batch of the training loader, un-profiled, over the epoch's first `count`
+    batches (their pages already read by the warm-up, as every page is after epoch 1), with the
+    cached text states and with the dataset's `text_states` removed; each timed twice, the second
+    pass kept."""
+    times: dict[str, float] = {}
+    states = run.train_set.text_states
+    for label, text_states in (("with text states", states), ("without text states", None)) * 2:
+        run.train_set.text_states = text_states
+        run.sampler.set_epoch(run.epoch)
+        loader = iter(run.loader)
+        start = time.perf_counter()
+        for _ in range(count):
+            next(loader)
+        times[label] = 1000 * (time.perf_counter() - start) / count
+    run.train_set.text_states = states
+    return times
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data_path", required=True, help="precomp folder with train/dev features, vocab, concepts")
     parser.add_argument("--row", default="coder", choices=list(bench_flickr8k.CONFIGS))
     parser.add_argument("--warmup", type=int, default=40, help="steps before profiling (queues fill)")
     parser.add_argument("--steps", type=int, default=8, help="profiled steps")
+    parser.add_argument("--loader_batches", type=int, default=20,
+                        help="batches the loader alone is timed over, un-profiled (0: skip)")
     parser.add_argument("--top", type=int, default=25, help="operators listed")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as run_dir:
@@ -118,6 +141,10 @@ def main() -> None:
             run.step(next(stream), NO_BAR)
         print(f"{args.warmup} warm-up steps: {(time.perf_counter() - start) / args.warmup:.3f} s/step; queue "
               f"fill {run.model.queues.fraction_filled():.2f}", flush=True)
+        if args.loader_batches:
+            loading = time_loading(run, args.loader_batches)
+            print("training loader alone, un-profiled: " + ", ".join(f"{label} {ms:.1f} ms/batch"
+                                                                    for label, ms in loading.items()), flush=True)
         label_step(run)
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             start = time.perf_counter()
