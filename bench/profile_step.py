@@ -7,8 +7,9 @@ step's parts are labelled from outside the code (forward hooks and wrappers, not
 data loading, each online and momentum module's forward, the losses, Sinkhorn, backward,
 clipping, AdamW and the after-step updates. Prints each part's share of the profiled wall time,
 then the operators with the most self CPU time. Before profiling it times the training loader alone,
-without the profiler, with and without the cached text states (--loader_batches), so the data
-loading's share can be checked against the profiler's own cost.
+without the profiler, with and without the cached text states (--loader_batches), over batches
+the warm-up already read: the steady state of later epochs, to set beside the profiled steps'
+data loading, whose batches are read for the first time.
 
     python bench/profile_step.py --data_path data_cache/flickr8k_precomp [--row coder] [--warmup 40] [--steps 8]
 """
@@ -105,9 +106,8 @@ def batches(run: trainer.TrainingRun) -> Any:
 
 def time_loading(run: trainer.TrainingRun, count: int) -> dict[str, float]:
     """Milliseconds per batch of the training loader, un-profiled, over the epoch's first `count`
-    batches (their pages already read by the warm-up, as every page is after epoch 1), with the
-    cached text states and with the dataset's `text_states` removed; each timed twice, the second
-    pass kept."""
+    batches (read once already by the warm-up), with the cached text states and with the
+    dataset's `text_states` removed; each timed twice, the second pass kept."""
     times: dict[str, float] = {}
     states = run.train_set.text_states
     for label, text_states in (("with text states", states), ("without text states", None)) * 2:
