@@ -2,6 +2,7 @@
 atomic file writes, offline-aware loading of pretrained `transformers` objects."""
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import io
@@ -10,10 +11,12 @@ import math
 import os
 import pickle
 import re
+import signal
 import sys
 import tempfile
+import threading
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -247,11 +250,12 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: st
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make results unreadable to the group
-        with os.fdopen(fd, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        with interrupts_deferred():
+            with os.fdopen(fd, mode) as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
     except BaseException as err:
         if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
@@ -260,6 +264,27 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: st
             raise
         raise CoderError(f"{path}: cannot write ({os.strerror(cause.errno) if cause.errno else cause}); "
                          f"an earlier {path.name}, if any, is unchanged") from None
+
+
+@contextlib.contextmanager
+def interrupts_deferred() -> Iterator[None]:
+    """Hold a Ctrl-C that arrives inside the block until the block has finished, then deliver it.
+
+    A file cut mid-write is lost work, and torch.save interrupted mid-archive turns the
+    KeyboardInterrupt into a RuntimeError that hides it. Only the main thread receives signals,
+    so elsewhere this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is None:
+        yield  # a thread other than the main one, or a handler Python did not install: leave it be
+        return
+    received: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        signal.raise_signal(signal.SIGINT)  # to the handler that was there before, whatever it does
 
 
 def write_failure(err: BaseException) -> OSError | None:

@@ -1,5 +1,7 @@
 """Checkpoint safety: atomic writes, weights-only loading, strict and explained key matching."""
+import collections
 import os
+import signal
 import pickle
 
 import pytest
@@ -102,3 +104,24 @@ def test_code_version_is_dirty_for_changed_code_not_for_a_rewritten_benchmark_re
     assert checkpoint.code_version(tmp_path) == clean
     (tmp_path / "model.py").write_text("x = 2\n")
     assert checkpoint.code_version(tmp_path) == clean + "+dirty"
+
+
+def test_ctrl_c_mid_save_finishes_the_checkpoint_then_interrupts(tmp_path):
+    """Ctrl-C while torch.save is mid-archive: the write completes, then KeyboardInterrupt is
+    raised (not the RuntimeError torch.save turns a cut archive into), the new checkpoint loads,
+    and Ctrl-C's own handler is back in place."""
+    path = tmp_path / "ck.pt"
+    checkpoint.save_checkpoint(path, {"epoch": 1})
+
+    class CtrlCWhilePickled:
+        def __reduce__(self):
+            os.kill(os.getpid(), signal.SIGINT)
+            return (collections.OrderedDict, ())
+
+    state = {"epoch": 2, "tripwire": CtrlCWhilePickled(), "w": torch.arange(50_000.0)}
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save_checkpoint(path, state)
+    loaded = checkpoint.load_checkpoint(path)
+    assert loaded["epoch"] == 2 and torch.equal(loaded["w"], state["w"])
+    assert sorted(os.listdir(tmp_path)) == ["ck.pt"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
