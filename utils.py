@@ -268,7 +268,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: st
 
 @contextlib.contextmanager
 def interrupts_deferred() -> Iterator[None]:
-    """Hold a Ctrl-C that arrives inside the block until the block has finished, then deliver it.
+    """Hold a Ctrl-C that arrives inside the block until the block has finished, then deliver it;
+    a second Ctrl-C interrupts at once (a write that hangs can still be abandoned).
 
     A file cut mid-write is lost work, and torch.save interrupted mid-archive turns the
     KeyboardInterrupt into a RuntimeError that hides it. Only the main thread receives signals,
@@ -278,7 +279,13 @@ def interrupts_deferred() -> Iterator[None]:
         yield  # a thread other than the main one, or a handler Python did not install: leave it be
         return
     received: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+
+    def hold(signum: int, frame: Any) -> None:
+        if received:
+            raise KeyboardInterrupt
+        received.append(signum)
+
+    previous = signal.signal(signal.SIGINT, hold)
     try:
         yield
     finally:

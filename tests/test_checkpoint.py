@@ -125,3 +125,22 @@ def test_ctrl_c_mid_save_finishes_the_checkpoint_then_interrupts(tmp_path):
     assert loaded["epoch"] == 2 and torch.equal(loaded["w"], state["w"])
     assert sorted(os.listdir(tmp_path)) == ["ck.pt"]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_second_ctrl_c_abandons_the_write_and_keeps_the_previous_checkpoint(tmp_path):
+    """Two Ctrl-Cs during a write: the second interrupts at once (a hung write can be left), the
+    half-written file is removed and the previous checkpoint is untouched."""
+    path = tmp_path / "ck.pt"
+    checkpoint.save_checkpoint(path, {"epoch": 1})
+
+    class TwoCtrlCs:
+        def __reduce__(self):
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+            return (collections.OrderedDict, ())
+
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save_checkpoint(path, {"epoch": 2, "tripwire": TwoCtrlCs()})
+    assert checkpoint.load_checkpoint(path)["epoch"] == 1
+    assert sorted(os.listdir(tmp_path)) == ["ck.pt"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
