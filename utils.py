@@ -259,6 +259,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: st
     except BaseException as err:
         if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+        if _in_chain(err, KeyboardInterrupt):  # torch.save turns a Ctrl-C mid-archive into a RuntimeError
+            raise KeyboardInterrupt from None
         cause = write_failure(err)
         if cause is None:
             raise
@@ -297,8 +299,13 @@ def interrupts_deferred() -> Iterator[None]:
 def write_failure(err: BaseException) -> OSError | None:
     """The OSError behind a failed write, also where a library wrapped it (torch.save raises
     RuntimeError around the file object's OSError), or None for any other failure."""
+    return _in_chain(err, OSError)
+
+
+def _in_chain(err: BaseException | None, kind: type[BaseException]) -> Any:
+    """The first exception of type `kind` among `err` and its causes and contexts, or None."""
     while err is not None:
-        if isinstance(err, OSError):
+        if isinstance(err, kind):
             return err
         err = err.__cause__ or err.__context__
     return None

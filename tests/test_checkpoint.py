@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import checkpoint
-from utils import CoderError
+from utils import CoderError, atomic_write
 
 
 def test_round_trip_and_marker(tmp_path):
@@ -144,3 +144,18 @@ def test_a_second_ctrl_c_abandons_the_write_and_keeps_the_previous_checkpoint(tm
     assert checkpoint.load_checkpoint(path)["epoch"] == 1
     assert sorted(os.listdir(tmp_path)) == ["ck.pt"]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_ctrl_c_that_a_writer_wraps_is_still_a_ctrl_c(tmp_path):
+    """torch.save cut mid-archive raises a RuntimeError whose context is the KeyboardInterrupt:
+    atomic_write raises the KeyboardInterrupt itself and leaves no temporary file."""
+    def cut_mid_archive(f):
+        f.write(b"PK")
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise RuntimeError("unexpected pos 243264 vs 243152")
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(tmp_path / "ck.pt", cut_mid_archive)
+    assert os.listdir(tmp_path) == []
