@@ -259,9 +259,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: st
     except BaseException as err:
         if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
-        if _in_chain(err, KeyboardInterrupt):  # torch.save turns a Ctrl-C mid-archive into a RuntimeError
-            raise KeyboardInterrupt from None
         cause = write_failure(err)
+        if cause is None and _in_chain(err, KeyboardInterrupt):  # torch.save wraps a Ctrl-C mid-archive
+            raise KeyboardInterrupt from None
         if cause is None:
             raise
         raise CoderError(f"{path}: cannot write ({os.strerror(cause.errno) if cause.errno else cause}); "

@@ -1,5 +1,6 @@
 """Checkpoint safety: atomic writes, weights-only loading, strict and explained key matching."""
 import collections
+import errno
 import os
 import signal
 import pickle
@@ -158,4 +159,18 @@ def test_a_ctrl_c_that_a_writer_wraps_is_still_a_ctrl_c(tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         atomic_write(tmp_path / "ck.pt", cut_mid_archive)
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_full_disk_while_handling_a_ctrl_c_is_still_named(tmp_path):
+    """A write made while a Ctrl-C is being handled fails for a full disk: the error names the
+    file (the KeyboardInterrupt in its context is not taken for a new Ctrl-C)."""
+    def fill(f):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    try:
+        raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        with pytest.raises(CoderError, match="ck.pt: cannot write"):
+            atomic_write(tmp_path / "ck.pt", fill)
     assert os.listdir(tmp_path) == []
