@@ -1,6 +1,9 @@
 """Test setup: import the flat project scripts, and locate the optional shared data."""
+import os
+import signal
 import sys
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -15,6 +18,30 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip("../shared/data not found (only CI and the developers' machines have it)")
     return SHARED_DATA
+
+
+# Variables a launcher (torchrun) sets: inherited from the shell, they would make every in-process
+# run a rank of a distributed job that does not exist.
+LAUNCHER_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_launcher_environment() -> Iterator[None]:
+    """The tests run as one process whatever the shell's environment holds (the tests of
+    distributed runs set these variables in the processes they start)."""
+    saved = {name: os.environ.pop(name) for name in LAUNCHER_VARIABLES if name in os.environ}
+    yield
+    os.environ.update(saved)
+
+
+@pytest.fixture
+def ctrl_c() -> Iterator[None]:
+    """Ctrl-C (SIGINT) raises KeyboardInterrupt in this test and in the processes it starts,
+    whatever disposition the test run inherited: a shell that starts pytest in the background
+    (`pytest &`, a CI job) makes it ignore SIGINT, and its children with it."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
 
 
 # A tiny random BERT: the same transformers classes as MiniLM (so the same project code runs),
@@ -62,12 +89,9 @@ def tiny_demo_args(root: Path, seed: int, num_train: int, num_eval: int) -> list
 
 def run_script(script: str, *args: str, procs: int = 1, check: bool = True, timeout: int = 300):
     """Run a project script (under torchrun with `procs` > 1) on one thread per process."""
-    import os
     import subprocess
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(name, None)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # no launcher variables (see above)
     launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs)] if procs > 1 else []
     proc = subprocess.run([sys.executable, *launcher, str(ROOT / script), *args], env=env, capture_output=True,
                           text=True, timeout=timeout)

@@ -313,7 +313,7 @@ def test_bad_input_gives_one_clear_line_and_changes_nothing(env, case, capsys, m
         assert not (root / "new_run").exists(), "a failed start left its run folder behind"
 
 
-def test_ctrl_c_names_the_checkpoint_and_the_resume_command(env, tmp_path):
+def test_ctrl_c_names_the_checkpoint_and_the_resume_command(env, tmp_path, ctrl_c):
     """SIGINT mid-training: one line with the last checkpoint and the command to resume, status
     130; the checkpoint loads and resuming from it works."""
     run_dir = tmp_path / "run"

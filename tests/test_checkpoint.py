@@ -107,7 +107,7 @@ def test_code_version_is_dirty_for_changed_code_not_for_a_rewritten_benchmark_re
     assert checkpoint.code_version(tmp_path) == clean + "+dirty"
 
 
-def test_ctrl_c_mid_save_finishes_the_checkpoint_then_interrupts(tmp_path):
+def test_ctrl_c_mid_save_finishes_the_checkpoint_then_interrupts(tmp_path, ctrl_c):
     """Ctrl-C while torch.save is mid-archive: the write completes, then KeyboardInterrupt is
     raised (not the RuntimeError torch.save turns a cut archive into), the new checkpoint loads,
     and Ctrl-C's own handler is back in place."""
@@ -128,7 +128,7 @@ def test_ctrl_c_mid_save_finishes_the_checkpoint_then_interrupts(tmp_path):
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
-def test_a_second_ctrl_c_abandons_the_write_and_keeps_the_previous_checkpoint(tmp_path):
+def test_a_second_ctrl_c_abandons_the_write_and_keeps_the_previous_checkpoint(tmp_path, ctrl_c):
     """Two Ctrl-Cs during a write: the second interrupts at once (a hung write can be left), the
     half-written file is removed and the previous checkpoint is untouched."""
     path = tmp_path / "ck.pt"
