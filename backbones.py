@@ -8,21 +8,32 @@ import io
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import BinaryIO, Callable, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from utils import CoderError
 
 
+# The formats a photo may be in, checked before Pillow picks a decoder: any other content (a
+# PostScript file that would start Ghostscript, TIFF, PSD, ICNS, ...) is refused unread, whatever
+# the file's name.
+PHOTO_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP")
+FORMATS_NAMED = "JPEG, PNG, GIF, BMP or WebP"
+
 # Photos above this many pixels are refused before decoding. 100 megapixels passes phone and
-# camera photos up to 61 MP full-frame sensors (a 12 MP photo is 4000 x 3000) and keeps a PNG
-# or other format that cannot be decoded at a reduced scale under ~400 MB as RGBA; PIL itself
-# refuses from 179 MP on (and warns from 89 MP on).
+# camera photos up to 61 MP full-frame sensors (a 12 MP photo is 4000 x 3000); a JPEG is decoded
+# at a reduced scale (1/8 for a 256-pixel target), so its memory stays small. PIL itself refuses
+# from 179 MP on (and warns from 89 MP on).
 MAX_PHOTO_PIXELS = 100_000_000
+# PNG, GIF, BMP and WebP cannot be decoded at a reduced scale: the whole image is held, so each
+# has the bound that keeps its decoding under ~0.5 GB (measured in docs/search_app.md: a 40 MP
+# RGBA PNG 458 MB, a 24 MP RGBA WebP 468 MB). MPO is Pillow's name for a multi-picture JPEG.
+PIXEL_LIMITS = {"JPEG": MAX_PHOTO_PIXELS, "MPO": MAX_PHOTO_PIXELS, "PNG": 40_000_000, "GIF": 40_000_000,
+                "BMP": 40_000_000, "WEBP": 24_000_000}
 
 # How `open_photo` decodes, part of every backbone's fingerprint: features (and a search index)
 # made by an older decoder are never mixed with these.
@@ -39,6 +50,10 @@ class PhotoTooLarge(UnreadablePhoto):
     """A photo whose header claims more pixels than `open_photo` is allowed to decode."""
 
 
+class NotAPhotoFormat(UnreadablePhoto):
+    """Content in none of PHOTO_FORMATS: refused before any decoder sees it."""
+
+
 def _covering_size(size: tuple[int, int], target_side: int) -> tuple[int, int]:
     """`size` scaled so that its shorter side is `target_side`, rounded up (what the
     reduced-scale decode must still cover)."""
@@ -47,26 +62,31 @@ def _covering_size(size: tuple[int, int], target_side: int) -> tuple[int, int]:
     return math.ceil(w * scale), math.ceil(h * scale)
 
 
-def open_photo(source: Path | str | bytes, target_side: int, max_pixels: int = MAX_PHOTO_PIXELS) -> Image.Image:
-    """Decode a photo file (or the bytes of one) as a loaded RGB image whose shorter side is
-    at least `target_side` pixels, or the photo's own size when it is smaller.
+def open_photo(source: Path | str | bytes | BinaryIO, target_side: int, max_pixels: int | None = None
+               ) -> Image.Image:
+    """Decode a photo file (its path, its bytes or an open binary file) as a loaded RGB image
+    whose shorter side is at least `target_side` pixels, or the photo's own size when smaller.
 
-    The pixel count in the header is checked against `max_pixels` before any decoding
-    (PhotoTooLarge), and a JPEG is decoded at the smallest of its 1/8, 1/4, 1/2 or full
-    scales that still covers `target_side` (`Image.draft`): a 12 MP photo decodes at
-    500 x 375 for a 256-pixel target, several times faster and in 1/64 of the memory.
-    The photo is turned upright by its EXIF orientation, as cameras and phones store portrait
-    shots as landscape pixels plus a rotation tag (a viewer shows them upright, and so should
-    the features). Every failure is an UnreadablePhoto naming the file, if any (the callers' one error type).
+    Only PHOTO_FORMATS are opened, recognised by content, never by name (NotAPhotoFormat
+    otherwise): no other decoder of Pillow, and no program it would start, is ever reached.
+    The pixel count in the header is checked against `max_pixels` (default: the format's
+    PIXEL_LIMITS) before any decoding (PhotoTooLarge), and a JPEG is decoded at the smallest of
+    its 1/8, 1/4, 1/2 or full scales that still covers `target_side` (`Image.draft`): a 12 MP
+    photo decodes at 500 x 375 for a 256-pixel target, several times faster and in 1/64 of
+    the memory. The photo is turned upright by its EXIF orientation, as cameras and phones
+    store portrait shots as landscape pixels plus a rotation tag (a viewer shows them upright,
+    and so should the features). Every failure is an UnreadablePhoto naming the file, if any
+    (the callers' one error type).
     """
-    where = "" if isinstance(source, bytes) else f"{source}: "
+    where = f"{source}: " if isinstance(source, (str, Path)) else ""
     try:
-        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source, formats=PHOTO_FORMATS) as image:
             w, h = image.size
-            if w * h > max_pixels:
+            limit = PIXEL_LIMITS.get(image.format, min(PIXEL_LIMITS.values())) if max_pixels is None else max_pixels
+            if w * h > limit:
                 raise PhotoTooLarge(
                     f"{where}{w} x {h} image has {w * h / 1e6:.0f} megapixels, more than the "
-                    f"{max_pixels / 1e6:.0f} this program decodes"
+                    f"{limit / 1e6:.0f} this program decodes of a {image.format} image"
                 )
             image.draft("RGB", _covering_size((w, h), target_side))
             image.load()
@@ -77,8 +97,10 @@ def open_photo(source: Path | str | bytes, target_side: int, max_pixels: int = M
             return upright if upright.mode == "RGB" else upright.convert("RGB")
     except Image.DecompressionBombError as err:  # PIL's own limit, far above ours, refused on opening
         raise PhotoTooLarge(
-            f"{where}more than the {max_pixels / 1e6:.0f} megapixels this program decodes ({err})"
+            f"{where}more than the {MAX_PHOTO_PIXELS / 1e6:.0f} megapixels this program decodes ({err})"
         ) from None
+    except UnidentifiedImageError:
+        raise NotAPhotoFormat(f"{where}not a {FORMATS_NAMED} image (other formats are never decoded)") from None
     except _DECODE_ERRORS as err:
         raise UnreadablePhoto(f"{where}cannot read image ({type(err).__name__}: {err})") from None
 
@@ -116,8 +138,8 @@ class CenterCropNormalize:
         pixels = (pixels - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
         return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
 
-    def photo(self, source: Path | str | bytes) -> torch.Tensor:
-        """Decode a photo file or its bytes at the scale this preprocessing needs
+    def photo(self, source: Path | str | bytes | BinaryIO) -> torch.Tensor:
+        """Decode a photo file (path, bytes or open file) at the scale this preprocessing needs
         (`open_photo`) and preprocess it; UnreadablePhoto if it cannot be."""
         return self(open_photo(source, self.resize))
 

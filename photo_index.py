@@ -10,23 +10,28 @@ photo's and a text's fused vectors is exactly the similarity S of `CODER.similar
 evaluation ranks by. Exact search is a chunked matrix product; for very
 large galleries an approximate faiss index can replace it.
 
-Embeddings are cached on disk (never in the photo folder), keyed by the checkpoint, the
-backbone and the folder; each photo is keyed by its name, size and modification time, so a
-restart loads the cache and only new or changed photos are embedded.
+Embeddings are cached on disk (never in the photo folder), in one file per checkpoint, backbone
+and folder that holds each vector with the name, size, modification and change times of its
+photo, replaced whole (atomically) on every save; a restart loads it and embeds only new or
+changed photos. A photo's id is a hash of its name, so it stays with the photo across rescans.
 
 The app searches from many threads at once: a rescan builds a new `Gallery` (photos, vectors,
-search) aside and swaps it in with one assignment, and the encoders run one request at a time.
+search) aside and swaps it in with one assignment; the image encoder runs one batch at a time
+(a rescan's batch or an upload) and the text encoder one batch of texts at a time.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
 import os
 import threading
-from dataclasses import dataclass
+import zipfile
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from stat import S_ISREG
+from typing import Any, BinaryIO, Sequence
 
 import numpy as np
 import torch
@@ -37,6 +42,13 @@ from utils import CoderError, atomic_write
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp"}
 DEFAULT_CACHE = Path(__file__).resolve().parent / "data_cache" / "photo_index"
+CACHE_FILE = "index.npz"  # the vectors and, as JSON, the photo of each row
+CACHE_VERSION = 2
+
+
+def _sha256(text: str) -> str:
+    """SHA-256 of a text that may hold a file name's undecodable bytes (kept as surrogates)."""
+    return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()
 
 
 def _file_key(path: Path) -> str:
@@ -44,13 +56,31 @@ def _file_key(path: Path) -> str:
     return f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
 
 
+def photo_id(name: str) -> str:
+    """A photo's id: 128 bits of the SHA-256 of its name (as bytes on disk), the same whatever
+    else the folder holds, so an id never moves to another photo when the folder changes."""
+    return hashlib.sha256(os.fsencode(name)).hexdigest()[:32]
+
+
+def shown_name(name: str) -> str:
+    """A file name as text for the page: bytes that are not UTF-8 (on Linux a name is any
+    bytes) become U+FFFD, which JSON can carry; the file itself is still opened by its bytes."""
+    return os.fsencode(name).decode("utf-8", "replace")
+
+
+def _photo_key(photo: dict[str, Any]) -> tuple[str, int, int, int]:
+    """What ties a vector to a photo: its name, size, modification and change times. Any write
+    or rename moves the change time, which a program cannot set back (unlike the modification time)."""
+    return photo["name"], photo["size"], photo["mtime"], photo["ctime"]
+
+
 def _hidden(name: str) -> bool:
     return name.startswith(".")  # .thumbnails/, macOS's ._IMG_0001.jpg resource forks
 
 
 def scan_photos(folder: Path, include_hidden: bool = False) -> list[dict[str, Any]]:
-    """Image files under `folder` (recursively, sorted by name), each with its size and
-    modification time. Links that lead outside the folder are left out (they are never
+    """Image files under `folder` (recursively, sorted by name), each with its size,
+    modification and change times. Links that lead outside the folder are left out (they are never
     served), and so are hidden files and folders unless `include_hidden`."""
     root = folder.resolve()
     found = []
@@ -67,7 +97,7 @@ def scan_photos(folder: Path, include_hidden: bool = False) -> list[dict[str, An
             except (OSError, RuntimeError):  # vanished while scanning, or a link loop
                 continue
             found.append({"name": path.relative_to(folder).as_posix(), "size": stat.st_size,
-                          "mtime": stat.st_mtime_ns})
+                          "mtime": stat.st_mtime_ns, "ctime": stat.st_ctime_ns})
     return sorted(found, key=lambda p: p["name"])
 
 
@@ -89,10 +119,11 @@ class Embedder:
                              f"{backbone} gives {self.backbone.feature_dim}-d ones; photos can only be searched with "
                              f"a checkpoint trained on features of that backbone (extract_features.py)")
         self.batch_size, self.workers = batch_size, workers
-        # One text batch and one uploaded image at a time: a fast (Rust) tokenizer refuses a
-        # second thread ("Already borrowed"), and one decode at a time bounds an upload's memory.
+        # One text batch at a time: a fast (Rust) tokenizer refuses a second thread ("Already
+        # borrowed"). One image batch at a time, a rescan's or an upload's: an upload's decoding
+        # and the image encoder's memory are bounded by one batch, whatever runs meanwhile.
         self._text_lock, self._image_lock = threading.Lock(), threading.Lock()
-        self.key = hashlib.sha256(f"{_file_key(self.checkpoint)}|{self.backbone.fingerprint()}".encode()).hexdigest()
+        self.key = _sha256(f"{_file_key(self.checkpoint)}|{self.backbone.fingerprint()}")
 
     @torch.no_grad()
     def _images(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -114,20 +145,21 @@ class Embedder:
                 errors.update({i: err for i, _, err in items if err is not None})
                 if good:
                     rows = torch.tensor([i for i, _ in good])
-                    vectors[rows] = self._images(torch.stack([t for _, t in good]))
+                    with self._image_lock:
+                        vectors[rows] = self._images(torch.stack([t for _, t in good]))
                 bar.update(len(items))
         return vectors, errors
 
     def image_bytes(self, data: bytes) -> torch.Tensor:
-        """The fused vector of one uploaded image (CoderError if the bytes are not an image, or
-        one of more than backbones.MAX_PHOTO_PIXELS pixels)."""
+        """The fused vector of one uploaded image (CoderError if the bytes are not a photo of
+        backbones.PHOTO_FORMATS, cannot be decoded or claim more pixels than its format's limit)."""
         with self._image_lock:
             try:
                 pixels = self.backbone.preprocess.photo(data)
             except PhotoTooLarge as err:
                 raise CoderError(f"uploaded image refused: {err}") from None
-            except UnreadablePhoto:
-                raise CoderError("not an image this server can read (JPEG, PNG, GIF, BMP or WebP)") from None
+            except UnreadablePhoto as err:
+                raise CoderError(str(err)) from None
             return self._images(pixels.unsqueeze(0))[0]
 
     @torch.no_grad()
@@ -208,25 +240,54 @@ def build_faiss(vectors: np.ndarray, nprobe: int = 32) -> Any:
 
 
 class PhotoNotServed(LookupError):
-    """An id the index does not have, or an indexed photo that is no longer a file inside the
-    folder (deleted, or replaced by a link that leads out of it since it was indexed)."""
+    """An id the index does not have, or an indexed photo that is no longer a regular file
+    inside the folder (deleted, or replaced by a link, or a folder on its path by a link)."""
 
 
 @dataclass(frozen=True)
 class Gallery:
-    """One consistent state of the index: the photos (ids are positions in `photos`) and the
-    search over their vectors. Never changed in place; a rescan makes a new one."""
+    """One consistent state of the index: the photos, their ids (`photo_id` of each name) and
+    the search over their vectors (which ranks positions in `photos`). Never changed in place;
+    a rescan makes a new one."""
 
     photos: tuple[dict[str, Any], ...]
     index: VectorSearch
+    ids: tuple[str, ...] = field(init=False, repr=False, compare=False)
+    positions: dict[str, int] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        ids = tuple(photo_id(p["name"]) for p in self.photos)
+        object.__setattr__(self, "ids", ids)
+        object.__setattr__(self, "positions", {i: position for position, i in enumerate(ids)})
 
     @property
     def vectors(self) -> torch.Tensor:
         return self.index.vectors
 
     def search(self, queries: torch.Tensor, k: int) -> list[list[tuple[int, float]]]:
-        """For each query vector, the top k photos as (photo id, score), best first."""
+        """For each query vector, the top k photos as (position in `photos`, score), best first."""
         return self.index.ranked(queries, k)
+
+
+def open_beneath(root: Path, parts: Sequence[str]) -> int:
+    """A read-only descriptor of the regular file root/parts[0]/.../parts[-1], each component
+    opened from the descriptor of the one before without following a link (O_NOFOLLOW): a link
+    anywhere on the way, even one swapped in a moment ago, is an OSError (ELOOP or ENOTDIR),
+    never followed; so is anything but a regular file (a FIFO does not block the opening)."""
+    flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW
+    folder = os.open(root, flags | os.O_DIRECTORY)
+    try:
+        for part in parts[:-1]:
+            inner = os.open(part, flags | os.O_DIRECTORY, dir_fd=folder)
+            os.close(folder)
+            folder = inner
+        fd = os.open(parts[-1], flags | os.O_NONBLOCK, dir_fd=folder)
+    finally:
+        os.close(folder)
+    if not S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, "not a regular file")
+    return fd
 
 
 class PhotoIndex:
@@ -234,7 +295,7 @@ class PhotoIndex:
 
     `gallery` is the current Gallery; a reader takes it once per request, so that a rescan
     running meanwhile (which swaps in its new Gallery with one assignment) never mixes the
-    names of one state with the ids of another."""
+    names of one state with the positions of another."""
 
     def __init__(self, embedder: Embedder, folder: str | os.PathLike, cache_root: str | os.PathLike | None = None,
                  approximate: bool = False, include_hidden: bool = False) -> None:
@@ -244,7 +305,7 @@ class PhotoIndex:
             raise CoderError(f"--images {folder}: photo folder not found")
         self.root = self.folder.resolve()
         check_writable_dir(cache_root or DEFAULT_CACHE, "--cache_dir")
-        key = hashlib.sha256(f"{embedder.key}|{self.root}".encode()).hexdigest()[:24]
+        key = _sha256(f"{embedder.key}|{self.root}")[:24]
         self.cache = Path(cache_root or DEFAULT_CACHE) / key
         if self.cache.resolve().is_relative_to(self.root):
             raise CoderError(f"--cache_dir {cache_root}: lies inside the photo folder, which is never written to")
@@ -253,23 +314,32 @@ class PhotoIndex:
         self.gallery = Gallery(tuple(photos), VectorSearch(vectors, approximate))
 
     def _load_cache(self) -> tuple[list[dict[str, Any]], torch.Tensor]:
-        meta, vectors = self.cache / "photos.json", self.cache / "vectors.npy"
+        """The cached photos and their vectors, or none when the file is missing, damaged or of
+        another layout (it is then rebuilt, never trusted). Each row's photo is read from the
+        same file as its vector, so no write, crash or second server can pair them wrongly."""
         empty = ([], torch.zeros(0, self.embedder.dim))
-        if not (meta.is_file() and vectors.is_file()):
-            return empty
         try:
-            photos = json.loads(meta.read_text())
-            array = np.load(vectors, allow_pickle=False)
-        except (OSError, ValueError):
-            return empty  # a damaged cache is rebuilt, not trusted
-        if array.shape != (len(photos), self.embedder.dim):
+            with np.load(self.cache / CACHE_FILE, allow_pickle=False) as stored:
+                meta = json.loads(stored["photos"].tobytes().decode("ascii"))
+                vectors = stored["vectors"]
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):  # missing or damaged
             return empty
-        return photos, torch.from_numpy(array.astype(np.float32))
+        photos = meta.get("photos") if isinstance(meta, dict) and meta.get("version") == CACHE_VERSION else None
+        fields = {"name": str, "size": int, "mtime": int, "ctime": int}
+        if (not isinstance(photos, list) or vectors.dtype != np.float32
+                or vectors.shape != (len(photos), self.embedder.dim) or not np.isfinite(vectors).all()
+                or not all(isinstance(p, dict) and p.keys() == fields.keys()
+                           and all(type(p[k]) is kind for k, kind in fields.items()) for p in photos)):
+            return empty
+        return photos, torch.from_numpy(vectors)
 
     def _save_cache(self, gallery: Gallery) -> None:
-        self.cache.mkdir(parents=True, exist_ok=True)
-        atomic_write(self.cache / "vectors.npy", lambda f: np.save(f, gallery.vectors.numpy()))
-        atomic_write(self.cache / "photos.json", lambda f: f.write(json.dumps(list(gallery.photos))), mode="w")
+        """The photos and their vectors as one file, replaced atomically (a temporary file of its
+        own, then a rename): a reader, or another server on the same folder, sees a whole old
+        or a whole new file; two servers saving at once leave the one saved last."""
+        meta = json.dumps({"version": CACHE_VERSION, "photos": list(gallery.photos)})  # ASCII: JSON escapes the rest
+        atomic_write(self.cache / CACHE_FILE, lambda f: np.savez(
+            f, vectors=gallery.vectors.numpy(), photos=np.frombuffer(meta.encode("ascii"), np.uint8)))
 
     def refresh(self, progress: bool = False) -> dict[str, Any]:
         """Embed new or changed photos, drop removed ones, save the cache, then swap the new
@@ -278,10 +348,9 @@ class PhotoIndex:
         with self._refresh_lock:
             old = self.gallery
             on_disk = scan_photos(self.folder, self.include_hidden)
-            known = {(p["name"], p["size"], p["mtime"]): i for i, p in enumerate(old.photos)}
-            kept = [(p, known[(p["name"], p["size"], p["mtime"])]) for p in on_disk
-                    if (p["name"], p["size"], p["mtime"]) in known]
-            new = [p for p in on_disk if (p["name"], p["size"], p["mtime"]) not in known]
+            known = {_photo_key(p): i for i, p in enumerate(old.photos)}
+            kept = [(p, known[_photo_key(p)]) for p in on_disk if _photo_key(p) in known]
+            new = [p for p in on_disk if _photo_key(p) not in known]
             vectors, errors = self.embedder.photos([self.folder / p["name"] for p in new], progress)
             readable = [i for i in range(len(new)) if i not in errors]
             removed = len(old.photos) - len(kept)
@@ -294,19 +363,30 @@ class PhotoIndex:
         return {"added": len(readable), "removed": removed, "kept": len(kept),
                 "unreadable": {new[i]["name"]: err for i, err in errors.items()}}
 
-    def path(self, gallery: Gallery, photo_id: int) -> Path:
-        """The file of photo `photo_id` of `gallery`, resolved now (links followed): a photo
-        replaced since indexing by a link out of the folder, or gone, is PhotoNotServed."""
-        if not 0 <= photo_id < len(gallery.photos):
-            raise PhotoNotServed(f"no photo {photo_id} (the index has {len(gallery.photos)})")
-        name = gallery.photos[photo_id]["name"]
+    def open(self, gallery: Gallery, photo: str) -> BinaryIO:
+        """The file of the photo with id `photo` in `gallery`, opened for reading. Its name is
+        resolved now (links followed) and must lead inside the folder; that path is then opened
+        with `open_beneath`, so a folder on it swapped for a link after the check is refused,
+        not followed. A photo gone, leading out of the folder or not a regular file is
+        PhotoNotServed."""
+        position = gallery.positions.get(photo)
+        if position is None:
+            raise PhotoNotServed("no photo with this id (the folder may have been rescanned; search again)")
+        name = gallery.photos[position]["name"]
+        shown = shown_name(name)
         try:
             real = (self.folder / name).resolve(strict=True)
         except (OSError, RuntimeError):  # deleted, or a link loop
-            raise PhotoNotServed(f"photo {photo_id} ({name}) is no longer in the folder; rescan") from None
-        if not real.is_relative_to(self.root) or not real.is_file():
-            raise PhotoNotServed(f"photo {photo_id} ({name}) now leads out of the photo folder; it is not served")
-        return real
+            raise PhotoNotServed(f"photo {shown} is no longer in the folder; rescan") from None
+        if not real.is_relative_to(self.root):
+            raise PhotoNotServed(f"photo {shown} now leads out of the photo folder; it is not served")
+        try:
+            return os.fdopen(open_beneath(self.root, real.relative_to(self.root).parts), "rb")
+        except FileNotFoundError:
+            raise PhotoNotServed(f"photo {shown} is no longer in the folder; rescan") from None
+        except OSError as err:  # ELOOP, ENOTDIR: a link swapped in; EINVAL: not a regular file
+            raise PhotoNotServed(f"photo {shown} changed while it was opened ({err.strerror}); it is not served"
+                                 ) from None
 
 
 class CaptionSet:
@@ -317,7 +397,7 @@ class CaptionSet:
                  progress: bool = False) -> None:
         self.path = Path(path)
         self.texts, self.images = read_caption_file(self.path)
-        key = hashlib.sha256(f"{embedder.key}|{_file_key(self.path)}".encode()).hexdigest()[:24]
+        key = _sha256(f"{embedder.key}|{_file_key(self.path)}")[:24]
         cache = Path(cache_root or DEFAULT_CACHE) / f"captions_{key}.npy"
         vectors = None
         if cache.is_file():

@@ -7,19 +7,24 @@ it finds in --captions and its nearest photos. On first start the photos are emb
 features with the backbone of extract_features.py, then the checkpoint's image encoder) and
 cached under data_cache/photo_index; a restart reads the cache and embeds only new or changed
 photos ("Rescan folder" does the same while running). The server binds to 127.0.0.1, answers
-only requests addressed to this machine's names (Host header), accepts POSTs only from its own
-page, serves only the indexed photos (by id, never by path, re-checked on every request) and
-never writes into the photo folder.
+only requests addressed to this machine's names (Host header) and, apart from loading the page,
+only its own page (no other site's page may read, embed, frame or post to it), serves only the
+indexed photos (by an id made from the name, never by path, opened anew on every request
+without following a link swapped in) and never writes into the photo folder. The threat model
+is in docs/search_app.md.
 
 JSON API: GET /api/status, GET /api/search?q=TEXT&k=N, GET /api/photos/{id}/neighbours?k=N,
 POST /api/upload (multipart field "file"), POST /api/refresh; images at /photos/{id} and
 /thumbs/{id}.
 """
+import hashlib
 import io
+import os
 import socket
 import sys
+import threading
 import time
-from functools import lru_cache
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Sequence
 from urllib.parse import urlsplit
@@ -34,6 +39,18 @@ MULTIPART_OVERHEAD = 64 << 10  # form boundaries and part headers allowed on top
 # comes from a page that rebound its own domain name to this address (DNS rebinding).
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "[::1]")
 WILDCARD_ADDRESSES = ("0.0.0.0", "::", "")
+# On every response: no page may frame the app (X-Frame-Options, frame-ancestors), a browser never
+# reads a response as another type than the one sent (nosniff), and no other origin's page may
+# embed a response (CORP) or keep a handle on the app's window (COOP).
+SECURITY_HEADERS = {"X-Frame-Options": "DENY", "Content-Security-Policy": "frame-ancestors 'none'",
+                    "X-Content-Type-Options": "nosniff", "Cross-Origin-Resource-Policy": "same-origin",
+                    "Cross-Origin-Opener-Policy": "same-origin"}
+CROSS_SITE_REFUSAL = "cross-site request refused: only this app's own page may read its photos or change its state"
+MAX_UPLOADS_AT_ONCE = 4  # bodies held in memory at once: at most this many times --max_upload_mb
+THUMBNAILS_AT_ONCE = 2  # thumbnails decoded at once (each may hold a whole PNG or WebP)
+THUMB_CACHE_ENTRIES = 4096  # about 15 KB each
+MEDIA_TYPES = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png", ".gif": "image/gif",
+               ".bmp": "image/bmp", ".webp": "image/webp"}
 
 
 def allowed_hosts(bind_host: str, extra: Sequence[str] = ()) -> list[str]:
@@ -45,12 +62,51 @@ def allowed_hosts(bind_host: str, extra: Sequence[str] = ()) -> list[str]:
     return sorted({h.lower() for h in hosts})
 
 
+def _netloc(url: str) -> str | None:
+    try:
+        return urlsplit(url).netloc.lower()
+    except ValueError:  # a malformed URL: nobody's own page
+        return None
+
+
 def cross_site(headers: Any) -> bool:
-    """Whether a browser sent this request from another site's page (its Sec-Fetch-Site or
-    Origin says so). Requests with neither header do not come from a web page (curl, scripts)."""
-    site, origin = headers.get("sec-fetch-site"), headers.get("origin")
-    return site not in (None, "same-origin", "none") or (origin is not None and
-                                                         urlsplit(origin).netloc != headers.get("host"))
+    """Whether a browser sent this request from another site's page: its Sec-Fetch-Site says
+    so, or its Origin or Referer names another host (browsers without fetch metadata send
+    those). A typed URL or a bookmark (Sec-Fetch-Site: none) and requests with none of these
+    headers (curl, scripts) are not cross-site."""
+    site, host = headers.get("sec-fetch-site"), (headers.get("host") or "").lower()
+    return site not in (None, "same-origin", "none") or any(
+        value is not None and _netloc(value) != host for value in (headers.get("origin"), headers.get("referer")))
+
+
+class Guard:
+    """The app's outermost layer: SECURITY_HEADERS on every response, refusals included, and
+    every request but loading the page refused (403) when `cross_site`. It runs before routing,
+    so another site's page learns nothing from the answer, not even whether an id exists."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        from starlette.datastructures import Headers, MutableHeaders
+        from starlette.responses import JSONResponse
+
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_secured(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                for name, value in SECURITY_HEADERS.items():
+                    headers[name] = value
+            await send(message)
+
+        page_load = scope["path"] == "/" and scope["method"] in ("GET", "HEAD")
+        if not page_load and cross_site(Headers(scope=scope)):
+            await JSONResponse({"detail": CROSS_SITE_REFUSAL}, 403)(scope, receive, send_secured)
+        else:
+            await self.app(scope, receive, send_secured)
 
 
 async def read_capped_body(request: Any, limit: int) -> bytes:
@@ -101,9 +157,13 @@ def multipart_file(content_type: str, body: bytes, field: str = "file") -> tuple
     return name or None, upload.file_object.read()
 
 
-def photo_entry(gallery: Any, photo_id: int, score: float | None = None) -> dict[str, Any]:
-    """What the page shows of one photo of `gallery`."""
-    entry = {"id": photo_id, "name": gallery.photos[photo_id]["name"], "thumb": f"/thumbs/{photo_id}",
+def photo_entry(gallery: Any, position: int, score: float | None = None) -> dict[str, Any]:
+    """What the page shows of the photo at `position` of `gallery`: its id, its name as text
+    (`shown_name`) and its image URLs."""
+    from photo_index import shown_name
+
+    photo_id = gallery.ids[position]
+    entry = {"id": photo_id, "name": shown_name(gallery.photos[position]["name"]), "thumb": f"/thumbs/{photo_id}",
              "url": f"/photos/{photo_id}"}
     return entry if score is None else {**entry, "score": round(score, 4)}
 
@@ -121,7 +181,7 @@ def caption_entries(captions: Any, vector: Any, k: int, own_photo: str | None) -
 def create_app(photos: Any, captions: Any = None, max_upload_bytes: int = 10 << 20, default_k: int = 12,
                hosts: Sequence[str] = LOCAL_HOSTS) -> Any:
     """The FastAPI app over a PhotoIndex and an optional CaptionSet (photo_index.py), answering
-    requests whose Host is one of `hosts` (see `allowed_hosts`)."""
+    requests whose Host is one of `hosts` (see `allowed_hosts`) that are not `cross_site`."""
     from fastapi import FastAPI, Query
     from starlette.middleware.trustedhost import TrustedHostMiddleware
 
@@ -129,6 +189,7 @@ def create_app(photos: Any, captions: Any = None, max_upload_bytes: int = 10 << 
         raise CoderError(f"--k {default_k}: must be between 1 and {MAX_K}")
     app = FastAPI(title="CODER photo search", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(hosts), www_redirect=False)
+    app.add_middleware(Guard)  # added last: the outermost layer, so its headers reach every response
     k_query = Query(default_k, ge=1, le=MAX_K)
     add_search_routes(app, photos, captions, default_k, k_query)
     add_state_changing_routes(app, photos, captions, max_upload_bytes, k_query)
@@ -164,26 +225,28 @@ def add_search_routes(app: Any, photos: Any, captions: Any, default_k: int, k_qu
                 "milliseconds": round(1000 * (time.perf_counter() - start), 1)}
 
     @app.get("/api/photos/{photo_id}/neighbours")
-    def neighbours(photo_id: int, k: int = k_query) -> dict[str, Any]:
+    def neighbours(photo_id: str, k: int = k_query) -> dict[str, Any]:
         gallery = photos.gallery
-        if not 0 <= photo_id < len(gallery.photos):
-            raise HTTPException(404, f"no photo {photo_id} (the index has {len(gallery.photos)})")
-        vector = gallery.vectors[photo_id:photo_id + 1]
-        ranked = [(i, s) for i, s in gallery.search(vector, k + 1)[0] if i != photo_id][:k]
-        return {"photo": photo_entry(gallery, photo_id),
-                "captions": caption_entries(captions, vector, k, gallery.photos[photo_id]["name"]),
+        position = gallery.positions.get(photo_id)
+        if position is None:
+            raise HTTPException(404, "no photo with this id (the folder may have been rescanned; search again)")
+        vector = gallery.vectors[position:position + 1]
+        ranked = [(i, s) for i, s in gallery.search(vector, k + 1)[0] if i != position][:k]
+        return {"photo": photo_entry(gallery, position),
+                "captions": caption_entries(captions, vector, k, gallery.photos[position]["name"]),
                 "photos": [photo_entry(gallery, i, s) for i, s in ranked]}
 
 
 def add_state_changing_routes(app: Any, photos: Any, captions: Any, max_upload_bytes: int, k_query: Any) -> None:
-    """Upload and rescan (POST): refused from other sites' pages; an upload's body read with
-    a bound, its decoding and embedding run off the event loop."""
-    from fastapi import Depends, HTTPException, Request
+    """Upload and rescan (POST; `Guard` refuses them from other sites' pages): an upload's body
+    read with a bound, at most MAX_UPLOADS_AT_ONCE at a time, its decoding and embedding run off
+    the event loop."""
+    from fastapi import HTTPException, Request
     from starlette.concurrency import run_in_threadpool
 
-    def refuse_cross_site(request: Request) -> None:
-        if cross_site(request.headers):
-            raise HTTPException(403, "cross-site request refused: only this app's own page may change its state")
+    from photo_index import shown_name
+
+    uploads = 0  # being read or embedded; changed on the event loop's thread only
 
     def answer_upload(name: str | None, data: bytes, k: int) -> dict[str, Any]:
         try:
@@ -194,56 +257,126 @@ def add_state_changing_routes(app: Any, photos: Any, captions: Any, max_upload_b
         return {"name": name, "captions": caption_entries(captions, vector, k, name),
                 "photos": [photo_entry(gallery, i, s) for i, s in gallery.search(vector, k)[0]]}
 
-    @app.post("/api/upload", dependencies=[Depends(refuse_cross_site)])
+    @app.post("/api/upload")
     async def upload(request: Request, k: int = k_query) -> dict[str, Any]:
-        body = await read_capped_body(request, max_upload_bytes + MULTIPART_OVERHEAD)
-        name, data = multipart_file(request.headers.get("content-type", ""), body)
-        if len(data) > max_upload_bytes:
-            raise HTTPException(413, f"upload larger than the {max_upload_bytes >> 20} MB limit")
-        return await run_in_threadpool(answer_upload, name, data, k)
+        nonlocal uploads
+        if uploads >= MAX_UPLOADS_AT_ONCE:  # refused before a byte of the body is read
+            raise HTTPException(503, f"{MAX_UPLOADS_AT_ONCE} uploads are already being handled; try again",
+                                headers={"Retry-After": "2"})
+        uploads += 1
+        try:
+            body = await read_capped_body(request, max_upload_bytes + MULTIPART_OVERHEAD)
+            name, data = multipart_file(request.headers.get("content-type", ""), body)
+            del body
+            if len(data) > max_upload_bytes:
+                raise HTTPException(413, f"upload larger than the {max_upload_bytes >> 20} MB limit")
+            return await run_in_threadpool(answer_upload, name, data, k)
+        finally:
+            uploads -= 1
 
-    @app.post("/api/refresh", dependencies=[Depends(refuse_cross_site)])
+    @app.post("/api/refresh")
     def refresh() -> dict[str, Any]:
         counts = photos.refresh()
-        return {**counts, "unreadable": sorted(counts["unreadable"])}  # names only: the errors hold paths
+        # names only (the errors hold paths), as text even where a name is not UTF-8
+        return {**counts, "unreadable": sorted(shown_name(name) for name in counts["unreadable"])}
+
+
+class Thumbnails:
+    """Thumbnails in memory, keyed by what identifies a file's content (device, inode, size,
+    modification and change times: any write or replacement changes the key), the least
+    recently used dropped beyond `entries`. Safe from many threads."""
+
+    def __init__(self, entries: int) -> None:
+        self.entries, self.items, self.lock = entries, OrderedDict(), threading.Lock()
+
+    def get(self, key: tuple) -> bytes | None:
+        with self.lock:
+            if key in self.items:
+                self.items.move_to_end(key)
+            return self.items.get(key)
+
+    def put(self, key: tuple, data: bytes) -> None:
+        with self.lock:
+            self.items[key] = data
+            while len(self.items) > self.entries:
+                self.items.popitem(last=False)
+
+
+def content_key(info: os.stat_result) -> tuple[int, ...]:
+    return info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns
 
 
 def add_image_routes(app: Any, photos: Any) -> None:
-    """A photo's file and its thumbnail, by id; its path resolved again on every request."""
-    from fastapi import HTTPException
-    from fastapi.responses import FileResponse, Response
+    """A photo's file and its thumbnail, by id, read from the file opened anew on every request
+    (`PhotoIndex.open`). Each answer carries an ETag of the file's content key and must be
+    revalidated before use (Cache-Control: no-cache), so a browser never shows a stale photo."""
+    from fastapi import HTTPException, Request
+    from fastapi.responses import Response, StreamingResponse
 
     from backbones import UnreadablePhoto, open_photo
-    from photo_index import PhotoNotServed
+    from photo_index import PhotoNotServed, shown_name
 
-    def served_file(photo_id: int) -> Path:
+    thumbnails = Thumbnails(THUMB_CACHE_ENTRIES)
+    decoding = threading.BoundedSemaphore(THUMBNAILS_AT_ONCE)
+
+    def opened(photo_id: str) -> tuple[Any, os.stat_result, str]:
+        """The photo's open file, its fstat and its name (404 when it is not served)."""
+        gallery = photos.gallery
         try:
-            return photos.path(photos.gallery, photo_id)
+            file = photos.open(gallery, photo_id)
         except PhotoNotServed as err:
             raise HTTPException(404, str(err)) from None
+        return file, os.fstat(file.fileno()), gallery.photos[gallery.positions[photo_id]]["name"]
 
-    @lru_cache(maxsize=4096)
-    def thumbnail(path: Path, file_size: int, mtime_ns: int) -> bytes:
-        """A photo's thumbnail, cached by path, file size and modification time."""
-        image = open_photo(path, THUMB_SIZE)
+    def validators(info: os.stat_result) -> dict[str, str]:
+        tag = hashlib.sha256(repr(content_key(info)).encode()).hexdigest()[:32]
+        return {"ETag": f'"{tag}"', "Cache-Control": "private, no-cache"}
+
+    def unchanged(request: Request, headers: dict[str, str]) -> bool:
+        sent = request.headers.get("if-none-match", "")
+        return headers["ETag"] in (tag.strip().removeprefix("W/") for tag in sent.split(","))
+
+    def thumbnail(file: Any) -> bytes:
+        with decoding:
+            image = open_photo(file, THUMB_SIZE)
         image.thumbnail((THUMB_SIZE, THUMB_SIZE))
         out = io.BytesIO()
         image.save(out, "JPEG", quality=85)
         return out.getvalue()
 
     @app.get("/photos/{photo_id}")
-    def photo(photo_id: int) -> FileResponse:
-        return FileResponse(served_file(photo_id))
+    def photo(photo_id: str, request: Request) -> Response:
+        file, info, name = opened(photo_id)
+        headers = validators(info)
+        if unchanged(request, headers):
+            file.close()
+            return Response(status_code=304, headers=headers)
+
+        def chunks() -> Any:
+            with file:
+                left = info.st_size
+                while left > 0 and (chunk := file.read(min(left, 1 << 20))):
+                    left -= len(chunk)
+                    yield chunk
+
+        return StreamingResponse(chunks(), media_type=MEDIA_TYPES.get(Path(name).suffix.lower()),
+                                 headers={**headers, "Content-Length": str(info.st_size)})
 
     @app.get("/thumbs/{photo_id}")
-    def thumb(photo_id: int) -> Response:
-        path = served_file(photo_id)
-        try:
-            stat = path.stat()
-            data = thumbnail(path, stat.st_size, stat.st_mtime_ns)
-        except (OSError, UnreadablePhoto):  # deleted or damaged since it was indexed
-            raise HTTPException(404, f"photo {photo_id} can no longer be read; rescan") from None
-        return Response(data, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
+    def thumb(photo_id: str, request: Request) -> Response:
+        file, info, name = opened(photo_id)
+        with file:
+            headers = validators(info)
+            if unchanged(request, headers):
+                return Response(status_code=304, headers=headers)
+            data = thumbnails.get(content_key(info))
+            if data is None:
+                try:
+                    data = thumbnail(file)
+                except UnreadablePhoto:  # damaged, or another format, since it was indexed
+                    raise HTTPException(404, f"photo {shown_name(name)} can no longer be read; rescan") from None
+                thumbnails.put(content_key(info), data)
+        return Response(data, media_type="image/jpeg", headers=headers)
 
 
 def build_parser() -> Any:
