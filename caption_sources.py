@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 from typing import Any, Mapping
 
-from utils import CoderError, open_input, read_json, read_text, read_text_lines
+from utils import CoderError, open_input, read_json, read_text, read_text_lines, text_encoding
 
 # SCAN's split names for Karpathy's JSON: COCO's "restval" images join the training set.
 KARPATHY_DEFAULT_SPLITS = {"train": ("train", "restval"), "dev": ("val",), "test": ("test",)}
@@ -124,9 +124,10 @@ def _is_json(path: Path) -> bool:
         return True
     try:
         with open(path, "rb") as f:
-            return f.read(64).lstrip().startswith(b"{")
+            head = f.read(64)
     except OSError:
         return False
+    return head.decode(text_encoding(head), "ignore").lstrip().startswith("{")
 
 
 def build_split_entries(

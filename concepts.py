@@ -31,7 +31,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from utils import (CoderError, atomic_write, cli_entry, load_pickle_restricted, npy_header, open_input, path_problem,
-                   read_json, read_text, read_text_lines)
+                   read_json, read_text, read_text_lines, text_encoding)
 from vocab import read_captions, tokenize
 
 FORMAT_NAME = "coder-concepts"
@@ -297,9 +297,10 @@ def _glove_from_text(path: Path, wanted: set[str]) -> dict[str, np.ndarray]:
     """Vectors of the wanted words from a GloVe text file, streamed (the 840B file is 5 GB)."""
     found: dict[str, np.ndarray] = {}
     dim = None
-    open_input(path, "word-vector file").close()  # not found, a folder, under a file, empty
+    with open_input(path, "word-vector file") as f:  # not found, a folder, under a file, empty
+        encoding = text_encoding(f.read(2))
     try:
-        with path.open(encoding="utf-8", errors="replace") as f:
+        with path.open(encoding=encoding, errors="replace") as f:
             for line_no, line in enumerate(f, 1):
                 word, _, rest = line.rstrip("\n").partition(" ")
                 if word not in wanted or word in found:

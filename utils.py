@@ -130,22 +130,35 @@ def read_input_file(path: str | os.PathLike, what: str) -> bytes:
             raise CoderError(f"{path}: cannot read {what} ({err.strerror or err})") from None
 
 
+UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")
+
+
+def text_encoding(head: bytes) -> str:
+    """The encoding of a text file that starts with `head`: UTF-16 where it starts with UTF-16's
+    byte-order mark (Windows' "Unicode"), else UTF-8, with or without its byte-order mark."""
+    return "utf-16" if head.startswith(UTF16_BOMS) else "utf-8-sig"
+
+
 def read_text(path: str | os.PathLike, what: str) -> str:
-    """An input file as UTF-8 text (a UTF-8 byte-order mark dropped); UTF-16, bytes that are
-    not UTF-8 and NUL bytes are refused with the line where they are."""
+    """An input file as text: UTF-8, UTF-8 with a byte-order mark, or UTF-16 with one, as
+    other programs save text. Bytes that are not text in that encoding, and NUL characters
+    (UTF-16 without a byte-order mark, a binary file), are refused with the line where they are."""
     raw = read_input_file(path, what)
-    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
-        raise CoderError(f"{path}: {what} is UTF-16 text; save it as UTF-8")
-    raw = raw.removeprefix(b"\xef\xbb\xbf")
-    nul = raw.find(b"\0")
-    if nul >= 0:
-        line = raw.count(b"\n", 0, nul) + 1
-        raise CoderError(f"{path}:{line}: NUL byte in a {what} (a binary file?)")
+    encoding = text_encoding(raw)
     try:
-        return raw.decode("utf-8")
+        text = raw.decode(encoding)
     except UnicodeDecodeError as err:
-        line = raw.count(b"\n", 0, err.start) + 1
-        raise CoderError(f"{path}:{line}: not UTF-8 text (byte {raw[err.start]:#04x}); save the {what} as UTF-8") from None
+        line = raw[:err.start].decode(encoding, "replace").count("\n") + 1
+        name = "UTF-8" if encoding == "utf-8-sig" else "UTF-16"
+        raise CoderError(f"{path}:{line}: not {name} text (byte {raw[err.start]:#04x}); save the {what} as "
+                         f"UTF-8") from None
+    nul = text.find("\0")
+    if nul >= 0:
+        line = text.count("\n", 0, nul) + 1
+        hint = " (UTF-16 without a byte-order mark? save it as UTF-8)" if text.count("\0") * 3 > len(text) else \
+            " (a binary file?)"
+        raise CoderError(f"{path}:{line}: NUL byte in a {what}{hint}")
+    return text
 
 
 def read_text_lines(path: str | os.PathLike, what: str) -> list[str]:

@@ -72,6 +72,8 @@ def pristine(tmp_path_factory) -> Path:
     (raw / "captions.csv").write_text("image,caption\n" + "".join(f"{n}.jpg,a dog number {i}\n" for n in "ab"
                                                                    for i in range(5)))
     (raw / "train.txt").write_text("a.jpg\nb.jpg\n")
+    (raw / "concepts.txt").write_text("bird\npizza\nsnow\ngirl\n")
+    (raw / "glove.txt").write_text("".join(f"{w} {i} 0.5 -1.25\n" for i, w in enumerate(["girl", "bird", "snow"])))
     images = [{"filename": f"{n}.jpg", "split": "train", "sentences": [{"raw": f"a cat {i}"} for i in range(5)]}
               for n in "ab"]
     (raw / "karpathy.json").write_text(json.dumps({"images": images}))
@@ -129,6 +131,10 @@ ENTRY_POINTS: dict[str, tuple[Callable, Callable[[Path], list[str]]]] = {
     "concepts label": (concepts.main, lambda w: ["label", str(w / "concepts"), str(w / "data" / "train_caps.txt")]),
     "concepts build": (concepts.main, lambda w: ["build", "--captions", str(w / "data" / "train_caps.txt"),
                                                  "--out", str(w / "c2")]),
+    "concepts build list": (concepts.main, lambda w: ["build", "--captions", str(w / "data" / "train_caps.txt"),
+                                                      "--concept-list", str(w / "raw" / "concepts.txt"),
+                                                      "--word-vectors", str(w / "raw" / "glove.txt"),
+                                                      "--out", str(w / "c2")]),
     "extract csv": (extract_features.main, lambda w: ["--images", str(w / "raw" / "images"), "--captions",
                                                       str(w / "raw" / "captions.csv"), "--split",
                                                       f"train={w / 'raw' / 'train.txt'}", "--out", str(w / "x"),
@@ -204,7 +210,7 @@ ANY_FILE = {
 }
 TEXT_LINES = {
     "NUL byte": lambda p: _insert_in_line(p, b"\x00"),
-    "UTF-16": lambda p: p.write_bytes(p.read_text().encode("utf-16")),
+    "UTF-16 without a BOM": lambda p: p.write_bytes(p.read_text().encode("utf-16-le")),
     "latin-1": lambda p: _insert_in_line(p, "\xe9".encode("latin-1")),
     **{f"{name} in a line": (lambda p, c=char: _insert_in_line(p, c.encode("utf-8")))
        for name, char in (("U+2028", "\u2028"), ("U+0085", "\x85"), ("\\x0b", "\x0b"), ("lone \\r", "\r"))},
@@ -237,7 +243,7 @@ KINDS: list[tuple[str, dict[str, Callable[[Path], None]], list[str]]] = [
     ("data/test_ims.npy", {**NPY, "NaN": _rewrite_npy(_with_nan), "2-D": _rewrite_npy(lambda a: a[:, 0])},
      ["eval", "retrieve"]),
     ("data/vocab.json", {**ANY_FILE, **TRUNCATED, "NUL byte": lambda p: _insert_in_line(p, b"\x00", 0),
-                         "UTF-16": TEXT_LINES["UTF-16"],
+                         "UTF-16 without a BOM": TEXT_LINES["UTF-16 without a BOM"],
                          "float id": _rewrite_json(lambda d: {**d, "word2idx": {**d["word2idx"], "<pad>": 0.0}}),
                          "string id": _rewrite_json(lambda d: {**d, "word2idx": {**d["word2idx"], "<pad>": "0"}}),
                          "no word2idx": _rewrite_json(lambda d: {"idx": d["idx"]}),
@@ -265,13 +271,16 @@ KINDS: list[tuple[str, dict[str, Callable[[Path], None]], list[str]]] = [
      ["concepts stats cvse"]),
     ("run/best.pt", CHECKPOINT, ["eval", "retrieve"]),
     ("run/last.pt", CHECKPOINT, ["train --resume"]),
-    ("raw/captions.csv", {**ANY_FILE, **{k: TEXT_LINES[k] for k in ("NUL byte", "UTF-16", "latin-1")},
+    ("raw/captions.csv", {**ANY_FILE, **{k: TEXT_LINES[k] for k in ("NUL byte", "UTF-16 without a BOM", "latin-1")},
                           "no header": lambda p: p.write_text("a.jpg,a dog\n"),
                           "extra field": lambda p: _insert_in_line(p, b",x")},
      ["extract csv"]),
     ("raw/train.txt", {**ANY_FILE, **TEXT_LINES, "duplicated row": lambda p: p.write_text("a.jpg\na.jpg\n"),
                        "unknown image": lambda p: p.write_text("a.jpg\nzzz.jpg\n")},
      ["extract csv"]),
+    ("raw/concepts.txt", {**ANY_FILE, **TEXT_LINES}, ["concepts build list"]),
+    ("raw/glove.txt", {**ANY_FILE, "NUL byte": TEXT_LINES["NUL byte"],
+                       "UTF-16 without a BOM": TEXT_LINES["UTF-16 without a BOM"]}, ["concepts build list"]),
     ("raw/karpathy.json", {**ANY_FILE, **TRUNCATED,
                            "number as a name": _rewrite_json(lambda d: {"images": [{**d["images"][0], "filename": 7}]}),
                            "number as a caption": _rewrite_json(lambda d: {"images": [
@@ -530,3 +539,93 @@ def test_a_full_disk_outside_the_atomic_writes_still_names_the_file(capsys):
 
     with pytest.raises(PermissionError):
         cli_entry(deny)("/data/out.bin")
+
+
+# --------------------------------------------------------------------------- text as other programs save it
+
+def _saved_as(encode: Callable[[str], bytes], crlf: bool = False) -> Callable[[Path], None]:
+    """Save a text file again as another program would: JSON indented (so that it has lines),
+    `\\r\\n` line ends when `crlf`, then encoded by `encode`."""
+    def save(path: Path) -> None:
+        text = path.read_bytes().decode("utf-8")
+        if path.suffix == ".json":
+            text = json.dumps(json.loads(text), indent=1, ensure_ascii=False) + "\n"
+        path.write_bytes(encode(text.replace("\n", "\r\n") if crlf else text))
+    return save
+
+
+SAVED_AS = {
+    "UTF-8 with a BOM": _saved_as(lambda t: t.encode("utf-8-sig")),
+    "CRLF line ends": _saved_as(str.encode, crlf=True),
+    "UTF-16 LE with a BOM": _saved_as(lambda t: b"\xff\xfe" + t.encode("utf-16-le")),
+    "UTF-16 BE with a BOM": _saved_as(lambda t: b"\xfe\xff" + t.encode("utf-16-be")),
+    "UTF-16 with a BOM and CRLF (Notepad)": _saved_as(lambda t: t.encode("utf-16"), crlf=True),
+    "UTF-8 with a BOM and CRLF (Excel's CSV UTF-8)": _saved_as(lambda t: t.encode("utf-8-sig"), crlf=True),
+}
+# Every text file an entry point reads, and the entry points that read it.
+TEXT_INPUTS = [
+    ("data/train_caps.txt", ["train", "vocab build", "vocab stats", "concepts label", "concepts build"]),
+    ("data/test_caps.txt", ["eval", "retrieve"]),
+    ("data/test_ids.txt", ["eval", "retrieve"]),
+    ("data/vocab.json", ["train", "vocab stats"]),
+    ("concepts/concepts.json", ["train", "concepts stats"]),
+    ("cvse/category_concepts.json", ["concepts stats cvse"]),
+    ("raw/concepts.txt", ["concepts build list"]),
+    ("raw/glove.txt", ["concepts build list"]),
+    ("raw/captions.csv", ["extract csv"]),
+    ("raw/train.txt", ["extract csv"]),
+    ("raw/karpathy.json", ["extract json"]),
+    ("bench/runs/infonce_s0/result.json", ["bench report"]),
+]
+OUTPUT_FILES = {"vocab build": ["v.json"], "eval": ["m.json"], "concepts build": ["c2"], "concepts build list": ["c2"]}
+
+
+def outcome(reader: str, world: Path, capsys) -> object:
+    """What an entry point made of the world, with the world's own path taken out: the split
+    entries of an extraction (its photos are not there), a trained run's data fingerprint,
+    vocabulary and concept words, else its output and files. It must succeed."""
+    if reader.startswith("extract"):
+        import caption_sources
+
+        argv = ENTRY_POINTS[reader][1](world)
+        captions, splits = argv[argv.index("--captions") + 1], [a for a in argv if "=" in a]
+        return caption_sources.build_split_entries(
+            captions, dict(s.split("=", 1) for s in splits) or None)
+    code, _, err = run_entry(reader, world, capsys)
+    out = capsys.readouterr().out
+    assert code == 0, err
+    if reader == "train":
+        state = torch.load(world / "new_run" / "last.pt", weights_only=True)
+        return state["data_fingerprint"], state["vocab_words"], state["concept_graph"]["words"]
+    files = {str(p.relative_to(world)): p.read_bytes().replace(str(world).encode(), b"<world>")
+             for output in OUTPUT_FILES.get(reader, [])
+             for p in [world / output, *sorted((world / output).glob("*"))] if p.is_file()}
+    return out.replace(str(world), "<world>"), files
+
+
+@pytest.fixture(scope="module")
+def clean_outcome(pristine, tmp_path_factory) -> Callable:
+    """`outcome` of each entry point on an undamaged copy of the world (each computed once)."""
+    cache: dict[str, object] = {}
+
+    def of(reader: str, capsys) -> object:
+        if reader not in cache:
+            copy = tmp_path_factory.mktemp("clean") / "w"
+            shutil.copytree(pristine, copy, symlinks=True)
+            cache[reader] = outcome(reader, copy, capsys)
+        return cache[reader]
+    return of
+
+
+TEXT_CASES = [(file, saving, reader) for file, readers in TEXT_INPUTS for saving in SAVED_AS for reader in readers]
+
+
+@pytest.mark.parametrize("file, saving, reader", TEXT_CASES,
+                         ids=[f"{reader}: {file} {saving}" for file, saving, reader in TEXT_CASES])
+def test_a_text_file_saved_by_another_program_reads_the_same(world, clean_outcome, file, saving, reader, capsys,
+                                                             monkeypatch):
+    """Every text input, saved with a byte-order mark (UTF-8, UTF-16 either way round) or
+    Windows line ends, gives each entry point that reads it the same result as the plain file."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    SAVED_AS[saving](world / file)
+    assert outcome(reader, world, capsys) == clean_outcome(reader, capsys)
