@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import subprocess
 import sys
+import tempfile
 from dataclasses import fields
 from pathlib import Path
 from typing import Any, Callable
@@ -14,7 +16,7 @@ import numpy as np
 import torch
 
 from options import BEFORE_THE_OPTION, RESUME_MAY_CHANGE
-from utils import CoderError, atomic_write, open_input
+from utils import CoderError, atomic_write, load_pretrained, open_input
 
 CHECKPOINT_FORMAT = "coder-checkpoint-v1"
 
@@ -109,11 +111,26 @@ def _check_keys(path: str | os.PathLike, state: dict[str, Any], keys: dict[str, 
 # Options every use of a checkpoint reads (others fall back to the model's defaults).
 REQUIRED_OPTIONS = ("text_encoder", "mu", "data_path")
 
+# The BERT folder's files but the weights (config, tokenizer), by file name, as bytes: what
+# rebuilds a checkpoint's text encoder and tokenizer wherever the folder went. Plain names only,
+# as they are written into a folder again.
+TEXT_ENCODER_FILES = "text_encoder_files"
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+
+
+def _is_file_dict(v: Any) -> bool:
+    return isinstance(v, dict) and "config.json" in v and all(
+        isinstance(k, str) and _PLAIN_NAME.fullmatch(k) and isinstance(t, torch.Tensor) and t.dtype == torch.uint8
+        and t.dim() == 1 for k, t in v.items())
+
 
 def check_checkpoint_contents(path: str | os.PathLike, state: dict[str, Any]) -> None:
     """Each key a checkpoint must hold, of the right type; the saved options present and
     within their ranges; finite weights. One line naming the file and the first problem."""
     _check_keys(path, state, CHECKPOINT_KEYS)
+    if state.get(TEXT_ENCODER_FILES) is not None and not _is_file_dict(state[TEXT_ENCODER_FILES]):
+        raise CoderError(f"{path}: checkpoint's '{TEXT_ENCODER_FILES}' is not a dict of plain file names (with "
+                         f"config.json) to byte tensors (written by another program, or damaged)")
     _check_saved_options(path, state["config"])
     bad = next((k for k, t in state["model"].items() if t.is_floating_point() and not torch.isfinite(t).all()), None)
     if bad is not None:
@@ -221,8 +238,10 @@ def model_config_from(config: dict[str, Any], **overrides: Any) -> Any:
     return ModelConfig(**values)
 
 
-def build_model(config: dict[str, Any], image_dim: int, vocab_size: int, graph: Any) -> torch.nn.Module:
-    """A fresh CODER model for a run config; `graph` may be None when the concept branch is off."""
+def build_model(config: dict[str, Any], image_dim: int, vocab_size: int, graph: Any,
+                **model_kwargs: Any) -> torch.nn.Module:
+    """A fresh CODER model for a run config; `graph` may be None when the concept branch is off.
+    `model_kwargs` go to CODER (`with_keys`, `bert_config`)."""
     from model import CODER
 
     model_cfg = model_config_from(config, image_dim=image_dim, vocab_size=vocab_size)
@@ -232,28 +251,71 @@ def build_model(config: dict[str, Any], image_dim: int, vocab_size: int, graph: 
     if model_cfg.concept_branch:
         adjacency = torch.as_tensor(graph.adjacency(config.get("concept_threshold", 0.3)))
         vectors = torch.as_tensor(np.asarray(graph.word_vectors, dtype=np.float32))
-    return CODER(model_cfg, adjacency, vectors)
+    return CODER(model_cfg, adjacency, vectors, **model_kwargs)
+
+
+def text_encoder_files(tokenizer: Any, bert_config: Any) -> dict[str, torch.Tensor]:
+    """The files of a BERT folder but its weights, as `TEXT_ENCODER_FILES` holds them: what
+    the `transformers` tokenizer and config write with `save_pretrained`."""
+    with tempfile.TemporaryDirectory(prefix="coder-text-encoder-") as tmp:
+        bert_config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        return {p.name: torch.from_numpy(np.frombuffer(p.read_bytes(), dtype=np.uint8).copy())
+                for p in sorted(Path(tmp).iterdir()) if p.is_file()}
+
+
+def text_encoder_parts(state: dict[str, Any], config: dict[str, Any], source: str | os.PathLike) -> tuple[Any, Any]:
+    """(tokenizer, `transformers` config) of a bert checkpoint's text encoder: from the files it
+    holds, or, for a checkpoint without them, from the folder `config["bert_path"]`."""
+    import vocab
+    from transformers import AutoConfig
+
+    files = state.get(TEXT_ENCODER_FILES)
+    if files:
+        with tempfile.TemporaryDirectory(prefix="coder-text-encoder-") as tmp:
+            for name, data in files.items():
+                (Path(tmp) / name).write_bytes(data.numpy().tobytes())
+            try:
+                return vocab.BertTokenizer(tmp), load_pretrained(AutoConfig, tmp, "BERT config")
+            except CoderError as err:
+                raise CoderError(f"{source}: its text encoder's files do not load ({err})") from None
+    folder = config["bert_path"]
+    try:
+        return vocab.BertTokenizer(folder), load_pretrained(AutoConfig, folder, "BERT config")
+    except CoderError as err:
+        raise CoderError(f"{source}: holds no copy of its text encoder's config and vocabulary, and {err}; pass "
+                         f"--bert_path DIR, the BERT folder it was trained with, wherever that is now") from None
 
 
 def make_tokenizer(config: dict[str, Any], vocab_words: list[str] | None) -> Any:
-    """The text tokenizer a run used: its saved GRU vocabulary, or the BERT tokenizer."""
+    """The GRU tokenizer of a run: its saved vocabulary (a bert run's is `text_encoder_parts`)."""
     import vocab
 
-    if config["text_encoder"] == "bert":
-        return vocab.BertTokenizer(config["bert_path"])
     if not vocab_words:
         raise CoderError("a bigru model needs a vocabulary, and this checkpoint has none")
     return vocab.Vocabulary.from_words(vocab_words)
 
 
-def load_for_inference(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[
-        torch.nn.Module, Any, Any, dict[str, Any]]:
-    """(model in eval mode, tokenizer, concept graph, run config) from a checkpoint file."""
+def load_for_inference(path: str | os.PathLike, device: str | torch.device = "cpu",
+                       bert_path: str | None = None) -> tuple[torch.nn.Module, Any, Any, dict[str, Any]]:
+    """(model in eval mode, tokenizer, concept graph, run config) from a checkpoint file. Only
+    the online encoders are built: no momentum encoders, queues, prototypes or kernel. A bert
+    model needs no folder when the checkpoint holds its text encoder's files; `bert_path`
+    names the folder for one that does not."""
+    from model import online_weights
+
     state = load_checkpoint(path)
     check_checkpoint_contents(path, state)
     config = saved_config(state)
+    if bert_path:
+        config["bert_path"] = bert_path
     graph = concept_graph_from_state(state.get("concept_graph"))
-    tokenizer = make_tokenizer(config, state.get("vocab_words"))
-    model = build_model(config, state["image_dim"], len(state["vocab_words"] or []), graph)
-    load_state_strict(model, state["model"], str(path))
+    bert_config = None
+    if config["text_encoder"] == "bert":
+        tokenizer, bert_config = text_encoder_parts(state, config, path)
+    else:
+        tokenizer = make_tokenizer(config, state.get("vocab_words"))
+    model = build_model(config, state["image_dim"], len(state["vocab_words"] or []), graph, with_keys=False,
+                        bert_config=bert_config)
+    load_state_strict(model, online_weights(state["model"]), str(path))
     return model.to(device).eval(), tokenizer, graph, config

@@ -218,8 +218,13 @@ class GRUTextEncoder(nn.Module):
         # packing takes the lengths on the host: the trainer and the evaluation keep them there (DDP
         # on a GPU moves every input to the device, so they may still arrive there)
         host_lengths = lengths if lengths.device.type == "cpu" else lengths.cpu()
-        packed = pack_padded_sequence(self.embed(tokens), host_lengths, batch_first=True, enforce_sorted=False)
+        # Sorted by length here, on the host, and packed as sorted: torch's packing of unsorted
+        # lengths copies its permutation to the device and back, and the device waits for each copy.
+        order = host_lengths.argsort(descending=True, stable=True)
+        words = self.embed(tokens).index_select(0, order.to(tokens.device, non_blocking=True))
+        packed = pack_padded_sequence(words, host_lengths[order], batch_first=True)
         out, _ = pad_packed_sequence(self.gru(packed)[0], batch_first=True, total_length=tokens.shape[1])
+        out = out.index_select(0, order.argsort().to(tokens.device, non_blocking=True))
         half = out.shape[-1] // 2
         words = (out[..., :half] + out[..., half:]) / 2
         return l2norm(self.pool(l2norm(words) if self.l2norm_items else words, attention_mask.bool()))
@@ -240,14 +245,21 @@ class BertTextEncoder(nn.Module):
     train and always run in eval mode (no dropout), so their output is a fixed function of the
     tokens: `bottom_states` computes it, and a caller may pass it precomputed (`text_states`,
     see text_cache.py) so that a training step runs only the top layers.
+
+    Given `config` (a `transformers` config), BERT is built from it with random weights instead
+    of loaded from `name_or_dir`: for a checkpoint, whose weights then replace them, so that no
+    BERT folder is needed.
     """
 
     def __init__(self, name_or_dir: str, embed_dim: int, pooling: str, length_groups: int = 1,
-                 frozen_layers: int = 0, l2norm_items: bool = False) -> None:
+                 frozen_layers: int = 0, l2norm_items: bool = False, config: Any = None) -> None:
         super().__init__()
         from transformers import AutoModel
 
-        self.bert = load_pretrained(AutoModel, name_or_dir, "BERT model", add_pooling_layer=False)
+        if config is None:
+            self.bert = load_pretrained(AutoModel, name_or_dir, "BERT model", add_pooling_layer=False)
+        else:
+            self.bert = AutoModel.from_config(config, add_pooling_layer=False)
         num_layers = self.bert.config.num_hidden_layers
         if not 0 <= frozen_layers <= num_layers:
             raise CoderError(f"bert_frozen_layers={frozen_layers}: {name_or_dir} has {num_layers} layers")
@@ -308,9 +320,12 @@ class BertTextEncoder(nn.Module):
         top = self.bert.config.num_hidden_layers
 
         def run(rows: Tensor | slice, used: int) -> Tensor:
+            # BERT's layers run here, not through the transformers model's forward, whose mask
+            # preparation reads the mask back to the host (to skip it when nothing is padded):
+            # on a GPU, a wait for the device at every step.
             mask = attention_mask[rows, :used]
             if self.frozen_layers == 0:
-                return self.bert(input_ids=tokens[rows, :used], attention_mask=mask).last_hidden_state
+                return self._run_layers(self.bert.embeddings(input_ids=tokens[rows, :used]), mask, 0, top)
             states = text_states[rows, :used] if text_states is not None else self.bottom_states(tokens[rows, :used], mask)
             return self._run_layers(states, mask, self.frozen_layers, top)
 

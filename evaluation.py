@@ -513,12 +513,15 @@ def main(argv: Sequence[str] | None, protocol: str) -> dict[str, Any]:
     parser.add_argument("--batch_size", "--batch-size", type=positive_int, default=256)
     parser.add_argument("--workers", type=non_negative_int, default=2)
     parser.add_argument("--device", type=torch_device, default=default_device())
+    parser.add_argument("--bert_path", "--bert-path", default=None,
+                        help="a bert checkpoint's BERT folder, if the checkpoint does not hold its config and "
+                             "vocabulary")
     args = parser.parse_args(argv)
     if args.json:
         check_output_file(args.json, "--json", args.overwrite, inputs=args.checkpoint)
 
     device = torch.device(args.device)
-    loaded = [load_for_inference(path, device) for path in args.checkpoint]
+    loaded = [load_for_inference(path, device, args.bert_path) for path in args.checkpoint]
     models, tokenizers, graphs, configs = (list(x) for x in zip(*loaded))
     data_path = args.data_path or configs[0]["data_path"]
     mus: list[float] = [args.mu if args.mu is not None else c["mu"] for c in configs]

@@ -233,6 +233,17 @@ def upgrade_state_dict(state: Mapping[str, Tensor], own: Mapping[str, Tensor], e
     return state
 
 
+# What only training reads: momentum encoders, queues, prototypes, the queue kernel (and their
+# names of earlier layouts).
+TRAINING_ONLY = ("momentum.", "queues.", "prototypes.", "queue_kernel.")
+
+
+def online_weights(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """A checkpoint's state dict without what only training reads: the weights of a model
+    built with `with_keys=False`."""
+    return {k: v for k, v in state.items() if not k.startswith(TRAINING_ONLY) and k not in RENAMED_KEYS}
+
+
 # ---------------------------------------------------------------------------------------------
 
 
@@ -245,6 +256,10 @@ class CODER(nn.Module):
     BERT directory: GloVe initialisation of the bigru embedding is `init_word_embeddings`.
     `cache_queue_kernel` (compute only) keeps Sinkhorn's kernel rows of the queue entries
     between steps (prototypes.QueueKernel) instead of recomputing them every step.
+    `with_keys=False` builds the online encoders only, for inference: no momentum encoders,
+    queues, prototypes or kernel (`online_weights` leaves a checkpoint's out). `bert_config`
+    builds BERT from that `transformers` config instead of loading cfg.bert_path (its weights
+    are then a checkpoint's).
     """
 
     def __init__(
@@ -253,13 +268,15 @@ class CODER(nn.Module):
         concept_adjacency: Tensor | None = None,
         concept_vectors: Tensor | None = None,
         cache_queue_kernel: bool = True,
+        with_keys: bool = True,
+        bert_config: Any = None,
     ) -> None:
         super().__init__()
         self.cfg = cfg
         self.image_encoder = ImageEncoder(cfg.image_dim, cfg.embed_dim, cfg.image_pooling, cfg.batch_norm,
                                           cfg.l2norm_before_pooling, cfg.region_drop)
         self.epoch = 0  # the training epoch (set_epoch), read by the triplet warm-up
-        self.text_encoder = self._build_text_encoder()
+        self.text_encoder = self._build_text_encoder(bert_config)
         self.use_pseudo = cfg.concept_branch and cfg.pseudo_label_loss
         self.use_concept_keys = cfg.concept_branch and cfg.loss == "dcl"
         self.online_names = ["image_encoder", "text_encoder"]
@@ -267,6 +284,10 @@ class CODER(nn.Module):
             self._build_concept_branch(concept_adjacency, concept_vectors)
         # Key encoders: instance keys for DCL and for the pseudo labels; concept keys for DCL.
         self.key_names: list[str] = []
+        if not with_keys:
+            self.momentum, self.queues, self.prototypes, self.queue_kernel = nn.ModuleDict(), None, None, None
+            self.sinkhorn_queues, self._pending_updates = False, []
+            return
         if cfg.loss == "dcl" or self.use_pseudo:
             self.key_names += ["image", "text"]
         if self.use_concept_keys:
@@ -312,11 +333,11 @@ class CODER(nn.Module):
             p.requires_grad_(False)
         return momentum
 
-    def _build_text_encoder(self) -> nn.Module:
+    def _build_text_encoder(self, bert_config: Any = None) -> nn.Module:
         cfg = self.cfg
         if cfg.text_encoder == "bert":
             return BertTextEncoder(cfg.bert_path, cfg.embed_dim, cfg.text_pooling, cfg.bert_length_groups,
-                                   cfg.bert_frozen_layers, cfg.l2norm_before_pooling)
+                                   cfg.bert_frozen_layers, cfg.l2norm_before_pooling, bert_config)
         if cfg.bert_frozen_layers:
             raise CoderError("bert_frozen_layers needs text_encoder='bert'")
         if cfg.vocab_size < 1:

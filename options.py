@@ -323,10 +323,11 @@ def _convert(name: str, value: str, default: Any) -> Any:
     return value
 
 
-# Settings a resumed run may change; everything else must stay as the checkpoint has it.
+# Settings a resumed run may change; everything else must stay as the checkpoint has it
+# (bert_path: a moved BERT folder, read only for a checkpoint without its text encoder's files).
 RESUME_MAY_CHANGE = ("resume", "run_dir", "overwrite", "epochs", "device", "workers", "progress", "log_every",
                      "eval_batch_size", "val_every_steps", "checkpoint_every_steps", "test_split", "dist_timeout",
-                     "bert_length_groups", "text_state_cache", "diag_every", "data_path")
+                     "bert_length_groups", "text_state_cache", "diag_every", "data_path", "bert_path")
 
 
 def script_config(variables: dict[str, Any]) -> dict[str, Any]:

@@ -106,12 +106,12 @@ class Embedder:
     encoders and the region backbone its training features came from."""
 
     def __init__(self, checkpoint: str | os.PathLike, device: str = "cpu", backbone: str = "efficientnet-lite0",
-                 batch_size: int = 32, workers: int = 0) -> None:
+                 batch_size: int = 32, workers: int = 0, bert_path: str | None = None) -> None:
         from checkpoint import load_for_inference
 
         self.checkpoint = Path(checkpoint)
         self.device = torch.device(device)
-        self.model, self.tokenizer, self.graph, self.config = load_for_inference(checkpoint, self.device)
+        self.model, self.tokenizer, self.graph, self.config = load_for_inference(checkpoint, self.device, bert_path)
         self.mu = float(self.config["mu"])
         self.backbone = get_backbone(backbone, device)
         if self.backbone.feature_dim != self.model.cfg.image_dim:

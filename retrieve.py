@@ -94,6 +94,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--grid", default="", help="write a PNG grid of each text query's top-k images")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --grid file")
     parser.add_argument("--device", type=torch_device, default=default_device())
+    parser.add_argument("--bert_path", default=None,
+                        help="a bert checkpoint's BERT folder, if the checkpoint does not hold its config and "
+                             "vocabulary")
     args = parser.parse_args(argv)
     if not args.query and not args.image:
         parser.error("give at least one --query or --image")
@@ -111,7 +114,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     from checkpoint import load_for_inference
 
     device = torch.device(args.device)
-    model, tokenizer, graph, config = load_for_inference(args.checkpoint, device)
+    model, tokenizer, graph, config = load_for_inference(args.checkpoint, device, args.bert_path)
     mu = config["mu"] if args.mu is None else args.mu
     split = data.load_split(args.data_path, args.split)
     emb = evaluation.encode_split(model, split, tokenizer, graph, device)

@@ -402,6 +402,9 @@ def build_parser() -> Any:
     parser.add_argument("--batch_size", type=positive_int, default=32)
     parser.add_argument("--workers", type=non_negative_int, default=0)
     parser.add_argument("--device", type=torch_device, default=default_device())
+    parser.add_argument("--bert_path", default=None,
+                        help="a bert checkpoint's BERT folder, if the checkpoint does not hold its config and "
+                             "vocabulary")
     return parser
 
 
@@ -438,7 +441,8 @@ def build_index(args: Any) -> tuple[Any, Any]:
     """The photo index (refreshed) and the caption set of a command line."""
     from photo_index import IMAGE_SUFFIXES, CaptionSet, Embedder, PhotoIndex
 
-    embedder = Embedder(args.checkpoint, args.device, args.backbone, args.batch_size, args.workers)
+    embedder = Embedder(args.checkpoint, args.device, args.backbone, args.batch_size, args.workers,
+                        bert_path=args.bert_path)
     photos = PhotoIndex(embedder, args.images, args.cache_dir or None, approximate=args.index == "faiss",
                         include_hidden=args.include_hidden)
     start = time.perf_counter()

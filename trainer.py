@@ -25,7 +25,8 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from checkpoint import (build_model, check_checkpoint_contents, check_resume_contents, code_version,
-                        concept_graph_state, load_checkpoint, load_state_strict, resumed_config, save_checkpoint)
+                        concept_graph_state, load_checkpoint, load_state_strict, resumed_config, save_checkpoint,
+                        text_encoder_files)
 from distributed import Dist, ResumableSampler, check_replicas, ddp_buffer_kwargs
 from model import param_groups, parameter_branches
 from options import (CHOICES, DEMO_OVERRIDES, check_train_config, check_training_memory, check_writable_dir,
@@ -155,19 +156,23 @@ def prepare_run_dir(config: dict[str, Any], dataset: str, resume_state: dict[str
 
 
 def load_data(config: dict[str, Any], resume_state: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Splits, tokenizer and concept graph of a run (a resumed run's vocabulary and concept
-    graph come from its checkpoint, so their files may have moved)."""
+    """Splits, tokenizer and concept graph of a run (a resumed run's vocabulary, BERT tokenizer
+    and config, and concept graph come from its checkpoint, so their files may have moved)."""
     import concepts
     import data
     import vocab
-    from checkpoint import concept_graph_from_state
+    from checkpoint import TEXT_ENCODER_FILES, concept_graph_from_state, text_encoder_parts
 
     graph = None
     if config["concept_branch"]:
         saved_graph = resume_state.get("concept_graph") if resume_state else None
         graph = concept_graph_from_state(saved_graph) if saved_graph else concepts.load_concepts(config["concept_path"])
     need_vocab_words = resume_state.get("vocab_words") if resume_state else None
-    if config["text_encoder"] == "bert":
+    bert_config = text_files = None  # a fresh bert run loads BERT from bert_path
+    if config["text_encoder"] == "bert" and resume_state is not None:
+        (tokenizer, bert_config), vocab_words = text_encoder_parts(resume_state, config, config["resume"]), None
+        text_files = resume_state.get(TEXT_ENCODER_FILES)
+    elif config["text_encoder"] == "bert":
         tokenizer, vocab_words = vocab.BertTokenizer(config["bert_path"]), None
     elif need_vocab_words:
         tokenizer, vocab_words = vocab.Vocabulary.from_words(need_vocab_words), need_vocab_words
@@ -178,7 +183,7 @@ def load_data(config: dict[str, Any], resume_state: dict[str, Any] | None = None
     val = data.load_split(config["data_path"], config["val_split"],
                           max_images=config["val_max_images"] or None)
     return {"train": train, "val": val, "tokenizer": tokenizer, "graph": graph, "vocab_words": vocab_words,
-            "fingerprint": data.data_fingerprint(train)}
+            "fingerprint": data.data_fingerprint(train), "bert_config": bert_config, "text_encoder_files": text_files}
 
 
 def _text_states(text_encoder: torch.nn.Module, split: Any, tokenizer: Any, config: dict[str, Any],
@@ -414,7 +419,11 @@ class TrainingRun:
         train_split, graph = self.data["train"], self.data["graph"]
         check_training_memory(config, train_split.region_count, train_split.feature_dim,
                               len(self.data["vocab_words"] or []), *device_memory(self.device))
-        model = build_model(config, train_split.feature_dim, len(self.data["vocab_words"] or []), graph).to(self.device)
+        model = build_model(config, train_split.feature_dim, len(self.data["vocab_words"] or []), graph,
+                            bert_config=self.data["bert_config"]).to(self.device)
+        if config["text_encoder"] == "bert" and self.data["text_encoder_files"] is None:
+            self.data["text_encoder_files"] = text_encoder_files(self.data["tokenizer"].tokenizer,
+                                                                 model.text_encoder.bert.config)
         if world.world_size > 1 and config["batch_norm"]:
             if self.device.type == "cuda":
                 model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -530,6 +539,7 @@ class TrainingRun:
                 "step_in_epoch": self.step_in_epoch, "global_step": self.global_step, "best_rsum": self.best_rsum,
                 "code_version": self.version, "vocab_words": self.data["vocab_words"],
                 "concept_graph": concept_graph_state(self.data["graph"]),
+                "text_encoder_files": self.data["text_encoder_files"],
                 "image_dim": self.data["train"].feature_dim, "data_fingerprint": self.data["fingerprint"]}
 
     def save(self, name: str) -> None:
