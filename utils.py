@@ -84,15 +84,43 @@ _SAFE_PICKLE_GLOBALS = {
 }
 
 
+def _latin1_bytes(text: str, encoding: str) -> bytes:
+    """What pickle protocols 0-2 name `_codecs.encode` for: bytes written as latin-1 text (an
+    array's data among them). Only that codec: another could be any registered transformation."""
+    if not isinstance(text, str) or encoding.replace("-", "").replace("_", "").lower() not in ("latin1", "iso88591"):
+        raise pickle.UnpicklingError(f"refusing to decode {type(text).__name__} with codec {encoding!r}")
+    return text.encode("latin-1")
+
+
+def _numbers_from_buffer(buffer: Any, dtype: Any, shape: Any, order: str = "C") -> np.ndarray:
+    """What pickle protocol 5 names numpy's `_frombuffer` for: an array of numbers in a buffer."""
+    dtype = np.dtype(dtype)
+    if dtype.hasobject:
+        raise pickle.UnpicklingError("refusing to build an array of Python objects from a buffer")
+    return np.frombuffer(buffer, dtype=dtype).reshape(shape, order=order)
+
+
+# Globals that pickles of the same data under other protocols name, and the safe function each
+# stands for.
+_PICKLE_STAND_INS: dict[tuple[str, str], Callable[..., Any]] = {
+    ("_codecs", "encode"): _latin1_bytes,
+    ("numpy.core.numeric", "_frombuffer"): _numbers_from_buffer,
+    ("numpy._core.numeric", "_frombuffer"): _numbers_from_buffer,
+}
+
+
 class _RestrictedUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in _SAFE_PICKLE_GLOBALS:
             return super().find_class(module, name)
+        if (module, name) in _PICKLE_STAND_INS:
+            return _PICKLE_STAND_INS[module, name]
         raise pickle.UnpicklingError(f"refusing to load '{module}.{name}'")
 
 
 def load_pickle_restricted(path: str | os.PathLike) -> Any:
-    """Load a third-party pickle that may only hold numpy arrays and plain containers.
+    """Load a third-party pickle that may only hold numpy arrays and plain containers, written
+    with any pickle protocol (0-5).
 
     Anything else (a class, a function, `os.system`) is refused with a CoderError naming the file.
     """

@@ -629,3 +629,41 @@ def test_a_text_file_saved_by_another_program_reads_the_same(world, clean_outcom
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     SAVED_AS[saving](world / file)
     assert outcome(reader, world, capsys) == clean_outcome(reader, capsys)
+
+
+PICKLES = ["cvse/x_adj_concepts.pkl", "cvse/x_concepts_glove_word2vec.pkl"]
+
+
+@pytest.mark.parametrize("protocol", range(pickle.HIGHEST_PROTOCOL + 1))
+@pytest.mark.parametrize("file", PICKLES)
+def test_a_concept_pickle_saved_with_any_protocol_reads_the_same(world, clean_outcome, file, protocol, capsys):
+    """CVSE's pickles loaded and saved again with pickle protocol 0 to 5 (numpy arrays then
+    come as `_codecs.encode` text or `_frombuffer` buffers) pass the restricted unpickler."""
+    path = world / file
+    path.write_bytes(pickle.dumps(pickle.loads(path.read_bytes()), protocol=protocol))
+    assert outcome("concepts stats cvse", world, capsys) == clean_outcome("concepts stats cvse", capsys)
+
+
+@pytest.mark.parametrize("protocol", range(pickle.HIGHEST_PROTOCOL + 1))
+def test_a_vocabulary_pickle_with_numpy_ids_reads_the_same_with_any_protocol(world, protocol):
+    words = vocab.Vocabulary.load(world / "data" / "vocab.json").idx2word
+    path = world / "vocab.pkl"
+    path.write_bytes(pickle.dumps({"word2idx": {w: np.int64(i) for i, w in enumerate(words)}}, protocol=protocol))
+    assert vocab.Vocabulary.load(path).idx2word == words
+
+
+def test_the_restricted_unpickler_still_refuses_other_codecs_and_buffers_of_objects(tmp_path):
+    """The stand-ins for `_codecs.encode` and numpy's `_frombuffer` decode latin-1 text and
+    numeric buffers only: any other codec or an object dtype is refused, never run."""
+    from utils import load_pickle_restricted
+
+    def global_call(module: str, name: str, *args: bytes) -> bytes:
+        return (b"\x80\x02c" + f"{module}\n{name}\n".encode() + b"".join(args)
+                + b"\x85"[: len(args) == 1] + b"\x86"[: len(args) == 2] + b"R.")
+
+    rot13 = global_call("_codecs", "encode", b"X\x05\x00\x00\x00hello", b"X\x05\x00\x00\x00rot13")
+    objects = global_call("numpy._core.numeric", "_frombuffer", b"C\x08" + bytes(8), b"X\x02\x00\x00\x00|O")
+    for name, data in (("rot13.pkl", rot13), ("objects.pkl", objects)):
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(CoderError, match=name):
+            load_pickle_restricted(tmp_path / name)
