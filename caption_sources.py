@@ -8,7 +8,7 @@ import io
 import os
 import re
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from utils import CoderError, open_input, read_json, read_text, read_text_lines, text_encoding
 
@@ -107,6 +107,19 @@ def read_split_list(path: str | os.PathLike) -> list[str]:
     return names
 
 
+def kept_captions(captions: Sequence[str], k: int) -> list[str]:
+    """The k captions kept of an image's list: the first k, except that a caption repeated
+    among them gives way to a distinct one listed later (a list with a row pasted twice keeps
+    the image's k distinct captions), in file order. Without k distinct captions the repeats
+    stay: Flickr8k's own captions.txt gives 9 images the same caption twice among their 5."""
+    seen: set[str] = set()
+    firsts, repeats = [], []
+    for i, caption in enumerate(captions):
+        (repeats if caption in seen else firsts).append(i)
+        seen.add(caption)
+    return [captions[i] for i in sorted((firsts + repeats)[:k])]
+
+
 def _clean_caption(text: str) -> str:
     # One caption per line in {split}_caps.txt: embedded newlines, U+2028 and other line-break
     # characters and runs of whitespace become single spaces.
@@ -140,7 +153,7 @@ def build_split_entries(
     CSV captions: each split value is a split file path (one image filename per line).
     Karpathy JSON: each value is a Karpathy split name, a list of them or a comma-separated
     string ("train,restval"); without `splits` the SCAN names train/dev/test are used.
-    Images with more than k captions keep their first k; fewer than k is an error.
+    Images with more than k captions keep k of them (`kept_captions`); fewer than k is an error.
     """
     captions = Path(captions)
     open_input(captions, "captions file").close()  # not found, a folder, under a file, empty
@@ -188,7 +201,7 @@ def build_split_entries(
                     f"{captions}: image '{name}' has {len(caps[name])} captions, fewer than the "
                     f"{captions_per_image} per image required (set --captions-per-image)"
                 )
-            entries.append((name, caps[name][:captions_per_image]))
+            entries.append((name, kept_captions(caps[name], captions_per_image)))
         result[out] = entries
     return result
 

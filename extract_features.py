@@ -364,7 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--backbone", default="efficientnet-lite0", choices=sorted(BACKBONES))
     parser.add_argument("--batch-size", type=positive_int, default=32)
     parser.add_argument("--captions-per-image", type=positive_int, default=5,
-                        help="k captions kept per image (the first k); fewer is an error")
+                        help="k captions kept per image (the first k distinct ones); fewer is an error")
     parser.add_argument("--skip-bad-images", action="store_true",
                         help="leave unreadable images (and their captions) out instead of stopping")
     parser.add_argument("--workers", type=non_negative_int, default=2, help="image-decoding worker processes")

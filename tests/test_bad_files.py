@@ -667,3 +667,29 @@ def test_the_restricted_unpickler_still_refuses_other_codecs_and_buffers_of_obje
         (tmp_path / name).write_bytes(data)
         with pytest.raises(CoderError, match=name):
             load_pickle_restricted(tmp_path / name)
+
+
+# --------------------------------------------------------------------------- repeated captions
+
+@pytest.mark.parametrize("source", ["csv", "json"])
+def test_a_repeated_caption_never_pushes_out_a_distinct_one(tmp_path, source):
+    """An image listed with more than k captions, one of them twice, keeps k distinct captions in
+    file order (the repeat gives way); an image whose k captions hold a repeat keeps all k, as
+    Flickr8k's own captions.txt has 9 such images."""
+    import caption_sources
+
+    listed = {"a.jpg": ["c0", "c0", "c1", "c2", "c3", "c4"], "b.jpg": ["d0", "d1", "d1", "d2", "d3"],
+              "c.jpg": ["e0", "e1", "e0", "e2", "e3", "e4", "e5"]}
+    if source == "csv":
+        captions = tmp_path / "captions.csv"
+        captions.write_text("image,caption\n" + "".join(f"{n},{c}\n" for n, caps in listed.items() for c in caps))
+        (tmp_path / "train.txt").write_text("".join(f"{n}\n" for n in listed))
+        splits = {"train": tmp_path / "train.txt"}
+    else:
+        captions = tmp_path / "karpathy.json"
+        captions.write_text(json.dumps({"images": [
+            {"filename": n, "split": "train", "sentences": [{"raw": c} for c in caps]} for n, caps in listed.items()]}))
+        splits = None
+    entries = caption_sources.build_split_entries(captions, splits)["train"]
+    assert entries == [("a.jpg", ["c0", "c1", "c2", "c3", "c4"]), ("b.jpg", ["d0", "d1", "d1", "d2", "d3"]),
+                       ("c.jpg", ["e0", "e1", "e2", "e3", "e4"])]
