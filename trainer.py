@@ -91,7 +91,8 @@ class RunLog:
     """The plain-text log and TensorBoard writer of the main process (silent elsewhere)."""
 
     def __init__(self, run_dir: Path | None) -> None:
-        self.file = open(run_dir / "train.log", "a", encoding="utf-8") if run_dir else None
+        # a folder name that is not UTF-8 is logged escaped, as the terminal shows it
+        self.file = open(run_dir / "train.log", "a", encoding="utf-8", errors="backslashreplace") if run_dir else None
         self.tb = None
         if run_dir:
             try:
@@ -99,7 +100,11 @@ class RunLog:
             except ImportError:  # tensorboard is in requirements.txt, but a bare machine may lack it
                 self.line("note: tensorboard is not installed (pip install tensorboard): train.log only")
             else:
-                self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+                try:
+                    self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+                except UnicodeEncodeError:  # it writes only under folder names that are UTF-8
+                    self.line(f"note: TensorBoard cannot write under {run_dir}, a name that is not UTF-8: "
+                              f"train.log only")
 
     def line(self, text: str) -> None:
         if self.file is None:

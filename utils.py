@@ -35,6 +35,7 @@ def cli_entry(main: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(main)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        _escape_what_stdout_cannot_encode()
         try:
             return main(*args, **kwargs)
         except CoderError as err:
@@ -55,6 +56,13 @@ def cli_entry(main: Callable[..., Any]) -> Callable[..., Any]:
 
 
 _DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
+def _escape_what_stdout_cannot_encode() -> None:
+    """Print a file name whose bytes are not UTF-8 (Linux allows any) escaped, as stderr does,
+    instead of failing on it: Python's stdout refuses the lone surrogate it holds such a byte as."""
+    if isinstance(sys.stdout, io.TextIOWrapper) and sys.stdout.errors == "strict":
+        sys.stdout.reconfigure(errors="backslashreplace")
 
 
 def _unwrap_worker_message(message: str) -> str:

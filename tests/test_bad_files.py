@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import io
 import json
 import os
 import pickle
@@ -693,3 +694,89 @@ def test_a_repeated_caption_never_pushes_out_a_distinct_one(tmp_path, source):
     entries = caption_sources.build_split_entries(captions, splits)["train"]
     assert entries == [("a.jpg", ["c0", "c1", "c2", "c3", "c4"]), ("b.jpg", ["d0", "d1", "d1", "d2", "d3"]),
                        ("c.jpg", ["e0", "e1", "e2", "e3", "e4"])]
+
+
+# --------------------------------------------------------------------------- names that are not UTF-8
+
+def _not_utf8(name: str) -> str:
+    """`name` and a byte that is not UTF-8, as Linux allows in a file name (Python holds the
+    byte as a lone surrogate, which a strict UTF-8 stream cannot write)."""
+    return os.fsdecode(name.encode() + b"\xff")
+
+
+# Every folder an entry point lists or writes into.
+LISTED_FOLDERS = ["data", "concepts", "cvse", "run", "raw", "raw/images", "bench", "bench/runs"]
+
+
+@pytest.fixture
+def foreign_world(pristine, tmp_path) -> Path:
+    """The world under a folder whose name is not UTF-8, with a file of such a name in every
+    folder an entry point lists, and photos to extract."""
+    from PIL import Image
+
+    world = tmp_path / _not_utf8("w")
+    shutil.copytree(pristine, world, symlinks=True)
+    for folder in LISTED_FOLDERS:
+        (world / folder / _not_utf8("stray")).write_bytes(b"x")
+    for i, name in enumerate(["a.jpg", "b.jpg"]):
+        Image.new("RGB", (12, 10), (40 * i, 90, 200)).save(world / "raw" / "images" / name)
+    return world
+
+
+def run_on_a_terminal(main: Callable, argv: list[str], monkeypatch) -> tuple[int, str, str]:
+    """(status, stdout, stderr) of an entry point run with the streams Python opens on a UTF-8
+    terminal: stdout refuses what it cannot encode, stderr escapes it (pytest's capture would
+    accept either)."""
+    out = io.TextIOWrapper(io.BytesIO(), "utf-8", "strict", write_through=True)
+    err = io.TextIOWrapper(io.BytesIO(), "utf-8", "backslashreplace", write_through=True)
+    monkeypatch.setattr(sys, "stdout", out)
+    monkeypatch.setattr(sys, "stderr", err)
+    code = 0
+    try:
+        main(argv)
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else 1
+    finally:
+        monkeypatch.undo()
+    return code, out.buffer.getvalue().decode("utf-8"), err.buffer.getvalue().decode("utf-8")
+
+
+def _tiny_backbone(monkeypatch) -> None:
+    """extract_features' default backbone replaced by test_extract_features' 8x8 random conv."""
+    import backbones
+    from test_extract_features import TinyBackbone
+
+    monkeypatch.setitem(backbones.BACKBONES, "efficientnet-lite0", lambda device: TinyBackbone())
+
+
+@pytest.mark.parametrize("reader", list(ENTRY_POINTS))
+def test_every_entry_point_works_where_names_are_not_utf8(foreign_world, reader, monkeypatch):
+    """Each entry point, its inputs and outputs in a folder whose name is not UTF-8 and beside
+    files of such names, does its work and prints every name (escaped where it is not text)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    _tiny_backbone(monkeypatch)
+    main, argv = ENTRY_POINTS[reader]
+    argv = argv(foreign_world) + (["--workers", "0"] if reader.startswith("extract") else [])
+    if reader == "train --resume":
+        argv += ["--epochs", "2"]
+    code, out, err = run_on_a_terminal(main, argv, monkeypatch)
+    assert code == 0 and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("case", ["a split named in a folder listing", "a second CVSE pickle", "a run folder's file"])
+def test_a_refusal_that_lists_names_that_are_not_utf8_is_one_line(foreign_world, case, monkeypatch):
+    w = foreign_world
+    if case == "a split named in a folder listing":
+        shutil.copy(w / "data" / "test_ims.npy", w / "data" / f"{_not_utf8('test')}_ims.npy")
+        reader, extra = "train", ["--test_split", "tset"]
+    elif case == "a second CVSE pickle":
+        shutil.copy(w / "cvse" / "x_adj_concepts.pkl", w / "cvse" / f"{_not_utf8('y')}_adj_concepts.pkl")
+        reader, extra = "concepts stats cvse", []
+    else:
+        (w / "new_run").mkdir()
+        (w / "new_run" / f"{_not_utf8('model')}.pt").write_bytes(b"x")
+        reader, extra = "train", []
+    main, argv = ENTRY_POINTS[reader]
+    code, out, err = run_on_a_terminal(main, argv(w) + extra, monkeypatch)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and "\\udcff" in lines[0], err
