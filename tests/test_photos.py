@@ -228,6 +228,63 @@ def test_pixel_limit_is_checked_before_decoding(tmp_path):
         backbones.open_photo(camera, 256, max_pixels=4000 * 3000 - 1)
 
 
+def claiming(kind: str, width: int, height: int) -> bytes:
+    """A small image file of `kind` whose header is patched to claim `width` x `height` pixels."""
+    if kind == "PNG":
+        return png_claiming(width, height)
+    out = io.BytesIO()
+    Image.new("RGB", (16, 16), (90, 20, 200)).save(out, kind)
+    data = bytearray(out.getvalue())
+    if kind == "GIF":  # logical screen size, little-endian
+        data[6:10] = struct.pack("<HH", width, height)
+    elif kind == "BMP":  # BITMAPINFOHEADER width and height
+        data[18:26] = struct.pack("<ii", width, height)
+    else:  # JPEG: the SOF0 segment's height and width
+        sof = data.index(b"\xff\xc0")
+        data[sof + 5:sof + 9] = struct.pack(">HH", height, width)
+    return bytes(data)
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_formats_decoded_at_full_scale_have_lower_pixel_limits():
+    """PNG, GIF and BMP are held whole when decoded, so 45 MP is refused before decoding; a JPEG
+    claiming 63 MP passes (decoded at 1/8 scale, 1125 x 875); a real 25 MP WebP is refused
+    above its 24 MP bound."""
+    for kind in ("PNG", "GIF", "BMP"):
+        with pytest.raises(backbones.PhotoTooLarge, match=f"^9000 x 5000 image has 45 megapixels, more than the "
+                                                         f"40 this program decodes of a {kind} image$"):
+            backbones.open_photo(claiming(kind, 9000, 5000), 256)
+    assert backbones.open_photo(claiming("JPEG", 9000, 7000), 256).size == (1125, 875)
+    webp = io.BytesIO()
+    Image.new("RGB", (6000, 4200), (10, 200, 30)).save(webp, "WEBP", lossless=True)  # 1 KB
+    with pytest.raises(backbones.PhotoTooLarge, match="25 megapixels, more than the 24 this program decodes of a WEBP"):
+        backbones.open_photo(webp.getvalue(), 256)
+
+
+REFUSAL = "not a JPEG, PNG, GIF, BMP or WebP image (other formats are never decoded)"
+
+
+@pytest.mark.parametrize("kind", ["TIFF", "ICNS", "PPM", "TGA", "PCX", "JPEG2000", "ICO", "SGI"])
+def test_only_photo_formats_are_decoded_whatever_the_name(tmp_path, kind):
+    """Formats Pillow would decode, saved under a photo's name: refused with one line naming
+    the file (its bytes: the same line without a name), before any decoder reads them."""
+    path = tmp_path / "photo.jpg"
+    Image.new("RGB", (64, 64), (200, 40, 40)).save(path, kind)
+    with Image.open(path) as image:
+        assert image.format == kind  # Pillow itself would decode it
+    with pytest.raises(backbones.NotAPhotoFormat, match=f"^{path}: {REFUSAL}$".replace("(", r"\(").replace(")", r"\)")):
+        PREP.photo(path)
+    with pytest.raises(backbones.NotAPhotoFormat, match=f"^{REFUSAL}$".replace("(", r"\(").replace(")", r"\)")):
+        PREP.photo(path.read_bytes())
+
+
+@pytest.mark.parametrize("kind", ["JPEG", "PNG", "GIF", "BMP", "WEBP"])
+def test_the_photo_formats_decode(tmp_path, kind):
+    path = tmp_path / "photo.bin"  # recognised by content, not by name
+    Image.new("RGB", (64, 48), (200, 40, 40)).save(path, kind)
+    assert backbones.open_photo(path, 32).size == (64, 48)
+
+
 def bad_variants(good: bytes) -> dict[str, bytes]:
     """Broken copies of a valid photo file: empty, junk, cut at several places, header only."""
     variants = {"empty": b"", "junk": bytes(range(256)) * 4, "text": b"not an image at all\n"}
