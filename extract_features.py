@@ -18,6 +18,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import errno
 import hashlib
 import json
 import os
@@ -154,6 +155,7 @@ def extract_split(
         for p in (ims_path, caps_path, ids_path, partial_path):
             p.unlink(missing_ok=True)
         features = np.lib.format.open_memmap(partial_path, mode="w+", dtype=np.float32, shape=shape)
+        _reserve_space(partial_path, remove_on_failure=True)
         record = state["splits"][split] = {
             "fingerprint": fingerprint, "backbone": backbone.name, "backbone_fingerprint": backbone.fingerprint(),
             "total": len(entries), "next": 0, "written": 0, "skipped": [], "complete": False,
@@ -161,6 +163,7 @@ def extract_split(
         _save_progress(out_dir, state)
     else:
         features = np.lib.format.open_memmap(partial_path, mode="r+")
+        _reserve_space(partial_path)  # a file written before space was reserved
         if features.shape != shape or features.dtype != np.float32:
             raise CoderError(
                 f"{partial_path}: holds {features.dtype} {features.shape}, expected float32 {shape}; "
@@ -285,12 +288,32 @@ def _finish(state: dict, record: dict, entries: Sequence[Entry], split: str, out
     return SplitOutput(split, ims_path, caps_path, ids_path, len(kept), list(record["skipped"]), seconds)
 
 
+def _reserve_space(path: Path, remove_on_failure: bool = False) -> None:
+    """Allocate the disk blocks of a memory-mapped output before any row is written into it.
+    A write into a mapped page that finds the disk full kills the process with SIGBUS, without
+    a word; a full disk is then one line here instead."""
+    size = path.stat().st_size
+    if not hasattr(os, "posix_fallocate"):  # macOS: rows are written as they come
+        return
+    try:
+        with open(path, "r+b") as f:
+            os.posix_fallocate(f.fileno(), 0, size)
+    except OSError as err:
+        if err.errno in (errno.EOPNOTSUPP, errno.EINVAL):  # a file system that cannot reserve: written as it goes
+            return
+        if remove_on_failure:
+            path.unlink(missing_ok=True)
+        raise CoderError(f"{path}: cannot write ({err.strerror or err}); the features need {size:,} bytes there; "
+                         f"free space or use another --out") from None
+
+
 def _copy_rows(src: Path, dst: Path, rows: int, chunk: int = 1024) -> None:
     """Copy the first `rows` rows of a .npy into a new .npy chunk by chunk (after skipped
     images the partial array has unused rows at its end), renaming it in place when done."""
     source = np.lib.format.open_memmap(src, mode="r")
     tmp = dst.with_name(dst.name + ".tmp")
     target = np.lib.format.open_memmap(tmp, mode="w+", dtype=source.dtype, shape=(rows, *source.shape[1:]))
+    _reserve_space(tmp, remove_on_failure=True)
     for i in range(0, rows, chunk):
         target[i:i + chunk] = source[i:min(i + chunk, rows)]
     target.flush()

@@ -20,7 +20,7 @@ import pickle
 import shutil
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import pytest
@@ -780,3 +780,76 @@ def test_a_refusal_that_lists_names_that_are_not_utf8_is_one_line(foreign_world,
     code, out, err = run_on_a_terminal(main, argv(w) + extra, monkeypatch)
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 2 and len(lines) == 1 and "\\udcff" in lines[0], err
+
+
+# --------------------------------------------------------------------------- a disk that fills up under a memory map
+
+# Extraction with a backbone of 4 regions x 65,536 floats: 1 MiB of features per photo.
+WIDE_EXTRACTION = """
+import sys
+sys.path[:0] = [{root!r}, {tests!r}]
+import torch
+import backbones, extract_features
+from test_extract_features import TinyBackbone, make_dataset
+
+class Wide(TinyBackbone):
+    feature_dim = 65536
+
+    def regions(self, batch):
+        return torch.ones(len(batch), 4, self.feature_dim)
+
+backbones.BACKBONES["efficientnet-lite0"] = lambda device: Wide()
+data, out = map(__import__("pathlib").Path, sys.argv[1:3])
+data.mkdir()
+make_dataset(data)
+extract_features.main(["--images", str(data / "images"), "--captions", str(data / "captions.txt"),
+                       "--split", f"train={{data / 'train.txt'}}", "--out", str(out), "--workers", "0",
+                       "--batch-size", "1", "--device", "cpu"])
+"""
+
+
+@pytest.fixture
+def small_disk(tmp_path) -> Iterator[Path]:
+    """A 1 MiB tmpfs (root only: skipped elsewhere)."""
+    import subprocess
+
+    disk = tmp_path / "small_disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_features_that_fill_the_disk_end_with_one_line_not_sigbus(tmp_path, small_disk):
+    """Features memory-mapped onto a disk too small for them: one line naming the file and the
+    full disk, status 2, no partial file left (a write into a mapped page that finds no room
+    would kill the process with SIGBUS, without a word)."""
+    import subprocess
+
+    script = WIDE_EXTRACTION.format(root=str(ROOT), tests=str(ROOT / "tests"))
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path / "data"), str(small_disk / "out")],
+                          capture_output=True, text=True, timeout=300)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and len(lines) == 1, (proc.returncode, proc.stderr)
+    assert "train_ims.npy.partial" in lines[0] and "No space left on device" in lines[0], proc.stderr
+    assert not (small_disk / "out" / "train_ims.npy.partial").exists()
+
+
+def test_a_full_disk_met_when_features_are_reserved_is_one_line(tmp_path, capsys, monkeypatch):
+    """The same on any machine: the space reservation made before mapping fails (faked)."""
+    from test_extract_features import make_dataset
+
+    make_dataset(tmp_path)
+    _tiny_backbone(monkeypatch)
+    monkeypatch.setattr(os, "posix_fallocate", _disk_full)
+    with pytest.raises(SystemExit) as exit_:
+        extract_features.main(["--images", str(tmp_path / "images"), "--captions", str(tmp_path / "captions.txt"),
+                               "--split", f"train={tmp_path / 'train.txt'}", "--out", str(tmp_path / "out"),
+                               "--workers", "0", "--device", "cpu"])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert exit_.value.code == 2 and len(lines) == 1, lines
+    assert "train_ims.npy.partial" in lines[0] and "No space left on device" in lines[0], lines
+    assert not (tmp_path / "out" / "train_ims.npy.partial").exists()
