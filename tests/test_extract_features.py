@@ -265,7 +265,7 @@ def test_changed_inputs_are_refused_not_mixed(tmp_path):
 def test_bad_and_missing_images(tmp_path):
     names, captions = make_dataset(tmp_path)
     (tmp_path / "images" / "img3.png").write_bytes(b"not a png at all")
-    with pytest.raises(CoderError, match=r"img3\.png: cannot read image .*--skip-bad-images"):
+    with pytest.raises(CoderError, match=r"img3\.png: not a JPEG, PNG, GIF, BMP or WebP image .*--skip-bad-images"):
         run(tmp_path, tmp_path / "out", TinyBackbone())
 
     backbone = TinyBackbone()
