@@ -8,6 +8,7 @@ file never holds the array in memory (neither as anonymous memory nor as mapped 
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Any, Protocol, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, get_worker_info
 
 from concepts import ConceptGraph
 from utils import CoderError, npy_header, path_problem
@@ -86,20 +87,25 @@ class PrecompSplit:
     def feature_dim(self) -> int:
         return int(self.images.shape[2])
 
-    def read_image(self, index: int) -> np.ndarray:
-        """Regions of image `index` as a fresh float32 (R, D) array, without touching the map."""
+    def read_image(self, index: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Regions of image `index` as float32 (R, D), without touching the map: a fresh array,
+        or read straight into `out` (a float32 (R, D) array, e.g. a row of a batch)."""
         if not 0 <= index < self.num_images:
             raise IndexError(f"image index {index} out of range for {self.num_images} images")
         images = self.images
         if not hasattr(os, "preadv") or not images.flags.c_contiguous:
-            out = np.array(images[index], dtype=np.float32)
+            regions, fresh = images[index], False  # a view of the map
         else:
             if self._fd is None or self._fd_pid != os.getpid():  # each DataLoader worker opens its own
                 self._fd, self._fd_pid = os.open(self.images_path, os.O_RDONLY), os.getpid()
-            out = np.empty(images.shape[1:], dtype=images.dtype)
-            if os.preadv(self._fd, [out], images.offset + index * out.nbytes) != out.nbytes:
+            fresh = out is None or images.dtype != out.dtype
+            regions = np.empty(images.shape[1:], dtype=images.dtype) if fresh else out
+            if os.preadv(self._fd, [regions], images.offset + index * regions.nbytes) != regions.nbytes:
                 raise CoderError(f"{self.images_path}: file is shorter than its header says (image {index})")
-            out = out.astype(np.float32, copy=False)
+        if out is None:
+            out = regions.astype(np.float32, copy=not fresh)
+        elif regions is not out:
+            out[...] = regions
         # Checked per image as it is read (a whole-file scan of COCO's 33 GB would cost minutes):
         # a NaN is blamed on the file and row that hold it, not on the model.
         if not np.isfinite(out).all():
@@ -241,6 +247,18 @@ class PairDataset(_CaptionItems):
         item["image"] = torch.from_numpy(self.split.read_image(item["image_id"]))
         return item
 
+    def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
+        """A batch's items (the DataLoader's batched fetch), the images read straight into the
+        rows of one (B, R, D) tensor that `collate` takes as is: no per-item arrays to
+        allocate, no copy into the batch, and in a worker none into shared memory."""
+        items = [self._text_item(index) for index in indices]
+        block = batch_tensor((len(items), self.split.region_count, self.split.feature_dim))
+        rows = block.numpy()
+        for row, item in enumerate(items):
+            self.split.read_image(item["image_id"], out=rows[row])
+            item["image"] = block[row]
+        return items
+
 
 class CaptionDataset(_CaptionItems):
     """Evaluation captions: one item per caption, no image."""
@@ -262,6 +280,26 @@ class ImageDataset(Dataset):
         return {"image": torch.from_numpy(self.split.read_image(index)), "image_id": index}
 
 
+def batch_tensor(shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """An uninitialised tensor for a batch; in a DataLoader worker, in shared memory, where a
+    batch must be to reach the main process (torch would otherwise copy it there)."""
+    if get_worker_info() is None:
+        return torch.empty(shape, dtype=dtype)
+    storage = torch.UntypedStorage._new_shared(math.prod(shape) * dtype.itemsize)
+    return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
+
+
+def stack(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """torch.stack of same-shaped tensors into a `batch_tensor`; the tensor itself, without a
+    copy, when they are its consecutive rows (`PairDataset.__getitems__`)."""
+    base = tensors[0]._base
+    if base is not None and base.dim() == tensors[0].dim() + 1 and base.shape[0] == len(tensors) and all(
+            t._base is base and t.storage_offset() == base.storage_offset() + row * base.stride(0)
+            for row, t in enumerate(tensors)):
+        return base
+    return torch.stack(list(tensors), out=batch_tensor((len(tensors), *tensors[0].shape), tensors[0].dtype))
+
+
 def collate(items: Sequence[dict[str, Any]], pad_id: int = 0) -> dict[str, torch.Tensor]:
     """Batch items: stack images and labels, right-pad tokens with `pad_id`.
 
@@ -274,7 +312,7 @@ def collate(items: Sequence[dict[str, Any]], pad_id: int = 0) -> dict[str, torch
     first = items[0]
     batch: dict[str, torch.Tensor] = {}
     if "image" in first:
-        batch["images"] = torch.stack([it["image"] for it in items])
+        batch["images"] = stack([it["image"] for it in items])
     if "tokens" in first:
         lengths = torch.tensor([len(it["tokens"]) for it in items], dtype=torch.long)
         tokens = torch.full((len(items), int(lengths.max())), pad_id, dtype=torch.long)
@@ -284,7 +322,7 @@ def collate(items: Sequence[dict[str, Any]], pad_id: int = 0) -> dict[str, torch
             mask[row, :n] = 1
         batch.update(tokens=tokens, lengths=lengths, attention_mask=mask)
         if "text_states" in first:
-            states = torch.zeros(len(items), tokens.shape[1], first["text_states"].shape[1])
+            states = batch_tensor((len(items), tokens.shape[1], first["text_states"].shape[1])).zero_()
             for row, it in enumerate(items):
                 states[row, :len(it["text_states"])] = it["text_states"]
             batch["text_states"] = states

@@ -237,9 +237,21 @@ class BertTokenizer:
 
         self.tokenizer = load_pretrained(AutoTokenizer, name_or_dir, "BERT tokenizer")
         self.max_length = max_length
+        # A fast tokenizer's own Rust tokenizer, truncating as the call below does: the same ids
+        # in less than half the time per caption (the training loader tokenises every caption).
+        self._rust = None
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is not None:
+            from tokenizers import Tokenizer
+
+            self._rust = Tokenizer.from_str(backend.to_str())
+            self._rust.enable_truncation(max_length)
+            self._rust.no_padding()
 
     def encode(self, caption: str) -> list[int]:
         """[CLS] word pieces [SEP], truncated to `max_length` ids."""
+        if self._rust is not None:
+            return self._rust.encode(caption).ids
         return list(self.tokenizer(caption, truncation=True, max_length=self.max_length)["input_ids"])
 
     @property
