@@ -20,7 +20,10 @@ import torch
 from PIL import Image
 
 import backbones
-from test_serve import HOST, LiveServer, fake  # noqa: F401 (fake: the fixture, used by name)
+import test_serve
+from test_serve import HOST, LiveServer
+
+fake = test_serve.fake  # the fixture: a demo-data checkpoint, and the tiny backbone registered
 
 pytest.importorskip("fastapi")
 pytest.importorskip("python_multipart")
