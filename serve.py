@@ -48,7 +48,7 @@ SECURITY_HEADERS = {"X-Frame-Options": "DENY", "Content-Security-Policy": "frame
 CROSS_SITE_REFUSAL = "cross-site request refused: only this app's own page may read its photos or change its state"
 MAX_UPLOADS_AT_ONCE = 4  # bodies held in memory at once: at most this many times --max_upload_mb
 THUMBNAILS_AT_ONCE = 2  # thumbnails decoded at once (each may hold a whole PNG or WebP)
-THUMB_CACHE_ENTRIES = 4096  # about 15 KB each
+THUMB_CACHE_ENTRIES = 4096  # 15 KB each on average (100 Flickr8k photos): about 60 MB
 MEDIA_TYPES = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png", ".gif": "image/gif",
                ".bmp": "image/bmp", ".webp": "image/webp"}
 
