@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import sys
 import warnings
 from collections import Counter
@@ -432,9 +433,9 @@ def check_concept_output(out: Path, overwrite: bool) -> None:
     which a new concepts.json would silently shadow) unless asked, never onto a file."""
     from options import check_writable_dir
 
-    if out.exists() and not out.is_dir():
+    if os.path.exists(out) and not out.is_dir():  # (os.path: a name too long is not an error here)
         raise CoderError(f"--out {out}: is a file; give a folder")
-    found = [name for name in ("concepts.json", "category_concepts.json") if (out / name).exists()]
+    found = [name for name in ("concepts.json", "category_concepts.json") if os.path.exists(out / name)]
     if found and "category_concepts.json" in found:
         raise CoderError(f"--out {out}: holds CVSE's concept files; a new concepts.json there would shadow them. "
                          f"Write to another folder")

@@ -7,9 +7,11 @@ failure is a CoderError of one line that names the option and what is wrong with
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
 import math
 import os
+import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable, NoReturn
 
@@ -160,6 +162,8 @@ def _split_files(root: Path, split: str) -> list[Path]:
 def check_train_config(config: dict[str, Any], resuming: bool) -> None:
     """Every value and every named file of a train config, before any work starts."""
     check_values(config)
+    if config["run_dir"]:
+        check_writable_dir(config["run_dir"], "--run_dir")
     root = Path(config["data_path"])
     if problem := path_problem(root, True, "data folder"):
         raise CoderError(f"--data_path {root}: {problem}")
@@ -411,30 +415,58 @@ def check_output_file(path: str | os.PathLike, option: str, overwrite: bool = Fa
                       inputs: Iterable[str | os.PathLike] = (), suffixes: Iterable[str] = ()) -> Path:
     """An output file the command may write: not one of its inputs, not a folder, not an
     existing file unless `overwrite`, with one of `suffixes` (when given: the formats the
-    writer knows), in a folder that exists or can be made and is writable."""
+    writer knows), in a folder that exists or can be made and is writable, under a name the
+    file system takes (tried now, see `check_writable_dir`)."""
     path = Path(path)
     suffixes = list(suffixes)
     if suffixes and path.suffix.lower() not in suffixes:
         raise CoderError(f"{option} {path}: cannot write a '{path.suffix or 'no extension'}' file; name it with one "
                          f"of {', '.join(suffixes)}")
+    exists = os.path.exists(path)  # False, not an error, for a name too long
     for source in inputs:
-        if Path(source).exists() and path.exists() and path.resolve() == Path(source).resolve():
+        if Path(source).exists() and exists and path.resolve() == Path(source).resolve():
             raise CoderError(f"{option} {path}: is also an input of this command; write elsewhere")
-    if path.is_dir():
+    if os.path.isdir(path):
         raise CoderError(f"{option} {path}: is a folder; give a file name")
-    if path.exists() and not overwrite:
+    if exists and not overwrite:
         raise CoderError(f"{option} {path}: exists; choose another name, or pass --overwrite to replace it")
-    check_writable_dir(path.parent, option, path)
+    check_writable_dir(path.parent, option, path, file_name=None if exists else path.name)
     return path
 
 
-def check_writable_dir(folder: str | os.PathLike, option: str, shown: str | os.PathLike | None = None) -> None:
-    """The folder exists and is writable, or its nearest existing ancestor is (so it can be made)."""
+def check_writable_dir(folder: str | os.PathLike, option: str, shown: str | os.PathLike | None = None,
+                       file_name: str | None = None) -> None:
+    """The folder exists, or can be made, and a file can be made in it (named `file_name`,
+    when given): tried now, and what the try made removed again, so that a folder or name the
+    file system refuses (a name too long, a link to nowhere on the way, a read-only or full
+    disk) stops the command before its work, not when it writes its results."""
     folder = Path(folder).absolute()
-    existing = folder
-    while not existing.exists():
-        existing = existing.parent
+    existing, missing = folder, []
+    while not os.path.lexists(existing):
+        existing, missing = existing.parent, [existing, *missing]
+    named = f"{option} {shown or folder}:"
+    if os.path.islink(existing) and not existing.exists():
+        raise CoderError(f"{named} {existing} is a link to nowhere ({os.readlink(existing)})")
     if not existing.is_dir():
-        raise CoderError(f"{option} {shown or folder}: {existing} is a file, not a folder")
+        raise CoderError(f"{named} {existing} is a file, not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise CoderError(f"{option} {shown or folder}: {existing} is not writable")
+        raise CoderError(f"{named} {existing} is not writable")
+    made: list[Path] = []
+    try:
+        for part in missing:
+            part.mkdir()
+            made.append(part)
+        probe = folder / file_name if file_name else None
+        if probe is None:
+            handle, probe_name = tempfile.mkstemp(prefix=".coder-probe-", dir=folder)
+            probe = Path(probe_name)
+        else:
+            handle = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        os.close(handle)
+        probe.unlink()
+    except OSError as err:
+        raise CoderError(f"{named} cannot be written ({err.strerror or err})") from None
+    finally:
+        for part in reversed(made):
+            with contextlib.suppress(OSError):  # another process has put something there since
+                part.rmdir()

@@ -853,3 +853,56 @@ def test_a_full_disk_met_when_features_are_reserved_is_one_line(tmp_path, capsys
     assert exit_.value.code == 2 and len(lines) == 1, lines
     assert "train_ims.npy.partial" in lines[0] and "No space left on device" in lines[0], lines
     assert not (tmp_path / "out" / "train_ims.npy.partial").exists()
+
+
+# --------------------------------------------------------------------------- outputs that cannot be made
+
+def _with_output(reader: str, option: str, path: Path) -> Callable[[Path], list[str]]:
+    """The reader's command line with `option` set to `path` (added where it has none)."""
+    def argv(w: Path) -> list[str]:
+        args = ENTRY_POINTS[reader][1](w)
+        if option in args:
+            args[args.index(option) + 1] = str(path)
+            return args
+        return args + [option, str(path)]
+    return argv
+
+
+# Outputs no file system can make: a name longer than 255 bytes, a link to nowhere on the way.
+UNMAKEABLE: dict[str, dict[str, Callable[[Path], Path]]] = {
+    "a name too long": {"file": lambda w: w / ("n" * 300 + ".json"), "folder": lambda w: w / ("n" * 300) / "out"},
+    "a link to nowhere on the way": {"file": lambda w: w / "nowhere" / "out.json",
+                                     "folder": lambda w: w / "nowhere" / "out"},
+}
+OUTPUTS = [("eval", "--json", "file"), ("vocab build", "--out", "file"), ("concepts build", "--out", "folder"),
+           ("extract csv", "--out", "folder"), ("train", "--run_dir", "folder")]
+UNMAKEABLE_CASES = [(reader, option, how, paths[kind]) for reader, option, kind in OUTPUTS
+                    for how, paths in UNMAKEABLE.items() if kind in paths]
+
+
+@pytest.mark.parametrize("reader, option, how, path", UNMAKEABLE_CASES,
+                         ids=[f"{reader} {option}: {how}" for reader, option, how, _ in UNMAKEABLE_CASES])
+def test_an_output_that_cannot_be_made_is_refused_before_the_work(world, reader, option, how, path, capsys,
+                                                                  monkeypatch):
+    """The output is tried before the work starts (what the try makes is removed again): one
+    line naming the option, not a failure once the results are computed."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    (world / "nowhere").symlink_to(world / "no such folder")
+    before = _digests(world), sorted(os.listdir(world))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        ENTRY_POINTS[reader][0](_with_output(reader, option, path(world))(world))
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert exit_.value.code == 2 and len(lines) == 1 and lines[0].startswith(f"error: {option} "), err
+    assert (_digests(world), sorted(os.listdir(world))) == before
+
+
+@pytest.mark.parametrize("reader", ["eval", "vocab build"])
+def test_an_output_name_at_the_file_system_limit_is_written(world, reader, capsys, monkeypatch):
+    """A 255-byte name fits; the atomic write's temporary sibling must fit too."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    path = world / ("n" * 250 + ".json")
+    capsys.readouterr()
+    ENTRY_POINTS[reader][0](_with_output(reader, "--json" if reader == "eval" else "--out", path)(world))
+    assert json.loads(path.read_text()), capsys.readouterr().err
