@@ -82,9 +82,10 @@ def retrieval_ranks(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """0-based ranks of the ground truth: (image ranks (N_img,), caption ranks (N_cap,)).
 
-    A rank is the number of items scored strictly higher than the ground truth (spec §7), so
-    ties never favour or penalise an item by its position. An image's rank is that of its
-    best-scored caption. One pass over row chunks computes both directions on the matrix's own
+    A rank counts the wrong items scored at least as high as the ground truth: a tie counts
+    against the model, so a collapsed model (all scores equal) ranks every ground truth last,
+    never first. An image's rank is that of its best-scored caption (its other captions are
+    never counted against it). One pass over row chunks computes both directions on the matrix's own
     device; the temporaries are chunk-sized boolean masks, never a sorted copy of the matrix.
     """
     scores = _as_tensor(sims)
@@ -116,11 +117,14 @@ def retrieval_ranks(
                 f"similarity matrix has non-finite scores in images {start}..{start + len(block) - 1} "
                 f"(NaN/inf: did the model diverge?)"
             )
-        image_ranks[start : start + len(block)] = (block > best_own[start : start + rows, None]).sum(
+        best = best_own[start : start + rows]
+        # >= counts the image's own captions that reach its best score too: subtract them.
+        own_ties = (own.view(n_img, captions_per_image)[start : start + rows] >= best[:, None]).sum(
             dim=1, dtype=torch.int32
         )
-        caption_ranks += (block > own[None, :]).sum(dim=0, dtype=torch.int32)
-    return image_ranks, caption_ranks
+        image_ranks[start : start + len(block)] = (block >= best[:, None]).sum(dim=1, dtype=torch.int32) - own_ties
+        caption_ranks += (block >= own[None, :]).sum(dim=0, dtype=torch.int32)
+    return image_ranks, caption_ranks - 1  # each caption's own image was counted
 
 
 def recall_metrics(sims: Any, captions_per_image: int = 5, *, chunk_rows: int | None = None) -> dict[str, float]:
@@ -130,10 +134,23 @@ def recall_metrics(sims: Any, captions_per_image: int = 5, *, chunk_rows: int | 
     t2i_r1/r5/r10 (percent), rsum (their sum), and i2t/t2i medr and meanr (1-based).
     """
     image_ranks, caption_ranks = retrieval_ranks(sims, captions_per_image, chunk_rows=chunk_rows)
-    metrics = _rank_summary(as_numpy(image_ranks), "i2t")
-    metrics.update(_rank_summary(as_numpy(caption_ranks), "t2i"))
+    return metrics_from_ranks(as_numpy(image_ranks), as_numpy(caption_ranks))
+
+
+def metrics_from_ranks(image_ranks: np.ndarray, caption_ranks: np.ndarray) -> dict[str, float]:
+    """R@K, medr, meanr of both directions and rsum from `retrieval_ranks`' 0-based ranks (also of
+    a subset of the images with their captions: the bootstrap in bench/stats.py)."""
+    metrics = _rank_summary(image_ranks, "i2t")
+    metrics.update(_rank_summary(caption_ranks, "t2i"))
     metrics["rsum"] = sum(metrics[f"{d}_r{k}"] for d in ("i2t", "t2i") for k in RECALL_KS)
     return metrics
+
+
+def constant_scores(sims: Any) -> bool:
+    """Whether every score of a similarity matrix is the same (a collapsed model: its metrics
+    are then the worst possible, and reports say why)."""
+    scores = _as_tensor(sims)
+    return scores.numel() > 0 and bool(scores.max() == scores.min())
 
 
 def coco_metrics(sims: Any, captions_per_image: int = 5, fold_size: int = 1000) -> dict[str, dict[str, float]]:
@@ -543,6 +560,9 @@ def main(argv: Sequence[str] | None, protocol: str) -> dict[str, Any]:
     sims = ensemble_similarity(embeddings, mus, device)
     metrics = protocol_metrics(sims, protocol, split.captions_per_image)
     result.update({"mu": mus if len(mus) > 1 else mus[0], "metrics": metrics})
+    if constant_scores(sims):
+        result["collapsed"] = True
+        print("every score is equal (a collapsed model): each ground truth ranks last")
     print(f"{split.num_images} images, {split.num_captions} captions, {len(models)} model(s), mu {result['mu']}")
     print(format_table(metrics))
     if args.json:

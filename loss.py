@@ -13,17 +13,53 @@ from torch import Tensor
 
 
 @torch.no_grad()
-def dcl_negative_log_weights(sims: Tensor, negative_mask: Tensor, beta: float) -> Tensor:
-    """log w_ik of DCL (spec §4): w_ik = |N_i| · softmax_{k∈N_i}(β·s_ik), no gradient.
+def dcl_negative_log_weights(sims: Tensor, negative_mask: Tensor, beta: float | Tensor,
+                             queue_start: int | None = None) -> Tensor:
+    """log w_ik of DCL: w_ik = |N_i| · softmax_{k∈N_i}(β·s_ik), no gradient.
 
     The weights of each query average 1 over its negatives; entries outside `negative_mask`
-    get -inf (weight 0), also for a query without any negative.
+    get -inf (weight 0), also for a query without any negative. `beta` is a number or a
+    tensor that broadcasts against `sims` (an adaptive β). With `queue_start`, the columns
+    before it (the batch's keys) and from it on (the queue) are weighted apart: each group's
+    weights average 1 over its own negatives.
     """
+    if queue_start is not None:
+        parts = [dcl_negative_log_weights(sims[:, cols], negative_mask[:, cols], beta)
+                 for cols in (slice(None, queue_start), slice(queue_start, None))]
+        return torch.cat(parts, 1)
     log_weights = (beta * sims).masked_fill_(~negative_mask, float("-inf"))
     log_count = negative_mask.sum(1, keepdim=True).to(sims.dtype).log()
     shift = torch.logsumexp(log_weights, 1, keepdim=True) - log_count
     # A query without negatives (log_count = -inf) would get -inf - -inf = NaN: its row stays -inf.
     return log_weights.sub_(torch.where(log_count.isfinite(), shift, 0.0))
+
+
+@torch.no_grad()
+def adaptive_beta(sims: Tensor, negative_mask: Tensor, beta: float) -> Tensor:
+    """β / σ, σ the standard deviation of the batch's negative similarities: the weights are
+    then exp(β·z) of standardised scores z, whatever the spread the encoders have reached."""
+    spread = sims[negative_mask].std() if negative_mask.sum() > 1 else sims.new_ones(())
+    return beta / spread.clamp_min(1e-3)
+
+
+@torch.no_grad()
+def dcl_weight_stats(negatives: Tensor, log_weights: Tensor, positive: Tensor, negative_mask: Tensor
+                     ) -> dict[str, Tensor]:
+    """How DCL spreads its weight over one direction's negatives (each a mean over queries):
+
+    - weight_entropy: entropy of w_ik / Σ_k w_ik over |N_i|, divided by log|N_i| (1 = uniform);
+    - weight_top1: share of Σ_k w_ik on the top 1% of negatives;
+    - grad_top1: share of the loss's gradient on the negatives (softmax of the weighted logits
+      `negatives`, positive logit excluded) that falls on the top 1% of them.
+    """
+    count = negative_mask.sum(1).clamp_min(2).to(negatives.dtype)
+    top = max(1, int(0.01 * negative_mask.shape[1]))
+    p = torch.softmax(log_weights, 1).nan_to_num_(0.0)
+    entropy = -(p * p.clamp_min(1e-30).log()).sum(1) / count.log()
+    gradient = torch.softmax(torch.cat([positive, negatives], 1), 1)[:, 1:]
+    gradient = gradient / gradient.sum(1, keepdim=True).clamp_min(1e-30)
+    return {"weight_entropy": entropy.mean(), "weight_top1": p.topk(top, 1).values.sum(1).mean(),
+            "grad_top1": gradient.topk(top, 1).values.sum(1).mean()}
 
 
 def dcl_loss(
@@ -32,11 +68,15 @@ def dcl_loss(
     queue: Tensor,
     q_ids: Tensor,
     queue_ids: Tensor,
-    tau: float = 0.05,
-    beta: float = 10.0,
+    tau: float,
+    beta: float,
     *,
     k_ids: Tensor | None = None,
     pos_index: Tensor | None = None,
+    beta_adaptive: bool = False,
+    weight_groups: str = "joint",
+    false_negative_threshold: float = 0.0,
+    stats: dict[str, Tensor] | None = None,
 ) -> Tensor:
     """Diversity-sensitive contrastive loss, one direction (e.g. image queries, text keys).
 
@@ -45,9 +85,15 @@ def dcl_loss(
     negatives are every row of k and queue whose id differs from q_ids[i], weighted by
     `dcl_negative_log_weights` (β = 0: plain InfoNCE). Returns the mean loss over queries.
 
+    The readings of the weighting: `beta_adaptive` divides β by the spread of the batch's
+    negative similarities (`adaptive_beta`); weight_groups "separate" weights the batch's keys
+    and the queue apart; `false_negative_threshold` t > 0 drops every negative whose key is
+    more similar than t to the positive's key (a likely caption or photo of the same scene).
+    Given a dict `stats`, fills it with `dcl_weight_stats` and the share of negatives dropped.
+
     Single process: B' = B, k[i] is query i's positive and k_ids defaults to q_ids. Under
     data-parallel training the model passes the keys gathered from all processes as k
-    (B' = world·B) with their ids `k_ids` and `pos_index` = rank·B + arange(B) (spec §8).
+    (B' = world·B) with their ids `k_ids` and `pos_index` = rank·B + arange(B).
     """
     if pos_index is None:
         if k.shape[0] != q.shape[0]:
@@ -57,11 +103,25 @@ def dcl_loss(
         if k.shape[0] != q.shape[0]:
             raise ValueError("dcl_loss: k has more rows than q; pass k_ids")
         k_ids = q_ids
-    positive = (q * k[pos_index]).sum(1, keepdim=True) / tau
-    sims = torch.cat([q @ k.t(), q @ queue.t()], 1)
+    positive = (q * k[pos_index]).sum(1, keepdim=True) / tau  # (B,1)
+    sims = torch.cat([q @ k.t(), q @ queue.t()], 1)  # (B, B'+K)
     negative_mask = torch.cat([k_ids, queue_ids])[None, :] != q_ids[:, None]
-    negatives = torch.add(dcl_negative_log_weights(sims, negative_mask, beta), sims, alpha=1 / tau)
-    # -log(e^p / (e^p + Σ w e^s)) = logsumexp(p, s + log w) - p; masked entries are -inf.
+    if false_negative_threshold > 0:
+        with torch.no_grad():
+            positive_keys = k[pos_index]
+            key_sims = torch.cat([positive_keys @ k.t(), positive_keys @ queue.t()], 1)
+            likely_false = negative_mask & (key_sims > false_negative_threshold)
+            negative_mask = negative_mask & ~likely_false
+    strength = adaptive_beta(sims.detach(), negative_mask, beta) if beta_adaptive else beta
+    queue_start = k.shape[0] if weight_groups == "separate" else None
+    log_weights = dcl_negative_log_weights(sims.detach(), negative_mask, strength, queue_start)
+    negatives = torch.add(log_weights, sims, alpha=1 / tau)  # masked entries are -inf
+    if stats is not None:
+        stats.update(dcl_weight_stats(negatives.detach(), log_weights, positive.detach(), negative_mask))
+        stats["beta"] = torch.as_tensor(strength, dtype=sims.dtype, device=sims.device)
+        if false_negative_threshold > 0:
+            stats["spared"] = likely_false.sum() / torch.cat([k_ids, queue_ids]).ne(q_ids[:, None]).sum().clamp_min(1)
+    # -log(e^p / (e^p + Σ w e^s)) = logsumexp(p, s + log w) - p
     return (torch.logsumexp(torch.cat([positive, negatives], 1), 1) - positive[:, 0]).mean()
 
 

@@ -87,6 +87,14 @@ class ModelConfig:
     loss: str = "dcl"  # "dcl" or "triplet" (VSE++ hardest negative baseline, in-batch, per process)
     tau: float = 0.05  # DCL temperature [R]
     beta: float = 0.0  # DCL weight sharpness [R] (spec: 10); 0 = plain momentum InfoNCE
+    # the readings of DCL's adaptive weights [R] (loss.dcl_loss): β grows linearly over the
+    # first N epochs from 0; β divided by the batch's spread of negative similarities; batch and
+    # queue weighted apart ("separate") or together ("joint"); negatives whose key is more
+    # similar than t to the positive's key dropped as likely false negatives (0 = off)
+    beta_warmup_epochs: int = 0
+    beta_adaptive: bool = False
+    dcl_weight_groups: str = "joint"
+    false_negative_threshold: float = 0.0
     margin: float = 0.2  # triplet margin [S]
     # triplet only: the first N epochs sum the hinge over every in-batch negative (VSE∞'s
     # warm-up, "VSE0"), then the hardest negative; 0 = hardest from the start (VSE++)
@@ -174,21 +182,27 @@ def local_rows(batch_size: int, device: torch.device, rank: int) -> Tensor:
 
 def symmetric_dcl(img: Tensor, cap: Tensor, image_keys: Tensor, text_keys: Tensor, key_ids: Tensor,
                   image_queue: Tensor | None, text_queue: Tensor | None, queue_ids: Tensor, image_ids: Tensor,
-                  tau: float, beta: float, rank: int) -> Tensor:
+                  tau: float, beta: float, rank: int, stats: dict[str, Tensor] | None = None,
+                  **weighting: Any) -> Tensor:
     """L_DCL = mean of image→text and text→image: process `rank`'s queries against the gathered
-    keys (`key_ids` their image ids) and the queue entries (None: no queue)."""
+    keys (`key_ids` their image ids) and the queue entries (None: no queue). `weighting` is the
+    reading of DCL's weights (see loss.dcl_loss); a dict `stats` gets their diagnostics, the
+    mean of both directions."""
     rows = local_rows(img.shape[0], img.device, rank)
     empty = img.new_zeros(0, img.shape[1])
+    directions = [{} if stats is not None else None for _ in range(2)]
     i2t = dcl_loss(img, text_keys, empty if text_queue is None else text_queue, image_ids, queue_ids, tau, beta,
-                   k_ids=key_ids, pos_index=rows)
+                   k_ids=key_ids, pos_index=rows, stats=directions[0], **weighting)
     t2i = dcl_loss(cap, image_keys, empty if image_queue is None else image_queue, image_ids, queue_ids, tau, beta,
-                   k_ids=key_ids, pos_index=rows)
+                   k_ids=key_ids, pos_index=rows, stats=directions[1], **weighting)
+    if stats is not None:
+        stats.update({key: (directions[0][key] + directions[1][key]) / 2 for key in directions[0]})
     return (i2t + t2i) / 2
 
 
 def fused_dcl(img: Tensor, img_c: Tensor, cap: Tensor, cap_c: Tensor, keys: Mapping[str, Tensor],
               queues: Mapping[str, Tensor], mu: float, fusion: str, queue_ids: Tensor, image_ids: Tensor,
-              tau: float, beta: float, rank: int) -> Tensor:
+              tau: float, beta: float, rank: int, **weighting: Any) -> Tensor:
     """`symmetric_dcl` on the inference similarity S (CVSE trains its fused embedding so):
     queries, keys and queue entries (by name, as the model's) are their `fuse`d vectors."""
     image_queue = text_queue = None
@@ -198,7 +212,7 @@ def fused_dcl(img: Tensor, img_c: Tensor, cap: Tensor, cap_c: Tensor, keys: Mapp
     return symmetric_dcl(fuse(img, img_c, mu, fusion), fuse(cap, cap_c, mu, fusion),
                          fuse(keys["image"], keys["image_concept"], mu, fusion),
                          fuse(keys["text"], keys["text_concept"], mu, fusion), keys["ids"], image_queue, text_queue,
-                         queue_ids, image_ids, tau, beta, rank)
+                         queue_ids, image_ids, tau, beta, rank, **weighting)
 
 
 # State-dict keys of checkpoints written before the queues and prototypes had their modules.
@@ -443,8 +457,14 @@ class CODER(nn.Module):
 
     def set_epoch(self, epoch: int) -> None:
         """The trainer's epoch (0-based), at the start of each epoch and on resume: the triplet
-        warm-up (cfg.triplet_all_negatives_epochs) depends on it."""
+        warm-up (cfg.triplet_all_negatives_epochs) and β's warm-up depend on it."""
         self.epoch = epoch
+
+    def current_beta(self) -> float:
+        """DCL's β in this epoch: cfg.beta · min(1, epoch / cfg.beta_warmup_epochs), so that a
+        warm-up trains with plain InfoNCE weights first (β = cfg.beta without warm-up)."""
+        warmup = self.cfg.beta_warmup_epochs
+        return self.cfg.beta * min(1.0, self.epoch / warmup) if warmup else self.cfg.beta
 
     # -- training step -------------------------------------------------------------------------
 
@@ -465,7 +485,10 @@ class CODER(nn.Module):
         queries, scores = self._queries(batch, concepts)
         keys = self._keys(batch, concepts) if self.key_names else {}
         with torch.autocast(queries[0].device.type, enabled=False):
-            (instance, concept, fused), diagnostics = self._contrastive_terms(*queries, keys, batch["image_ids"])
+            dcl_stats = {} if return_terms and cfg.loss == "dcl" else None
+            (instance, concept, fused), diagnostics = self._contrastive_terms(*queries, keys, batch["image_ids"],
+                                                                              dcl_stats)
+            diagnostics.update({f"diag_dcl_{key}": value for key, value in (dcl_stats or {}).items()})
             kl = concept_kl_loss(*scores) if scores is not None and cfg.lambda_kl > 0 else None
             pseudo, clusters, pseudo_diagnostics = None, {}, {}
             if self.use_pseudo:
@@ -493,10 +516,12 @@ class CODER(nn.Module):
         return [None if x is None else x.float() for x in (img, img_c, cap, cap_c)], scores
 
     def _contrastive_terms(self, img: Tensor, img_c: Tensor | None, cap: Tensor, cap_c: Tensor | None,
-                           keys: Mapping[str, Tensor], image_ids: Tensor) -> tuple[tuple, dict[str, Tensor]]:
-        """(instance, concept, fused) terms (None where absent) and the concept diagnostics.
-        The fused term ranks by the inference similarity (`fuse` by cfg.fusion). DCL reads the
-        queues in place: they change only in after_optimizer_step()."""
+                           keys: Mapping[str, Tensor], image_ids: Tensor, dcl_stats: dict[str, Tensor] | None = None
+                           ) -> tuple[tuple, dict[str, Tensor]]:
+        """(instance, concept, fused) terms (None where absent) and the concept diagnostics; a
+        dict `dcl_stats` gets the instance DCL's weight diagnostics. The fused term ranks by
+        the inference similarity (`fuse` by cfg.fusion). DCL reads the queues in place: they
+        change only in after_optimizer_step()."""
         cfg = self.cfg
         concept = fused = None
         if cfg.loss == "triplet":
@@ -509,9 +534,11 @@ class CODER(nn.Module):
         else:
             queues = {name: self.queues.entries(name) for name in self.queues.names}
             queue_ids = self.queues.filled_ids()
-            dcl = dict(queue_ids=queue_ids, image_ids=image_ids, tau=cfg.tau, beta=cfg.beta, rank=_rank_and_world()[0])
+            dcl = dict(queue_ids=queue_ids, image_ids=image_ids, tau=cfg.tau, beta=self.current_beta(),
+                       rank=_rank_and_world()[0], beta_adaptive=cfg.beta_adaptive, weight_groups=cfg.dcl_weight_groups,
+                       false_negative_threshold=cfg.false_negative_threshold)
             instance = symmetric_dcl(img, cap, keys["image"], keys["text"], keys["ids"], queues.get("image"),
-                                     queues.get("text"), **dcl)
+                                     queues.get("text"), stats=dcl_stats, **dcl)
             if img_c is not None:
                 concept = symmetric_dcl(img_c, cap_c, keys["image_concept"], keys["text_concept"], keys["ids"],
                                         queues.get("image_concept"), queues.get("text_concept"), **dcl)

@@ -61,6 +61,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "prototype_update": ("ema", "learned"),
     "loss": ("dcl", "triplet"),
     "fusion": ("concat", "weighted_sum"),
+    "dcl_weight_groups": ("joint", "separate"),
     "grad_clip_scope": ("global", "branch"),
     "device": ("auto", "cuda", "cpu"),
     "amp": ("auto", "bf16", "fp16", "off"),
@@ -70,7 +71,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
 # strings (paths are checked by `check_train_config`) or booleans (checked when parsed).
 TRAIN_RULES: dict[str, tuple[Check, str]] = {
     "val_max_images": at_least(0),
-    "embed_dim": at_least(1),
+    "embed_dim": (at_least(2)[0], "must be at least 2 (unit vectors of one dimension are +1 or -1: every "
+                                  "similarity would be +1 or -1)"),
     "image_pooling": one_of(*CHOICES["image_pooling"]),
     "text_pooling": one_of(*CHOICES["text_pooling"]),
     "text_encoder": one_of(*CHOICES["text_encoder"]),
@@ -93,6 +95,9 @@ TRAIN_RULES: dict[str, tuple[Check, str]] = {
     "loss": one_of(*CHOICES["loss"]),
     "tau": at_least(1e-3, 100.0),  # logits are cosines / tau: 1e-30 gives infinite gradients
     "beta": within(-1000.0, 1000.0),
+    "beta_warmup_epochs": at_least(0),
+    "dcl_weight_groups": one_of(*CHOICES["dcl_weight_groups"]),
+    "false_negative_threshold": within(0.0, 1.0),
     "margin": at_least(0.0, 2.0),  # cosine similarities differ by at most 2
     "triplet_all_negatives_epochs": at_least(0),
     "region_drop": within(0.0, 1.0),  # 1: one region per image (one is always kept)

@@ -48,6 +48,10 @@ prototype_update = "ema"                   # [R] ema (prototype_momentum) | lear
 loss = "dcl"                               # dcl | triplet (VSE++ baseline)
 tau = 0.05
 beta = 0.0                                 # [R] DCL sharpness (spec: 10); 0 = momentum InfoNCE weights; see docs/coder_parts.md
+beta_warmup_epochs = 0                     # [R] beta grows linearly from 0 over the first N epochs
+beta_adaptive = False                      # [R] beta divided by the batch's spread of negative similarities
+dcl_weight_groups = "joint"                # [R] joint | separate (batch keys and queue weighted apart)
+false_negative_threshold = 0.0             # [R] drop negatives whose key is more similar than this to the positive's key (0: off)
 margin = 0.2                               # triplet baseline only
 triplet_all_negatives_epochs = 0           # triplet: first N epochs over all in-batch negatives (VSE∞ warm-up), then the hardest
 region_drop = 0.0                          # training: drop each region from the pooling with this probability (VSE∞: 0.2)

@@ -31,7 +31,7 @@ from distributed import Dist, ResumableSampler, check_replicas, ddp_buffer_kwarg
 from model import param_groups, parameter_branches
 from options import (CHOICES, DEMO_OVERRIDES, check_train_config, check_training_memory, check_writable_dir,
                      parse_overrides)
-from utils import CoderError, atomic_write
+from utils import CoderError, as_numpy, atomic_write
 
 PROJECT_ROOT = Path(__file__).resolve().parent
 
@@ -172,6 +172,7 @@ def load_data(config: dict[str, Any], resume_state: dict[str, Any] | None = None
     if config["concept_branch"]:
         saved_graph = resume_state.get("concept_graph") if resume_state else None
         graph = concept_graph_from_state(saved_graph) if saved_graph else concepts.load_concepts(config["concept_path"])
+        graph.require_edges(config["concept_threshold"], config["concept_path"])
     need_vocab_words = resume_state.get("vocab_words") if resume_state else None
     bert_config = text_files = None  # a fresh bert run loads BERT from bert_path
     if config["text_encoder"] == "bert" and resume_state is not None:
@@ -182,7 +183,7 @@ def load_data(config: dict[str, Any], resume_state: dict[str, Any] | None = None
     elif need_vocab_words:
         tokenizer, vocab_words = vocab.Vocabulary.from_words(need_vocab_words), need_vocab_words
     else:
-        tokenizer = vocab.Vocabulary.load(config["vocab_path"])
+        tokenizer = vocab.require_words(vocab.Vocabulary.load(config["vocab_path"]), config["vocab_path"])
         vocab_words = list(tokenizer.idx2word)
     train = data.load_split(config["data_path"], config["train_split"])
     val = data.load_split(config["data_path"], config["val_split"],
@@ -222,15 +223,29 @@ def _text_states(text_encoder: torch.nn.Module, split: Any, tokenizer: Any, conf
 
 
 def validate(model: torch.nn.Module, split: Any, tokenizer: Any, graph: Any, config: dict[str, Any],
-             device: torch.device, protocol: str = "f30k", text_states: Any = None) -> dict[str, Any]:
+             device: torch.device, protocol: str = "f30k", text_states: Any = None,
+             ranks_file: Path | None = None) -> dict[str, Any]:
     """Retrieval metrics of the current query encoders on a split (mu from the config); with
-    `text_states` the frozen BERT bottom is read from them instead of run again."""
+    `text_states` the frozen BERT bottom is read from them instead of run again. With a concept
+    branch, "instance_rsum" is the rsum of the instance embeddings alone (mu = 0); a matrix of
+    equal scores (a collapsed model) adds "collapsed" = 1. `ranks_file` (.npz) gets each
+    image's and caption's rank, the input of bench/stats.py's bootstrap."""
     import evaluation
 
     embeddings = evaluation.encode_split(model, split, tokenizer, graph, device, batch_size=config["eval_batch_size"],
                                          num_workers=config["workers"], text_states=text_states)
     sims = evaluation.ensemble_similarity([embeddings], config["mu"], device)
-    return evaluation.protocol_metrics(sims, protocol, embeddings.captions_per_image)
+    metrics = evaluation.protocol_metrics(sims, protocol, embeddings.captions_per_image)
+    if embeddings.image_concept is not None and config["mu"] > 0 and "rsum" in metrics:
+        instance = evaluation.ensemble_similarity([embeddings], 0.0, device)
+        metrics["instance_rsum"] = evaluation.recall_metrics(instance, embeddings.captions_per_image)["rsum"]
+    if evaluation.constant_scores(sims):
+        metrics["collapsed"] = 1.0
+    if ranks_file is not None:
+        image_ranks, caption_ranks = evaluation.retrieval_ranks(sims, embeddings.captions_per_image)
+        ranks = {"image_ranks": as_numpy(image_ranks), "caption_ranks": as_numpy(caption_ranks)}
+        atomic_write(ranks_file, lambda handle: np.savez_compressed(handle, **ranks), mode="wb")
+    return metrics
 
 
 def run(defaults: dict[str, Any], argv: list[str], dataset: str) -> dict[str, Any]:
@@ -560,11 +575,17 @@ class TrainingRun:
         share the score with every process, save `best.pt` on improvement."""
         rsum = None
         if self.world.is_main:
+            ranks_file = None
+            if self.run_dir is not None:
+                (self.run_dir / "ranks").mkdir(exist_ok=True)
+                ranks_file = self.run_dir / "ranks" / f"step{self.global_step}.npz"
             metrics = validate(self.model, self.data["val"], self.data["tokenizer"], self.data["graph"], self.config,
-                               self.device, text_states=self.val_text_states)
+                               self.device, text_states=self.val_text_states, ranks_file=ranks_file)
             self.log.scalars({f"val/{k}": v for k, v in metrics.items()}, self.global_step)
             self.log.line(f"validation at step {self.global_step}: "
                           + " ".join(f"{k}={v:.2f}" for k, v in metrics.items()))
+            if metrics.get("collapsed"):
+                self.log.line("every validation score is equal (a collapsed model): each ground truth ranks last")
             rsum = metrics["rsum"]
         rsum = self.world.broadcast(rsum)
         if rsum > self.best_rsum:
@@ -632,6 +653,7 @@ class TrainingRun:
         self.step_in_epoch += 1
         self.last_losses = losses
         if term_norms:
+            term_norms.update({f"diag/{k[5:]}": float(v) for k, v in losses.items() if k.startswith("diag_dcl_")})
             self.log.scalars(term_norms, self.global_step)
             self.log.line(f"gradient norms at step {self.global_step} (rank 0's batch): "
                           + " ".join(f"{k}={v:.4g}" for k, v in term_norms.items()))

@@ -41,6 +41,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 SHARED = ROOT.parent / "shared" / "data"
 
 from options import BEFORE_THE_OPTION, PRESETS, ArgumentParser, positive_int, script_config  # noqa: E402
+import stats  # noqa: E402
 from utils import CoderError, cli_entry, read_json  # noqa: E402
 
 # Shared by every row on full Flickr8k (6,000 train images, 30,000 captions; dev 1,000 / 5,000).
@@ -90,8 +91,14 @@ DATASETS = {
              "title": "Flickr8k-mini dev (94 images, 470 captions; trained on 716 images)"},
 }
 BIGRU = {"text_encoder": "bigru", "word_vectors": "glove-package", "word_dim": 50}
-INFONCE = {"loss": "dcl", "beta": 0.0, "concept_branch": False}
+# DCL's weights off: plain momentum InfoNCE, whatever the train scripts' reading of DCL.
+UNWEIGHTED = {"loss": "dcl", "beta": 0.0, "beta_warmup_epochs": 0, "beta_adaptive": False,
+              "dcl_weight_groups": "joint", "false_negative_threshold": 0.0}
+INFONCE = {**UNWEIGHTED, "concept_branch": False}
 CODER = {"concept_branch": True, "pseudo_label_loss": True}
+# Momentum InfoNCE plus a concept branch trained on frozen instance embeddings (the detached
+# concept query) and mixed in at inference: a re-ranker, CODER's parts without DCL's weights.
+RERANKER = {**CODER, **UNWEIGHTED, "concept_query_input": "detach"}
 # The peers as their code trains them, on the same features, text encoder, budget and schedule
 # (docs/method.md, "The peers"). VSE∞: GPO both sides, hinge triplet over all negatives for the
 # first epoch then the hardest, 20% of the regions dropped per training image.
@@ -115,11 +122,12 @@ CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
     "vsepp": ("VSE++ (triplet, hardest negative, in-batch)",
               {"BERT": True, "loss": "triplet", "queue_size": 0, "concept_branch": False}),
     "infonce": ("momentum InfoNCE + queues (DCL, beta 0)", {"BERT": True, **INFONCE}),
-    "dcl": ("DCL (beta 10)", {"BERT": True, "loss": "dcl", "beta": 10.0, "concept_branch": False}),
-    "infonce_concept": ("momentum InfoNCE + concept branch", {"BERT": True, "concept_branch": True,
-                                                              "pseudo_label_loss": False}),
-    "coder": ("full CODER (+ pseudo labels)", {"BERT": True, **CODER}),
-    "coder_bigru": ("full CODER, bigru (GloVe-50)", {**BIGRU, **CODER}),
+    "dcl": ("DCL (beta 10)", {"BERT": True, **INFONCE, "beta": 10.0}),
+    "infonce_concept": ("momentum InfoNCE + concept branch", {"BERT": True, **RERANKER, "pseudo_label_loss": False}),
+    "infonce_reranker": ("momentum InfoNCE + concept re-ranker (beta 0, detached concept query, pseudo labels)",
+                         {"BERT": True, **RERANKER}),
+    "coder": ("CODER (the train scripts' defaults)", {"BERT": True, **CODER}),
+    "coder_bigru": ("CODER, bigru (GloVe-50)", {**BIGRU, **CODER}),
     "vse_infty": ("VSE∞ (GPO, triplet after a 1-epoch all-negatives warm-up, 20% regions dropped)",
                   {"BERT": True, **VSE_INFTY}),
     "cvse": ("CVSE (concept branch, weighted-sum fusion, 3 triplet losses + KL)", {"BERT": True, **CVSE}),
@@ -127,33 +135,45 @@ CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
     # 4-6): the same row at twice the budget, the decay again for the last third
     "cvse_long": ("CVSE, 12 epochs (x0.1 from epoch 9)", {"BERT": True, **CVSE, "epochs": 12, "lr_decay_epoch": 8}),
     # against `coder`, one change each
-    "coder_beta10": ("full CODER, the spec's beta 10", {"BERT": True, **CODER, "beta": 10.0}),
-    "coder_bn_query": ("full CODER, concept query BN(x) with gradient (spec)",
-                       {"BERT": True, **CODER, "concept_query_input": "bn"}),
-    "coder_global_clip": ("full CODER, one gradient clip over all (spec)", {"BERT": True, **CODER, "grad_clip_scope": "global"}),
-    "coder_fused": ("full CODER + fused-similarity DCL (lambda_f 0.6)", {"BERT": True, **CODER, "lambda_fused": 0.6}),
-    "coder_keys_init": ("full CODER, prototypes drawn from keys", {"BERT": True, **CODER, "prototype_init": "keys"}),
-    "coder_learned": ("full CODER, learned prototypes", {"BERT": True, **CODER, "prototype_update": "learned"}),
-    "coder_l2norm": ("full CODER, L2-normalised items before pooling",
-                     {"BERT": True, **CODER, "l2norm_before_pooling": True}),
+    "coder_beta10": ("re-ranker config, the spec's beta 10", {"BERT": True, **RERANKER, "beta": 10.0}),
+    "coder_bn_query": ("re-ranker config, concept query BN(x) with gradient (spec)",
+                       {"BERT": True, **RERANKER, "concept_query_input": "bn"}),
+    "coder_global_clip": ("re-ranker config, one gradient clip over all (spec)", {"BERT": True, **RERANKER, "grad_clip_scope": "global"}),
+    "coder_fused": ("re-ranker config + fused-similarity DCL (lambda_f 0.6)", {"BERT": True, **RERANKER, "lambda_fused": 0.6}),
+    "coder_keys_init": ("re-ranker config, prototypes drawn from keys", {"BERT": True, **RERANKER, "prototype_init": "keys"}),
+    "coder_learned": ("re-ranker config, learned prototypes", {"BERT": True, **RERANKER, "prototype_update": "learned"}),
+    "coder_l2norm": ("re-ranker config, L2-normalised items before pooling",
+                     {"BERT": True, **RERANKER, "l2norm_before_pooling": True}),
     # with the spec's beta 10, query and clipping (the experiments that chose today's defaults)
     "coder_spec": ("full CODER, the spec's reconstruction",
-                   {"BERT": True, **CODER, **SPEC, "lambda_concept": 1.0, "lambda_pseudo": 1.0, "lambda_fused": 0.0,
+                   {"BERT": True, **CODER, **UNWEIGHTED, **SPEC, "lambda_concept": 1.0, "lambda_pseudo": 1.0, "lambda_fused": 0.0,
                     "prototype_init": "random", "prototype_update": "ema", "l2norm_before_pooling": False}),
     "coder_spec_detach": ("spec's CODER, concept query on detached x",
-                          {"BERT": True, **CODER, **SPEC, "concept_query_input": "detach"}),
+                          {"BERT": True, **CODER, **UNWEIGHTED, **SPEC, "concept_query_input": "detach"}),
     "coder_spec_no_bn": ("spec's CODER, concept query without BN on x",
-                         {"BERT": True, **CODER, **SPEC, "concept_query_input": "no_bn"}),
+                         {"BERT": True, **CODER, **UNWEIGHTED, **SPEC, "concept_query_input": "no_bn"}),
     "coder_spec_cvse_weights": ("spec's CODER, CVSE's loss ratio (lambda 0.2)",
-                                {"BERT": True, **CODER, **SPEC, "lambda_concept": 0.2, "lambda_pseudo": 0.2}),
+                                {"BERT": True, **CODER, **UNWEIGHTED, **SPEC, "lambda_concept": 0.2, "lambda_pseudo": 0.2}),
+    # the readings of DCL's adaptive weights, each on the re-ranker's settings (docs/coder_parts.md)
+    "dcl_beta2": ("CODER, DCL beta 2", {"BERT": True, **RERANKER, "beta": 2.0}),
+    "dcl_beta5": ("CODER, DCL beta 5", {"BERT": True, **RERANKER, "beta": 5.0}),
+    "dcl_beta5_warmup": ("CODER, DCL beta 5 after a 2-epoch warm-up",
+                         {"BERT": True, **RERANKER, "beta": 5.0, "beta_warmup_epochs": 2}),
+    "dcl_adaptive": ("CODER, DCL beta 0.5 / spread of the batch's similarities",
+                     {"BERT": True, **RERANKER, "beta": 0.5, "beta_adaptive": True}),
+    "dcl_beta5_spare": ("CODER, DCL beta 5, likely false negatives (key cosine > 0.8) dropped",
+                        {"BERT": True, **RERANKER, "beta": 5.0, "false_negative_threshold": 0.8}),
+    "dcl_beta5_separate": ("CODER, DCL beta 5, batch and queue weighted apart",
+                           {"BERT": True, **RERANKER, "beta": 5.0, "dcl_weight_groups": "separate"}),
 }
 # The default call answers the README's question, CODER against its InfoNCE ablation and the two
 # peers, in about 75 minutes on 2 CPU cores; the ablation rows of the main table cost 90 more.
-DEFAULT_CONFIGS = ["infonce", "coder", "vse_infty", "cvse"]
+DEFAULT_CONFIGS = ["infonce", "infonce_reranker", "coder", "vse_infty", "cvse"]
 ABLATION_CONFIGS = ["vsepp", "dcl", "infonce_concept", "coder_bigru"]
 CONFIG_GROUPS = {"default": DEFAULT_CONFIGS, "ablations": ABLATION_CONFIGS}
 BASELINE = "infonce"  # every row's paired difference is taken against it ...
 REFERENCE = "coder"  # ... and against the full model (the peers' question: does CODER beat them?)
+REFERENCE_WITH_RANKS = "infonce_reranker"  # the halves table's paired bootstrap: each reading against beta 0
 PROBE_LRS = (1e-3, 1e-4)
 PROBE_EPOCHS = 8
 METRICS = ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")
@@ -313,6 +333,8 @@ _INCIDENTAL = {"data_path", "vocab_path", "concept_path", "bert_path", "text_sta
 # Settings without effect when the concept branch is off: nothing reads the concept query, and
 # the instance encoders are then the only branch, so clipping per branch is the global clip.
 _CONCEPT_BRANCH_ONLY = {"concept_query_input", "grad_clip_scope"}
+# Settings that only DCL reads: without effect on a triplet row.
+_DCL_ONLY = {"tau", "beta", "beta_warmup_epochs", "beta_adaptive", "dcl_weight_groups", "false_negative_threshold"}
 
 
 def script_defaults() -> dict[str, Any]:
@@ -333,6 +355,7 @@ def same_settings(saved_config: Path, wanted: dict[str, Any]) -> bool:
         raise CoderError(f"{saved_config}: not a run config (a JSON object of options)")
     defaults = script_defaults()
     inert = _CONCEPT_BRANCH_ONLY if wanted.get("concept_branch") is False else set()
+    inert |= _DCL_ONLY if wanted.get("loss") == "triplet" else set()
     for key, value in wanted.items():
         if key in _INCIDENTAL or key in inert:
             continue
@@ -520,12 +543,37 @@ def _spread(values: list[float]) -> tuple[float, float]:
     return mean, (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def summarise(results: list[dict[str, Any]], order: list[str]) -> list[dict[str, Any]]:
+def ranks_file(out: Path, result: dict[str, Any], step: int | None = None) -> Path | None:
+    """The per-image ranks of a run's validation at `step` (default: its best), if it saved them."""
+    best = step if step is not None else best_validation(result["validations"]).get("step")
+    path = out / "runs" / f"{result['config']}_s{result['seed']}" / "ranks" / f"step{best}.npz"
+    return path if best is not None and path.is_file() else None
+
+
+def comparison(runs: list[dict[str, Any]], others: dict[int, dict[str, Any]], out: Path | None) -> dict[str, Any] | None:
+    """A row's rsum against another row's, paired by seed: the per-seed differences and a 95%
+    interval (paired t over two or more seeds; one seed: a paired bootstrap over the dev images
+    when both runs saved their ranks, else none)."""
+    pairs = [(r, others[r["seed"]]) for r in runs if r["seed"] in others]
+    if not pairs:
+        return None
+    differences = [r["best"]["rsum"] - o["best"]["rsum"] for r, o in pairs]
+    interval, method = None, None
+    if len(pairs) > 1:
+        interval, method = stats.paired_t_interval(differences)[1:], "t"
+    elif out is not None:
+        mine, theirs = ranks_file(out, pairs[0][0]), ranks_file(out, pairs[0][1])
+        if mine and theirs:
+            interval, method = stats.bootstrap_interval(stats.read_ranks(mine), stats.read_ranks(theirs))[1:], "bootstrap"
+    return {"differences": differences, "mean": statistics.fmean(differences), "interval": interval, "method": method,
+            "verdict": stats.verdict(*interval) if interval else None}
+
+
+def summarise(results: list[dict[str, Any]], order: list[str], out: Path | None = None) -> list[dict[str, Any]]:
     """One row per configuration: mean and sample std of each metric over seeds, best epochs,
-    times, and the per-seed paired rsum differences (same seed) against the InfoNCE row
-    (`paired`) and against the full model (`paired_reference`: the row minus CODER)."""
-    rsum_of = {name: {r["seed"]: r["best"]["rsum"] for r in results if r["config"] == name}
-               for name in (BASELINE, REFERENCE)}
+    times, and its rsum against the InfoNCE row (`paired`) and against CODER (`paired_reference`),
+    each a `comparison` (per-seed differences, mean, 95% interval and its verdict)."""
+    by_seed = {name: {r["seed"]: r for r in results if r["config"] == name} for name in (BASELINE, REFERENCE)}
     rows = []
     for name in order:
         runs = sorted((r for r in results if r["config"] == name), key=lambda r: r["seed"])
@@ -540,43 +588,70 @@ def summarise(results: list[dict[str, Any]], order: list[str]) -> list[dict[str,
         row["epoch_seconds"] = statistics.fmean(s for r in runs for s in r["epoch_seconds"])
         row["train_seconds"] = statistics.fmean(s for r in runs for s in r["train_seconds"])
         for key, against in (("paired", BASELINE), ("paired_reference", REFERENCE)):
-            other = rsum_of[against]
-            paired = [r["best"]["rsum"] - other[r["seed"]] for r in runs if r["seed"] in other]
-            row[key] = paired
-            row[f"{key}_spread"] = _spread(paired) if paired else None
+            row[key] = None if name == against else comparison(runs, by_seed[against], out)
         rows.append(row)
     return rows
 
 
-def _cell(spread: tuple[float, float], n: int, signed: bool = False) -> str:
+def _cell(spread: tuple[float, float], n: int) -> str:
     mean, std = spread
-    text = f"{mean:+.1f}" if signed else f"{mean:.1f}"
-    return text if n == 1 else f"{text} ± {std:.1f}"
+    return f"{mean:.1f}" if n == 1 else f"{mean:.1f} ± {std:.1f}"
+
+
+def comparison_cell(found: dict[str, Any] | None) -> str:
+    """'+2.1 [-1.0, +5.2] (+1.9, +1.9, +2.4), level within noise'; no interval: the values only."""
+    if not found:
+        return "-"
+    seeds = ", ".join(f"{d:+.1f}" for d in found["differences"])
+    if not found["interval"]:
+        return f"{found['mean']:+.1f} ({seeds}; no interval)"
+    low, high = found["interval"]
+    return f"{found['mean']:+.1f} [{low:+.1f}, {high:+.1f}] ({seeds}), {found['verdict']}"
 
 
 def markdown(rows: list[dict[str, Any]], probes: list[dict[str, Any]]) -> str:
-    head = ("| # | configuration | i2t R@1 | R@5 | R@10 | t2i R@1 | R@5 | R@10 | rsum | vs InfoNCE (paired) "
-            "| vs full CODER (paired) | best epoch | s/epoch | seeds |")
+    head = ("| # | configuration | i2t R@1 | R@5 | R@10 | t2i R@1 | R@5 | R@10 | rsum | vs InfoNCE | vs CODER "
+            "| best epoch | s/epoch | seeds |")
     lines = [head, "|" + "---|" * 14]
     for probe in probes:
         best = probe["best"]
         cells = " | ".join(f"{best[k]:.1f}" for k in METRICS[:-1])
         lines.append(f"| - | linear probe (frozen features), lr {probe['lr']:g} | {cells} | **{best['rsum']:.1f}** | - "
                      f"| - | {probe['best_epoch']} of {len(probe['validations'])} | {probe['epoch_seconds']:.1f} | 1 |")
-
-    def paired(row: dict[str, Any], key: str, against: str) -> str:
-        if row["config"] == against or not row[key]:
-            return "-"
-        return (_cell(row[f"{key}_spread"], len(row[key]), signed=True)
-                + f" ({', '.join(f'{d:+.1f}' for d in row[key])})")
-
     for i, row in enumerate(rows, 1):
         n = len(row["seeds"])
         cells = " | ".join(_cell(row[k], n) for k in METRICS[:-1])
         epochs = ",".join(f"{b}/{e}" for b, e in zip(row["best_epochs"], row["epochs"]))
         lines.append(f"| {i} | {row['description']} | {cells} | **{_cell(row['rsum'], n)}** "
-                     f"| {paired(row, 'paired', BASELINE)} | {paired(row, 'paired_reference', REFERENCE)} | {epochs} "
+                     f"| {comparison_cell(row['paired'])} | {comparison_cell(row['paired_reference'])} | {epochs} "
                      f"| {row['epoch_seconds']:.0f} ({row['train_seconds']:.0f}) | {n} |")
+    return "\n".join(lines)
+
+
+def halves_table(results: list[dict[str, Any]], out: Path, against: str) -> str:
+    """Runs that saved their ranks, chosen and reported on separate halves of dev (stats.dev_halves):
+    each run's epoch and the row's verdict come from the choosing half, its numbers from the
+    reporting half, with a paired bootstrap there against the `against` run of the same seed."""
+    lines = ["| configuration | seed | epoch (chosen on half A) | rsum half A | rsum half B | vs "
+             f"{against} on half B |", "|---|---|---|---|---|---|"]
+    by_run = {(r["config"], r["seed"]): r for r in results}
+    for result in results:
+        files = {v["step"]: ranks_file(out, result, v["step"]) for v in result["validations"] if "step" in v}
+        if not files or not all(files.values()):
+            continue
+        ranks = {step: stats.read_ranks(path) for step, path in files.items()}
+        choose, report = stats.dev_halves(len(next(iter(ranks.values()))[0]))
+        on = {step: stats.rsum_of_images(*r, choose[None, :])[0] for step, r in ranks.items()}
+        step = max(on, key=lambda s: (on[s], -s))
+        epoch = next(v["epoch"] for v in result["validations"] if v.get("step") == step)
+        reported = stats.rsum_of_images(*ranks[step], report[None, :])[0]
+        cell = "-"
+        other = by_run.get((against, result["seed"]))
+        if other is not None and result["config"] != against and (mine := ranks_file(out, other)):
+            estimate, low, high = stats.bootstrap_interval(ranks[step], stats.read_ranks(mine), subset=report)
+            cell = f"{estimate:+.1f} [{low:+.1f}, {high:+.1f}], {stats.verdict(low, high)}"
+        lines.append(f"| {CONFIGS[result['config']][0]} | {result['seed']} | {epoch} | {on[step]:.1f} "
+                     f"| {reported:.1f} | {cell} |")
     return "\n".join(lines)
 
 
@@ -619,8 +694,12 @@ def plot_curves(results: list[dict[str, Any]], probes: list[dict[str, Any]], ord
 
 def write_outputs(out: Path, dataset: str, results: list[dict[str, Any]], probes: list[dict[str, Any]],
                   order: list[str], extra: dict[str, Any]) -> str:
-    rows = summarise(results, order)
+    rows = summarise(results, order, out)
     table = markdown(rows, probes)
+    halves = halves_table(results, out, REFERENCE_WITH_RANKS)
+    if halves.count("\n") > 1:
+        table += ("\n\nChosen on dev half A (even positions), reported on half B (odd positions); "
+                  "runs that saved per-image ranks only.\n\n" + halves)
     (out / "results.json").write_text(json.dumps({"dataset": dataset, "runs": results, "summary": rows,
                                                   "probes": probes, **extra}, indent=2))
     (out / "results.md").write_text(table + "\n")
@@ -722,13 +801,14 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     if args.report and not results and not probes:
         raise SystemExit(f"{out / 'runs'}: no finished runs of {', '.join(names)} to report")
     table = write_outputs(out, args.dataset, results, probes, names, extra)
-    print(f"\n{spec['title']}; mean ± sample std over seeds (one value: one seed); 'vs InfoNCE' and "
-          f"'vs full CODER' = mean of the per-seed paired rsum differences, this row minus that one (each seed's "
-          f"value in brackets); best epoch by dev rsum, of the "
-          f"epochs run; s/epoch = training + validation (training only in brackets)\n")
+    print(f"\n{spec['title']}; mean ± sample std over seeds (one value: one seed); 'vs InfoNCE' and 'vs CODER': "
+          f"this row's rsum minus that row's, paired by seed: mean, 95% interval (paired t over seeds; one seed: "
+          f"a paired bootstrap over the dev images, where both runs saved their ranks), each seed's value, and "
+          f"the verdict ('level within noise' when the interval holds 0); best epoch by dev rsum, of the epochs "
+          f"run; s/epoch = training + validation (training only in brackets)\n")
     print(table)
     print(f"\n{out / 'results.md'}, {out / 'results.json'}, {out / 'curves.png'}")
-    return summarise(results, names)
+    return summarise(results, names, out)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import statistics
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -40,7 +41,8 @@ def test_rows_share_every_setting_but_their_named_change():
 
 
 def fake_run(name, seed, rsums):
-    validations = [{"epoch": e + 1, **{k: r / 6 for k in B.METRICS[:-1]}, "rsum": r} for e, r in enumerate(rsums)]
+    validations = [{"step": 10 * (e + 1), "epoch": e + 1, **{k: r / 6 for k in B.METRICS[:-1]}, "rsum": r}
+                   for e, r in enumerate(rsums)]
     best = B.best_validation(validations)
     return {"config": name, "seed": seed, "best": {k: best[k] for k in B.METRICS}, "best_epoch": best["epoch"],
             "validations": validations, "epoch_seconds": [10.0] * len(rsums), "train_seconds": [8.0] * len(rsums),
@@ -48,15 +50,16 @@ def fake_run(name, seed, rsums):
 
 
 def test_configs_expand_groups_in_place_each_row_once():
-    assert B.parse_configs("default") == ["infonce", "coder", "vse_infty", "cvse"]
-    assert B.parse_configs("default,ablations") == ["infonce", "coder", "vse_infty", "cvse",
+    assert B.parse_configs("default") == ["infonce", "infonce_reranker", "coder", "vse_infty", "cvse"]
+    assert B.parse_configs("default,ablations") == ["infonce", "infonce_reranker", "coder", "vse_infty", "cvse",
                                                     "vsepp", "dcl", "infonce_concept", "coder_bigru"]
-    assert B.parse_configs(" cvse_long, coder ,default") == ["cvse_long", "coder", "infonce", "vse_infty", "cvse"]
+    assert B.parse_configs(" cvse_long, coder ,default") == ["cvse_long", "coder", "infonce", "infonce_reranker",
+                                                             "vse_infty", "cvse"]
     for text, error in (("coder,nope", "unknown config 'nope'"), (" , ", "names no row")):
         with pytest.raises(ValueError, match=error):
             B.parse_configs(text)
     # every row of the main table is in a group, and the groups do not overlap
-    assert sorted(B.DEFAULT_CONFIGS + B.ABLATION_CONFIGS) == sorted(list(B.CONFIGS)[:8])
+    assert sorted(B.DEFAULT_CONFIGS + B.ABLATION_CONFIGS) == sorted(list(B.CONFIGS)[:9])
 
 
 def test_a_resumed_runs_log_counts_each_epoch_once():
@@ -101,19 +104,48 @@ def test_summary_means_and_paired_differences():
                fake_run("coder", 0, [110, 160, 155]), fake_run("coder", 1, [95, 118, 125])]
     rows = {row["config"]: row for row in B.summarise(results, ["infonce", "coder"])}
     assert rows["coder"]["rsum"] == pytest.approx((statistics.fmean([160, 125]), statistics.stdev([160, 125])))
-    assert rows["coder"]["paired"] == [10, -5]
-    assert rows["coder"]["paired_spread"] == pytest.approx((2.5, statistics.stdev([10, -5])))
+    paired = rows["coder"]["paired"]
+    assert paired["differences"] == [10, -5] and paired["mean"] == 2.5 and paired["method"] == "t"
+    half = 12.706 * statistics.stdev([10, -5]) / 2 ** 0.5  # t with one degree of freedom
+    assert paired["interval"] == pytest.approx((2.5 - half, 2.5 + half))
+    assert paired["verdict"] == "level within noise"
     assert rows["infonce"]["best_epochs"] == [2, 3] and rows["infonce"]["epochs"] == [3, 3]
-    assert rows["infonce"]["paired_reference"] == [-10, 5] and rows["coder"]["paired_reference"] == [0, 0]
+    assert rows["infonce"]["paired_reference"]["differences"] == [-10, 5] and rows["coder"]["paired_reference"] is None
     probe = {"lr": 1e-4, "best": fake_run("x", 0, [50])["best"], "best_epoch": 1, "validations": [{}],
              "epoch_seconds": 1.5}
     table = B.markdown(B.summarise(results, ["infonce", "coder"]), [probe])
     lines = table.splitlines()
     assert "linear probe" in lines[2] and "**50.0**" in lines[2]
-    assert "+2.5 ± 10.6 (+10.0, -5.0)" in lines[4] and "2/3,3/3" in lines[3]
+    assert f"+2.5 [{2.5 - half:+.1f}, {2.5 + half:+.1f}] (+10.0, -5.0), level within noise" in lines[4]
+    assert "2/3,3/3" in lines[3]
     infonce_cells, coder_cells = lines[3].split(" | "), lines[4].split(" | ")
-    assert infonce_cells[9:11] == ["-", "-2.5 ± 10.6 (-10.0, +5.0)"]  # vs InfoNCE, vs the full model
+    assert infonce_cells[9] == "-" and infonce_cells[10].startswith("-2.5 [")
     assert coder_cells[10] == "-"
+
+
+def test_single_seed_comparison_uses_a_paired_bootstrap_over_saved_ranks(tmp_path):
+    """One seed each: the interval is the bootstrap of the difference over the saved dev ranks;
+    without ranks the cell says there is no interval; the halves table picks the epoch on
+    half A and reports half B."""
+    rng = np.random.default_rng(0)
+    base_img, base_cap = rng.integers(0, 30, 100), rng.integers(0, 30, 500)
+    for name, shift in (("infonce_reranker", 0), ("coder", 3)):
+        run = fake_run(name, 0, [100, 150])
+        folder = tmp_path / "runs" / f"{name}_s0" / "ranks"
+        folder.mkdir(parents=True)
+        for v in run["validations"]:
+            np.savez(folder / f"step{v['step']}.npz", image_ranks=np.maximum(base_img - shift, 0),
+                     caption_ranks=np.maximum(base_cap - shift, 0))
+        (tmp_path / "runs" / f"{name}_s0" / "result.json").write_text(json.dumps(run))
+    results = [json.loads((tmp_path / "runs" / f"{n}_s0" / "result.json").read_text())
+               for n in ("infonce_reranker", "coder")]
+    rows = {r["config"]: r for r in B.summarise(results, ["infonce_reranker", "coder"], tmp_path)}
+    found = rows["infonce_reranker"]["paired_reference"]
+    assert found["method"] == "bootstrap" and found["interval"][1] < 0 and found["verdict"] == "lower"
+    assert "no interval" in B.comparison_cell(B.summarise(results, ["coder"])[0]["paired_reference"] or
+                                              {"differences": [1.0], "mean": 1.0, "interval": None})
+    halves = B.halves_table(results, tmp_path, "infonce_reranker").splitlines()
+    assert len(halves) == 4 and "higher" in halves[3]
 
 
 def test_curves_plot_is_written(tmp_path):

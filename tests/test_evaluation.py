@@ -23,14 +23,17 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 def naive_ranks(sims: np.ndarray, cpi: int) -> tuple[list[int], list[int]]:
-    """Per-query loops over Python floats: rank = items scored strictly higher (spec §7)."""
+    """Per-query loops over Python floats: rank = wrong items scored at least as high as the
+    ground truth (ties count against the model); an image takes its best own caption."""
     rows = np.asarray(sims).tolist()
     n_img, n_cap = len(rows), len(rows[0])
     image_ranks = []
     for i in range(n_img):
-        own = [sum(1 for k in range(n_cap) if rows[i][k] > rows[i][c]) for c in range(i * cpi, (i + 1) * cpi)]
-        image_ranks.append(min(own))
-    caption_ranks = [sum(1 for k in range(n_img) if rows[k][j] > rows[j // cpi][j]) for j in range(n_cap)]
+        own = range(i * cpi, (i + 1) * cpi)
+        best = max(rows[i][c] for c in own)
+        image_ranks.append(sum(1 for k in range(n_cap) if k not in own and rows[i][k] >= best))
+    caption_ranks = [sum(1 for k in range(n_img) if k != j // cpi and rows[k][j] >= rows[j // cpi][j])
+                     for j in range(n_cap)]
     return image_ranks, caption_ranks
 
 
@@ -91,14 +94,30 @@ def test_ranks_agree_with_scan_argsort_without_ties(cpi: int) -> None:
     assert caption_ranks.tolist() == want_cap
 
 
-def test_ties_count_only_strictly_higher_scores() -> None:
+def test_ties_count_against_the_model() -> None:
     # Image 0's caption ties with image 1's caption; caption 1 ties between both images.
     sims = np.array([[1.0, 1.0], [0.0, 1.0]])
     image_ranks, caption_ranks = evaluation.retrieval_ranks(sims, 1)
-    assert image_ranks.tolist() == [0, 0]
-    assert caption_ranks.tolist() == [0, 0]
-    # A tie across the whole row: everything is rank 0, i.e. ties are never penalised.
-    assert evaluation.recall_metrics(np.zeros((3, 6)), 2)["rsum"] == 600.0
+    assert image_ranks.tolist() == [1, 0]
+    assert caption_ranks.tolist() == [0, 1]
+    # An image's own captions tying with each other are no competitors.
+    own_ties = np.array([[2.0, 2.0, 1.0, 1.0], [0.0, 0.0, 3.0, 3.0]])
+    assert evaluation.retrieval_ranks(own_ties, 2)[0].tolist() == [0, 0]
+
+
+@pytest.mark.parametrize("n_img,cpi", [(3, 2), (40, 5), (1000, 5)])
+def test_a_collapsed_model_scores_no_better_than_chance(n_img: int, cpi: int) -> None:
+    """All scores equal (a collapsed model): every ground truth ranks last, rsum 0 — below the
+    expected rsum of random scores, so the trainer can never keep it as its best."""
+    constant = np.full((n_img, n_img * cpi), 0.7, dtype=np.float32)
+    image_ranks, caption_ranks = evaluation.retrieval_ranks(constant, cpi)
+    assert image_ranks.tolist() == [n_img * cpi - cpi] * n_img  # every wrong caption ranks above
+    assert caption_ranks.tolist() == [n_img - 1] * (n_img * cpi)
+    metrics = evaluation.recall_metrics(constant, cpi)
+    if n_img * cpi - cpi >= 10:  # more than 10 wrong items each way: nothing is within R@10
+        assert metrics["rsum"] == 0.0
+    assert metrics["i2t_medr"] == n_img * cpi - cpi + 1 and metrics["t2i_medr"] == n_img
+    assert evaluation.constant_scores(constant) and not evaluation.constant_scores(random_sims(3, cpi, False))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -155,7 +174,7 @@ def test_shape_and_value_errors_name_the_counts() -> None:
     with pytest.raises(CoderError, match="no images"):
         evaluation.recall_metrics(np.zeros((0, 0)), 5)
     huge = np.full((4, 20), 3e38, dtype=np.float32)  # finite, but its sum overflows float32
-    assert evaluation.recall_metrics(huge, 5)["rsum"] == 600.0
+    assert evaluation.recall_metrics(huge, 5)["rsum"] == 200.0  # all tied: each ranks last of 4 (R@5, R@10 hit)
     for bad_value in (np.nan, np.inf):
         bad = huge.copy()
         bad[2, 3] = bad_value

@@ -66,7 +66,7 @@ def test_dcl_matches_naive_reference(dcl_case, tau, beta):
 def test_dcl_empty_queue(dcl_case):
     q, k, _, q_ids, _ = dcl_case
     empty, no_ids = torch.zeros(0, 5, dtype=torch.float64), torch.zeros(0, dtype=torch.long)
-    got = dcl_loss(q, k, empty, q_ids, no_ids)
+    got = dcl_loss(q, k, empty, q_ids, no_ids, 0.05, 10.0)
     want = naive_dcl(q, k, empty, q_ids, q_ids, no_ids, range(6), 0.05, 10.0)
     assert got.item() == pytest.approx(want, abs=1e-6)
 
@@ -79,15 +79,15 @@ def test_dcl_beta_zero_is_infonce(dcl_case):
 
 def test_dcl_masked_keys_have_no_influence(dcl_case):
     q, k, queue, q_ids, queue_ids = dcl_case
-    base = dcl_loss(q[:2], k[:2], queue, q_ids[:2], queue_ids)  # both queries have image 7
+    base = dcl_loss(q[:2], k[:2], queue, q_ids[:2], queue_ids, 0.05, 10.0)  # both queries have image 7
     changed = queue.clone()
     changed[queue_ids == 7] = unit(int((queue_ids == 7).sum()), 5, seed=9)
-    assert dcl_loss(q[:2], k[:2], changed, q_ids[:2], queue_ids).item() == pytest.approx(base.item(), abs=1e-12)
+    assert dcl_loss(q[:2], k[:2], changed, q_ids[:2], queue_ids, 0.05, 10.0).item() == pytest.approx(base.item(), abs=1e-12)
     # A key of the same image in the batch (row 1 for query 0) is masked as well: moving it
     # changes query 1's positive only, so query 0's loss alone stays put.
     moved = k.clone()
     moved[1] = unit(5, seed=10)
-    first = dict(k_ids=q_ids[:2], pos_index=torch.tensor([0]))
+    first = dict(tau=0.05, beta=10.0, k_ids=q_ids[:2], pos_index=torch.tensor([0]))
     alone = dcl_loss(q[:1], k[:2], queue, q_ids[:1], queue_ids, **first)
     alone_moved = dcl_loss(q[:1], moved[:2], queue, q_ids[:1], queue_ids, **first)
     assert alone_moved.item() == pytest.approx(alone.item(), abs=1e-12)
@@ -97,7 +97,7 @@ def test_dcl_without_any_negative_is_zero_and_finite():
     q, k = unit(2, 4, seed=3), unit(2, 4, seed=4)
     ids = torch.tensor([5, 5])
     q.requires_grad_(True)
-    loss = dcl_loss(q, k, k.detach().clone(), ids, ids)
+    loss = dcl_loss(q, k, k.detach().clone(), ids, ids, 0.05, 10.0)
     loss.backward()
     assert loss.item() == 0.0
     assert torch.isfinite(q.grad).all()
@@ -140,15 +140,80 @@ def test_dcl_gradient_treats_weights_as_constants(dcl_case):
 def test_dcl_gathered_keys_with_pos_index(dcl_case):
     """Two 'processes' with 3 local queries each against all 6 keys average to the 1-process loss."""
     q, k, queue, q_ids, queue_ids = dcl_case
-    full = dcl_loss(q, k, queue, q_ids, queue_ids)
+    full = dcl_loss(q, k, queue, q_ids, queue_ids, 0.05, 10.0)
     halves = [
-        dcl_loss(q[3 * r : 3 * r + 3], k, queue, q_ids[3 * r : 3 * r + 3], queue_ids,
+        dcl_loss(q[3 * r : 3 * r + 3], k, queue, q_ids[3 * r : 3 * r + 3], queue_ids, 0.05, 10.0,
                  k_ids=q_ids, pos_index=torch.arange(3) + 3 * r)
         for r in range(2)
     ]
     assert ((halves[0] + halves[1]) / 2).item() == pytest.approx(full.item(), abs=1e-12)
     with pytest.raises(ValueError):
-        dcl_loss(q[:3], k, queue, q_ids[:3], queue_ids)
+        dcl_loss(q[:3], k, queue, q_ids[:3], queue_ids, 0.05, 10.0)
+
+
+def naive_dcl_reading(q, k, queue, q_ids, queue_ids, tau, beta, *, separate=False, threshold=0.0,
+                      adaptive=False) -> float:
+    """The readings of DCL's weights written out per query: negatives (batch keys, then queue)
+    minus those whose key is more similar than `threshold` to the positive key; β divided by
+    the sample standard deviation of all kept negative similarities of the batch (`adaptive`);
+    weights |G|·softmax_G(β s) within each group G (one group, or batch and queue apart)."""
+    rows = []
+    for i in range(len(q)):
+        groups = []
+        for keys, ids in ((k, q_ids), (queue, queue_ids)):
+            kept = [j for j in range(len(keys)) if int(ids[j]) != int(q_ids[i])
+                    and not (threshold > 0 and dot(k[i], keys[j]) > threshold)]
+            groups.append([dot(q[i], keys[j]) for j in kept])
+        rows.append(groups)
+    if adaptive:
+        every = [s for groups in rows for g in groups for s in g]
+        mean = sum(every) / len(every)
+        beta = beta / math.sqrt(sum((s - mean) ** 2 for s in every) / (len(every) - 1))
+    losses = []
+    for i, groups in enumerate(rows):
+        parts = groups if separate else [groups[0] + groups[1]]
+        denominator = pos = math.exp(dot(q[i], k[i]) / tau)
+        for sims in parts:
+            norm = sum(math.exp(beta * s) for s in sims)
+            denominator += sum(len(sims) * math.exp(beta * s) / norm * math.exp(s / tau) for s in sims)
+        losses.append(-math.log(pos / denominator))
+    return sum(losses) / len(losses)
+
+
+@pytest.mark.parametrize("reading", [dict(separate=True), dict(threshold=0.3), dict(adaptive=True),
+                                     dict(separate=True, threshold=0.2, adaptive=True)])
+def test_dcl_readings_match_naive_reference(dcl_case, reading):
+    q, k, queue, q_ids, queue_ids = dcl_case
+    options = dict(weight_groups="separate" if reading.get("separate") else "joint",
+                   false_negative_threshold=reading.get("threshold", 0.0), beta_adaptive=reading.get("adaptive", False))
+    got = dcl_loss(q, k, queue, q_ids, queue_ids, 0.1, 2.0, **options)
+    want = naive_dcl_reading(q, k, queue, q_ids, queue_ids, 0.1, 2.0, **reading)
+    assert got.item() == pytest.approx(want, abs=1e-6)
+    assert got.item() != pytest.approx(dcl_loss(q, k, queue, q_ids, queue_ids, 0.1, 2.0).item(), abs=1e-6)
+
+
+def test_dcl_weight_stats_against_reference(dcl_case):
+    """Uniform weights (β = 0) have entropy 1; with β > 0 the entropy and the top-1% shares
+    match a per-query computation."""
+    q, k, queue, q_ids, queue_ids = dcl_case
+    stats = {}
+    dcl_loss(q, k, queue, q_ids, queue_ids, 0.1, 0.0, stats=stats)
+    assert stats["weight_entropy"].item() == pytest.approx(1.0, abs=1e-9)
+    stats = {}
+    dcl_loss(q, k, queue, q_ids, queue_ids, 0.1, 5.0, stats=stats)
+    keys, ids = torch.cat([k, queue]), torch.cat([q_ids, queue_ids])
+    entropies, tops, grads = [], [], []
+    for i in range(len(q)):
+        sims = [dot(q[i], keys[j]) for j in range(len(keys)) if int(ids[j]) != int(q_ids[i])]
+        w = [math.exp(5.0 * s) for s in sims]
+        p = [x / sum(w) for x in w]
+        entropies.append(-sum(x * math.log(x) for x in p) / math.log(len(p)))
+        tops.append(max(p))  # 15 columns: the top 1% is one negative
+        e = [x * math.exp(s / 0.1) for x, s in zip(w, sims)]
+        grads.append(max(e) / sum(e))
+    assert stats["weight_entropy"].item() == pytest.approx(sum(entropies) / 6, abs=1e-9)
+    assert stats["weight_top1"].item() == pytest.approx(sum(tops) / 6, abs=1e-9)
+    assert stats["grad_top1"].item() == pytest.approx(sum(grads) / 6, abs=1e-9)
 
 
 def test_triplet_matches_naive_reference():
