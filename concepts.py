@@ -158,6 +158,15 @@ class ConceptGraph:
         connected = (a.sum(axis=0) + a.sum(axis=1)) > 0
         return {"concepts": self.num_concepts, "edges": int(a.sum()), "isolated": int((~connected).sum())}
 
+    def require_edges(self, threshold: float, source: str | Path) -> "ConceptGraph":
+        """This graph, unless its binary graph at `threshold` joins no two concepts: the concept
+        branch's GCN would then only pass each word vector through, a graph in name only."""
+        if self.stats(threshold)["edges"] == 0:
+            raise CoderError(f"{source}: the concept graph has no edge at concept_threshold {threshold:g} (no two of "
+                             f"its {self.num_concepts} concepts co-occur often enough); lower --concept_threshold, "
+                             f"use another graph, or pass --concept_branch false")
+        return self
+
     def save(self, out_dir: str | Path) -> None:
         """Write the project's safe folder format (JSON + .npy); `concepts.json` is written last."""
         out_dir = Path(out_dir)
@@ -491,7 +500,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         check_concept_output(Path(args.out), args.overwrite)
         words = _read_word_list(Path(args.concept_list)) if args.concept_list else None
         graph = build_concepts(args.captions, args.out, args.concepts, words, args.word_vectors, args.word_dim)
-        print(json.dumps({"out": args.out, **graph.stats(), "word_dim": graph.word_dim}))
+        stats = graph.stats()
+        if stats["edges"] == 0:  # written all the same: training at a lower threshold may find edges
+            print(f"warning: {args.out}: the graph has no edge at concept_threshold {DEFAULT_THRESHOLD:g}, where "
+                  f"training refuses it", file=sys.stderr)
+        print(json.dumps({"out": args.out, **stats, "word_dim": graph.word_dim}))
 
 
 if __name__ == "__main__":

@@ -204,10 +204,24 @@ def count_words(caption_files: Iterable[str | Path]) -> Counter:
 
 
 def build_vocab(caption_files: Iterable[str | Path], min_count: int = 4) -> Vocabulary:
-    """Vocabulary of the words seen at least `min_count` times, most frequent first."""
+    """Vocabulary of the words seen at least `min_count` times, most frequent first; refused
+    when no word is (see `require_words`)."""
+    caption_files = list(caption_files)
     counter = count_words(caption_files)
     kept = sorted((w for w, c in counter.items() if c >= min_count), key=lambda w: (-counter[w], w))
+    if not kept:
+        raise CoderError(f"{', '.join(map(str, caption_files))}: no word occurs {min_count} times or more, and a "
+                         f"vocabulary of the special tokens alone makes every word <unk>; lower --min-count")
     return Vocabulary.from_words(kept)
+
+
+def require_words(vocabulary: Vocabulary, source: str | Path) -> Vocabulary:
+    """`vocabulary`, unless it holds only the special tokens: every caption would then encode
+    as <start> <unk>... <end>, and no model trained on it could tell two captions apart."""
+    if len(vocabulary) <= len(SPECIAL_TOKENS):
+        raise CoderError(f"{source}: the vocabulary holds only the special tokens {', '.join(SPECIAL_TOKENS)}, so "
+                         f"every word would be <unk>; build it from the training captions with vocab.py build")
+    return vocabulary
 
 
 def oov_stats(vocab: Vocabulary, caption_files: Iterable[str | Path]) -> dict:

@@ -906,3 +906,85 @@ def test_an_output_name_at_the_file_system_limit_is_written(world, reader, capsy
     capsys.readouterr()
     ENTRY_POINTS[reader][0](_with_output(reader, "--json" if reader == "eval" else "--out", path)(world))
     assert json.loads(path.read_text()), capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- a run's state and its inputs
+
+@pytest.mark.parametrize("dev_data", ["changed", "unchanged"])
+def test_a_resume_on_changed_dev_data_starts_a_fresh_best(world, dev_data, capsys):
+    """The best dev score of a checkpoint is comparable only on the dev data it was measured on:
+    when the dev captions changed, the resumed run's next validation makes the new best.pt
+    whatever it scores (here below a recorded best of 600, more than any rsum); unchanged dev
+    data keeps the recorded best."""
+    _edit_last(world, lambda s: s.update(best_rsum=600.0))
+    if dev_data == "changed":
+        captions = world / "data" / "dev_caps.txt"
+        captions.write_text(captions.read_text().replace("a", "the", 1))
+    code, err = _resume(world, capsys, "--epochs", "2")
+    assert code == 0, err
+    log = (world / "run" / "train.log").read_text()
+    last = torch.load(world / "run" / "last.pt", weights_only=True)
+    rsum = float(log.rsplit("validation at step", 1)[1].split("rsum=", 1)[1].split()[0])
+    if dev_data == "changed":
+        assert "the validation data changed" in log
+        assert last["best_rsum"] == pytest.approx(rsum, abs=0.01)
+        assert torch.load(world / "run" / "best.pt", weights_only=True)["epoch"] == 2
+    else:
+        assert "the validation data changed" not in log and last["best_rsum"] == 600.0
+
+
+def _only_special_tokens(w: Path) -> list[str]:
+    (w / "data" / "vocab.json").write_text(json.dumps({"words": list(vocab.SPECIAL_TOKENS)}))
+    return []
+
+
+def _no_cooccurrence(w: Path) -> list[str]:
+    path = w / "concepts" / "cooccurrence.npy"
+    np.save(path, np.zeros_like(np.load(path)))
+    return []
+
+
+# (how the world or the command line is changed, what the refusal names)
+DEGENERATE: dict[str, tuple[Callable[[Path], list[str]], str]] = {
+    "a 1-d embedding": (lambda w: ["--embed_dim", "1"], "--embed_dim 1"),
+    "a vocabulary of special tokens only": (_only_special_tokens, "vocab.json"),
+    "a concept graph without an edge": (_no_cooccurrence, "concepts"),
+}
+
+
+@pytest.mark.parametrize("setting", DEGENERATE)
+def test_a_degenerate_setting_is_refused_in_one_line(world, setting, capsys):
+    """Settings under which training cannot mean anything: every similarity of 1-d unit
+    vectors is +1 or -1; every caption of a vocabulary without words is <unk>; a graph
+    without edges leaves the concept branch's GCN nothing to propagate."""
+    extra, named = DEGENERATE[setting]
+    argv = ENTRY_POINTS["train"][1](world) + extra(world)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        _train(argv)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert exit_.value.code == 2 and len(lines) == 1 and named in lines[0], err
+    assert not (world / "new_run").exists()
+
+
+def test_a_vocabulary_build_that_keeps_no_word_is_refused(world, capsys):
+    main, argv = ENTRY_POINTS["vocab build"]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        main(argv(world) + ["--min-count", "100000"])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert exit_.value.code == 2 and len(lines) == 1 and "--min-count" in lines[0], lines
+    assert not (world / "v.json").exists()
+
+
+def test_a_concept_graph_built_without_an_edge_is_written_with_a_warning(world, capsys):
+    """One concept: no edge at any threshold. The graph is written (a folder of concepts is
+    still a valid input elsewhere), and a warning says that training refuses it."""
+    (world / "raw" / "concepts.txt").write_text("bird\n")
+    main, argv = ENTRY_POINTS["concepts build list"]
+    capsys.readouterr()
+    main(argv(world))
+    err = capsys.readouterr().err
+    assert "warning: " in err and "no edge" in err, err
+    assert concepts.load_concepts(world / "c2").words == ["bird"]
