@@ -184,12 +184,14 @@ def stage_times(data_dir: Path, sample: int, seed: int = 0) -> list[dict]:
     batches = [items[i:i + BATCH] for i in range(0, len(items) - BATCH + 1, BATCH)]
     rows.append(per_caption("collation of those items", lambda: [data.collate(b, 0) for b in batches],
                             count=BATCH * len(batches)))
-    fetched = []
-    groups = [indices[i:i + BATCH] for i in range(0, len(indices) - BATCH + 1, BATCH)]
-    rows.append(per_caption("batched fetch, as the loader does (warm)",
-                            lambda: fetched.extend(train_set.__getitems__(g) for g in groups), count=BATCH * len(groups)))
-    rows.append(per_caption("collation of a batched fetch", lambda: [data.collate(b, 0) for b in fetched],
-                            count=BATCH * len(fetched)))
+    if hasattr(train_set, "__getitems__"):  # the DataLoader's batched fetch, where the dataset has one
+        fetched = []
+        groups = [indices[i:i + BATCH] for i in range(0, len(indices) - BATCH + 1, BATCH)]
+        rows.append(per_caption("batched fetch, as the loader does (warm)",
+                                lambda: fetched.extend(train_set.__getitems__(g) for g in groups),
+                                count=BATCH * len(groups)))
+        rows.append(per_caption("collation of a batched fetch", lambda: [data.collate(b, 0) for b in fetched],
+                                count=BATCH * len(fetched)))
     return rows
 
 

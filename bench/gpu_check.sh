@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
 # Everything that needs a GPU, in one run of about 10 minutes on one GPU, into one report:
-#   1. the CUDA-only tests (pytest -k cuda: the tests parametrised over the cuda device),
-#   2. bench/bench_throughput.py --gpu: the default CODER model with a BERT-base-sized text
+#   1. bench/gpu_steps.py: train_f30k.py runs on CUDA in bf16 (BERT) and in fp16 with the
+#      GradScaler (Bi-GRU), each resumed from its checkpoint, and one training step of the
+#      Bi-GRU and of the BERT model under torch.cuda.set_sync_debug_mode("error"),
+#   2. the CUDA-only tests (pytest -k cuda: the tests parametrised over the cuda device),
+#   3. bench/bench_throughput.py --gpu: the default CODER model with a BERT-base-sized text
 #      encoder at batch 128, bf16 and fp32, projected to one Flickr30K epoch (145,000 captions;
 #      target at most 45 s on an H100/H200), then a short real train_f30k.py run on the GPU,
-#   3. as much of the Flickr8k table with 3 seeds as the remaining budget allows
+#   4. as much of the Flickr8k table with 3 seeds as the remaining budget allows
 #      (bench/bench_flickr8k.py --device cuda; finished runs are cached, so a second call
 #      continues where the budget stopped the first).
 # Writes OUT/gpu_check.md (and each step's full output under OUT/logs/).
 #
-#   bash bench/gpu_check.sh --out DIR [--budget_minutes 10] [--flickr8k DIR]
+#   bash bench/gpu_check.sh --out DIR [--budget_minutes 10] [--flickr8k DIR] [--skip-steps]
 #                           [--skip-tests] [--skip-throughput] [--skip-flickr8k] [--dry-run]
 #
 # --dry-run runs nothing and needs no GPU: it writes the report with the commands it would run.
@@ -24,12 +27,14 @@ fail() { echo "error: gpu_check.sh: $*" >&2; exit 2; }
 # needs_value OPTION WHAT ARGS...: the option is followed by a value, not by the next option
 needs_value() { (($# > 3)) && [[ "$4" != --* ]] || fail "$1 needs $2"; }
 
-OUT="" BUDGET=10 FLICKR8K="$(dirname "$ROOT")/shared/data/flickr8k" DRY=0 SKIP_TESTS=0 SKIP_THROUGHPUT=0 SKIP_FLICKR8K=0
+OUT="" BUDGET=10 FLICKR8K="$(dirname "$ROOT")/shared/data/flickr8k" DRY=0
+SKIP_STEPS=0 SKIP_TESTS=0 SKIP_THROUGHPUT=0 SKIP_FLICKR8K=0
 while (($#)); do
   case "$1" in
     "--out") needs_value "$1" "a folder" "$@"; OUT="$2"; shift 2 ;;
     "--budget_minutes") needs_value "$1" "a number" "$@"; BUDGET="$2"; shift 2 ;;
     "--flickr8k") needs_value "$1" "a folder" "$@"; FLICKR8K="$2"; shift 2 ;;
+    "--skip-steps") SKIP_STEPS=1; shift ;;
     "--skip-tests") SKIP_TESTS=1; shift ;;
     "--skip-throughput") SKIP_THROUGHPUT=1; shift ;;
     "--skip-flickr8k") SKIP_FLICKR8K=1; shift ;;
@@ -81,6 +86,9 @@ skip_step() { ROWS+=("| $1 | skipped ($2) | 0 | |"); }
 
 left() { echo $((DEADLINE - SECONDS)); }
 
+if ((SKIP_STEPS)); then skip_step cuda_steps "--skip-steps"
+else run_step cuda_steps 240 "$PYTHON" bench/gpu_steps.py --device cuda
+fi
 if ((SKIP_TESTS)); then skip_step cuda_tests "--skip-tests"
 else run_step cuda_tests 150 "$PYTHON" -m pytest -q -rs tests -k cuda
 fi
@@ -113,6 +121,27 @@ fi
   echo "|---|---|---|---|"
   printf '%s\n' "${ROWS[@]}"
   echo
+  if [[ -s "$OUT/logs/cuda_steps.log" ]] && ((!DRY)); then
+    echo "## CUDA steps (bf16; fp16 with the GradScaler; resume; a step without waits for the device)"
+    echo
+    "$PYTHON" - "$OUT/logs/cuda_steps.log" <<'EOF'
+import json, sys
+print("| check | result | seconds | detail |")
+print("|---|---|---|---|")
+for line in open(sys.argv[1]):
+    try:
+        rec = json.loads(line)
+    except ValueError:
+        continue
+    if "check" in rec:
+        detail = rec.get("error") or rec.get("stderr_tail", "")[-300:] or rec.get("sync_debug_mode", "")
+        if rec.get("where"):
+            detail += " (at " + " < ".join(reversed(rec["where"])) + ")"
+        detail = " ".join(detail.split()).replace("|", "/")
+        print(f"| {rec['check']} | {'passed' if rec.get('ok') else 'FAILED'} | {rec.get('seconds')} | {detail} |")
+EOF
+    echo
+  fi
   if [[ -s "$OUT/logs/throughput.log" ]] && ((!DRY)); then
     echo "## Throughput (Flickr30K epoch target: at most 45 s on an H100/H200)"
     echo

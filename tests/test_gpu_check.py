@@ -1,5 +1,6 @@
 """bench/gpu_check.sh on a CPU: its arguments, its refusal without CUDA, and the report it writes,
 in a dry run and with a stand-in `python` (PYTHON=...) that plays each step's command."""
+import json
 import os
 import stat
 import subprocess
@@ -18,6 +19,10 @@ case "$1" in
   -c) exit 0 ;;
   -) shift; exec {sys.executable} - "$@" ;;
   -m) echo "2 passed"; exit "${{FAKE_TESTS:-0}}" ;;
+  bench/gpu_steps.py)
+    echo '{{"check": "train_resume_bf16_bert", "device": "cuda", "ok": true, "seconds": 21.5}}'
+    echo '{{"check": "step_without_waits_bigru", "device": "cuda", "ok": false, "seconds": 3.0, "error": "RuntimeError: called a synchronizing CUDA operation", "where": ["trainer.py:1 training_step", "rnn.py:2 pad_packed_sequence"]}}'
+    exit "${{FAKE_STEPS:-0}}" ;;
   bench/bench_throughput.py)
     echo '{{"bench": "throughput", "precision": "bf16", "tf32": true, "captions_per_s": 4000.0, "step_s": 0.032, "f30k_epoch_min": 0.6, "peak_mem_gib": 20.5}}'
     echo 'a note'
@@ -27,6 +32,9 @@ case "$1" in
     if [[ "$*" == *--report* ]]; then mkdir -p "$out"; echo "| # | configuration | rsum |" > "$out/results.md"; fi ;;
 esac
 """
+
+
+STEPS = ("cuda_steps", "cuda_tests", "throughput", "flickr8k")
 
 
 def run(*args: str, python: str | None = None, **env: str) -> subprocess.CompletedProcess:
@@ -57,7 +65,8 @@ def test_dry_run_writes_the_report_with_every_step_and_runs_nothing(tmp_path):
     report = (tmp_path / "out" / "gpu_check.md").read_text()
     assert "Dry run: nothing was run." in report and "Budget: 7 minutes" in report
     rows = table_rows(report)
-    assert [rows[step][0] for step in ("cuda_tests", "throughput", "flickr8k")] == ["dry run: not run"] * 3
+    assert [rows[step][0] for step in STEPS] == ["dry run: not run"] * 4
+    assert rows["cuda_steps"][2] == "`python bench/gpu_steps.py --device cuda`"
     assert rows["cuda_tests"][2] == "`python -m pytest -q -rs tests -k cuda`"
     assert rows["throughput"][2] == "`python bench/bench_throughput.py --gpu`"
     assert rows["flickr8k"][2] == (f"`python bench/bench_flickr8k.py --device cuda --seeds 3 --data {tmp_path / 'f8k'} "
@@ -71,9 +80,10 @@ def test_skipped_steps_and_a_missing_dataset_are_named(tmp_path):
     assert proc.returncode == 0
     assert rows["cuda_tests"][0] == "skipped (--skip-tests)" and rows["throughput"][0] == "dry run: not run"
     assert rows["flickr8k"][0] == f"skipped (no Flickr8k folder at {tmp_path / 'none'}; pass --flickr8k DIR)"
-    run("--dry-run", "--out", str(tmp_path), "--skip-throughput", "--skip-flickr8k")
+    run("--dry-run", "--out", str(tmp_path), "--skip-throughput", "--skip-flickr8k", "--skip-steps")
     rows = table_rows((tmp_path / "gpu_check.md").read_text())
     assert rows["throughput"][0] == "skipped (--skip-throughput)" and rows["flickr8k"][0] == "skipped (--skip-flickr8k)"
+    assert rows["cuda_steps"][0] == "skipped (--skip-steps)"
 
 
 def test_each_step_runs_and_the_report_carries_its_numbers(tmp_path, fake_python):
@@ -83,7 +93,11 @@ def test_each_step_runs_and_the_report_carries_its_numbers(tmp_path, fake_python
     assert proc.returncode == 0, proc.stderr
     report = (out / "gpu_check.md").read_text()
     rows = table_rows(report)
-    assert [rows[step][0] for step in ("cuda_tests", "throughput", "flickr8k")] == ["passed"] * 3
+    assert [rows[step][0] for step in STEPS] == ["passed"] * 4
+    assert rows["train_resume_bf16_bert"] == ["passed", "21.5", ""]
+    assert rows["step_without_waits_bigru"] == [
+        "FAILED", "3.0", "RuntimeError: called a synchronizing CUDA operation (at rnn.py:2 pad_packed_sequence < "
+                         "trainer.py:1 training_step)"]
     assert rows["bf16"] == ["True", "4000.0", "0.032", "36 s", "20.5"]  # 0.6 min
     assert rows["fp32"] == ["False", "1000.0", "0.128", "145 s", "30.0"]
     assert "## Flickr8k (the runs that finished within the budget)\n\n| # | configuration | rsum |" in report
@@ -91,10 +105,31 @@ def test_each_step_runs_and_the_report_carries_its_numbers(tmp_path, fake_python
 
 
 def test_a_failed_step_is_reported_and_sets_the_exit_status(tmp_path, fake_python):
-    proc = run("--out", str(tmp_path), "--skip-flickr8k", python=fake_python, FAKE_TESTS="1")
+    proc = run("--out", str(tmp_path), "--skip-flickr8k", python=fake_python, FAKE_TESTS="1", FAKE_STEPS="1")
     rows = table_rows((tmp_path / "gpu_check.md").read_text())
     assert proc.returncode == 1
     assert rows["cuda_tests"][0] == "FAILED (exit 1)" and rows["throughput"][0] == "passed"
+    assert rows["cuda_steps"][0] == "FAILED (exit 1)"
+
+
+def test_gpu_steps_without_cuda_refuses_in_one_line():
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_steps.py")], capture_output=True, text=True,
+                          env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}, timeout=120)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.startswith("error: gpu_steps.py: no CUDA GPU visible") and proc.stderr.count("\n") == 1
+
+
+def test_gpu_steps_run_on_a_cpu(tmp_path):
+    """The CPU part of bench/gpu_steps.py for real: a bf16 (CPU autocast) BERT run resumed after
+    its BERT folder moved, and the warmed-up training steps of both text encoders."""
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_steps.py"), "--device", "cpu",
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    records = {r["check"]: r for r in map(json.loads, proc.stdout.splitlines())}
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
+    assert set(records) == {"train_resume_bf16_bert", "step_without_waits_bigru", "step_without_waits_bert"}
+    assert records["train_resume_bf16_bert"]["amp_logged"] == "amp bfloat16"
+    assert not (tmp_path / "train_resume_bf16_bert" / "bert").exists()
+    assert all(r["ok"] for r in records.values())
 
 
 def test_without_cuda_it_refuses_in_one_line_and_writes_nothing(tmp_path):
