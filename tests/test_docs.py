@@ -10,7 +10,8 @@ ROOT = Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 # Options of other tools that the docs show in commands (torchrun, pip, pytest).
 EXTERNAL_OPTIONS = {"--standalone", "--nproc_per_node", "--nnodes", "--node_rank", "--master_addr", "--master_port",
-                    "--rdzv_backend", "--rdzv_endpoint", "--rdzv_id", "--no-deps", "--upgrade", "--headless"}
+                    "--rdzv_backend", "--rdzv_endpoint", "--rdzv_id", "--no-deps", "--upgrade", "--headless",
+                    "--index-url"}
 _LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 _CODE = re.compile(r"`([^`\n]+)`")
 _FENCE = re.compile(r"```.*?\n(.*?)```", re.S)
