@@ -7,6 +7,7 @@ dev, and can resume from any checkpoint at the exact step it was written.
 """
 from __future__ import annotations
 
+import fcntl
 import functools
 import json
 import math
@@ -157,7 +158,39 @@ def prepare_run_dir(config: dict[str, Any], dataset: str, resume_state: dict[str
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise CoderError(f"--run_dir {run_dir}: cannot create the run folder ({err.strerror or err})") from None
+    hold_run_dir(run_dir)
     return run_dir, created
+
+
+LOCK_FILE = ".lock"  # in a run folder: locked by the process that trains there, and holding its pid
+_held_run_dirs: list[int] = []  # this process's locks (file descriptors), released when its training ends
+
+
+def hold_run_dir(run_dir: Path) -> None:
+    """Hold the run folder while this process trains in it, with an flock on its LOCK_FILE: a
+    second run or resume there meanwhile (whose checkpoints and log would interleave) is
+    refused, naming the holder. The kernel drops the lock when the process ends, killed or not,
+    so a crash never leaves the folder locked."""
+    fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+        os.close(fd)
+        raise CoderError(f"{run_dir}: another process (pid {holder}) is training in this run folder; wait for it "
+                         f"to end, or pick another --run_dir") from None
+    except OSError:  # a file system without locks (some network mounts): train unguarded
+        os.close(fd)
+        return
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    _held_run_dirs.append(fd)
+
+
+def release_run_dirs() -> None:
+    """Let go of the run folders this process holds (its training has ended)."""
+    while _held_run_dirs:
+        os.close(_held_run_dirs.pop())
 
 
 def load_data(config: dict[str, Any], resume_state: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -189,7 +222,8 @@ def load_data(config: dict[str, Any], resume_state: dict[str, Any] | None = None
     val = data.load_split(config["data_path"], config["val_split"],
                           max_images=config["val_max_images"] or None)
     return {"train": train, "val": val, "tokenizer": tokenizer, "graph": graph, "vocab_words": vocab_words,
-            "fingerprint": data.data_fingerprint(train), "bert_config": bert_config, "text_encoder_files": text_files}
+            "fingerprint": data.data_fingerprint(train), "val_fingerprint": data.data_fingerprint(val),
+            "bert_config": bert_config, "text_encoder_files": text_files}
 
 
 def _text_states(text_encoder: torch.nn.Module, split: Any, tokenizer: Any, config: dict[str, Any],
@@ -273,6 +307,7 @@ def train(config: dict[str, Any], dataset: str) -> dict[str, Any]:
         return _train(config, dataset, world)
     finally:
         world.close()
+        release_run_dirs()
 
 
 def _amp_dtype(config: dict[str, Any], device: torch.device) -> torch.dtype | None:
@@ -498,6 +533,13 @@ class TrainingRun:
         saved_dir = saved_config.get("run_dir")
         if saved_dir and self.run_dir is not None and Path(saved_dir).resolve() != self.run_dir.resolve():
             self.log.line(f"note: the run folder moved from {saved_dir}; the run continues in {self.run_dir}")
+        # a best dev score measured on other dev data is no bar to clear: the best starts afresh
+        saved_val, now_val = state.get("val_fingerprint"), self.data["val_fingerprint"]
+        self.dev_data_changed = saved_val is not None and saved_val != now_val
+        if self.dev_data_changed:
+            self.log.line(f"note: the validation data changed since {resume} was written ({_describe_data(saved_val)}; "
+                          f"now {_describe_data(now_val)}): its best dev rsum {state['best_rsum']:.2f} is not "
+                          f"comparable, so the next validation makes the new best.pt")
 
     def _restore(self, state: dict[str, Any]) -> None:
         load_state_strict(self.model, state["model"], self.config["resume"], self.log.line)
@@ -506,6 +548,8 @@ class TrainingRun:
             self.scaler.load_state_dict(state["scaler"])
         self.epoch, self.step_in_epoch = state["epoch"], state["step_in_epoch"]
         self.global_step, self.best_rsum = state["global_step"], state["best_rsum"]
+        if self.dev_data_changed:
+            self.best_rsum = -math.inf
         saved_rngs, world = state["rng"], self.world
         if len(saved_rngs) == world.world_size:
             set_rng_state(saved_rngs[world.rank])  # each process continues its own random streams
@@ -560,7 +604,8 @@ class TrainingRun:
                 "code_version": self.version, "vocab_words": self.data["vocab_words"],
                 "concept_graph": concept_graph_state(self.data["graph"]),
                 "text_encoder_files": self.data["text_encoder_files"],
-                "image_dim": self.data["train"].feature_dim, "data_fingerprint": self.data["fingerprint"]}
+                "image_dim": self.data["train"].feature_dim, "data_fingerprint": self.data["fingerprint"],
+                "val_fingerprint": self.data["val_fingerprint"]}
 
     def save(self, name: str) -> None:
         check_replicas(self.model, self.world, self.log)  # collective under DDP: every process calls save

@@ -920,7 +920,7 @@ def test_a_resume_on_changed_dev_data_starts_a_fresh_best(world, dev_data, capsy
     if dev_data == "changed":
         captions = world / "data" / "dev_caps.txt"
         captions.write_text(captions.read_text().replace("a", "the", 1))
-    code, err = _resume(world, capsys, "--epochs", "2")
+    code, err = _resume(world, capsys, "--epochs", "2", "--data_path", str(world / "data"))
     assert code == 0, err
     log = (world / "run" / "train.log").read_text()
     last = torch.load(world / "run" / "last.pt", weights_only=True)
@@ -988,3 +988,38 @@ def test_a_concept_graph_built_without_an_edge_is_written_with_a_warning(world, 
     err = capsys.readouterr().err
     assert "warning: " in err and "no edge" in err, err
     assert concepts.load_concepts(world / "c2").words == ["bird"]
+
+
+def test_a_run_folder_is_held_by_one_process_and_freed_when_it_dies(world, capsys):
+    """While a run trains, a resume of it and a new run told to overwrite its folder are
+    refused in one line naming the training process; once that process is killed (SIGKILL:
+    no clean-up of its own), the folder is free and the resume trains."""
+    import subprocess
+    import time
+
+    run_dir = world / "held"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train_f30k.py"), *_data_args(world), *TINY, "--epochs",
+                             "1000", "--checkpoint_every_steps", "1", "--run_dir", str(run_dir)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.time() + 120
+        while not (run_dir / "last.pt").exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.1)
+        assert proc.poll() is None, proc.stderr.read().decode()
+        # each would train one epoch at most, were it let in
+        epoch = torch.load(run_dir / "last.pt", weights_only=True)["epoch"]
+        resume = ["--resume", str(run_dir / "last.pt"), "--epochs", str(epoch + 1), "--progress", "false"]
+        for argv in (resume, _data_args(world) + TINY + ["--run_dir", str(run_dir), "--overwrite", "true"]):
+            capsys.readouterr()
+            with pytest.raises(SystemExit) as exit_:
+                _train(argv)
+            lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+            assert exit_.value.code == 2 and len(lines) == 1 and f"pid {proc.pid}" in lines[0], lines
+    finally:
+        proc.kill()
+        proc.wait()
+    epoch = torch.load(run_dir / "last.pt", weights_only=True)["epoch"]
+    capsys.readouterr()
+    _train(["--resume", str(run_dir / "last.pt"), "--epochs", str(epoch + 1), "--progress", "false"])
+    assert torch.load(run_dir / "last.pt", weights_only=True)["epoch"] == epoch + 1
