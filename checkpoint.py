@@ -267,8 +267,9 @@ def text_encoder_files(tokenizer: Any, bert_config: Any) -> dict[str, torch.Tens
 def text_encoder_parts(state: dict[str, Any], config: dict[str, Any], source: str | os.PathLike) -> tuple[Any, Any]:
     """(tokenizer, `transformers` config) of a bert checkpoint's text encoder: from the files it
     holds, or, for a checkpoint without them, from the folder `config["bert_path"]`."""
-    import vocab
     from transformers import AutoConfig
+
+    import vocab
 
     files = state.get(TEXT_ENCODER_FILES)
     if files:

