@@ -35,8 +35,9 @@ def top_negative_shares(sims: np.ndarray, cpi: int, beta: float, tau: float, top
     negatives = np.where(own, -np.inf, sims)
     n_top = max(1, int(top_fraction * (n_cap - cpi)))
     top = np.argsort(-negatives, axis=1)[:, :n_top]
-    weights = np.exp(beta * (negatives - sims.max(1, keepdims=True)))  # 0 on own captions
-    gradient = weights * np.exp((negatives - sims.max(1, keepdims=True)) / tau)
+    shifted = np.where(own, 0.0, sims - sims.max(1, keepdims=True))
+    weights = np.where(own, 0.0, np.exp(beta * shifted))
+    gradient = weights * np.exp(shifted / tau)
     take = np.take_along_axis
     weight_share = take(weights, top, 1).sum(1) / weights.sum(1)
     gradient_share = take(gradient, top, 1).sum(1) / gradient.sum(1)
@@ -111,12 +112,15 @@ def main(argv: list[str] | None = None) -> dict:
     baseline = same_scene_share(random_negatives, text_sims, cpi, threshold)
     print(f"random negatives of the same scene: {100 * baseline:.1f}%")
     report = {"threshold": threshold, "random_same_scene": baseline, "betas": {}}
+    for fraction in (0.001, 0.01, 0.1):
+        top = top_negative_shares(sims, cpi, 0.0, config["tau"], fraction)[2]
+        report[f"same_scene_top{fraction:g}"] = share = same_scene_share(top, text_sims, cpi, threshold)
+        print(f"the top {100 * fraction:g}% of negatives by similarity: {100 * share:.1f}% describe the query's scene")
     for beta in (float(b) for b in args.betas.split(",")):
-        weight, gradient, top = top_negative_shares(sims, cpi, beta, config["tau"])
-        same = same_scene_share(top, text_sims, cpi, threshold)
-        report["betas"][beta] = {"weight_top1": weight, "grad_top1": gradient, "same_scene_top1": same}
-        print(f"beta {beta:g}: top 1% of negatives hold {100 * weight:.1f}% of the weight and {100 * gradient:.1f}% "
-              f"of the gradient; {100 * same:.1f}% of them describe the query's scene")
+        weight, gradient, _ = top_negative_shares(sims, cpi, beta, config["tau"])
+        report["betas"][beta] = {"weight_top1": weight, "grad_top1": gradient}
+        print(f"beta {beta:g}: the top 1% of negatives hold {100 * weight:.1f}% of the weight and "
+              f"{100 * gradient:.1f}% of the gradient")
     return report
 
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import TINY_BERT_HIDDEN, TINY_BERT_LAYERS, TINY_BERT_WORDS
+from test_model import small_config
 
 import data
 import encoders as E
@@ -182,7 +183,7 @@ def test_gru_and_unfrozen_bert_refuse_precomputed_states(tiny_bert):
     with pytest.raises(CoderError, match="bert text encoder only"):
         gru(tokens, LENGTHS, mask, text_states=torch.zeros(9, 12, TINY_BERT_HIDDEN))
     with pytest.raises(CoderError, match="needs text_encoder='bert'"):
-        M.CODER(M.ModelConfig(embed_dim=8, vocab_size=10, bert_frozen_layers=2, concept_branch=False))
+        M.CODER(small_config(embed_dim=8, vocab_size=10, bert_frozen_layers=2, concept_branch=False))
 
 
 def test_validation_reads_the_bottom_from_the_dev_states(tiny_bert, tmp_path, monkeypatch):
@@ -195,8 +196,8 @@ def test_validation_reads_the_bottom_from_the_dev_states(tiny_bert, tmp_path, mo
     split = data.load_split(paths["data_path"], "dev")
     tokenizer = vocab.BertTokenizer(tiny_bert)
     torch.manual_seed(0)
-    model = M.CODER(M.ModelConfig(embed_dim=16, image_dim=8, text_encoder="bert", bert_path=tiny_bert,
-                                  bert_frozen_layers=2, bert_length_groups=2, queue_size=0, concept_branch=False))
+    model = M.CODER(small_config(embed_dim=16, image_dim=8, text_encoder="bert", bert_path=tiny_bert,
+                                 bert_frozen_layers=2, bert_length_groups=2, queue_size=0, concept_branch=False))
     states = text_cache.frozen_text_states(model.text_encoder, [tokenizer.encode(c) for c in split.captions],
                                            tmp_path / "cache")
     config = {"eval_batch_size": 7, "workers": 0, "mu": 0.15}
@@ -243,4 +244,6 @@ def test_a_training_run_validates_on_the_cached_dev_states(tiny_bert, tmp_path):
     dev = data.load_split(demo[1], "dev")
     emb = evaluation.encode_split(model, dev, tokenizer, graph, "cpu")
     whole = naive_metrics(evaluation.ensemble_similarity([emb], config["mu"]).double().numpy(), 5)
+    instance = naive_metrics(evaluation.ensemble_similarity([emb], 0.0).double().numpy(), 5)["rsum"]
+    assert float(logged.pop("instance_rsum")) == pytest.approx(instance, abs=0.006)  # the concept branch's mu = 0
     assert {k: float(v) for k, v in logged.items()} == pytest.approx(whole, abs=0.006)

@@ -78,6 +78,8 @@ def test_false_negative_shares_against_loops() -> None:
     rng = np.random.default_rng(4)
     n_img, cpi = 12, 2
     sims = rng.normal(size=(n_img, n_img * cpi))
+    weight, _, _ = fn.top_negative_shares(sims, cpi, beta=0.0, tau=0.5, top_fraction=0.1)
+    assert weight == pytest.approx(2 / 22)  # uniform weights: 2 of 22 negatives
     weight, gradient, top = fn.top_negative_shares(sims, cpi, beta=3.0, tau=0.5, top_fraction=0.1)
     weights, gradients = [], []
     for i in range(n_img):

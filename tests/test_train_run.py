@@ -5,6 +5,7 @@ last step checkpoint ends with exactly the weights and metrics of an uninterrupt
 """
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -43,14 +44,17 @@ def test_demo_style_run_writes_everything(tiny_demo, tmp_path):
     assert state["config"]["embed_dim"] == 32 and state["code_version"]
     assert state["model"]["queues.count"].item() > 0
     best = load_checkpoint(run_dir / "best.pt")  # records its own score, so resuming from it keeps the bar
-    rsums = [float(line.rsplit("rsum=", 1)[1]) for line in (run_dir / "train.log").read_text().splitlines()
-             if "validation at step" in line]
+    rsums = [float(re.search(r" rsum=([0-9.]+)", line).group(1))
+             for line in (run_dir / "train.log").read_text().splitlines() if "validation at step" in line]
     assert best["best_rsum"] == state["best_rsum"] and round(best["best_rsum"], 2) == max(rsums)
     model, tokenizer, graph, config = load_for_inference(run_dir / "best.pt")
     split = data.load_split(tiny_demo[1], "test")
     emb = evaluation.encode_split(model, split, tokenizer, graph, "cpu")
     want = naive_metrics(direct_similarity(emb, config["mu"]).numpy(), split.captions_per_image)
-    assert json.loads((run_dir / "test_metrics.json").read_text()) == pytest.approx(want, abs=1e-6)
+    tested = json.loads((run_dir / "test_metrics.json").read_text())
+    instance = naive_metrics(direct_similarity(emb, 0.0).numpy(), split.captions_per_image)["rsum"]
+    assert tested.pop("instance_rsum") == pytest.approx(instance, abs=1e-6)  # the instance embeddings alone
+    assert tested == pytest.approx(want, abs=1e-6)
     log = (run_dir / "train.log").read_text()
     assert "validation at step" in log and "loss/loss=" in log and "code " in log
 
