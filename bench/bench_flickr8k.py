@@ -128,6 +128,7 @@ CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
                          {"BERT": True, **RERANKER}),
     "coder": ("CODER (the train scripts' defaults)", {"BERT": True, **CODER}),
     "coder_bigru": ("CODER, bigru (GloVe-50)", {**BIGRU, **CODER}),
+    "infonce_reranker_bigru": ("momentum InfoNCE + concept re-ranker, bigru (GloVe-50)", {**BIGRU, **RERANKER}),
     "vse_infty": ("VSE∞ (GPO, triplet after a 1-epoch all-negatives warm-up, 20% regions dropped)",
                   {"BERT": True, **VSE_INFTY}),
     "cvse": ("CVSE (concept branch, weighted-sum fusion, 3 triplet losses + KL)", {"BERT": True, **CVSE}),
@@ -169,7 +170,7 @@ CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
 # The default call answers the README's question, CODER against its InfoNCE ablation and the two
 # peers, in about 75 minutes on 2 CPU cores; the ablation rows of the main table cost 90 more.
 DEFAULT_CONFIGS = ["infonce", "infonce_reranker", "coder", "vse_infty", "cvse"]
-ABLATION_CONFIGS = ["vsepp", "dcl", "infonce_concept", "coder_bigru"]
+ABLATION_CONFIGS = ["vsepp", "dcl", "infonce_concept", "coder_bigru", "infonce_reranker_bigru"]
 CONFIG_GROUPS = {"default": DEFAULT_CONFIGS, "ablations": ABLATION_CONFIGS}
 BASELINE = "infonce"  # every row's paired difference is taken against it ...
 REFERENCE = "coder"  # ... and against the full model (the peers' question: does CODER beat them?)
@@ -354,8 +355,8 @@ def same_settings(saved_config: Path, wanted: dict[str, Any]) -> bool:
     if not isinstance(saved, dict):
         raise CoderError(f"{saved_config}: not a run config (a JSON object of options)")
     defaults = script_defaults()
-    inert = _CONCEPT_BRANCH_ONLY if wanted.get("concept_branch") is False else set()
-    inert |= _DCL_ONLY if wanted.get("loss") == "triplet" else set()
+    inert = (_CONCEPT_BRANCH_ONLY if wanted.get("concept_branch") is False else set()) | (
+        _DCL_ONLY if wanted.get("loss") == "triplet" else set())
     for key, value in wanted.items():
         if key in _INCIDENTAL or key in inert:
             continue
@@ -367,6 +368,18 @@ def same_settings(saved_config: Path, wanted: dict[str, Any]) -> bool:
     return True
 
 
+def cached_result(name: str, seed: int, wanted: dict[str, Any], out: Path) -> dict[str, Any] | None:
+    """The finished run of row `name` and `seed` whose settings are `wanted`: its own folder's,
+    or the same run under another row's name (`same_run_as`); None if there is none."""
+    run_dir = out / "runs" / f"{name}_s{seed}"
+    if (run_dir / "result.json").is_file() and same_settings(run_dir / "config.json", wanted):
+        return {**read_result(run_dir / "result.json"), "cached": True}
+    for other in sorted((out / "runs").glob(f"*_s{seed}")):
+        if other != run_dir and (other / "result.json").is_file() and same_settings(other / "config.json", wanted):
+            return {**read_result(other / "result.json"), "config": name, "same_run_as": other.name, "cached": True}
+    return None
+
+
 def run_one(name: str, seed: int, settings: dict[str, Any], paths: dict[str, str], out: Path, bert_path: str,
             keep: bool, progress: Progress, position: int) -> dict[str, Any]:
     run_dir = out / "runs" / f"{name}_s{seed}"
@@ -374,14 +387,10 @@ def run_one(name: str, seed: int, settings: dict[str, Any], paths: dict[str, str
     overrides = run_overrides(settings, seed, paths, run_dir, bert_path)
     args = train_args(overrides)
     wanted = {**script_defaults(), **overrides}
+    if (found := cached_result(name, seed, wanted, out)) is not None:
+        return found
     if result_file.is_file():
-        if same_settings(run_dir / "config.json", wanted):
-            return {**read_result(result_file), "cached": True}
         print(f"{name} seed {seed}: the cached run used other settings; training it again", flush=True)
-    for other in sorted((out / "runs").glob(f"*_s{seed}")):  # the same run under another row's name
-        if other != run_dir and (other / "result.json").is_file() and same_settings(other / "config.json", wanted):
-            result = {**read_result(other / "result.json"), "config": name, "same_run_as": other.name}
-            return {**result, "cached": True}
     interrupted = (run_dir / "last.pt").is_file() and same_settings(run_dir / "config.json", wanted)
     if interrupted:  # stopped mid-run with these settings: continue from its last epoch
         print(f"{name} seed {seed}: resuming the interrupted run from {run_dir / 'last.pt'}", flush=True)
@@ -546,7 +555,8 @@ def _spread(values: list[float]) -> tuple[float, float]:
 def ranks_file(out: Path, result: dict[str, Any], step: int | None = None) -> Path | None:
     """The per-image ranks of a run's validation at `step` (default: its best), if it saved them."""
     best = step if step is not None else best_validation(result["validations"]).get("step")
-    path = out / "runs" / f"{result['config']}_s{result['seed']}" / "ranks" / f"step{best}.npz"
+    folder = result.get("same_run_as") or f"{result['config']}_s{result['seed']}"
+    path = out / "runs" / folder / "ranks" / f"step{best}.npz"
     return path if best is not None and path.is_file() else None
 
 
@@ -783,10 +793,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     extra = {"settings": settings, "extraction_seconds": prepared["extraction_seconds"], "device": args.device}
     for position, (name, seed) in enumerate(plan):
         if args.report:
-            cached = out / "runs" / f"{name}_s{seed}" / "result.json"
-            if not cached.exists():
+            wanted = {**script_defaults(), **run_overrides(settings[name], seed, {}, out / "runs" / f"{name}_s{seed}", "")}
+            result = cached_result(name, seed, wanted, out)
+            if result is None:  # not run, or run with settings the row no longer has
                 continue
-            result = {**read_result(cached), "cached": True}
         else:
             result = run_one(name, seed, settings[name], prepared["paths"], out, bert_path, name in keep, progress,
                              position)

@@ -52,14 +52,14 @@ def fake_run(name, seed, rsums):
 def test_configs_expand_groups_in_place_each_row_once():
     assert B.parse_configs("default") == ["infonce", "infonce_reranker", "coder", "vse_infty", "cvse"]
     assert B.parse_configs("default,ablations") == ["infonce", "infonce_reranker", "coder", "vse_infty", "cvse",
-                                                    "vsepp", "dcl", "infonce_concept", "coder_bigru"]
+                                                    "vsepp", "dcl", "infonce_concept", "coder_bigru", "infonce_reranker_bigru"]
     assert B.parse_configs(" cvse_long, coder ,default") == ["cvse_long", "coder", "infonce", "infonce_reranker",
                                                              "vse_infty", "cvse"]
     for text, error in (("coder,nope", "unknown config 'nope'"), (" , ", "names no row")):
         with pytest.raises(ValueError, match=error):
             B.parse_configs(text)
     # every row of the main table is in a group, and the groups do not overlap
-    assert sorted(B.DEFAULT_CONFIGS + B.ABLATION_CONFIGS) == sorted(list(B.CONFIGS)[:9])
+    assert sorted(B.DEFAULT_CONFIGS + B.ABLATION_CONFIGS) == sorted(list(B.CONFIGS)[:10])
 
 
 def test_a_resumed_runs_log_counts_each_epoch_once():
@@ -252,3 +252,16 @@ def test_the_committed_runs_name_no_machine_path():
         for path in filter(Path.is_file, (run / name for name in B.RUN_TEXT_FILES)):
             text = path.read_text()
             assert not absolute.search(text) and "site-packages" not in text, f"{path}: names a machine path"
+
+
+def test_inert_settings_are_per_row(tmp_path):
+    """A triplet row without a concept branch ignores DCL's and the branch's settings; checking it
+    first must not make a later DCL row ignore its beta."""
+    defaults = B.script_defaults()
+    vse = {**defaults, **B.run_settings("vse_infty", "full", "cpu", None)}
+    saved = tmp_path / "config.json"
+    saved.write_text(json.dumps({**vse, "beta": 123.0}))
+    assert B.same_settings(saved, vse)
+    infonce = {**defaults, **B.run_settings("infonce", "full", "cpu", None)}
+    saved.write_text(json.dumps({**infonce, "beta": 10.0}))
+    assert not B.same_settings(saved, infonce)
