@@ -273,8 +273,14 @@ DEMO_OVERRIDES: dict[str, Any] = {
 # Named sets of values for `--preset NAME`, applied before the command line's other options
 # (which may still change any of them). "spec": the spec's reconstruction where the scripts'
 # defaults differ from it (DCL sharpness 10, the BN concept query, one global gradient clip).
+# DCL's weights as one softmax over every negative, no warm-up, no negative dropped.
+_PLAIN_DCL = {"beta_warmup_epochs": 0, "beta_adaptive": False, "dcl_weight_groups": "joint",
+              "false_negative_threshold": 0.0}
 PRESETS: dict[str, dict[str, Any]] = {
-    "spec": {"beta": 10.0, "concept_query_input": "bn", "grad_clip_scope": "global"},
+    # the reconstruction's first reading: beta 10, the concept query with gradient, one clip
+    "spec": {"beta": 10.0, **_PLAIN_DCL, "concept_query_input": "bn", "grad_clip_scope": "global"},
+    # momentum InfoNCE (DCL's weights off) with the concept branch as an inference-time re-ranker
+    "infonce_reranker": {"beta": 0.0, **_PLAIN_DCL, "concept_query_input": "detach"},
 }
 
 
@@ -345,9 +351,10 @@ def script_config(variables: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in variables.items() if not k.startswith("_") and isinstance(v, (bool, int, float, str))}
 
 
-# What a run did before an option existed, where the option's default has changed since: a
-# checkpoint without the option resumes with this value, not today's default.
-BEFORE_THE_OPTION = {"grad_clip_scope": "global", "concept_query_input": "bn"}
+# What a run did before an option existed: a checkpoint without the option resumes (and is
+# read) with this value, not today's default.
+BEFORE_THE_OPTION = {"grad_clip_scope": "global", "concept_query_input": "bn", "beta_warmup_epochs": 0,
+                     "beta_adaptive": False, "dcl_weight_groups": "joint", "false_negative_threshold": 0.0}
 
 
 # ----------------------------------------------------------------------------- argparse types

@@ -16,7 +16,7 @@ train_split = "train"
 val_split = "dev"
 val_max_images = 1000                      # SCAN-family code validates on the first 1,000 dev images
 test_split = "test"                        # evaluated with best.pt after training ("" to skip)
-# model (spec §2-§5; [R] = our reconstruction of a part the paper's abstract names)
+# model (docs/method.md; [R] = our reconstruction of a part the paper's abstract names)
 embed_dim = 1024
 image_pooling = "attn"                     # attn | mean | gpo
 text_pooling = "attn"                      # attn | mean | gpo ([R] for bert)
@@ -34,7 +34,7 @@ concept_threshold = 0.3                    # CVSE graph binarisation threshold
 gcn_hidden = 512
 momentum_gcn = True                        # [R] concept keys from a momentum copy of the GCN
 concept_score_scale = 10.0
-concept_query_input = "detach"             # [R] detach (concept losses stay out of the encoders) | bn (spec) | no_bn; see docs/coder_parts.md
+concept_query_input = "detach"             # [R] detach (concept losses stay out of the encoders) | bn (CVSE) | no_bn; see docs/coder_parts.md
 label_mix_ratio = 0.35                     # r: caption's own concept labels mixed into its query
 momentum = 0.995                           # [R] key-encoder EMA
 queue_size = 8192                          # [R] entries per dynamic dictionary (0: in-batch only)
@@ -47,7 +47,7 @@ prototype_init = "random"                  # [R] random | keys (drawn from the f
 prototype_update = "ema"                   # [R] ema (prototype_momentum) | learned (trained by the pseudo-label loss)
 loss = "dcl"                               # dcl | triplet (VSE++ baseline)
 tau = 0.05
-beta = 0.0                                 # [R] DCL sharpness (spec: 10); 0 = momentum InfoNCE weights; see docs/coder_parts.md
+beta = 2.0                                 # [R] DCL weights ∝ exp(beta·s) (0: momentum InfoNCE; --preset spec: 10)
 beta_warmup_epochs = 0                     # [R] beta grows linearly from 0 over the first N epochs
 beta_adaptive = False                      # [R] beta divided by the batch's spread of negative similarities
 dcl_weight_groups = "joint"                # [R] joint | separate (batch keys and queue weighted apart)
@@ -62,8 +62,8 @@ lambda_kl = 0.0                            # KL(caption || image) of the concept
 pseudo_label_loss = True
 tau_pseudo = 0.1                           # [R]
 mu = 0.15                                  # [R] concept-branch weight in the similarity
-fusion = "concat"                          # concat: (1-mu)s + mu s_c (spec) | weighted_sum: cosine of l2norm((1-mu)x + mu x_c) (CVSE)
-# optimisation (spec §6)
+fusion = "concat"                          # concat: (1-mu)s + mu s_c | weighted_sum: cosine of l2norm((1-mu)x + mu x_c) (CVSE)
+# optimisation (docs/method.md#the-training-step)
 epochs = 30
 batch_size = 128                           # global batch over all processes
 lr = 2e-4
@@ -73,7 +73,7 @@ warmup_epochs = 1
 lr_decay_epoch = 15
 lr_decay_factor = 0.1
 grad_clip = 2.0
-grad_clip_scope = "branch"                 # branch: instance encoders and concept branch clipped apart | global (spec)
+grad_clip_scope = "branch"                 # branch: instance encoders and concept branch clipped apart | global (--preset spec)
 freeze_bert_epochs = 0
 # system
 seed = 0

@@ -266,7 +266,7 @@ def test_spec_preset_comes_before_the_other_options():
     assert explicit == set(PRESETS["spec"])
     config, _, explicit = parse_overrides(defaults, ["--beta", "5", "--preset=spec"])
     assert config["beta"] == 5.0 and config["concept_query_input"] == "bn"
-    with pytest.raises(M.CoderError, match="--preset paper: unknown preset; choose one of spec"):
+    with pytest.raises(M.CoderError, match="--preset paper: unknown preset; choose one of spec, infonce_reranker"):
         parse_overrides(defaults, ["--preset", "paper"])
     with pytest.raises(M.CoderError, match="option --preset needs a value"):
         parse_overrides(defaults, ["--preset"])
