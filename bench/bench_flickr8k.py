@@ -368,12 +368,17 @@ def same_settings(saved_config: Path, wanted: dict[str, Any]) -> bool:
     return True
 
 
-def cached_result(name: str, seed: int, wanted: dict[str, Any], out: Path) -> dict[str, Any] | None:
+def cached_result(name: str, seed: int, wanted: dict[str, Any], out: Path, report: bool = False
+                  ) -> dict[str, Any] | None:
     """The finished run of row `name` and `seed` whose settings are `wanted`: its own folder's,
-    or the same run under another row's name (`same_run_as`); None if there is none."""
+    or the same run under another row's name (`same_run_as`); None if there is none. A damaged
+    result file is named in one line; `report` also takes a run whose config.json is missing."""
     run_dir = out / "runs" / f"{name}_s{seed}"
-    if (run_dir / "result.json").is_file() and same_settings(run_dir / "config.json", wanted):
-        return {**read_result(run_dir / "result.json"), "cached": True}
+    if (run_dir / "result.json").exists():
+        result = read_result(run_dir / "result.json")
+        unchecked = report and not (run_dir / "config.json").exists()
+        if unchecked or same_settings(run_dir / "config.json", wanted):
+            return {**result, "cached": True}
     for other in sorted((out / "runs").glob(f"*_s{seed}")):
         if other != run_dir and (other / "result.json").is_file() and same_settings(other / "config.json", wanted):
             return {**read_result(other / "result.json"), "config": name, "same_run_as": other.name, "cached": True}
@@ -794,7 +799,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     for position, (name, seed) in enumerate(plan):
         if args.report:
             wanted = {**script_defaults(), **run_overrides(settings[name], seed, {}, out / "runs" / f"{name}_s{seed}", "")}
-            result = cached_result(name, seed, wanted, out)
+            result = cached_result(name, seed, wanted, out, report=True)
             if result is None:  # not run, or run with settings the row no longer has
                 continue
         else:
