@@ -6,11 +6,10 @@ import os
 import pickle
 import re
 import subprocess
-import sys
 import tempfile
 from dataclasses import fields
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -156,17 +155,8 @@ def check_resume_contents(path: str | os.PathLike, state: dict[str, Any]) -> Non
     _check_keys(path, state, RESUME_KEYS)
 
 
-def note_on_stderr(text: str) -> None:
-    print(text, file=sys.stderr)
-
-
-def load_state_strict(module: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str,
-                      note: Callable[[str], None] = note_on_stderr) -> None:
-    """`load_state_dict` that names every missing, unexpected or mis-shaped key in one error.
-    A module with `upgrade_state_dict` (CODER) first maps a checkpoint of an earlier layout
-    to its own, telling `note` what it dropped."""
-    if hasattr(module, "upgrade_state_dict"):
-        state_dict = module.upgrade_state_dict(state_dict, note)
+def load_state_strict(module: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
+    """`load_state_dict` that names every missing, unexpected or mis-shaped key in one error."""
     own = module.state_dict()
     missing = sorted(set(own) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(own))
@@ -235,6 +225,10 @@ def model_config_from(config: dict[str, Any], **overrides: Any) -> Any:
 
     values = {f.name: config[f.name] for f in fields(ModelConfig) if f.name in config}
     values.update(overrides)
+    missing = [f.name for f in fields(ModelConfig) if f.name not in values]
+    if missing:
+        raise CoderError(f"the run's config has no {', '.join(missing)} (written by another program, or by a "
+                         f"version of this code before these options)")
     return ModelConfig(**values)
 
 
@@ -249,7 +243,7 @@ def build_model(config: dict[str, Any], image_dim: int, vocab_size: int, graph: 
         raise CoderError("concept_branch is on but no concept folder was given (set concept_path)")
     adjacency = vectors = None
     if model_cfg.concept_branch:
-        adjacency = torch.as_tensor(graph.adjacency(config.get("concept_threshold", 0.3)))
+        adjacency = torch.as_tensor(graph.adjacency(config["concept_threshold"]))
         vectors = torch.as_tensor(np.asarray(graph.word_vectors, dtype=np.float32))
     return CODER(model_cfg, adjacency, vectors, **model_kwargs)
 

@@ -1,4 +1,4 @@
-"""CODER's encoders (spec §2-§3): small swappable modules that the model (model.py) wires
+"""CODER's encoders (docs/method.md#embeddings): small swappable modules that the model (model.py) wires
 together. Pooling over regions or tokens (`attn`, `mean`, `gpo`), the image encoder on region
 features, the Bi-GRU and BERT text encoders, and the concept branch's GCN and query."""
 from __future__ import annotations
@@ -354,7 +354,7 @@ class BertTextEncoder(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# Concept branch (spec §3)
+# Concept branch (docs/method.md#embeddings)
 
 
 class ConceptGCN(nn.Module):
@@ -374,14 +374,14 @@ class ConceptGCN(nn.Module):
 class ConceptQuery(nn.Module):
     """Concept attention of an instance embedding x over E [V]:
     score_j = w·(tanh(BN(W_e E_j)) ⊙ tanh(BN(W_x x))); returns α = softmax(scale·score).
-    The spec's bias b is left out: a softmax over concepts is invariant to it.
+    The query's bias b is left out: a softmax over concepts is invariant to it.
 
     `instance_input` [R]: "bn" as above; "detach" reads a detached x, so the concept losses
     do not reach the instance encoders (unit-norm embeddings vary little across a batch, and
     the BN rescales that small spread, and the gradient through it, by its inverse); "no_bn"
     drops the BN on the x path (tanh(W_x x)) and keeps the gradient."""
 
-    def __init__(self, embed_dim: int, batch_norm: bool, scale: float, instance_input: str = "bn") -> None:
+    def __init__(self, embed_dim: int, batch_norm: bool, scale: float, instance_input: str) -> None:
         super().__init__()
         self.scale = scale
         self.detach_instance = instance_input == "detach"

@@ -1,11 +1,13 @@
-"""CODER's losses (spec §4) and the Sinkhorn-Knopp codes behind its pseudo labels (spec §2).
+"""CODER's losses and the Sinkhorn-Knopp codes behind its pseudo labels (docs/method.md has
+each one's equation).
 
 Plain functions of tensors, so that each can be checked against a naive reference. All take
-L2-normalised embeddings; s(a, b) = a·b.
+L2-normalised embeddings; s(a, b) = a·b. They hold no default values: the model passes its
+config's.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -71,11 +73,11 @@ def dcl_loss(
     tau: float,
     beta: float,
     *,
+    beta_adaptive: bool,
+    weight_groups: str,
+    false_negative_threshold: float,
     k_ids: Tensor | None = None,
     pos_index: Tensor | None = None,
-    beta_adaptive: bool = False,
-    weight_groups: str = "joint",
-    false_negative_threshold: float = 0.0,
     stats: dict[str, Tensor] | None = None,
 ) -> Tensor:
     """Diversity-sensitive contrastive loss, one direction (e.g. image queries, text keys).
@@ -125,9 +127,31 @@ def dcl_loss(
     return (torch.logsumexp(torch.cat([positive, negatives], 1), 1) - positive[:, 0]).mean()
 
 
-def triplet_loss(images: Tensor, captions: Tensor, image_ids: Tensor, margin: float = 0.2,
-                 hardest: bool = True) -> Tensor:
-    """VSE++ hardest-negative triplet loss in both directions over the batch (spec §4, [S]).
+def symmetric_dcl(img: Tensor, cap: Tensor, image_keys: Tensor, text_keys: Tensor, key_ids: Tensor,
+                  image_queue: Tensor | None, text_queue: Tensor | None, queue_ids: Tensor, image_ids: Tensor,
+                  pos_index: Tensor, tau: float, beta: float, *, stats: dict[str, Tensor] | None = None,
+                  **weighting: Any) -> Tensor:
+    """L_DCL(v, t): the mean of the image→text and text→image `dcl_loss`.
+
+    img, cap (B,d) are this process's queries with image ids `image_ids`; the keys (B',d) are
+    the global batch's, with ids `key_ids`, query i's positive at row pos_index[i]; a queue
+    (K,d) of None is empty. `weighting` is the reading of DCL's weights (beta_adaptive,
+    weight_groups, false_negative_threshold). A dict `stats` gets `dcl_loss`'s statistics,
+    the mean of both directions.
+    """
+    empty = img.new_zeros(0, img.shape[1])
+    directions: list[dict[str, Tensor]] = [{}, {}]
+    i2t = dcl_loss(img, text_keys, empty if text_queue is None else text_queue, image_ids, queue_ids, tau, beta,
+                   k_ids=key_ids, pos_index=pos_index, stats=None if stats is None else directions[0], **weighting)
+    t2i = dcl_loss(cap, image_keys, empty if image_queue is None else image_queue, image_ids, queue_ids, tau, beta,
+                   k_ids=key_ids, pos_index=pos_index, stats=None if stats is None else directions[1], **weighting)
+    if stats is not None:
+        stats.update({key: (directions[0][key] + directions[1][key]) / 2 for key in directions[0]})
+    return (i2t + t2i) / 2
+
+
+def triplet_loss(images: Tensor, captions: Tensor, image_ids: Tensor, margin: float, hardest: bool) -> Tensor:
+    """VSE++ hardest-negative triplet loss in both directions over the batch.
 
     Row i of `images` and `captions` is a positive pair; pairs sharing an image id are never
     negatives. VSE++ sums over the batch; this returns that sum divided by B, so that its
@@ -156,12 +180,12 @@ def concept_kl_loss(image_scores: Tensor, caption_scores: Tensor) -> Tensor:
     return (caption_scores * log_ratio).sum(1).mean()
 
 
-def pseudo_label_loss(descriptors: Tensor, targets: Tensor, prototypes: Tensor, tau: float = 0.1) -> Tensor:
+def pseudo_label_loss(descriptors: Tensor, targets: Tensor, prototypes: Tensor, tau: float) -> Tensor:
     """Cross-entropy between pseudo labels `targets` (B,K_p) and softmax(s(x_c, prototypes)/τ_p).
 
-    One modality's concept descriptors (B,d); the targets carry no gradient (spec §4), the
-    prototypes whatever gradient the caller leaves them (detached unless they are learned).
-    Mean over the batch.
+    One modality's concept descriptors (B,d); the targets carry no gradient, the prototypes
+    whatever gradient the caller leaves them (none unless they are learned). Mean over the
+    batch.
     """
     log_p = F.log_softmax(descriptors @ prototypes.t() / tau, 1)
     return -(targets.detach() * log_p).sum(1).mean()
@@ -175,57 +199,8 @@ def pseudo_label_diagnostics(targets: Tensor, codes: Tensor, pseudo: Tensor) -> 
     entropy = -(targets * targets.clamp_min(1e-12).log()).sum(1).mean()
     used = torch.zeros(codes.shape[1], dtype=torch.bool, device=codes.device)
     used[codes.argmax(1)] = True
-    return {"diag_target_entropy": entropy, "diag_pseudo_excess": pseudo.detach() - entropy,
-            "diag_prototypes_used": used.float().mean()}
-
-
-def loss_terms(
-    instance: Tensor,
-    concept: Tensor | None = None,
-    pseudo: Tensor | None = None,
-    fused: Tensor | None = None,
-    kl: Tensor | None = None,
-    *,
-    lambda_concept: float = 1.0,
-    lambda_pseudo: float = 1.0,
-    lambda_fused: float = 0.0,
-    lambda_kl: float = 0.0,
-    name: str = "dcl",
-) -> list[tuple[str, Tensor, float]]:
-    """The present terms of L as (log name, term, weight): f"{name}_instance" (weight 1),
-    f"{name}_concept" (λ_c), "pseudo" (λ_p), f"{name}_fused" (λ_f), "concept_kl" (λ_kl);
-    absent terms are left out."""
-    terms = [(f"{name}_instance", instance, 1.0), (f"{name}_concept", concept, lambda_concept),
-             ("pseudo", pseudo, lambda_pseudo), (f"{name}_fused", fused, lambda_fused),
-             ("concept_kl", kl, lambda_kl)]
-    return [(key, term, weight) for key, term, weight in terms if term is not None]
-
-
-def total_loss(
-    instance: Tensor,
-    concept: Tensor | None = None,
-    pseudo: Tensor | None = None,
-    lambda_concept: float = 1.0,
-    lambda_pseudo: float = 1.0,
-    name: str = "dcl",
-    fused: Tensor | None = None,
-    lambda_fused: float = 0.0,
-    kl: Tensor | None = None,
-    lambda_kl: float = 0.0,
-) -> dict[str, Tensor]:
-    """L = L_instance + λ_c·L_concept + λ_p·L_pseudo + λ_f·L_fused + λ_kl·L_KL (spec §4; the
-    fused and KL terms are CVSE's, off by default), with each term for logging.
-
-    Keys: "loss" (with gradient) and each present term of `loss_terms`, unweighted and detached.
-    """
-    terms = loss_terms(instance, concept, pseudo, fused, kl, lambda_concept=lambda_concept,
-                       lambda_pseudo=lambda_pseudo, lambda_fused=lambda_fused, lambda_kl=lambda_kl, name=name)
-    out = {key: term.detach() for key, term, _ in terms}
-    loss = instance
-    for _, term, weight in terms[1:]:
-        loss = loss + weight * term
-    out["loss"] = loss
-    return out
+    return {"target_entropy": entropy, "pseudo_excess": pseudo.detach() - entropy,
+            "prototypes_used": used.float().mean()}
 
 
 @torch.no_grad()
@@ -234,22 +209,22 @@ def sinkhorn_kernel(scores: Tensor, epsilon: float) -> Tensor:
 
     SwAV starts from exp(s/ε); the constant factor exp(−1/ε) cancels in the normalisations
     and keeps every entry in (0, 1], so no ε overflows. A fixed shift (not the batch's
-    maximum) lets the model keep the queues' rows of this matrix between steps. In float32,
-    entries with s < 1 − 87ε underflow towards 0: harmless at the spec's ε = 0.05 (s ≥ −1
-    gives ≥ e^−40), but below ε ≈ 0.02 a sample whose best score is far below 1 can lose its
-    whole row (its code is then all zero).
+    maximum) makes each row depend on its own scores only. In float32, entries with
+    s < 1 − 87ε underflow towards 0: harmless at ε = 0.05 (s ≥ −1 gives ≥ e^−40), but below
+    ε ≈ 0.02 a sample whose best score is far below 1 can lose its whole row (its code is
+    then all zero).
     """
     dtype = torch.promote_types(scores.dtype, torch.float32)
     return scores.to(dtype).sub(1.0).div_(epsilon).exp_()
 
 
 @torch.no_grad()
-def sinkhorn_knopp(kernel: Tensor | Sequence[Tensor], iterations: int = 3, num_rows: int | None = None) -> Tensor:
+def sinkhorn_knopp(kernel: Tensor | Sequence[Tensor], iterations: int, num_rows: int | None = None) -> Tensor:
     """Soft equal-partition assignments of M samples to K prototypes (SwAV's Sinkhorn-Knopp).
 
     `kernel` (M,K) is `sinkhorn_kernel` of the scores s(sample, prototype), or a sequence of
-    row blocks taken in order (so that the model passes the batch's fresh rows and the queues'
-    cached ones without concatenating them). SwAV alternates normalising each prototype's
+    row blocks taken in order (so that the model passes the batch's rows and the queues'
+    without concatenating them). SwAV alternates normalising each prototype's
     total to M/K and each sample's row to 1; this is the same computation written with scaling
     vectors (codes = diag(r)·kernel·diag(c)), so the kernel is only read. Returns the codes of
     the first `num_rows` samples (all by default; they must lie in the first block): rows sum

@@ -1,13 +1,15 @@
-"""The CODER model (spec §2–§5, §8): the encoders of encoders.py wired into the instance and
-concept branches, momentum encoders, key queues (queues.py), online clustering
-(prototypes.py), and the training-step losses (loss.py).
+"""The CODER model: the encoders of encoders.py wired into an instance and a concept branch,
+MoCo's momentum encoders and key queues (queues.py), online clustering (prototypes.py), and
+the training loss of loss.py.
 
-Layout follows MoCo: online (query) encoders get gradients; `self.momentum` holds a frozen copy
-of every module that produces a key; keys of each batch are gathered across processes and used
-as negatives. A training forward writes nothing: it records its keys and codes, and
-`after_optimizer_step()` then moves the momentum copies towards the online modules, the
-prototypes towards the batch, and pushes the keys into the queues, so that the loss reads the
-queues in place instead of copying them every step.
+`CODER.forward` is one training step's loss (docs/method.md has each part's equation):
+
+    L = L_DCL(v, t) + λ_c·L_DCL(v_c, t_c) + λ_p·L_pseudo
+
+v and t are the online embeddings of the batch's images and captions, v_c and t_c their
+concept descriptors. As in MoCo, a training-mode forward is the whole step for the model: it
+first moves the momentum encoders towards the weights the last optimizer step left, and after
+the loss it pushes the batch's keys into the queues and moves the prototypes.
 """
 from __future__ import annotations
 
@@ -22,101 +24,65 @@ import torch.nn as nn
 from torch import Tensor
 
 from encoders import BertTextEncoder, ConceptGCN, ConceptQuery, GRUTextEncoder, ImageEncoder, l2norm
-from loss import (concept_kl_loss, dcl_loss, loss_terms, pseudo_label_diagnostics, pseudo_label_loss, sinkhorn_kernel,
-                  sinkhorn_knopp, total_loss, triplet_loss)
+from loss import concept_kl_loss, pseudo_label_loss, sinkhorn_kernel, sinkhorn_knopp, symmetric_dcl, triplet_loss
 from options import check_values
-from prototypes import Prototypes, QueueKernel
+from prototypes import Prototypes
 from queues import KeyQueues
 from utils import CoderError
 
 
 @dataclass
 class ModelConfig:
-    """Every model and loss hyperparameter; the defaults are the train scripts' (`ModelConfig()`
-    is the model they train; `options.PRESETS["spec"]` restores the spec's beta and query).
+    """Every model and loss hyperparameter. The values come from a train script's block
+    (train_f30k.py, train_coco.py), which says what each does; docs/method.md has the
+    equations. The allowed values are options.TRAIN_RULES and options.CHOICES."""
 
-    Fields marked [R] are reconstructions (spec: the abstract names the part, its exact form
-    is not public); each is a plain value so that a user with the paper can switch it. The
-    allowed values are the train options' (`options.TRAIN_RULES`, `options.CHOICES`).
-    """
-
-    embed_dim: int = 1024  # d, joint embedding size
-    image_dim: int = 2048  # D, region feature size (set from the data)
-    image_pooling: str = "attn"  # "attn" (CVSE guided attention, [V]), "mean", "gpo" (VSE∞)
-    text_pooling: str = "attn"  # same choices; [V] for bigru; [R] for bert (spec: "pooling over non-pad tokens")
-    text_encoder: str = "bigru"  # "bigru" or "bert"
-    vocab_size: int = 0  # bigru only: size of the vocabulary
-    word_dim: int = 300  # bigru only: word embedding size (50 for the GloVe-50 package)
-    word_vectors: str = ""  # bigru only: "" (random), a GloVe-format text file, or "glove-package"
-    bert_path: str = "bert-base-uncased"  # bert only: hub name or local directory
-    # bert only, compute only: BERT runs over this many groups of captions of similar length,
-    # each padded to its own longest caption instead of the batch's; the same outputs (up to
-    # rounding; in training, dropout draws differ), fewer padded tokens, which pays on CPUs;
-    # 1 = one call over the padded batch
-    bert_length_groups: int = 1
-    # bert only: BERT's embeddings and first N layers stay frozen (eval mode, no dropout); their
-    # output may then be precomputed once per caption (text_cache.py). 0 = fine-tune all (spec)
-    bert_frozen_layers: int = 0
-    # L2-normalise each projected region / token state before pooling, as CVSE does (spec §4a)
-    l2norm_before_pooling: bool = False
-    concept_branch: bool = True  # False: instance branch only (also turns the pseudo-label loss off)
-    gcn_hidden: int = 512  # GCN hidden size [V]
-    concept_score_scale: float = 10.0  # softmax sharpness of the concept scores and labels [V]
-    # [R] how the concept query sees the instance embedding x: "detach" = BN(W_x x) on a
-    # detached x (the concept losses train the concept branch only); "bn" = the same with
-    # gradient into the encoders (CVSE, spec); "no_bn" = tanh(W_x x) without BN, with gradient
-    concept_query_input: str = "detach"
-    label_mix_ratio: float = 0.35  # r of the text-side label mix (0.35 F30K, 0.4 COCO) [V]
-    # [R] concept keys use E from a momentum copy of the GCN (False: the online E, without gradient)
-    momentum_gcn: bool = True
-    batch_norm: bool = True  # False: no BatchNorm anywhere (for the CPU DDP equivalence test, spec §8)
-    momentum: float = 0.995  # m of the momentum encoders' EMA [R]
-    queue_size: int = 8192  # K of every queue [R]; 0 = in-batch negatives only
-    num_prototypes: int = 1000  # K_p [R]
-    sinkhorn_epsilon: float = 0.05  # [R]
-    sinkhorn_iterations: int = 3  # [R]
-    sinkhorn_with_queue: bool = True  # [R] Sinkhorn over batch + instance queues, batch rows kept
-    # [R] EMA rate of each prototype towards the mean of the batch embeddings whose code peaks at it
-    prototype_momentum: float = 0.99
-    # [R] "random" unit vectors, or "keys": K_p distinct momentum instance keys (batch and queue)
-    # drawn at the first step that has K_p of them; the pseudo-label loss waits until then
-    prototype_init: str = "random"
-    # [R] "ema": prototypes move by prototype_momentum (a buffer); "learned": a parameter
-    # trained by the pseudo-label loss and re-normalised after each step (SwAV)
-    prototype_update: str = "ema"
-    loss: str = "dcl"  # "dcl" or "triplet" (VSE++ hardest negative baseline, in-batch, per process)
-    tau: float = 0.05  # DCL temperature [R]
-    beta: float = 0.0  # DCL weight sharpness [R] (spec: 10); 0 = plain momentum InfoNCE
-    # the readings of DCL's adaptive weights [R] (loss.dcl_loss): β grows linearly over the
-    # first N epochs from 0; β divided by the batch's spread of negative similarities; batch and
-    # queue weighted apart ("separate") or together ("joint"); negatives whose key is more
-    # similar than t to the positive's key dropped as likely false negatives (0 = off)
-    beta_warmup_epochs: int = 0
-    beta_adaptive: bool = False
-    dcl_weight_groups: str = "joint"
-    false_negative_threshold: float = 0.0
-    margin: float = 0.2  # triplet margin [S]
-    # triplet only: the first N epochs sum the hinge over every in-batch negative (VSE∞'s
-    # warm-up, "VSE0"), then the hardest negative; 0 = hardest from the start (VSE++)
-    triplet_all_negatives_epochs: int = 0
-    # training only: each region is left out of the pooling with this probability (VSE∞'s
-    # size augmentation; an image keeps at least one); 0 = every region (spec)
-    region_drop: float = 0.0
-    lambda_concept: float = 1.0  # λ_c [R]
-    lambda_pseudo: float = 1.0  # λ_p [R]
-    # weight of a DCL term on the fused similarity (1−μ)·s(v,t) + μ·s(v_c,t_c) (CVSE trains its
-    # fused embedding with weight 3 against instance 5); 0 = off (spec)
-    lambda_fused: float = 0.0
-    # weight of KL(caption ‖ image) between the pair's concept-score distributions (CVSE's
-    # regulariser, weight 2 against instance 5); 0 = off (spec)
-    lambda_kl: float = 0.0
-    pseudo_label_loss: bool = True  # [R] concept descriptors predict the pair's pseudo label
-    tau_pseudo: float = 0.1  # τ_p [R]
-    mu: float = 0.15  # inference weight of the concept similarity [R]
-    # how the two embeddings of a sample make the one S ranks by (`fuse`): "concat" =
-    # (1−μ)·s(v,t) + μ·s(v_c,t_c) (spec §5); "weighted_sum" = the cosine of
-    # l2norm((1−μ)·x + μ·x_c) (CVSE's fused embedding, 0.85/0.15 at μ = 0.15)
-    fusion: str = "concat"
+    embed_dim: int  # d, the joint embedding size
+    image_dim: int  # D, the region feature size (from the data)
+    image_pooling: str
+    text_pooling: str
+    text_encoder: str
+    vocab_size: int  # bigru: the vocabulary's size (from the data)
+    word_dim: int  # bigru
+    word_vectors: str  # bigru: "" (random), a GloVe text file, or "glove-package"
+    bert_path: str  # bert: a hub name or a folder
+    bert_length_groups: int  # bert, compute only: BERT over groups of captions of similar length
+    bert_frozen_layers: int  # bert: the embeddings and the first N layers stay frozen
+    l2norm_before_pooling: bool
+    concept_branch: bool  # False also turns the pseudo-label loss off
+    gcn_hidden: int
+    concept_score_scale: float
+    concept_query_input: str  # how the concept query sees the instance embedding
+    label_mix_ratio: float  # r, the share of a caption's own concept labels in its scores
+    momentum_gcn: bool  # concept keys from a momentum copy of the GCN
+    batch_norm: bool
+    momentum: float  # m of the momentum encoders' EMA
+    queue_size: int  # K; 0: in-batch negatives only
+    num_prototypes: int  # K_p
+    sinkhorn_epsilon: float
+    sinkhorn_iterations: int
+    sinkhorn_with_queue: bool  # Sinkhorn over the batch and the instance queues
+    prototype_momentum: float
+    prototype_init: str
+    prototype_update: str
+    loss: str  # "dcl", or the "triplet" baseline
+    tau: float  # τ of DCL
+    beta: float  # β of DCL's negative weights; 0: momentum InfoNCE
+    beta_warmup_epochs: int
+    beta_adaptive: bool
+    dcl_weight_groups: str
+    false_negative_threshold: float
+    margin: float  # triplet
+    triplet_all_negatives_epochs: int
+    region_drop: float
+    lambda_concept: float  # λ_c
+    lambda_pseudo: float  # λ_p
+    lambda_fused: float  # λ_f of CVSE's term on the fused similarity
+    lambda_kl: float  # λ_kl of CVSE's KL between the concept scores
+    pseudo_label_loss: bool
+    tau_pseudo: float  # τ_p
+    mu: float  # μ, the concept similarity's weight in S
+    fusion: str  # how S fuses the instance and concept similarities
 
     def __post_init__(self) -> None:
         check_values(asdict(self), owner="model config")
@@ -133,10 +99,7 @@ def _rank_and_world() -> tuple[int, int]:
 @torch.no_grad()
 def gather_from_all(t: Tensor) -> Tensor:
     """Rows of `t` from every process, in rank order (identity without torch.distributed).
-
-    Every process must pass the same shape (DistributedSampler gives equal batch sizes).
-    No gradient: only keys (momentum outputs) and ids are gathered.
-    """
+    Every process passes the same shape; no gradient: only keys and ids are gathered."""
     _, world = _rank_and_world()
     if world == 1:
         return t
@@ -145,10 +108,15 @@ def gather_from_all(t: Tensor) -> Tensor:
     return torch.cat(parts)
 
 
-def fuse(instance: Tensor, concept: Tensor | None, mu: float, fusion: str = "concat") -> Tensor:
-    """One unit vector per sample whose dot products are the inference similarity S:
-    "concat" [√(1−μ)·x, √μ·x_c], so that fuse(v, v_c)·fuse(t, t_c) = (1−μ)·s(v,t) + μ·s(v_c,t_c)
-    (spec §5); "weighted_sum" l2norm((1−μ)·x + μ·x_c) (CVSE). Without a concept part: x."""
+def local_rows(batch_size: int, device: torch.device) -> Tensor:
+    """Where this process's batch sits among the gathered keys (rank-major, equal sizes)."""
+    return _rank_and_world()[0] * batch_size + torch.arange(batch_size, device=device)
+
+
+def fuse(instance: Tensor, concept: Tensor | None, mu: float, fusion: str) -> Tensor:
+    """One unit vector per sample whose dot products are the similarity S: "concat"
+    [√(1−μ)·x, √μ·x_c], so that S = (1−μ)·s(v,t) + μ·s(v_c,t_c); "weighted_sum"
+    l2norm((1−μ)·x + μ·x_c), CVSE's fused embedding. Without a concept part: x."""
     if concept is None:
         return instance
     if fusion == "weighted_sum":
@@ -157,177 +125,139 @@ def fuse(instance: Tensor, concept: Tensor | None, mu: float, fusion: str = "con
 
 
 def fused_similarity(images: Tensor, images_concept: Tensor | None, captions: Tensor,
-                     captions_concept: Tensor | None, mu: float, fusion: str = "concat") -> Tensor:
-    """S (N_img, N_cap) = `fuse`(images)·`fuse`(captions), the similarity that training's fused
-    term, evaluation and the search app all rank by; s(v,t) alone when either side has no
-    concept part."""
+                     captions_concept: Tensor | None, mu: float, fusion: str) -> Tensor:
+    """S (N_img, N_cap), the similarity that training's fused term, evaluation and the search
+    app rank by; s(v,t) alone when either side has no concept part."""
     if images_concept is None or captions_concept is None:
         return images @ captions.t()
     return fuse(images, images_concept, mu, fusion) @ fuse(captions, captions_concept, mu, fusion).t()
 
 
-def _mean_pairwise_cosine(x: Tensor) -> Tensor:
-    """Mean cosine between distinct rows of unit-norm x (B,d): near 1 when the rows are
-    nearly collinear, i.e. carry little about which sample they came from."""
-    with torch.no_grad():
-        n = x.shape[0]
-        total = x.sum(0)
-        return ((total @ total - (x * x).sum()) / max(n * (n - 1), 1)).detach()
-
-
-def local_rows(batch_size: int, device: torch.device, rank: int) -> Tensor:
-    """Where process `rank`'s batch sits in the gathered keys (rank-major, equal sizes)."""
-    return rank * batch_size + torch.arange(batch_size, device=device)
-
-
-def symmetric_dcl(img: Tensor, cap: Tensor, image_keys: Tensor, text_keys: Tensor, key_ids: Tensor,
-                  image_queue: Tensor | None, text_queue: Tensor | None, queue_ids: Tensor, image_ids: Tensor,
-                  tau: float, beta: float, rank: int, stats: dict[str, Tensor] | None = None,
-                  **weighting: Any) -> Tensor:
-    """L_DCL = mean of image→text and text→image: process `rank`'s queries against the gathered
-    keys (`key_ids` their image ids) and the queue entries (None: no queue). `weighting` is the
-    reading of DCL's weights (see loss.dcl_loss); a dict `stats` gets their diagnostics, the
-    mean of both directions."""
-    rows = local_rows(img.shape[0], img.device, rank)
-    empty = img.new_zeros(0, img.shape[1])
-    directions = [{} if stats is not None else None for _ in range(2)]
-    i2t = dcl_loss(img, text_keys, empty if text_queue is None else text_queue, image_ids, queue_ids, tau, beta,
-                   k_ids=key_ids, pos_index=rows, stats=directions[0], **weighting)
-    t2i = dcl_loss(cap, image_keys, empty if image_queue is None else image_queue, image_ids, queue_ids, tau, beta,
-                   k_ids=key_ids, pos_index=rows, stats=directions[1], **weighting)
-    if stats is not None:
-        stats.update({key: (directions[0][key] + directions[1][key]) / 2 for key in directions[0]})
-    return (i2t + t2i) / 2
-
-
-def fused_dcl(img: Tensor, img_c: Tensor, cap: Tensor, cap_c: Tensor, keys: Mapping[str, Tensor],
-              queues: Mapping[str, Tensor], mu: float, fusion: str, queue_ids: Tensor, image_ids: Tensor,
-              tau: float, beta: float, rank: int, **weighting: Any) -> Tensor:
-    """`symmetric_dcl` on the inference similarity S (CVSE trains its fused embedding so):
-    queries, keys and queue entries (by name, as the model's) are their `fuse`d vectors."""
-    image_queue = text_queue = None
-    if "image" in queues:
-        image_queue = fuse(queues["image"], queues["image_concept"], mu, fusion)
-        text_queue = fuse(queues["text"], queues["text_concept"], mu, fusion)
-    return symmetric_dcl(fuse(img, img_c, mu, fusion), fuse(cap, cap_c, mu, fusion),
-                         fuse(keys["image"], keys["image_concept"], mu, fusion),
-                         fuse(keys["text"], keys["text_concept"], mu, fusion), keys["ids"], image_queue, text_queue,
-                         queue_ids, image_ids, tau, beta, rank, **weighting)
-
-
-# State-dict keys of checkpoints written before the queues and prototypes had their modules.
-RENAMED_KEYS = {"image_queue": "queues.image", "text_queue": "queues.text",
-                "image_concept_queue": "queues.image_concept", "text_concept_queue": "queues.text_concept",
-                "queue_ids": "queues.ids", "queue_ptr": "queues.pointer", "queue_count": "queues.count",
-                "prototypes": "prototypes.weight", "prototypes_ready": "prototypes.ready",
-                "queue_kernel": "queue_kernel.rows"}
-
-
-@torch.no_grad()
-def upgrade_state_dict(state: Mapping[str, Tensor], own: Mapping[str, Tensor], epsilon: float,
-                       note: Callable[[str], None]) -> dict[str, Tensor]:
-    """`state`, of a model of an earlier layout, in the layout of `own` (a state dict of this
-    code): queue and prototype buffers under their modules' names (RENAMED_KEYS); the attention
-    pooling's score biases (before a softmax: no output depended on them) dropped, with a
-    `note`; buffers newer than the checkpoint derived from the rest (the queue kernel from the
-    queues and prototypes; the readiness flag True, as such checkpoints had random prototypes)."""
-    state = {RENAMED_KEYS.get(k, k): v for k, v in state.items()}
-    biases = [k for k in state if k.endswith("pool.score.bias") and k not in own]
-    if biases:
-        note(f"note: dropped the attention pooling's score bias ({len(biases)} tensors): it preceded a "
-             f"softmax, so no output depended on it")
-        state = {k: v for k, v in state.items() if k not in biases}
-    if "prototypes.ready" in own and "prototypes.ready" not in state:
-        state["prototypes.ready"] = torch.tensor(True)
-    sources = ("queues.image", "queues.text", "prototypes.weight")
-    if "queue_kernel.rows" in own and "queue_kernel.rows" not in state and all(
-            k in state and state[k].shape == own[k].shape for k in sources):
-        entries = torch.cat([state["queues.image"], state["queues.text"]])
-        state["queue_kernel.rows"] = sinkhorn_kernel(entries @ state["prototypes.weight"].t(), epsilon)
-    return state
-
-
-# What only training reads: momentum encoders, queues, prototypes, the queue kernel (and their
-# names of earlier layouts).
+# State-dict prefixes that only training reads ("queue_kernel.": a cache older code kept).
 TRAINING_ONLY = ("momentum.", "queues.", "prototypes.", "queue_kernel.")
 
 
 def online_weights(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """A checkpoint's state dict without what only training reads: the weights of a model
     built with `with_keys=False`."""
-    return {k: v for k, v in state.items() if not k.startswith(TRAINING_ONLY) and k not in RENAMED_KEYS}
+    return {k: v for k, v in state.items() if not k.startswith(TRAINING_ONLY)}
 
 
-# ---------------------------------------------------------------------------------------------
+def parameter_counts(model: CODER) -> dict[str, int]:
+    """Trainable (online) and momentum parameter counts, for logs and the benchmarks."""
+    return {"trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "momentum": sum(p.numel() for p in model.momentum.parameters())}
+
+
+def build_text_encoder(cfg: ModelConfig, bert_config: Any) -> nn.Module:
+    """The text encoder of cfg: BERT (from cfg.bert_path, or built from `bert_config`) or the Bi-GRU."""
+    if cfg.text_encoder == "bert":
+        return BertTextEncoder(cfg.bert_path, cfg.embed_dim, cfg.text_pooling, cfg.bert_length_groups,
+                               cfg.bert_frozen_layers, cfg.l2norm_before_pooling, bert_config)
+    if cfg.bert_frozen_layers:
+        raise CoderError("bert_frozen_layers needs text_encoder='bert'")
+    if cfg.vocab_size < 1:
+        raise CoderError("model config: vocab_size must be set from the vocabulary for the bigru text encoder")
+    return GRUTextEncoder(cfg.vocab_size, cfg.word_dim, cfg.embed_dim, cfg.text_pooling, cfg.l2norm_before_pooling)
+
+
+@torch.no_grad()
+def sinkhorn_pseudo_labels(image_keys: Tensor, text_keys: Tensor, queue_entries: list[Tensor], prototypes: Tensor,
+                           epsilon: float, iterations: int, rows: Tensor) -> tuple[Tensor, Tensor]:
+    """Sinkhorn codes of the gathered instance keys (2·world·B, K_p), computed together with
+    the `queue_entries` (whose codes are not kept), and the pseudo labels of the local pairs
+    at `rows`: the mean of the image's and the caption's codes (B, K_p)."""
+    embeddings = torch.cat([image_keys, text_keys])
+    kernel = [sinkhorn_kernel(x @ prototypes.t(), epsilon) for x in [embeddings, *queue_entries]]
+    codes = sinkhorn_knopp(kernel, iterations, num_rows=embeddings.shape[0])
+    return (codes[rows] + codes[image_keys.shape[0] + rows]) / 2, codes
+
+
+def embed_images(modules: Mapping[str, nn.Module], images: Tensor,
+                 concepts: Tensor | None) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """(v, v_c, α) by `modules` (online or momentum): instance (B, d), concept descriptor
+    l2norm(α·E) (B, d) and concept scores α (B, N_c); the last two None without concepts E."""
+    instance = modules["image_encoder"](images)
+    if concepts is None:
+        return instance, None, None
+    alpha = modules["image_query"](instance, concepts)
+    return instance, l2norm(alpha @ concepts), alpha
+
+
+def embed_captions(modules: Mapping[str, nn.Module], batch: Mapping[str, Tensor], concepts: Tensor | None,
+                   cfg: ModelConfig) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """(t, t_c, α) of the batch's captions; α mixes the query's scores with the caption's own
+    labels, r·softmax(scale·labels) + (1−r)·α. A batch may carry `text_states`, the frozen
+    BERT bottom's output (text_cache.py)."""
+    tokens, lengths, mask = batch["tokens"], batch["lengths"], batch.get("attention_mask")
+    if mask is None:
+        mask = torch.arange(tokens.shape[1], device=tokens.device)[None, :] < lengths.to(tokens.device)[:, None]
+    instance = modules["text_encoder"](tokens, lengths, mask, batch.get("text_states"))
+    if concepts is None:
+        return instance, None, None
+    if batch.get("concept_labels") is None:
+        raise CoderError("the concept branch needs the captions' concept_labels (load a concept graph)")
+    alpha = modules["text_query"](instance, concepts)
+    labels = torch.softmax(cfg.concept_score_scale * batch["concept_labels"].to(alpha.dtype), 1)
+    alpha = cfg.label_mix_ratio * labels + (1 - cfg.label_mix_ratio) * alpha
+    return instance, l2norm(alpha @ concepts), alpha
+
+
+def check_concept_graph(adjacency: Tensor | None, vectors: Tensor | None) -> None:
+    """The concept branch's graph: given, and Â (N_c, N_c) matching the word vectors (N_c, w)."""
+    if adjacency is None or vectors is None:
+        raise CoderError("concept_branch=True needs the concept graph (adjacency and word vectors)")
+    n = adjacency.shape[0]
+    if adjacency.shape != (n, n) or vectors.shape[0] != n:
+        raise CoderError(f"concept graph shapes differ: adjacency {tuple(adjacency.shape)}, "
+                         f"word vectors {tuple(vectors.shape)}")
+
+
+def instance_part(x: Tensor, x_c: Tensor | None) -> Tensor:
+    """The view of a sample's (instance, concept) embeddings that the instance term compares."""
+    return x
+
+
+def concept_part(x: Tensor, x_c: Tensor | None) -> Tensor:
+    """The view that the concept term compares."""
+    return x_c
 
 
 class CODER(nn.Module):
     """CODER: instance branch + concept branch, DCL over momentum queues, online clustering.
 
-    `concept_adjacency` (N_c,N_c) is the fixed normalised Â and `concept_vectors` (N_c,w) the
-    GCN input, both from the data layer (needed when cfg.concept_branch); they are stored as
-    buffers, so a checkpoint's state dict holds them. Building the model reads no file but a
-    BERT directory: GloVe initialisation of the bigru embedding is `init_word_embeddings`.
-    `cache_queue_kernel` (compute only) keeps Sinkhorn's kernel rows of the queue entries
-    between steps (prototypes.QueueKernel) instead of recomputing them every step.
-    `with_keys=False` builds the online encoders only, for inference: no momentum encoders,
-    queues, prototypes or kernel (`online_weights` leaves a checkpoint's out). `bert_config`
-    builds BERT from that `transformers` config instead of loading cfg.bert_path (its weights
-    are then a checkpoint's).
+    `concept_adjacency` Â (N_c, N_c) and `concept_vectors` (N_c, w), the GCN's input, come from
+    the data layer; they are buffers, so a checkpoint holds them. `with_keys=False` builds the
+    online encoders only, for inference. `bert_config`: BERT built from that `transformers`
+    config (its weights a checkpoint's) instead of loaded from cfg.bert_path.
     """
 
-    def __init__(
-        self,
-        cfg: ModelConfig,
-        concept_adjacency: Tensor | None = None,
-        concept_vectors: Tensor | None = None,
-        cache_queue_kernel: bool = True,
-        with_keys: bool = True,
-        bert_config: Any = None,
-    ) -> None:
+    def __init__(self, cfg: ModelConfig, concept_adjacency: Tensor | None = None,
+                 concept_vectors: Tensor | None = None, with_keys: bool = True, bert_config: Any = None) -> None:
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.epoch = cfg, 0  # the training epoch (set_epoch): the warm-ups read it
         self.image_encoder = ImageEncoder(cfg.image_dim, cfg.embed_dim, cfg.image_pooling, cfg.batch_norm,
                                           cfg.l2norm_before_pooling, cfg.region_drop)
-        self.epoch = 0  # the training epoch (set_epoch), read by the triplet warm-up
-        self.text_encoder = self._build_text_encoder(bert_config)
-        self.use_pseudo = cfg.concept_branch and cfg.pseudo_label_loss
-        self.use_concept_keys = cfg.concept_branch and cfg.loss == "dcl"
+        self.text_encoder = build_text_encoder(cfg, bert_config)
         self.online_names = ["image_encoder", "text_encoder"]
         if cfg.concept_branch:
             self._build_concept_branch(concept_adjacency, concept_vectors)
-        # Key encoders: instance keys for DCL and for the pseudo labels; concept keys for DCL.
-        self.key_names: list[str] = []
-        if not with_keys:
-            self.momentum, self.queues, self.prototypes, self.queue_kernel = nn.ModuleDict(), None, None, None
-            self.sinkhorn_queues, self._pending_updates = False, []
-            return
-        if cfg.loss == "dcl" or self.use_pseudo:
-            self.key_names += ["image", "text"]
-        if self.use_concept_keys:
+        # Keys: instance keys for DCL and the pseudo labels, concept keys for the concept DCL.
+        use_pseudo = cfg.concept_branch and cfg.pseudo_label_loss
+        self.key_names = ["image", "text"] if with_keys and (cfg.loss == "dcl" or use_pseudo) else []
+        if self.key_names and cfg.concept_branch and cfg.loss == "dcl":
             self.key_names += ["image_concept", "text_concept"]
         self.momentum = self._build_momentum()
         queued = self.key_names if cfg.loss == "dcl" or cfg.sinkhorn_with_queue else []
-        self.queues = KeyQueues(queued, cfg.queue_size, cfg.embed_dim)
-        self.prototypes = self.queue_kernel = None
-        if self.use_pseudo:
+        self.queues = KeyQueues(queued, cfg.queue_size, cfg.embed_dim) if with_keys else None
+        self.prototypes = None
+        if with_keys and use_pseudo:
             self.prototypes = Prototypes(cfg.num_prototypes, cfg.embed_dim, cfg.prototype_init,
                                          cfg.prototype_update, cfg.prototype_momentum)
-        self.sinkhorn_queues = self.use_pseudo and cfg.sinkhorn_with_queue and bool(self.queues.names)
-        if self.sinkhorn_queues and cache_queue_kernel:
-            self.queue_kernel = QueueKernel(cfg.queue_size, cfg.num_prototypes, cfg.sinkhorn_epsilon)
-        # Keys, codes and embeddings of training forwards whose queue and prototype updates wait
-        # for after_optimizer_step() (in order; several with gradient accumulation).
-        self._pending_updates: list[dict[str, Any]] = []
 
     def _build_concept_branch(self, adjacency: Tensor | None, vectors: Tensor | None) -> None:
         cfg = self.cfg
-        if adjacency is None or vectors is None:
-            raise CoderError("concept_branch=True needs the concept graph (adjacency and word vectors)")
-        n = adjacency.shape[0]
-        if adjacency.shape != (n, n) or vectors.shape[0] != n:
-            raise CoderError(f"concept graph shapes differ: adjacency {tuple(adjacency.shape)}, "
-                             f"word vectors {tuple(vectors.shape)}")
+        check_concept_graph(adjacency, vectors)
         self.register_buffer("concept_adjacency", adjacency.detach().float().clone())
         self.register_buffer("concept_vectors", vectors.detach().float().clone())
         self.gcn = ConceptGCN(vectors.shape[1], cfg.gcn_hidden, cfg.embed_dim)
@@ -337,33 +267,17 @@ class CODER(nn.Module):
 
     def _build_momentum(self) -> nn.ModuleDict:
         """Frozen copies of every module that produces a key (MoCo's key encoders)."""
-        names = []
-        if self.key_names:
-            names += ["image_encoder", "text_encoder"]
-        if self.use_concept_keys:
+        names = ["image_encoder", "text_encoder"] if self.key_names else []
+        if "image_concept" in self.key_names:
             names += (["gcn"] if self.cfg.momentum_gcn else []) + ["image_query", "text_query"]
         momentum = nn.ModuleDict({name: copy.deepcopy(getattr(self, name)) for name in names})
-        for p in momentum.parameters():
-            p.requires_grad_(False)
+        momentum.requires_grad_(False)
         return momentum
-
-    def _build_text_encoder(self, bert_config: Any = None) -> nn.Module:
-        cfg = self.cfg
-        if cfg.text_encoder == "bert":
-            return BertTextEncoder(cfg.bert_path, cfg.embed_dim, cfg.text_pooling, cfg.bert_length_groups,
-                                   cfg.bert_frozen_layers, cfg.l2norm_before_pooling, bert_config)
-        if cfg.bert_frozen_layers:
-            raise CoderError("bert_frozen_layers needs text_encoder='bert'")
-        if cfg.vocab_size < 1:
-            raise CoderError("model config: vocab_size must be set from the vocabulary for the bigru text encoder")
-        return GRUTextEncoder(cfg.vocab_size, cfg.word_dim, cfg.embed_dim, cfg.text_pooling,
-                              cfg.l2norm_before_pooling)
 
     @torch.no_grad()
     def init_word_embeddings(self, vocab_words: list[str]) -> float:
-        """Initialise the bigru word embedding from cfg.word_vectors (`GRUTextEncoder.init_embedding`)
-        and copy it into the momentum text encoder. Call once on a fresh model before training (a
-        checkpoint holds the trained embedding). Returns the vocabulary's coverage."""
+        """The bigru word embedding from cfg.word_vectors, and its momentum copy, on a fresh
+        model; returns the share of the vocabulary the vectors cover."""
         if self.cfg.text_encoder != "bigru" or not self.cfg.word_vectors:
             raise CoderError("init_word_embeddings needs text_encoder='bigru' and a word_vectors source")
         coverage = self.text_encoder.init_embedding(vocab_words, self.cfg.word_vectors)
@@ -372,333 +286,188 @@ class CODER(nn.Module):
         return coverage
 
     def set_text_backbone_frozen(self, frozen: bool) -> None:
-        """Freeze (or release) BERT's weights, e.g. for the first epochs (spec §6); the linear
-        layer and pooling on top keep training. No-op for the bigru encoder. Under DDP, a
-        frozen phase needs find_unused_parameters=True (frozen weights get no gradient)."""
+        """Freeze (or release) BERT's weights; the layer and pooling on top keep training."""
         if isinstance(self.text_encoder, BertTextEncoder):
             self.text_encoder.set_frozen(frozen)
 
-    # -- embeddings --------------------------------------------------------------------------
+    def set_epoch(self, epoch: int) -> None:
+        """The trainer's epoch (0-based), at the start of each epoch and on resume."""
+        self.epoch = epoch
 
-    def _modules_of(self, momentum: bool) -> Mapping[str, nn.Module]:
+    def current_beta(self) -> float:
+        """β of this epoch: cfg.beta · min(1, epoch / cfg.beta_warmup_epochs), or cfg.beta."""
+        warmup = self.cfg.beta_warmup_epochs
+        return self.cfg.beta * min(1.0, self.epoch / warmup) if warmup else self.cfg.beta
+
+    def _encoders(self, momentum: bool) -> Mapping[str, nn.Module]:
         """The momentum copies, or the online modules under the same names."""
         return self.momentum if momentum else {name: getattr(self, name) for name in self.online_names}
 
-    def _concepts(self, momentum: bool = False) -> Tensor:
-        """E (N_c, d) from the online GCN or its momentum copy; computed once per step each."""
-        return self._modules_of(momentum)["gcn"](self.concept_adjacency, self.concept_vectors)
-
-    @staticmethod
-    def _descriptor(alpha: Tensor, concepts: Tensor) -> Tensor:
-        return l2norm(alpha @ concepts)
-
-    def _embed_images(
-        self, images: Tensor, concepts: Tensor | None, momentum: bool = False
-    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
-        """(instance, concept descriptor, concept scores α); the last two None without concepts."""
-        modules = self._modules_of(momentum)
-        instance = modules["image_encoder"](images)
-        if concepts is None:
-            return instance, None, None
-        alpha = modules["image_query"](instance, concepts)
-        return instance, self._descriptor(alpha, concepts), alpha
-
-    def _embed_captions(self, tokens: Tensor, lengths: Tensor, attention_mask: Tensor | None,
-                        concept_labels: Tensor | None, concepts: Tensor | None, momentum: bool = False,
-                        text_states: Tensor | None = None) -> tuple[Tensor, Tensor | None, Tensor | None]:
-        """(instance, concept descriptor, concept scores: the query's mixed with the caption's
-        own labels); the last two None without concepts."""
-        modules = self._modules_of(momentum)
-        if attention_mask is None:
-            positions = torch.arange(tokens.shape[1], device=tokens.device)
-            attention_mask = positions[None, :] < lengths.to(tokens.device)[:, None]
-        instance = modules["text_encoder"](tokens, lengths, attention_mask, text_states)
-        if concepts is None:
-            return instance, None, None
-        if concept_labels is None:
-            raise CoderError("the concept branch needs the captions' concept_labels (load a concept graph)")
-        alpha = modules["text_query"](instance, concepts)
-        r = self.cfg.label_mix_ratio
-        label_alpha = torch.softmax(self.cfg.concept_score_scale * concept_labels.to(alpha.dtype), 1)
-        alpha = r * label_alpha + (1 - r) * alpha
-        return instance, self._descriptor(alpha, concepts), alpha
+    def concepts(self, momentum: bool = False) -> Tensor:
+        """E (N_c, d): the concept embeddings from the online GCN or its momentum copy."""
+        return self._encoders(momentum)["gcn"](self.concept_adjacency, self.concept_vectors)
 
     def encode_images(self, images: Tensor) -> tuple[Tensor, Tensor | None]:
-        """Online (query) encoders: L2-normalised (instance (B,d), concept (B,d) or None)."""
-        concepts = self._concepts() if self.cfg.concept_branch else None
-        return self._embed_images(images, concepts)[:2]
+        """Online encoders: (v (B, d), v_c (B, d) or None), L2-normalised."""
+        return embed_images(self._encoders(False), images, self.concepts() if self.cfg.concept_branch else None)[:2]
 
-    def encode_captions(
-        self, tokens: Tensor, lengths: Tensor, attention_mask: Tensor | None, concept_labels: Tensor | None,
-        text_states: Tensor | None = None,
-    ) -> tuple[Tensor, Tensor | None]:
-        """Online (query) encoders: L2-normalised (instance (B,d), concept (B,d) or None).
-        A caption's concept attention uses its own labels only (never its image's other captions).
-        `text_states`: the frozen BERT bottom's output for these tokens (text_cache.py)."""
-        concepts = self._concepts() if self.cfg.concept_branch else None
-        return self._embed_captions(tokens, lengths, attention_mask, concept_labels, concepts,
-                                    text_states=text_states)[:2]
+    def encode_captions(self, tokens: Tensor, lengths: Tensor, attention_mask: Tensor | None,
+                        concept_labels: Tensor | None, text_states: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """Online encoders: (t (B, d), t_c (B, d) or None), L2-normalised. A caption's concept
+        scores read its own labels only, never its image's other captions."""
+        batch = {"tokens": tokens, "lengths": lengths, "attention_mask": attention_mask,
+                 "concept_labels": concept_labels, "text_states": text_states}
+        return embed_captions(self._encoders(False), batch, self.concepts() if self.cfg.concept_branch else None,
+                              self.cfg)[:2]
 
-    def similarity(self, img_inst: Tensor, img_con: Tensor | None, cap_inst: Tensor, cap_con: Tensor | None,
+    def similarity(self, img: Tensor, img_c: Tensor | None, cap: Tensor, cap_c: Tensor | None,
                    mu: float | None = None) -> Tensor:
-        """`fused_similarity` (N_img, N_cap) with μ defaulting to cfg.mu, by cfg.fusion."""
-        return fused_similarity(img_inst, img_con, cap_inst, cap_con, self.cfg.mu if mu is None else mu,
-                                self.cfg.fusion)
+        """`fused_similarity` (N_img, N_cap) by cfg.fusion, μ = cfg.mu unless given."""
+        return fused_similarity(img, img_c, cap, cap_c, self.cfg.mu if mu is None else mu, self.cfg.fusion)
 
     def fuse(self, instance: Tensor, concept: Tensor | None, mu: float | None = None) -> Tensor:
-        """`fuse` by cfg.fusion (μ defaulting to cfg.mu): the vectors a search index holds."""
+        """`fuse` by cfg.fusion, μ = cfg.mu unless given: the vectors a search index holds."""
         return fuse(instance, concept, self.cfg.mu if mu is None else mu, self.cfg.fusion)
 
     @property
     def fused_dim(self) -> int:
         """The width of `fuse`'s vectors."""
-        concat = self.cfg.concept_branch and self.cfg.fusion == "concat"
-        return self.cfg.embed_dim * (2 if concat else 1)
+        return self.cfg.embed_dim * (2 if self.cfg.concept_branch and self.cfg.fusion == "concat" else 1)
 
-    def set_epoch(self, epoch: int) -> None:
-        """The trainer's epoch (0-based), at the start of each epoch and on resume: the triplet
-        warm-up (cfg.triplet_all_negatives_epochs) and β's warm-up depend on it."""
-        self.epoch = epoch
+    # -- the training step -----------------------------------------------------------------------
 
-    def current_beta(self) -> float:
-        """DCL's β in this epoch: cfg.beta · min(1, epoch / cfg.beta_warmup_epochs), so that a
-        warm-up trains with plain InfoNCE weights first (β = cfg.beta without warm-up)."""
-        warmup = self.cfg.beta_warmup_epochs
-        return self.cfg.beta * min(1.0, self.epoch / warmup) if warmup else self.cfg.beta
+    def forward(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """The loss L of a batch ("loss") and each of its terms, unweighted, by log name.
 
-    # -- training step -------------------------------------------------------------------------
-
-    def forward(self, batch: Mapping[str, Tensor], return_terms: bool = False) -> Any:
-        """One training step's losses: "loss", each term (see loss.total_loss) and cheap
-        diagnostics ("diag_*"); with `return_terms`, also the weighted terms with their graphs
-        (for per-term gradient norms), as a second value.
-
-        Encode the batch with the online encoders; its keys with the momentum encoders, without
-        gradient, gathered from all processes (each process's loss takes its local queries
-        against them, spec §8, so DDP's gradient averaging gives the global-batch gradient);
-        the losses; and, in training mode, a record of the keys and codes for
-        `after_optimizer_step()`, which must follow every training-mode forward. A batch may
-        carry `text_states`, the frozen BERT bottom's output (text_cache.py).
+        Keys come from the momentum encoders, gathered from every process (each process
+        takes its own queries against the global batch's keys, so DDP's averaged gradient is
+        the global batch's). In training mode, the momentum encoders first move towards the
+        online ones, and after the loss the batch's keys enter the queues and the prototypes
+        move: the loss reads the queues and prototypes as they were before this batch.
         """
-        cfg = self.cfg
-        concepts = self._concepts() if cfg.concept_branch else None
-        queries, scores = self._queries(batch, concepts)
-        keys = self._keys(batch, concepts) if self.key_names else {}
-        with torch.autocast(queries[0].device.type, enabled=False):
-            dcl_stats = {} if return_terms and cfg.loss == "dcl" else None
-            (instance, concept, fused), diagnostics = self._contrastive_terms(*queries, keys, batch["image_ids"],
-                                                                              dcl_stats)
-            diagnostics.update({f"diag_dcl_{key}": value for key, value in (dcl_stats or {}).items()})
-            kl = concept_kl_loss(*scores) if scores is not None and cfg.lambda_kl > 0 else None
-            pseudo, clusters, pseudo_diagnostics = None, {}, {}
-            if self.use_pseudo:
-                pseudo, clusters, pseudo_diagnostics = self._pseudo_term(queries[1], queries[3], keys)
+        cfg, ids = self.cfg, batch["image_ids"]
         if self.training:
-            self._record(keys, clusters)
-        lambdas = {"lambda_concept": cfg.lambda_concept, "lambda_pseudo": cfg.lambda_pseudo,
-                   "lambda_fused": cfg.lambda_fused, "lambda_kl": cfg.lambda_kl}
-        losses = {**total_loss(instance, concept, pseudo, name=cfg.loss, fused=fused, kl=kl, **lambdas),
-                  **pseudo_diagnostics, **diagnostics}
-        if not return_terms:
-            return losses
-        terms = loss_terms(instance, concept, pseudo, fused, kl, name=cfg.loss, **lambdas)
-        return losses, {key: weight * term for key, term, weight in terms}
+            self._momentum_update()
+        concepts = self.concepts() if cfg.concept_branch else None  # E (N_c, d)
+        queries, scores = self.queries(batch, concepts)  # [v, v_c, t, t_c], each (B, d) or None
+        keys = self.momentum_keys(batch, concepts)  # (world·B, d) by name, "ids" (world·B,)
+        queues = self.queue_entries(copied=self.training and cfg.loss == "dcl")  # (K, d) by name, "ids" (K,)
+        targets = codes = None
+        if self.prototypes is not None:
+            targets, codes = self.pseudo_labels(keys, ids.shape[0])  # (B, K_p), (2·world·B, K_p)
+        with torch.autocast(queries[0].device.type, enabled=False):  # the losses in float32
+            terms = {f"{cfg.loss}_instance": self.contrast(instance_part, queries, keys, queues, ids)}  # L_DCL(v, t)
+            if cfg.concept_branch:
+                terms[f"{cfg.loss}_concept"] = self.contrast(concept_part, queries, keys, queues, ids)  # L_DCL(v_c, t_c)
+            if self.prototypes is not None and self.prototypes.is_ready:
+                terms["pseudo"] = self.pseudo_label_term(queries, targets)  # L_pseudo
+            if cfg.concept_branch and cfg.lambda_fused > 0:  # CVSE's term on S
+                terms[f"{cfg.loss}_fused"] = self.contrast(self.fuse, queries, keys, queues, ids)
+            if cfg.concept_branch and cfg.lambda_kl > 0:  # CVSE's KL(caption ‖ image) of the concept scores
+                terms["concept_kl"] = concept_kl_loss(*scores)
+        weights = self.loss_weights()
+        # L = L_DCL(v, t) + λ_c·L_DCL(v_c, t_c) + λ_p·L_pseudo (+ λ_f·L_fused + λ_kl·L_KL, off by default)
+        loss = sum(weights[name] * term for name, term in terms.items())
+        if self.training:
+            self._update_queues_and_prototypes(keys, codes)
+        return {"loss": loss, **terms}
 
-    def _queries(self, batch: Mapping[str, Tensor], concepts: Tensor | None) -> tuple[
-            list[Tensor | None], tuple[Tensor, Tensor] | None]:
-        """Online embeddings [v, v_c, t, t_c] of the batch in float32 (concept parts None
-        without the concept branch), and the (image, caption) concept scores (None without)."""
-        img, img_c, img_scores = self._embed_images(batch["images"], concepts)
-        cap, cap_c, cap_scores = self._embed_captions(batch["tokens"], batch["lengths"], batch.get("attention_mask"),
-                                                      batch.get("concept_labels"), concepts,
-                                                      text_states=batch.get("text_states"))
+    def loss_weights(self) -> dict[str, float]:
+        """The weight λ of each term of L by its log name (the instance term's is 1)."""
+        cfg = self.cfg
+        return {f"{cfg.loss}_instance": 1.0, f"{cfg.loss}_concept": cfg.lambda_concept, "pseudo": cfg.lambda_pseudo,
+                f"{cfg.loss}_fused": cfg.lambda_fused, "concept_kl": cfg.lambda_kl}
+
+    def queries(self, batch: Mapping[str, Tensor], concepts: Tensor | None) -> tuple[list, tuple | None]:
+        """The online embeddings [v, v_c, t, t_c] in float32 (concept parts None without the
+        concept branch), and the (image, caption) concept scores α (None without)."""
+        img, img_c, img_scores = embed_images(self._encoders(False), batch["images"], concepts)
+        cap, cap_c, cap_scores = embed_captions(self._encoders(False), batch, concepts, self.cfg)
         scores = None if img_scores is None else (img_scores.float(), cap_scores.float())
         return [None if x is None else x.float() for x in (img, img_c, cap, cap_c)], scores
 
-    def _contrastive_terms(self, img: Tensor, img_c: Tensor | None, cap: Tensor, cap_c: Tensor | None,
-                           keys: Mapping[str, Tensor], image_ids: Tensor, dcl_stats: dict[str, Tensor] | None = None
-                           ) -> tuple[tuple, dict[str, Tensor]]:
-        """(instance, concept, fused) terms (None where absent) and the concept diagnostics; a
-        dict `dcl_stats` gets the instance DCL's weight diagnostics. The fused term ranks by
-        the inference similarity (`fuse` by cfg.fusion). DCL reads the queues in place: they
-        change only in after_optimizer_step()."""
-        cfg = self.cfg
-        concept = fused = None
-        if cfg.loss == "triplet":
-            hardest = self.epoch >= cfg.triplet_all_negatives_epochs
-            instance = triplet_loss(img, cap, image_ids, cfg.margin, hardest)
-            if img_c is not None:
-                concept = triplet_loss(img_c, cap_c, image_ids, cfg.margin, hardest)
-            if img_c is not None and cfg.lambda_fused > 0:
-                fused = triplet_loss(self.fuse(img, img_c), self.fuse(cap, cap_c), image_ids, cfg.margin, hardest)
-        else:
-            queues = {name: self.queues.entries(name) for name in self.queues.names}
-            queue_ids = self.queues.filled_ids()
-            dcl = dict(queue_ids=queue_ids, image_ids=image_ids, tau=cfg.tau, beta=self.current_beta(),
-                       rank=_rank_and_world()[0], beta_adaptive=cfg.beta_adaptive, weight_groups=cfg.dcl_weight_groups,
-                       false_negative_threshold=cfg.false_negative_threshold)
-            instance = symmetric_dcl(img, cap, keys["image"], keys["text"], keys["ids"], queues.get("image"),
-                                     queues.get("text"), stats=dcl_stats, **dcl)
-            if img_c is not None:
-                concept = symmetric_dcl(img_c, cap_c, keys["image_concept"], keys["text_concept"], keys["ids"],
-                                        queues.get("image_concept"), queues.get("text_concept"), **dcl)
-            if img_c is not None and cfg.lambda_fused > 0:
-                fused = fused_dcl(img, img_c, cap, cap_c, keys, queues, cfg.mu, cfg.fusion, **dcl)
-        diagnostics = {}
-        if img_c is not None:
-            diagnostics = {"diag_concept_cos_image": _mean_pairwise_cosine(img_c),
-                           "diag_concept_cos_text": _mean_pairwise_cosine(cap_c)}
-        return (instance, concept, fused), diagnostics
-
-    def _pseudo_term(self, img_c: Tensor, cap_c: Tensor, keys: Mapping[str, Tensor]) -> tuple[
-            Tensor | None, dict[str, Tensor], dict[str, Tensor]]:
-        """The pseudo-label loss (None until the prototypes are ready), the batch's codes and
-        embeddings for the prototype update, and the loss's diagnostics."""
-        targets, codes, embeddings = self._pseudo_labels(keys, img_c.shape[0])
-        clusters = {"embeddings": embeddings, "codes": codes}
-        if not self.prototypes.is_ready:
-            return None, clusters, {}
-        prototypes, tau = self.prototypes.for_loss(), self.cfg.tau_pseudo
-        pseudo = (pseudo_label_loss(img_c, targets, prototypes, tau)
-                  + pseudo_label_loss(cap_c, targets, prototypes, tau)) / 2
-        return pseudo, clusters, pseudo_label_diagnostics(targets, codes, pseudo)
-
-    def _record(self, keys: Mapping[str, Tensor], clusters: dict[str, Tensor]) -> None:
-        """Keep what after_optimizer_step() writes: the codes, and the keys for the queues."""
-        pending = dict(clusters)
-        if self.queues.names:
-            pending.update(keys={name: keys[name] for name in self.queues.names}, ids=keys["ids"])
-        if pending:
-            self._pending_updates.append(pending)
-
     @torch.no_grad()
-    def after_optimizer_step(self) -> None:
-        """Call after each optimizer.step(): the EMA update of the momentum encoders, then, for
-        each training forward since the last call, the prototype update and the push of its
-        keys. Every process holds the same queues and prototypes afterwards (the updates use
-        gathered data). With several forwards per step (gradient accumulation) all are queued
-        in order, but a later forward does not see an earlier one's keys as queue negatives."""
-        self.momentum_update()
-        if self.prototypes is not None and self.prototypes.learned and self.prototypes.is_ready:
-            self.prototypes.renormalise()  # the optimizer moved every prototype
-            self._refresh_queue_kernel()
-        for pending in self._pending_updates:
-            if "codes" in pending:
-                self._update_prototypes(pending["embeddings"], pending["codes"])
-            if "keys" in pending:
-                slots = self.queues.push(pending["keys"], pending["ids"])
-                if self.queue_kernel is not None:
-                    self.queue_kernel.write_slots(slots, self.queues.image, self.queues.text, self.prototypes.weight)
-        self._pending_updates.clear()
-
-    @torch.no_grad()
-    def _update_prototypes(self, embeddings: Tensor, codes: Tensor) -> None:
-        """Init "keys": draw the prototypes once the batch's instance keys and the instance
-        queues hold K_p (without queues, K_p must not exceed the global batch's 2B keys, or the
-        pseudo-label loss never starts). Update "ema": move them, and the kernel's columns."""
-        if not self.prototypes.is_ready:
-            pool = embeddings
-            if self.queues.filled and "image" in self.queues.names:
-                pool = torch.cat([embeddings, self.queues.entries("image"), self.queues.entries("text")])
-            if self.prototypes.draw_from(pool):
-                self._refresh_queue_kernel()
-        elif not self.prototypes.learned:
-            moved = self.prototypes.ema_step(embeddings, codes)
-            if self.queue_kernel is not None:
-                self.queue_kernel.write_columns(moved, self.queues.entries("image"), self.queues.entries("text"),
-                                                self.prototypes.weight, at_most=embeddings.shape[0])
-
-    def _refresh_queue_kernel(self) -> None:
-        if self.queue_kernel is not None:
-            self.queue_kernel.refresh(self.queues.image, self.queues.text, self.prototypes.weight)
-
-    @torch.no_grad()
-    def _keys(self, batch: Mapping[str, Tensor], concepts: Tensor | None) -> dict[str, Tensor]:
-        """Momentum-encoder keys of the local batch, gathered from all processes, with "ids"."""
-        key_concepts = None
-        if self.use_concept_keys:
-            key_concepts = self._concepts(momentum=True) if "gcn" in self.momentum else concepts.detach()
-        image, image_c, _ = self._embed_images(batch["images"], key_concepts, momentum=True)
-        text, text_c, _ = self._embed_captions(batch["tokens"], batch["lengths"], batch.get("attention_mask"),
-                                            batch.get("concept_labels"), key_concepts, momentum=True,
-                                            text_states=batch.get("text_states"))
+    def momentum_keys(self, batch: Mapping[str, Tensor], online_concepts: Tensor | None) -> dict[str, Tensor]:
+        """The momentum encoders' keys of the batch by name and their image "ids", gathered from
+        every process ({} without keys); concept keys use the momentum GCN's E or, without one,
+        `online_concepts`."""
+        if not self.key_names:
+            return {}
+        concepts = None
+        if "image_concept" in self.key_names:
+            concepts = self.concepts(momentum=True) if "gcn" in self.momentum else online_concepts.detach()
+        image, image_c, _ = embed_images(self.momentum, batch["images"], concepts)
+        text, text_c, _ = embed_captions(self.momentum, batch, concepts, self.cfg)
         keys = {"image": image, "text": text, "image_concept": image_c, "text_concept": text_c}
         gathered = {name: gather_from_all(keys[name].float()) for name in self.key_names}
-        gathered["ids"] = gather_from_all(batch["image_ids"])
-        return gathered
+        return {**gathered, "ids": gather_from_all(batch["image_ids"])}
+
+    def queue_entries(self, copied: bool) -> dict[str, Tensor]:
+        """The queues' filled entries (K, d) by name, and "ids" (K,); {} without queues.
+        `copied`: copies, that the loss keeps for its backward while the queues move on."""
+        if self.queues is None or not self.queues.names:
+            return {}
+        entries = {name: self.queues.entries(name) for name in self.queues.names}
+        return {**{name: x.clone() if copied else x for name, x in entries.items()}, "ids": self.queues.filled_ids()}
+
+    def contrast(self, view: Callable, queries: list, keys: Mapping[str, Tensor], queues: Mapping[str, Tensor],
+                 image_ids: Tensor, stats: dict[str, Tensor] | None = None) -> Tensor:
+        """DCL (or the triplet baseline) on one view of the embeddings: `view(x, x_c)` is x
+        (`instance_part`), x_c (`concept_part`) or the fused vector of S (`self.fuse`); the queries, keys
+        and queue entries are compared in that view. `stats`: see loss.dcl_loss."""
+        cfg, (v, v_c, t, t_c) = self.cfg, queries
+        images, captions = view(v, v_c), view(t, t_c)  # (B, ·)
+        if cfg.loss == "triplet":
+            return triplet_loss(images, captions, image_ids, cfg.margin, self.epoch >= cfg.triplet_all_negatives_epochs)
+        image_queue = text_queue = None
+        if queues:
+            image_queue = view(queues["image"], queues.get("image_concept"))  # (K, ·)
+            text_queue = view(queues["text"], queues.get("text_concept"))
+        return symmetric_dcl(images, captions, view(keys["image"], keys.get("image_concept")),
+                             view(keys["text"], keys.get("text_concept")), keys["ids"], image_queue, text_queue,
+                             queues["ids"] if queues else keys["ids"][:0], image_ids,
+                             local_rows(images.shape[0], images.device), cfg.tau, self.current_beta(),
+                             beta_adaptive=cfg.beta_adaptive, weight_groups=cfg.dcl_weight_groups,
+                             false_negative_threshold=cfg.false_negative_threshold, stats=stats)
+
+    def pseudo_labels(self, keys: Mapping[str, Tensor], local_size: int) -> tuple[Tensor, Tensor]:
+        """`sinkhorn_pseudo_labels` of the keys, with the instance queues' entries when
+        cfg.sinkhorn_with_queue: the local pairs' targets (B, K_p) and the batch's codes."""
+        queued = [self.queues.entries(n) for n in ("image", "text") if self.cfg.sinkhorn_with_queue and self.queues.names]
+        return sinkhorn_pseudo_labels(keys["image"], keys["text"], queued, self.prototypes.weight,
+                                      self.cfg.sinkhorn_epsilon, self.cfg.sinkhorn_iterations,
+                                      local_rows(local_size, keys["image"].device))
+
+    def pseudo_label_term(self, queries: list, targets: Tensor) -> Tensor:
+        """L_pseudo: the concept descriptors of both modalities predict the pair's pseudo label."""
+        prototypes, tau = self.prototypes.for_loss(), self.cfg.tau_pseudo
+        return (pseudo_label_loss(queries[1], targets, prototypes, tau)
+                + pseudo_label_loss(queries[3], targets, prototypes, tau)) / 2
 
     @torch.no_grad()
-    def _pseudo_labels(self, keys: Mapping[str, Tensor], local_size: int) -> tuple[Tensor, Tensor, Tensor]:
-        """Sinkhorn codes of the gathered momentum instance embeddings (with the instance queues'
-        entries when cfg.sinkhorn_with_queue, batch rows kept). Returns the local pairs' pseudo
-        labels (mean of image and caption codes), the batch codes and the batch embeddings."""
-        embeddings = torch.cat([keys["image"], keys["text"]])
-        prototypes, epsilon = self.prototypes.weight, self.cfg.sinkhorn_epsilon
-        kernel = [sinkhorn_kernel(embeddings @ prototypes.t(), epsilon)]
-        if self.queue_kernel is not None:
-            kernel += self.queue_kernel.blocks(self.queues.filled)
-        elif self.sinkhorn_queues:
-            kernel += [sinkhorn_kernel(self.queues.entries(name) @ prototypes.t(), epsilon)
-                       for name in ("image", "text")]
-        codes = sinkhorn_knopp(kernel, self.cfg.sinkhorn_iterations, num_rows=embeddings.shape[0])
-        batch = keys["image"].shape[0]
-        rows = local_rows(local_size, embeddings.device, _rank_and_world()[0])
-        return (codes[rows] + codes[batch + rows]) / 2, codes, embeddings
-
-    @torch.no_grad()
-    def momentum_update(self) -> None:
-        """θ_k ← m·θ_k + (1−m)·θ_q for every key module (part of after_optimizer_step)."""
+    def _momentum_update(self) -> None:
+        """θ_k ← m·θ_k + (1−m)·θ_q for every key module, with the online weights the last
+        optimizer step left; learned prototypes back onto the unit sphere."""
         key_params, params = [], []
         for name, key_module in self.momentum.items():
             key_params += list(key_module.parameters())
             params += [p.detach() for p in getattr(self, name).parameters()]
         if key_params:
-            torch._foreach_lerp_(key_params, params, 1 - self.cfg.momentum)  # = m·θ_k + (1−m)·θ_q
+            torch._foreach_lerp_(key_params, params, 1 - self.cfg.momentum)
+        if self.prototypes is not None and self.prototypes.learned and self.prototypes.is_ready:
+            self.prototypes.renormalise()
 
-    # -- checkpoints of earlier layouts --------------------------------------------------------
-
-    def upgrade_state_dict(self, state: Mapping[str, Tensor], note: Callable[[str], None]) -> dict[str, Tensor]:
-        """A state dict of an earlier layout in this one (see `upgrade_state_dict`)."""
-        return upgrade_state_dict(state, self.state_dict(), self.cfg.sinkhorn_epsilon, note)
-
-
-# -- optimizer-facing views of a model --------------------------------------------------------
-
-
-def _online_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    """The named parameters without the momentum copies (they never get an optimizer)."""
-    return [(name, p) for name, p in model.named_parameters() if not name.startswith("momentum.")]
-
-
-def param_groups(model: CODER, lr: float, weight_decay: float, bert_lr_scale: float = 0.1) -> list[dict[str, Any]]:
-    """AdamW groups of the online parameters: "main" at lr and, with the bert text encoder,
-    "bert" at lr·bert_lr_scale (frozen BERT weights included: they simply get no gradient)."""
-    main, bert = [], []
-    for name, p in _online_parameters(model):
-        (bert if name.startswith("text_encoder.bert.") else main).append(p)
-    groups = [{"name": "main", "params": main, "lr": lr, "weight_decay": weight_decay}]
-    if bert:
-        groups.append({"name": "bert", "params": bert, "lr": lr * bert_lr_scale, "weight_decay": weight_decay})
-    return groups
-
-
-def parameter_branches(model: CODER) -> dict[str, list[nn.Parameter]]:
-    """The online parameters by branch: "instance" (the two encoders), "concept" (GCN and
-    queries) and, when learned, "prototypes" (see grad_clip_scope in trainer.clip_gradients)."""
-    branches: dict[str, list[nn.Parameter]] = {"instance": [], "concept": [], "prototypes": []}
-    for name, p in _online_parameters(model):
-        if name.startswith(("image_encoder.", "text_encoder.")):
-            branches["instance"].append(p)
-        elif name.startswith("prototypes."):
-            branches["prototypes"].append(p)
-        else:
-            branches["concept"].append(p)
-    return {k: v for k, v in branches.items() if v}
-
-
-def parameter_counts(model: CODER) -> dict[str, int]:
-    """Trainable (online) and momentum parameter counts, for logs and the benchmark."""
-    return {
-        "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
-        "momentum": sum(p.numel() for p in model.momentum.parameters()),
-    }
+    @torch.no_grad()
+    def _update_queues_and_prototypes(self, keys: Mapping[str, Tensor], codes: Tensor | None) -> None:
+        """After the loss: the prototypes move towards the batch's embeddings (or, with init
+        "keys", are drawn once the batch and the queues hold K_p keys), and the batch's keys
+        enter the queues. Every process computes the same update from gathered data."""
+        if codes is not None:
+            embeddings = torch.cat([keys["image"], keys["text"]])
+            if not self.prototypes.is_ready:
+                pool = [embeddings] + [self.queues.entries(n) for n in ("image", "text") if n in self.queues.names]
+                self.prototypes.draw_from(torch.cat(pool))
+            elif not self.prototypes.learned:
+                self.prototypes.ema_step(embeddings, codes)
+        if self.queues.names:
+            self.queues.push({name: keys[name] for name in self.queues.names}, keys["ids"])

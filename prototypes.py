@@ -1,12 +1,9 @@
-"""The prototypes of CODER's online clustering (spec §2, [R]) and the cached Sinkhorn kernel of
-the queues' entries against them.
+"""The prototypes of CODER's online clustering ([R], docs/method.md).
 
 `Prototypes` holds K_p unit vectors: drawn at random, or ("keys") copied from K_p momentum keys
 once that many exist, with the pseudo-label loss off until then; moved after each step by an
 EMA towards the embeddings assigned to them, or ("learned") trained by the pseudo-label loss
-and re-normalised (SwAV). `QueueKernel` keeps Sinkhorn's starting matrix for the instance
-queues' entries, so that a step computes only the rows of new entries and the columns of
-prototypes that moved. Updates use gathered data only, so every process computes the same
+and re-normalised (SwAV). Updates use gathered data only, so every process computes the same
 values; where a kernel's summation order may differ (CUDA's index_add_), rank 0's result is
 broadcast.
 """
@@ -20,7 +17,6 @@ import torch.nn as nn
 from torch import Tensor
 
 from encoders import l2norm
-from loss import sinkhorn_kernel
 
 
 def _world_size() -> int:
@@ -50,8 +46,9 @@ class Prototypes(nn.Module):
         return self.weight.shape[0]
 
     def for_loss(self) -> Tensor:
-        """The prototypes as the pseudo-label loss sees them: with gradient only when learned."""
-        return self.weight if self.learned else self.weight.detach()
+        """The prototypes as the pseudo-label loss sees them: the parameter when learned, else a
+        copy, which the loss keeps for its backward while the EMA moves the prototypes."""
+        return self.weight if self.learned else self.weight.clone()
 
     @torch.no_grad()
     def draw_from(self, pool: Tensor) -> bool:
@@ -68,10 +65,9 @@ class Prototypes(nn.Module):
         return True
 
     @torch.no_grad()
-    def ema_step(self, embeddings: Tensor, codes: Tensor) -> Tensor:
+    def ema_step(self, embeddings: Tensor, codes: Tensor) -> None:
         """Each prototype moves towards the mean of the embeddings whose code peaks at it:
-        c <- l2norm(rho·c + (1-rho)·mean), rho = momentum; the others stay. Returns the mask of
-        the prototypes that moved."""
+        c <- l2norm(rho·c + (1-rho)·mean), rho = momentum; the others stay."""
         assigned = codes.argmax(1)
         sums = torch.zeros_like(self.weight).index_add_(0, assigned, embeddings)
         counts = torch.zeros(self.count, device=assigned.device).index_add_(0, assigned, torch.ones_like(codes[:, 0]))
@@ -80,12 +76,8 @@ class Prototypes(nn.Module):
         # Written with `where`, not a masked assignment, so that the step does not wait for the device.
         moved = l2norm(rho * self.weight + (1 - rho) * sums / counts.clamp_min(1)[:, None])
         self.weight.copy_(torch.where(hit[:, None], moved, self.weight))
-        if _world_size() > 1:  # rank 0's prototypes and moved mask, exactly
-            moved = hit.to(torch.uint8)
+        if _world_size() > 1:  # rank 0's prototypes, exactly
             dist.broadcast(self.weight, src=0)
-            dist.broadcast(moved, src=0)
-            hit = moved.bool()
-        return hit
 
     @torch.no_grad()
     def renormalise(self) -> None:
@@ -100,41 +92,3 @@ class Prototypes(nn.Module):
     def _load_from_state_dict(self, state_dict: Mapping[str, Any], prefix: str, *args: Any) -> None:
         super()._load_from_state_dict(state_dict, prefix, *args)
         self.read_host_copies()
-
-
-class QueueKernel(nn.Module):
-    """sinkhorn_kernel(entry · prototype) for every slot of the image and text queues (image
-    rows, then text rows), kept current by the model as entries arrive and prototypes move.
-    A buffer, so that a resumed run reads the same values."""
-
-    def __init__(self, size: int, count: int, epsilon: float) -> None:
-        super().__init__()
-        self.size, self.epsilon = size, epsilon
-        self.register_buffer("rows", torch.zeros(2 * size, count))
-
-    def blocks(self, filled: int) -> list[Tensor]:
-        """The kernel rows of the filled image and text entries (views)."""
-        return [self.rows[:filled], self.rows[self.size: self.size + filled]]
-
-    @torch.no_grad()
-    def write_slots(self, slots: Tensor, image: Tensor, text: Tensor, prototypes: Tensor) -> None:
-        """Rows of the entries just written at `slots` of the image and text queues."""
-        for start, queue in ((0, image), (self.size, text)):
-            self.rows[start + slots] = sinkhorn_kernel(queue[slots] @ prototypes.t(), self.epsilon)
-
-    @torch.no_grad()
-    def write_columns(self, moved: Tensor, image: Tensor, text: Tensor, prototypes: Tensor, at_most: int) -> None:
-        """Columns of the prototypes in the mask `moved` (of which there are at most `at_most`:
-        one per assigned embedding), for the filled entries `image`, `text`. The columns are
-        the mask's top `at_most` entries, a fixed number, so that the host never waits for the
-        device to count them; a column of an unmoved prototype is rewritten with its own value."""
-        columns = torch.topk(moved.to(torch.uint8), min(at_most, moved.shape[0]), sorted=False).indices
-        chosen = prototypes[columns].t()
-        for start, queue in ((0, image), (self.size, text)):
-            self.rows[start: start + queue.shape[0], columns] = sinkhorn_kernel(queue @ chosen, self.epsilon)
-
-    @torch.no_grad()
-    def refresh(self, image: Tensor, text: Tensor, prototypes: Tensor) -> None:
-        """Every row, after the queues or all prototypes changed (whole queues, filled or not)."""
-        for start, queue in ((0, image), (self.size, text)):
-            self.rows[start: start + self.size] = sinkhorn_kernel(queue @ prototypes.t(), self.epsilon)

@@ -1,4 +1,4 @@
-"""MoCo's dictionary (spec §2): FIFO queues of momentum keys, used as extra negatives.
+"""MoCo's dictionary: FIFO queues of momentum keys, used as extra negatives.
 
 One queue per kind of key ("image", "text", and the concept keys), all advancing in lockstep,
 so that one row of `ids` gives the image id of the same slot in every queue. The entries are
@@ -42,10 +42,9 @@ class KeyQueues(nn.Module):
         return self.filled / self.size if self.names else 0.0
 
     @torch.no_grad()
-    def push(self, keys: Mapping[str, Tensor], ids: Tensor) -> Tensor:
+    def push(self, keys: Mapping[str, Tensor], ids: Tensor) -> None:
         """Write a batch of keys (one tensor per queue, rows aligned with `ids`) at the write
-        position, wrapping around; of a batch longer than the queues only its last rows stay.
-        Returns the slots written, in the order of the kept rows."""
+        position, wrapping around; of a batch longer than the queues only its last rows stay."""
         total = ids.shape[0]
         kept = min(total, self.size)
         slots = (self.next_slot + total - kept + torch.arange(kept, device=self.ids.device)) % self.size
@@ -56,7 +55,6 @@ class KeyQueues(nn.Module):
         self.filled = min(self.filled + total, self.size)
         self.pointer.fill_(self.next_slot)
         self.count.fill_(self.filled)
-        return slots
 
     def read_host_copies(self) -> None:
         """Set the host copies from the buffers: after a load, or after the buffers were

@@ -28,8 +28,8 @@ from torch.utils.data import DataLoader
 from checkpoint import (build_model, check_checkpoint_contents, check_resume_contents, code_version,
                         concept_graph_state, load_checkpoint, load_state_strict, resumed_config, save_checkpoint,
                         text_encoder_files)
+from diagnostics import step_diagnostics
 from distributed import Dist, ResumableSampler, check_replicas, ddp_buffer_kwargs
-from model import param_groups, parameter_branches
 from options import (CHOICES, DEMO_OVERRIDES, check_train_config, check_training_memory, check_writable_dir,
                      parse_overrides)
 from utils import CoderError, as_numpy, atomic_write
@@ -302,7 +302,7 @@ def train(config: dict[str, Any], dataset: str) -> dict[str, Any]:
     if config["batch_size"] < 1 or config["batch_size"] % processes:
         raise CoderError(f"--batch_size {config['batch_size']} (the global batch) is not divisible by the "
                          f"{processes} processes; each process takes batch_size / processes")
-    world = Dist(config["device"], config.get("dist_timeout", 60.0))
+    world = Dist(config["device"], config["dist_timeout"])
     try:
         return _train(config, dataset, world)
     finally:
@@ -332,8 +332,8 @@ def _amp_dtype(config: dict[str, Any], device: torch.device) -> torch.dtype | No
 def _compile_encoders(raw_model: torch.nn.Module) -> None:
     """torch.compile (in place, so state-dict keys do not change) the region and text encoders,
     online and momentum copies: they hold nearly all the FLOPs. The queue, Sinkhorn and
-    prototype bookkeeping stays eager: its sizes change while the queues fill up, and the
-    prototype update picks data-dependent columns (each would trigger a recompilation)."""
+    prototype bookkeeping stays eager: its sizes change while the queues fill up (each size
+    would trigger a recompilation)."""
     names = ("image_encoder", "text_encoder")
     encoders = [getattr(raw_model, n) for n in names] + [raw_model.momentum[n] for n in names if n in raw_model.momentum]
     for module in encoders:
@@ -358,12 +358,39 @@ def term_gradient_norms(raw_model: torch.nn.Module, terms: dict[str, torch.Tenso
     return norms
 
 
-# The gradient clipping scope of the train scripts (their grad_clip_scope); the spec's is "global".
-GRAD_CLIP_SCOPE = "branch"
+def online_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    """The named parameters without the momentum copies (they never get an optimizer)."""
+    return [(name, p) for name, p in model.named_parameters() if not name.startswith("momentum.")]
 
 
-def clip_gradients(raw_model: torch.nn.Module, max_norm: float, scope: str = GRAD_CLIP_SCOPE) -> torch.Tensor:
-    """Clip the gradient norm to `max_norm`: of all parameters together ("global", the spec's),
+def param_groups(model: torch.nn.Module, lr: float, weight_decay: float, bert_lr_scale: float) -> list[dict[str, Any]]:
+    """AdamW groups of the online parameters: "main" at lr and, with the bert text encoder,
+    "bert" at lr·bert_lr_scale (frozen BERT weights included: they simply get no gradient)."""
+    main, bert = [], []
+    for name, p in online_parameters(model):
+        (bert if name.startswith("text_encoder.bert.") else main).append(p)
+    groups = [{"name": "main", "params": main, "lr": lr, "weight_decay": weight_decay}]
+    if bert:
+        groups.append({"name": "bert", "params": bert, "lr": lr * bert_lr_scale, "weight_decay": weight_decay})
+    return groups
+
+
+def parameter_branches(model: torch.nn.Module) -> dict[str, list[torch.nn.Parameter]]:
+    """The online parameters by branch: "instance" (the two encoders), "concept" (GCN and
+    queries) and, when learned, "prototypes" (see `clip_gradients`)."""
+    branches: dict[str, list[torch.nn.Parameter]] = {"instance": [], "concept": [], "prototypes": []}
+    for name, p in online_parameters(model):
+        if name.startswith(("image_encoder.", "text_encoder.")):
+            branches["instance"].append(p)
+        elif name.startswith("prototypes."):
+            branches["prototypes"].append(p)
+        else:
+            branches["concept"].append(p)
+    return {k: v for k, v in branches.items() if v}
+
+
+def clip_gradients(raw_model: torch.nn.Module, max_norm: float, scope: str) -> torch.Tensor:
+    """Clip the gradient norm to `max_norm`: of all parameters together ("global"),
     or of each branch on its own ("branch": the instance encoders, the concept branch, learned
     prototypes), so that a branch with large gradients cannot scale down another's updates.
     Returns the norm of all gradients before clipping."""
@@ -375,21 +402,20 @@ def clip_gradients(raw_model: torch.nn.Module, max_norm: float, scope: str = GRA
 
 def training_step(forward: Any, raw_model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                   scaler: torch.amp.GradScaler, batch: dict[str, torch.Tensor], amp_dtype: torch.dtype | None,
-                  grad_clip: float, world: Dist, term_norms: dict[str, float] | None = None,
-                  clip_scope: str = GRAD_CLIP_SCOPE) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """One optimizer step: forward (`forward` is the model or its DDP wrapper) under autocast,
-    backward (DDP averages the gradients), unscale and clip (`clip_scope`, see clip_gradients;
-    the same norms on every process), step, then the model's after_optimizer_step (momentum
-    encoders, prototypes, queues). Returns this process's losses and the gradient norm; given a dict `term_norms`,
-    fills it with `term_gradient_norms` first. (bench/bench_throughput.py times exactly this
-    function.)"""
+                  grad_clip: float, *, clip_scope: str, term_norms: dict[str, float] | None = None
+                  ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """One optimizer step: forward (`forward` is the model or its DDP wrapper; it also moves
+    the momentum encoders, queues and prototypes) under autocast, backward (DDP averages the
+    gradients), unscale and clip (`clip_scope`, see clip_gradients; the same norms on every
+    process), step. Returns this process's losses (detached) and the gradient norm; given a
+    dict `term_norms`, fills it with `term_gradient_norms` first. (bench/bench_throughput.py
+    times exactly this function.)"""
     device_type = next(raw_model.parameters()).device.type
     with torch.autocast(device_type, dtype=amp_dtype) if amp_dtype else nullcontext():
-        if term_norms is None:
-            losses = forward(batch)
-        else:
-            losses, terms = forward(batch, return_terms=True)
+        losses = forward(batch)
     if term_norms is not None:
+        weights = raw_model.loss_weights()
+        terms = {name: weights[name] * term for name, term in losses.items() if name != "loss"}
         term_norms.update(term_gradient_norms(raw_model, terms))
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(losses["loss"]).backward()
@@ -397,8 +423,7 @@ def training_step(forward: Any, raw_model: torch.nn.Module, optimizer: torch.opt
     grad_norm = clip_gradients(raw_model, grad_clip, clip_scope)
     scaler.step(optimizer)
     scaler.update()
-    raw_model.after_optimizer_step()
-    return losses, grad_norm
+    return {name: value.detach() for name, value in losses.items()}, grad_norm
 
 
 class TrainingRun:
@@ -542,7 +567,7 @@ class TrainingRun:
                           f"comparable, so the next validation makes the new best.pt")
 
     def _restore(self, state: dict[str, Any]) -> None:
-        load_state_strict(self.model, state["model"], self.config["resume"], self.log.line)
+        load_state_strict(self.model, state["model"], self.config["resume"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scaler.is_enabled() and state["scaler"]:  # empty when saved without fp16
             self.scaler.load_state_dict(state["scaler"])
@@ -690,15 +715,18 @@ class TrainingRun:
         for group in self.optimizer.param_groups:
             group["lr"] = group["base_lr"] * factor
         diagnose = config["diag_every"] and (self.global_step + 1) % config["diag_every"] == 0
+        logging = (self.global_step + 1) % config["log_every"] == 0 or self.step_in_epoch + 1 == self.steps_per_epoch
+        # measured on the batch before the step trains on it (diagnostics.py)
+        diagnostics = step_diagnostics(self.model, batch, dcl_weights=diagnose) if logging or diagnose else {}
         term_norms = {} if diagnose else None
         losses, grad_norm = training_step(self.forward, self.model, self.optimizer, self.scaler, batch,
-                                          self.amp_dtype, config["grad_clip"], self.world, term_norms,
-                                          config["grad_clip_scope"])
+                                          self.amp_dtype, config["grad_clip"], clip_scope=config["grad_clip_scope"],
+                                          term_norms=term_norms)
         self.global_step += 1
         self.step_in_epoch += 1
-        self.last_losses = losses
+        self.last_losses = {**losses, **{f"diag_{k}": v for k, v in diagnostics.items() if not k.startswith("dcl_")}}
         if term_norms:
-            term_norms.update({f"diag/{k[5:]}": float(v) for k, v in losses.items() if k.startswith("diag_dcl_")})
+            term_norms.update({f"diag/{k}": float(v) for k, v in diagnostics.items() if k.startswith("dcl_")})
             self.log.scalars(term_norms, self.global_step)
             self.log.line(f"gradient norms at step {self.global_step} (rank 0's batch): "
                           + " ".join(f"{k}={v:.4g}" for k, v in term_norms.items()))

@@ -1,14 +1,14 @@
-"""Time one optimizer step (trainer.training_step: forward, backward, clipping, AdamW, momentum
-and queue updates) of the full CODER model and of the instance-only triplet baseline, in the
-same run, on random data.
+"""Time one optimizer step (trainer.training_step: forward with its momentum and queue updates,
+backward, clipping, AdamW) of the full CODER model and of the instance-only triplet baseline,
+in the same run, on random data.
 
-Default: batch 128, 36x2048 regions, bigru text (vocabulary 10,000, captions of about 12
-tokens), d = 1024, 300 concepts, full queues of 8192, 1000 prototypes. The models' steps
+Default: the model of train_f30k.py's block at batch 128, 36x2048 regions, bigru text
+(vocabulary 10,000, captions of about 12 tokens), 300 concepts, full queues. The models' steps
 alternate so that a busy machine slows all alike; the medians are reported, and the ratio of
 the fastest steps too (the least disturbed by other work on a shared machine). --ablations also
 times CODER without each of its parts, to show what each costs.
 
-    python bench/bench_step.py [--steps 5] [--batch 128] [--threads N] [--ablations] [--kernel-cache]
+    python bench/bench_step.py [--steps 5] [--batch 128] [--threads N] [--ablations]
 """
 from __future__ import annotations
 
@@ -21,12 +21,15 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import distributed  # noqa: E402
+import train_f30k  # noqa: E402
 import trainer  # noqa: E402
+from checkpoint import model_config_from  # noqa: E402
 from encoders import l2norm  # noqa: E402
-from model import CODER, ModelConfig, param_groups, parameter_counts  # noqa: E402
+from model import CODER, parameter_counts  # noqa: E402
+from options import script_config  # noqa: E402
 
 SCALER = torch.amp.GradScaler("cpu", enabled=False)
+DEFAULTS = script_config(vars(train_f30k))
 
 
 def random_batch(
@@ -63,14 +66,14 @@ def fill_queues(model: CODER, gen: torch.Generator) -> None:
         shape = (queues.size, model.cfg.embed_dim)
         queues.push({name: l2norm(torch.randn(shape, generator=gen)) for name in queues.names},
                     torch.arange(queues.size) // 5 + 10**6)
-        model._refresh_queue_kernel()
 
 
-def step(model: CODER, optimizer: torch.optim.Optimizer, batch: dict, world: distributed.Dist) -> float:
+def step(model: CODER, optimizer: torch.optim.Optimizer, batch: dict) -> float:
     """The training loop's own step (trainer.training_step: forward, backward, gradient clipping
-    at train_f30k.py's 2.0 and default scope, AdamW, after_optimizer_step), fp32 as on CPU."""
+    at train_f30k.py's value and scope, AdamW), fp32 as on CPU."""
     start = time.perf_counter()
-    trainer.training_step(model, model, optimizer, SCALER, batch, None, 2.0, world)
+    trainer.training_step(model, model, optimizer, SCALER, batch, None, DEFAULTS["grad_clip"],
+                          clip_scope=DEFAULTS["grad_clip_scope"])
     return time.perf_counter() - start
 
 
@@ -92,8 +95,6 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="timed steps per model (after 2 warm-up steps)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--ablations", action="store_true", help="also time CODER without each of its parts")
-    parser.add_argument("--kernel-cache", action="store_true",
-                        help="also time CODER without its cached Sinkhorn kernel of the queues (QueueKernel)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -104,22 +105,22 @@ def main() -> None:
     configs = {"coder": {}, "triplet": dict(loss="triplet", concept_branch=False, queue_size=0)}
     if args.ablations:
         configs.update(ABLATIONS)
-    if args.kernel_cache:
-        configs["coder_no_kernel_cache"] = {}
     models = {}
-    for name, overrides in configs.items():  # the default model (ModelConfig()) at the data's sizes
-        cfg = ModelConfig(image_dim=args.feature_dim, text_encoder="bigru", vocab_size=args.vocab, **overrides)
+    for name, overrides in configs.items():  # train_f30k.py's model at the data's sizes
+        cfg = model_config_from(DEFAULTS, image_dim=args.feature_dim, text_encoder="bigru", vocab_size=args.vocab,
+                                **overrides)
         graph = (adjacency, vectors) if cfg.concept_branch else (None, None)
-        models[name] = CODER(cfg, *graph, cache_queue_kernel=name != "coder_no_kernel_cache")
+        models[name] = CODER(cfg, *graph)
         fill_queues(models[name], gen)
-    optimizers = {name: torch.optim.AdamW(param_groups(m, 2e-4, 1e-4)) for name, m in models.items()}
+    optimizers = {name: torch.optim.AdamW(trainer.param_groups(m, DEFAULTS["lr"], DEFAULTS["weight_decay"],
+                                                               DEFAULTS["bert_lr_scale"]))
+                  for name, m in models.items()}
     batches = [random_batch(args.batch, args.regions, args.feature_dim, args.vocab, concepts, gen)
                for _ in range(2)]
-    world = distributed.Dist("cpu")
     times: dict[str, list[float]] = {name: [] for name in models}
     for i in range(args.steps + 2):
         for name, model in models.items():
-            elapsed = step(model, optimizers[name], batches[i % 2], world)
+            elapsed = step(model, optimizers[name], batches[i % 2])
             if i >= 2:
                 times[name].append(elapsed)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, "
@@ -133,10 +134,6 @@ def main() -> None:
     ratio = statistics.median(times["coder"]) / baseline
     fastest = min(times["coder"]) / min(times["triplet"])
     print(f"ratio coder/triplet {ratio:.2f} of the medians, {fastest:.2f} of the fastest steps (target <= 1.6)")
-    if args.kernel_cache:
-        uncached = times["coder_no_kernel_cache"]
-        print(f"kernel cache: step without / with {statistics.median(uncached) / statistics.median(times['coder']):.3f}"
-              f" of the medians, {min(uncached) / min(times['coder']):.3f} of the fastest steps")
 
 
 if __name__ == "__main__":

@@ -1,10 +1,9 @@
 """Training throughput (captions/s) and peak memory of the full CODER model, timed through
-`trainer.training_step` (the training loop's own step: autocast, backward with DDP's gradient
-averaging, unscale and clip, AdamW, after_optimizer_step); the loop reads the losses back only
-at logging steps, so the timed steps read nothing.
+`trainer.training_step` (the training loop's own step: autocast, the forward with its momentum
+and queue updates, backward with DDP's gradient averaging, unscale and clip, AdamW); the loop
+reads the losses back only at logging steps, so the timed steps read nothing.
 
-The model is the default one (`ModelConfig()`, the train scripts' defaults) at the spec's
-sizes: 36x2048 regions, d = 1024, queues of 8192 (full), 1000 prototypes, 300 concepts, global
+The model is train_f30k.py's (its block of values) at Flickr30K sizes: 36x2048 regions, d = 1024, queues of 8192 (full), 1000 prototypes, 300 concepts, global
 batch 128. Batches are random tensors made once (on the
 device), so the numbers are the model's compute, without data loading. One JSON line per
 measurement on stdout; notes go to stderr.
@@ -50,7 +49,10 @@ import distributed  # noqa: E402
 from data import to_device  # noqa: E402
 import trainer  # noqa: E402
 from encoders import l2norm, make_pooling  # noqa: E402
-from model import CODER, ModelConfig, param_groups, parameter_counts  # noqa: E402
+import train_f30k  # noqa: E402
+from checkpoint import model_config_from  # noqa: E402
+from model import CODER, parameter_counts  # noqa: E402
+from options import script_config  # noqa: E402
 
 F30K_TRAIN_CAPTIONS = 145_000
 CONCEPTS, CONCEPT_WORD_DIM = 300, 300
@@ -154,10 +156,11 @@ def build_model(text_encoder: str, bert_path: str, vocab_size: int, args: argpar
     gen = torch.Generator().manual_seed(0)
     adjacency, vectors = random_graph(gen)
     torch_bert = text_encoder == "torch-bert"
-    cfg = ModelConfig(image_dim=args.feature_dim, embed_dim=args.embed_dim, queue_size=args.queue,
-                      num_prototypes=args.prototypes, text_encoder="bigru" if torch_bert else text_encoder,
-                      bert_path=bert_path, vocab_size=8 if torch_bert else vocab_size, gcn_hidden=args.gcn_hidden,
-                      word_dim=8 if torch_bert else 300)
+    cfg = model_config_from(script_config(vars(train_f30k)), image_dim=args.feature_dim, embed_dim=args.embed_dim,
+                            queue_size=args.queue, num_prototypes=args.prototypes,
+                            text_encoder="bigru" if torch_bert else text_encoder, bert_path=bert_path,
+                            vocab_size=8 if torch_bert else vocab_size, gcn_hidden=args.gcn_hidden,
+                            word_dim=8 if torch_bert else 300)
     model = CODER(cfg, adjacency, vectors)
     if torch_bert:  # swap the (tiny) bigru for the Transformer, online and momentum copies
         model.text_encoder = TorchBertLike(sizes, args.embed_dim)
@@ -165,7 +168,6 @@ def build_model(text_encoder: str, bert_path: str, vocab_size: int, args: argpar
     queues = model.queues  # full queues: the timed steps pay for every entry
     queues.push({name: l2norm(torch.randn(queues.size, cfg.embed_dim, generator=gen)) for name in queues.names},
                 torch.arange(queues.size) // 5 + 10**6)
-    model._refresh_queue_kernel()
     return model.to(device)
 
 
@@ -213,14 +215,15 @@ def time_steps(model: CODER, amp_dtype: torch.dtype | None, batches: list[dict[s
         forward = torch.nn.parallel.DistributedDataParallel(model, **distributed.ddp_buffer_kwargs())
     if args.compile:
         trainer._compile_encoders(model)  # what --compile true does in training
-    optimizer = torch.optim.AdamW(param_groups(model, 2e-4, 1e-4, 0.1))
+    optimizer = torch.optim.AdamW(trainer.param_groups(model, 2e-4, 1e-4, 0.1))
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     model.train()
     for i in range(args.warmup + args.steps):
         if i == args.warmup:
             synchronize(device, world)
             start = time.perf_counter()
-        trainer.training_step(forward, model, optimizer, scaler, batches[i % len(batches)], amp_dtype, 2.0, world)
+        trainer.training_step(forward, model, optimizer, scaler, batches[i % len(batches)], amp_dtype, 2.0,
+                              clip_scope="branch")
     synchronize(device, world)
     return (time.perf_counter() - start) / args.steps
 

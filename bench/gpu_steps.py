@@ -103,11 +103,13 @@ def train_and_resume(tmp: Path, device: str, amp: str, text_encoder: str) -> dic
 
 def step_without_waits(tmp: Path, device: str, text_encoder: str, warmup: int = 3) -> dict[str, Any]:
     """A bf16 training step after `warmup` steps, under the sync debug mode "error" on CUDA."""
-    import distributed
+    import train_f30k
     import trainer
     from bench_throughput import random_graph
+    from checkpoint import model_config_from
     from data import to_device
-    from model import CODER, ModelConfig, param_groups
+    from model import CODER
+    from options import script_config
 
     started = time.perf_counter()
     result: dict[str, Any] = {"check": f"step_without_waits_{text_encoder}", "device": device}
@@ -115,12 +117,12 @@ def step_without_waits(tmp: Path, device: str, text_encoder: str, warmup: int = 
     gen = torch.Generator().manual_seed(0)
     bert_path = str(write_tiny_bert(tmp / f"sync_{text_encoder}" / "bert")) if text_encoder == "bert" else ""
     vocab = TINY_BERT["vocab_size"]
-    cfg = ModelConfig(embed_dim=128, image_dim=2048, text_encoder=text_encoder, vocab_size=vocab, word_dim=32,
-                      bert_path=bert_path or "unused", gcn_hidden=64, queue_size=128, num_prototypes=32)
+    cfg = model_config_from(script_config(vars(train_f30k)), embed_dim=128, image_dim=2048, text_encoder=text_encoder,
+                            vocab_size=vocab, word_dim=32, bert_path=bert_path or "unused", gcn_hidden=64,
+                            queue_size=128, num_prototypes=32)
     model = CODER(cfg, *random_graph(gen)).to(device).train()
-    optimizer = torch.optim.AdamW(param_groups(model, 2e-4, 1e-4))
+    optimizer = torch.optim.AdamW(trainer.param_groups(model, 2e-4, 1e-4, 0.1))
     scaler = torch.amp.GradScaler(device, enabled=False)
-    world = distributed.Dist(device)
     pin = device == "cuda"
 
     def batch(step: int) -> dict[str, torch.Tensor]:
@@ -136,7 +138,7 @@ def step_without_waits(tmp: Path, device: str, text_encoder: str, warmup: int = 
     amp = torch.bfloat16 if device == "cuda" else None  # CPU bf16 is emulated on many CPUs: slow
 
     def step(host: dict[str, torch.Tensor]) -> None:
-        trainer.training_step(model, model, optimizer, scaler, to_device(host, device), amp, 2.0, world)
+        trainer.training_step(model, model, optimizer, scaler, to_device(host, device), amp, 2.0, clip_scope="branch")
 
     try:
         for i in range(warmup):

@@ -37,7 +37,7 @@ import trainer  # noqa: E402
 from options import check_train_config  # noqa: E402
 
 NO_BAR = types.SimpleNamespace(set_postfix=lambda **values: None)  # run.step's progress bar
-LOSS_FUNCTIONS = ("dcl_loss", "triplet_loss", "pseudo_label_loss", "sinkhorn_kernel", "sinkhorn_knopp")
+LOSS_FUNCTIONS = ("symmetric_dcl", "triplet_loss", "pseudo_label_loss", "sinkhorn_kernel", "sinkhorn_knopp")
 
 
 def labelled(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -72,7 +72,8 @@ def label_step(run: trainer.TrainingRun) -> None:
     for name in LOSS_FUNCTIONS:
         if hasattr(model_module, name):
             setattr(model_module, name, labelled(f"loss: {name}", getattr(model_module, name)))
-    raw.after_optimizer_step = labelled("after_optimizer_step (EMA, prototypes, queues)", raw.after_optimizer_step)
+    raw._momentum_update = labelled("momentum EMA", raw._momentum_update)
+    raw._update_queues_and_prototypes = labelled("queue push, prototype update", raw._update_queues_and_prototypes)
     trainer.clip_gradients = labelled("gradient clipping", trainer.clip_gradients)
     backward = torch.Tensor.backward
     torch.Tensor.backward = lambda self, *a, **k: labelled("backward", backward)(self, *a, **k)

@@ -12,10 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-import distributed
 import encoders as E
 import trainer
-from model import param_groups
 from test_model import build, make_batch, small_config
 
 READS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero", "cpu", "numpy")
@@ -61,13 +59,12 @@ def test_a_training_step_reads_nothing_back_in_torch_or_transformers(monkeypatch
     """A full trainer.training_step after warm-up, the Bi-GRU model and the BERT one."""
     overrides = {"text_encoder": "bert", "bert_path": tiny_bert} if text_encoder == "bert" else {}
     model = build(small_config(**overrides)).train()
-    optimizer = torch.optim.AdamW(param_groups(model, 1e-3, 1e-4))
+    optimizer = torch.optim.AdamW(trainer.param_groups(model, 1e-3, 1e-4, 0.1))
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    world = distributed.Dist("cpu")
     batches = [make_batch(seed=seed, first_image=4 * seed) for seed in range(4)]
 
     def step(seed):
-        return trainer.training_step(model, model, optimizer, scaler, batches[seed], None, 2.0, world)
+        return trainer.training_step(model, model, optimizer, scaler, batches[seed], None, 2.0, clip_scope="branch")
 
     for seed in range(3):
         step(seed)

@@ -6,8 +6,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from loss import (dcl_loss, dcl_negative_log_weights, pseudo_label_loss, sinkhorn_kernel, sinkhorn_knopp, total_loss,
-                  triplet_loss)
+from loss import (
+    dcl_loss,
+    dcl_negative_log_weights,
+    pseudo_label_loss,
+    sinkhorn_kernel,
+    sinkhorn_knopp,
+    symmetric_dcl,
+    triplet_loss,
+)
+
+# DCL's weights as written: one softmax over every negative, none dropped.
+PLAIN = dict(beta_adaptive=False, weight_groups="joint", false_negative_threshold=0.0)
 
 
 def unit(*shape: int, seed: int) -> torch.Tensor:
@@ -20,7 +30,7 @@ def dot(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def naive_dcl(q, k, queue, q_ids, k_ids, queue_ids, pos_index, tau, beta) -> float:
-    """Spec §4 written out: weights |N_i|·softmax(β s) over the negatives, then
+    """DCL written out (docs/method.md): weights |N_i|·softmax(β s) over the negatives, then
     -log(pos / (pos + Σ w e^{s/τ}))."""
     losses = []
     for i in range(len(q)):
@@ -58,7 +68,7 @@ def dcl_case():
 @pytest.mark.parametrize("tau,beta", [(0.05, 10.0), (0.1, 2.0), (0.5, 0.0)])
 def test_dcl_matches_naive_reference(dcl_case, tau, beta):
     q, k, queue, q_ids, queue_ids = dcl_case
-    got = dcl_loss(q, k, queue, q_ids, queue_ids, tau=tau, beta=beta)
+    got = dcl_loss(q, k, queue, q_ids, queue_ids, tau=tau, beta=beta, **PLAIN)
     want = naive_dcl(q, k, queue, q_ids, q_ids, queue_ids, range(6), tau, beta)
     assert got.item() == pytest.approx(want, abs=1e-6)
 
@@ -66,28 +76,28 @@ def test_dcl_matches_naive_reference(dcl_case, tau, beta):
 def test_dcl_empty_queue(dcl_case):
     q, k, _, q_ids, _ = dcl_case
     empty, no_ids = torch.zeros(0, 5, dtype=torch.float64), torch.zeros(0, dtype=torch.long)
-    got = dcl_loss(q, k, empty, q_ids, no_ids, 0.05, 10.0)
+    got = dcl_loss(q, k, empty, q_ids, no_ids, 0.05, 10.0, **PLAIN)
     want = naive_dcl(q, k, empty, q_ids, q_ids, no_ids, range(6), 0.05, 10.0)
     assert got.item() == pytest.approx(want, abs=1e-6)
 
 
 def test_dcl_beta_zero_is_infonce(dcl_case):
     q, k, queue, q_ids, queue_ids = dcl_case
-    got = dcl_loss(q, k, queue, q_ids, queue_ids, tau=0.07, beta=0.0)
+    got = dcl_loss(q, k, queue, q_ids, queue_ids, tau=0.07, beta=0.0, **PLAIN)
     assert got.item() == pytest.approx(naive_infonce(q, k, queue, q_ids, queue_ids, 0.07), abs=1e-6)
 
 
 def test_dcl_masked_keys_have_no_influence(dcl_case):
     q, k, queue, q_ids, queue_ids = dcl_case
-    base = dcl_loss(q[:2], k[:2], queue, q_ids[:2], queue_ids, 0.05, 10.0)  # both queries have image 7
+    base = dcl_loss(q[:2], k[:2], queue, q_ids[:2], queue_ids, 0.05, 10.0, **PLAIN)  # both queries have image 7
     changed = queue.clone()
     changed[queue_ids == 7] = unit(int((queue_ids == 7).sum()), 5, seed=9)
-    assert dcl_loss(q[:2], k[:2], changed, q_ids[:2], queue_ids, 0.05, 10.0).item() == pytest.approx(base.item(), abs=1e-12)
+    assert dcl_loss(q[:2], k[:2], changed, q_ids[:2], queue_ids, 0.05, 10.0, **PLAIN).item() == pytest.approx(base.item(), abs=1e-12)
     # A key of the same image in the batch (row 1 for query 0) is masked as well: moving it
     # changes query 1's positive only, so query 0's loss alone stays put.
     moved = k.clone()
     moved[1] = unit(5, seed=10)
-    first = dict(tau=0.05, beta=10.0, k_ids=q_ids[:2], pos_index=torch.tensor([0]))
+    first = dict(tau=0.05, beta=10.0, k_ids=q_ids[:2], pos_index=torch.tensor([0]), **PLAIN)
     alone = dcl_loss(q[:1], k[:2], queue, q_ids[:1], queue_ids, **first)
     alone_moved = dcl_loss(q[:1], moved[:2], queue, q_ids[:1], queue_ids, **first)
     assert alone_moved.item() == pytest.approx(alone.item(), abs=1e-12)
@@ -97,7 +107,7 @@ def test_dcl_without_any_negative_is_zero_and_finite():
     q, k = unit(2, 4, seed=3), unit(2, 4, seed=4)
     ids = torch.tensor([5, 5])
     q.requires_grad_(True)
-    loss = dcl_loss(q, k, k.detach().clone(), ids, ids, 0.05, 10.0)
+    loss = dcl_loss(q, k, k.detach().clone(), ids, ids, 0.05, 10.0, **PLAIN)
     loss.backward()
     assert loss.item() == 0.0
     assert torch.isfinite(q.grad).all()
@@ -122,7 +132,7 @@ def test_dcl_gradient_treats_weights_as_constants(dcl_case):
     q, k, queue, q_ids, queue_ids = dcl_case
     tau, beta = 0.1, 5.0
     q1 = q.clone().requires_grad_(True)
-    dcl_loss(q1, k, queue, q_ids, queue_ids, tau=tau, beta=beta).backward()
+    dcl_loss(q1, k, queue, q_ids, queue_ids, tau=tau, beta=beta, **PLAIN).backward()
     q2 = q.clone().requires_grad_(True)
     total = 0
     keys, ids = torch.cat([k, queue]), torch.cat([q_ids, queue_ids])
@@ -140,15 +150,15 @@ def test_dcl_gradient_treats_weights_as_constants(dcl_case):
 def test_dcl_gathered_keys_with_pos_index(dcl_case):
     """Two 'processes' with 3 local queries each against all 6 keys average to the 1-process loss."""
     q, k, queue, q_ids, queue_ids = dcl_case
-    full = dcl_loss(q, k, queue, q_ids, queue_ids, 0.05, 10.0)
+    full = dcl_loss(q, k, queue, q_ids, queue_ids, 0.05, 10.0, **PLAIN)
     halves = [
         dcl_loss(q[3 * r : 3 * r + 3], k, queue, q_ids[3 * r : 3 * r + 3], queue_ids, 0.05, 10.0,
-                 k_ids=q_ids, pos_index=torch.arange(3) + 3 * r)
+                 k_ids=q_ids, pos_index=torch.arange(3) + 3 * r, **PLAIN)
         for r in range(2)
     ]
     assert ((halves[0] + halves[1]) / 2).item() == pytest.approx(full.item(), abs=1e-12)
     with pytest.raises(ValueError):
-        dcl_loss(q[:3], k, queue, q_ids[:3], queue_ids, 0.05, 10.0)
+        dcl_loss(q[:3], k, queue, q_ids[:3], queue_ids, 0.05, 10.0, **PLAIN)
 
 
 def naive_dcl_reading(q, k, queue, q_ids, queue_ids, tau, beta, *, separate=False, threshold=0.0,
@@ -189,7 +199,7 @@ def test_dcl_readings_match_naive_reference(dcl_case, reading):
     got = dcl_loss(q, k, queue, q_ids, queue_ids, 0.1, 2.0, **options)
     want = naive_dcl_reading(q, k, queue, q_ids, queue_ids, 0.1, 2.0, **reading)
     assert got.item() == pytest.approx(want, abs=1e-6)
-    assert got.item() != pytest.approx(dcl_loss(q, k, queue, q_ids, queue_ids, 0.1, 2.0).item(), abs=1e-6)
+    assert got.item() != pytest.approx(dcl_loss(q, k, queue, q_ids, queue_ids, 0.1, 2.0, **PLAIN).item(), abs=1e-6)
 
 
 def test_dcl_weight_stats_against_reference(dcl_case):
@@ -197,10 +207,10 @@ def test_dcl_weight_stats_against_reference(dcl_case):
     match a per-query computation."""
     q, k, queue, q_ids, queue_ids = dcl_case
     stats = {}
-    dcl_loss(q, k, queue, q_ids, queue_ids, 0.1, 0.0, stats=stats)
+    dcl_loss(q, k, queue, q_ids, queue_ids, 0.1, 0.0, stats=stats, **PLAIN)
     assert stats["weight_entropy"].item() == pytest.approx(1.0, abs=1e-9)
     stats = {}
-    dcl_loss(q, k, queue, q_ids, queue_ids, 0.1, 5.0, stats=stats)
+    dcl_loss(q, k, queue, q_ids, queue_ids, 0.1, 5.0, stats=stats, **PLAIN)
     keys, ids = torch.cat([k, queue]), torch.cat([q_ids, queue_ids])
     entropies, tops, grads = [], [], []
     for i in range(len(q)):
@@ -226,7 +236,7 @@ def test_triplet_matches_naive_reference():
         positive = dot(img[i], cap[i])
         total += max([0.0] + [margin + dot(img[i], cap[j]) - positive for j in negatives])  # image i -> captions
         total += max([0.0] + [margin + dot(img[j], cap[i]) - positive for j in negatives])  # caption i -> images
-    assert triplet_loss(img, cap, ids, margin).item() == pytest.approx(total / 5, abs=1e-6)
+    assert triplet_loss(img, cap, ids, margin, hardest=True).item() == pytest.approx(total / 5, abs=1e-6)
 
 
 def test_pseudo_label_loss_matches_naive_reference():
@@ -245,15 +255,19 @@ def test_pseudo_label_loss_matches_naive_reference():
     assert x.grad is not None and protos.grad is None
 
 
-def test_total_loss_weights_terms_and_reports_each():
-    inst, con, pseudo = torch.tensor(1.0, requires_grad=True), torch.tensor(2.0), torch.tensor(3.0)
-    out = total_loss(inst, con, pseudo, lambda_concept=0.5, lambda_pseudo=0.25)
-    assert out["loss"].item() == pytest.approx(1.0 + 0.5 * 2.0 + 0.25 * 3.0)
-    terms = {k: v.item() for k, v in out.items() if k != "loss"}
-    assert terms == {"dcl_instance": 1.0, "dcl_concept": 2.0, "pseudo": 3.0}
-    assert out["loss"].requires_grad
-    only = total_loss(inst, name="triplet")
-    assert set(only) == {"triplet_instance", "loss"}
+def test_symmetric_dcl_is_the_mean_of_both_directions(dcl_case):
+    """Image queries against text keys and caption queries against image keys, averaged; the
+    statistics of both directions averaged too."""
+    img, cap, queue, ids, queue_ids = dcl_case
+    image_keys, text_keys = unit(6, 5, seed=20), unit(6, 5, seed=21)
+    stats, i2t_stats, t2i_stats = {}, {}, {}
+    got = symmetric_dcl(img, cap, image_keys, text_keys, ids, queue[:4], queue[4:8], queue_ids[:4], ids,
+                        torch.arange(6), 0.1, 5.0, stats=stats, **PLAIN)
+    i2t = dcl_loss(img, text_keys, queue[4:8], ids, queue_ids[:4], 0.1, 5.0, stats=i2t_stats, **PLAIN)
+    t2i = dcl_loss(cap, image_keys, queue[:4], ids, queue_ids[:4], 0.1, 5.0, stats=t2i_stats, **PLAIN)
+    assert got.item() == pytest.approx((i2t.item() + t2i.item()) / 2, abs=1e-12)
+    want = (i2t_stats["weight_entropy"] + t2i_stats["weight_entropy"]).item() / 2
+    assert stats["weight_entropy"].item() == pytest.approx(want, abs=1e-12)
 
 
 def naive_sinkhorn(scores: np.ndarray, eps: float, iters: int) -> np.ndarray:

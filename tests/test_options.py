@@ -1,5 +1,5 @@
-"""The options for CODER's reconstructed parts (issue: make each part earn its place) and the
-training diagnostics, each against a direct computation on tiny data."""
+"""The options for CODER's reconstructed parts and the training diagnostics, each against a
+direct computation on tiny data."""
 import math
 
 import pytest
@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 
 import model as M
+import trainer
+from diagnostics import step_diagnostics
 from test_model import build, make_batch, small_config
 from trainer import term_gradient_norms
 
@@ -14,8 +16,13 @@ from trainer import term_gradient_norms
 def _step(model, batch):
     out = model(batch)
     out["loss"].backward()
-    model.after_optimizer_step()
     return out
+
+
+def weighted_terms(model, out):
+    """Each term of the loss times its weight λ, with its graph (as the trainer passes them)."""
+    weights = model.loss_weights()
+    return {name: weights[name] * term for name, term in out.items() if name != "loss"}
 
 
 def test_detached_concept_query_keeps_the_concept_losses_out_of_the_encoders():
@@ -24,8 +31,7 @@ def test_detached_concept_query_keeps_the_concept_losses_out_of_the_encoders():
     norms = {}
     for mode in ("bn", "detach", "no_bn"):
         model = build(small_config(concept_query_input=mode))
-        _, terms = model(make_batch(), return_terms=True)
-        norms[mode] = term_gradient_norms(model, terms)
+        norms[mode] = term_gradient_norms(model, weighted_terms(model, model(make_batch())))
     for module in ("image_encoder", "text_encoder"):
         assert norms["detach"][f"grad/{module}/dcl_concept"] == 0.0
         assert norms["detach"][f"grad/{module}/pseudo"] == 0.0
@@ -39,7 +45,7 @@ def test_detached_concept_query_keeps_the_concept_losses_out_of_the_encoders():
 
 def test_term_gradient_norms_match_separate_backward_passes():
     model = build(small_config())
-    _, terms = model(make_batch(), return_terms=True)
+    terms = weighted_terms(model, model(make_batch()))
     norms = term_gradient_norms(model, terms)
     for key in terms:
         model.zero_grad(set_to_none=True)
@@ -48,9 +54,9 @@ def test_term_gradient_norms_match_separate_backward_passes():
         want = math.sqrt(sum(float(g.pow(2).sum()) for g in grads))
         assert norms[f"grad/image_encoder/{key}"] == pytest.approx(want, rel=1e-5)
     weighted = build(small_config(lambda_concept=0.2))
-    _, terms = weighted(make_batch(), return_terms=True)
-    unweighted = build(small_config())
-    _, plain = unweighted(make_batch(), return_terms=True)
+    terms = weighted_terms(weighted, weighted(make_batch()))
+    unweighted = build(small_config(lambda_concept=1.0))
+    plain = weighted_terms(unweighted, unweighted(make_batch()))
     assert torch.allclose(terms["dcl_concept"], 0.2 * plain["dcl_concept"])
 
 
@@ -67,7 +73,8 @@ def test_fused_term_is_infonce_on_the_inference_similarity():
     """lambda_fused: DCL on S = (1-mu) s(v,t) + mu s(v_c,t_c), checked with beta 0 against
     an InfoNCE written out on explicit similarity matrices (keys and two queue entries)."""
     mu, tau = 0.3, 0.05
-    model = build(small_config(lambda_fused=3.0, mu=mu, beta=0.0, tau=tau))
+    model = build(small_config(lambda_fused=3.0, lambda_concept=1.0, lambda_pseudo=1.0, mu=mu, fusion="concat",
+                               beta=0.0, tau=tau, false_negative_threshold=0.0, loss="dcl"))
     gen = torch.Generator().manual_seed(1)
 
     def unit(*shape):
@@ -79,8 +86,7 @@ def test_fused_term_is_infonce_on_the_inference_similarity():
             "ids": torch.arange(b)}
     queues = {name: unit(2, d) for name in ("image", "image_concept", "text", "text_concept")}
     queue_ids = torch.tensor([0, 7])  # the first entry shares image 0: never its negative
-    got = M.fused_dcl(img, img_c, cap, cap_c, keys, queues, mu, model.cfg.fusion, queue_ids, torch.arange(b),
-                      tau, 0.0, rank=0)
+    got = model.contrast(model.fuse, [img, img_c, cap, cap_c], keys, {**queues, "ids": queue_ids}, torch.arange(b))
 
     def fused(q, q_c, k, k_c):
         return (1 - mu) * q @ k.t() + mu * q_c @ k_c.t()
@@ -106,29 +112,26 @@ def test_fused_term_is_infonce_on_the_inference_similarity():
 
 def test_prototypes_from_keys_wait_for_enough_keys_then_copy_them():
     """prototype_init 'keys': no pseudo-label loss until batch + queues hold K_p keys; then the
-    prototypes are K_p of those keys and the cached Sinkhorn kernel matches them."""
+    prototypes are K_p of those keys."""
     model = build(small_config(prototype_init="keys", num_prototypes=24, queue_size=32)).train()
     first = _step(model, make_batch(seed=0))  # 16 keys < 24 prototypes
     assert "pseudo" not in first and not model.prototypes.is_ready and not bool(model.prototypes.ready)
     batch = make_batch(seed=1, first_image=4)
     with torch.no_grad():
-        pool = torch.cat([model._keys(batch, model._concepts())[n] for n in ("image", "text")]
+        pool = torch.cat([model.momentum_keys(batch, model.concepts())[n] for n in ("image", "text")]
                          + [model.queues.entries("image"), model.queues.entries("text")])
     second = _step(model, batch)
     assert "pseudo" not in second and model.prototypes.is_ready and bool(model.prototypes.ready)
     cosines = model.prototypes.weight @ F.normalize(pool, dim=-1).t()
     assert cosines.max(1).values.min() > 1 - 1e-6  # every prototype is one of the keys
     assert len(set(cosines.argmax(1).tolist())) == 24  # distinct keys
-    kernel = model.queue_kernel.rows.clone()
-    model._refresh_queue_kernel()
-    assert torch.allclose(kernel, model.queue_kernel.rows, rtol=1e-5)
     assert "pseudo" in _step(model, make_batch(seed=2, first_image=8))
 
 
 def test_learned_prototypes_train_and_stay_unit_norm():
     model = build(small_config(prototype_update="learned")).train()
     assert isinstance(model.prototypes.weight, torch.nn.Parameter)
-    optimizer = torch.optim.SGD(M.param_groups(model, 0.5, 0.0), lr=0.5)
+    optimizer = torch.optim.SGD(trainer.param_groups(model, 0.5, 0.0, 0.1), lr=0.5)
     before = model.prototypes.weight.detach().clone()
     for seed in range(3):
         out = model(make_batch(seed=seed, first_image=4 * seed))
@@ -136,32 +139,35 @@ def test_learned_prototypes_train_and_stay_unit_norm():
         out["loss"].backward()
         assert model.prototypes.weight.grad is not None and model.prototypes.weight.grad.abs().sum() > 0
         optimizer.step()
-        model.after_optimizer_step()
     assert not torch.allclose(before, model.prototypes.weight)
+    model(make_batch(seed=3, first_image=12))  # a training forward first puts them back on the sphere
     assert torch.allclose(model.prototypes.weight.norm(dim=1), torch.ones(16), atol=1e-5)
-    kernel = model.queue_kernel.rows.clone()
-    model._refresh_queue_kernel()
-    assert torch.allclose(kernel, model.queue_kernel.rows, rtol=1e-5)
 
 
 def test_diagnostics_match_direct_computations():
-    model = build(small_config()).train()
+    """step_diagnostics: the statistics of the evaluation-mode model on the batch, computed
+    without writing anything (the training model keeps its state and mode)."""
+    model = build(small_config(beta=0.0)).train()
     batch = make_batch()
-    out = model(batch)
-    model._pending_updates.clear()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    diag = step_diagnostics(model, batch, dcl_weights=True)
+    assert model.training and all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    model.eval()
     with torch.no_grad():
-        concepts = model._concepts()
-        img, img_c, _ = model._embed_images(batch["images"], concepts)
-        targets, codes, _ = model._pseudo_labels(model._keys(batch, concepts), 8)
+        _, img_c = model.encode_images(batch["images"])
+        targets, codes = model.pseudo_labels(model.momentum_keys(batch, model.concepts()), 8)
+        out = model(batch)
     n = img_c.shape[0]
     cos = img_c @ img_c.t()
-    assert out["diag_concept_cos_image"] == pytest.approx(float((cos.sum() - cos.diagonal().sum()) / (n * (n - 1))),
-                                                          abs=1e-5)
+    assert diag["concept_cos_image"] == pytest.approx(float((cos.sum() - cos.diagonal().sum()) / (n * (n - 1))),
+                                                      abs=1e-5)
     entropy = float(-(targets * targets.log()).sum(1).mean())
-    assert out["diag_target_entropy"] == pytest.approx(entropy, rel=1e-4)
-    assert out["diag_pseudo_excess"] == pytest.approx(float(out["pseudo"]) - entropy, rel=1e-4, abs=1e-5)
-    assert out["diag_prototypes_used"] == pytest.approx(len(set(codes.argmax(1).tolist())) / 16)
-    assert 0 < float(out["diag_prototypes_used"]) <= 1
+    assert diag["target_entropy"] == pytest.approx(entropy, rel=1e-4)
+    assert diag["pseudo_excess"] == pytest.approx(float(out["pseudo"]) - entropy, rel=1e-4, abs=1e-5)
+    assert diag["prototypes_used"] == pytest.approx(len(set(codes.argmax(1).tolist())) / 16)
+    assert 0 < float(diag["prototypes_used"]) <= 1
+    assert diag["dcl_beta"] == 0.0 and diag["dcl_weight_entropy"] == pytest.approx(1.0, abs=1e-5)  # uniform
+    assert "dcl_beta" not in step_diagnostics(model, batch, dcl_weights=False)
 
 
 def test_option_values_are_checked():
@@ -179,7 +185,7 @@ def test_branch_clipping_keeps_the_concept_branch_from_throttling_the_encoders()
     def gradients(scope):
         model = build(small_config(concept_query_input="detach"))
         model(make_batch())["loss"].backward()
-        for p in M.parameter_branches(model)["concept"]:
+        for p in trainer.parameter_branches(model)["concept"]:
             p.grad.mul_(1000.0)  # a concept branch whose gradients dwarf the encoders'
         before = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         total = math.sqrt(sum(float(g.pow(2).sum()) for g in before.values()))
@@ -188,7 +194,7 @@ def test_branch_clipping_keeps_the_concept_branch_from_throttling_the_encoders()
         return model, before
 
     model, before = gradients("branch")
-    branches = M.parameter_branches(model)
+    branches = trainer.parameter_branches(model)
     assert set(branches) == {"instance", "concept"}
     instance_norm = math.sqrt(sum(float(before[n].pow(2).sum()) for n, _ in model.named_parameters()
                                   if n.startswith(("image_encoder.", "text_encoder.")) and n in before))
@@ -230,30 +236,8 @@ def test_a_checkpoint_older_than_an_option_resumes_with_its_old_behaviour(tmp_pa
     resumed = resumed_config({**defaults, "resume": str(tmp_path / "old.pt")}, {"resume"})
     assert resumed["grad_clip_scope"] == "global" and resumed["concept_query_input"] == "bn"
     resumed = resumed_config({**defaults, "resume": str(tmp_path / "new.pt")}, {"resume"})
-    assert resumed["grad_clip_scope"] == defaults["grad_clip_scope"] == "branch"
-    assert resumed["concept_query_input"] == defaults["concept_query_input"] == "detach"
-
-
-def test_the_scripts_train_the_default_model():
-    """The train scripts' hyperparameter blocks (kept in full for users to edit) hold the
-    ModelConfig and trainer defaults; COCO differs only in its dataset's label mix ratio."""
-    import inspect
-    from dataclasses import asdict
-
-    import train_coco
-    import train_f30k
-    import trainer
-    from options import script_config
-
-    defaults = asdict(M.ModelConfig())
-    for script, dataset_specific in ((train_f30k, {}), (train_coco, {"label_mix_ratio": 0.4})):
-        config = script_config(vars(script))
-        shared = {k: config[k] for k in defaults if k in config}
-        assert len(shared) > 30
-        assert shared == {k: dataset_specific.get(k, defaults[k]) for k in shared}, script.__name__
-        assert config["grad_clip_scope"] == trainer.GRAD_CLIP_SCOPE
-    for function, name in ((trainer.clip_gradients, "scope"), (trainer.training_step, "clip_scope")):
-        assert inspect.signature(function).parameters[name].default == "branch"
+    assert resumed["grad_clip_scope"] == defaults["grad_clip_scope"]
+    assert resumed["concept_query_input"] == defaults["concept_query_input"]
 
 
 def test_spec_preset_comes_before_the_other_options():

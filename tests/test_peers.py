@@ -13,7 +13,7 @@ import data
 import encoders as E
 import evaluation
 import model as M
-from checkpoint import load_checkpoint, load_for_inference
+from checkpoint import load_checkpoint, load_for_inference, model_config_from
 from conftest import ROOT, TINY_TRAIN_ARGS, run_script, tiny_demo_args
 from loss import concept_kl_loss, triplet_loss
 from test_evaluation import naive_metrics
@@ -46,17 +46,17 @@ def test_triplet_over_all_negatives_matches_loops():
                 total += max(0.0, margin + dot(img[j], cap[i]) - positive)  # caption i -> image j
     got = triplet_loss(img, cap, ids, margin, hardest=False).item()
     assert got == pytest.approx(total / 5, abs=1e-9)
-    assert got > triplet_loss(img, cap, ids, margin).item()  # the hardest negative alone is less
+    assert got > triplet_loss(img, cap, ids, margin, hardest=True).item()  # the hardest negative alone is less
 
 
 def test_triplet_warm_up_switches_to_the_hardest_negative_at_its_epoch():
-    model = build(small_config(loss="triplet", concept_branch=False, queue_size=0, batch_norm=False,
+    model = build(small_config(loss="triplet", concept_branch=False, queue_size=0, batch_norm=False, margin=0.2,
                                triplet_all_negatives_epochs=2))
     batch = make_batch()
     img, _ = model.encode_images(batch["images"])
     cap, _ = model.encode_captions(batch["tokens"], batch["lengths"], batch["attention_mask"], None)
     every = triplet_loss(img, cap, batch["image_ids"], 0.2, hardest=False).item()
-    hardest = triplet_loss(img, cap, batch["image_ids"], 0.2).item()
+    hardest = triplet_loss(img, cap, batch["image_ids"], 0.2, hardest=True).item()
     for epoch, want in ((0, every), (1, every), (2, hardest), (5, hardest)):
         model.set_epoch(epoch)
         assert model(batch)["triplet_instance"].item() == pytest.approx(want, abs=1e-6), epoch
@@ -124,7 +124,7 @@ def test_weighted_sum_fusion_is_the_cosine_of_the_weighted_sums():
     assert torch.allclose(M.fused_similarity(v, v_c, t, t_c, 0.15, "weighted_sum"), want, atol=1e-12)
     assert torch.allclose(M.fused_similarity(v, v_c, t, t_c, 0.0, "weighted_sum"), v @ t.T, atol=1e-12)
     concat = (1 - 0.15) * (v @ t.T) + 0.15 * (v_c @ t_c.T)
-    assert torch.allclose(M.fused_similarity(v, v_c, t, t_c, 0.15), concat, atol=1e-12)  # the default
+    assert torch.allclose(M.fused_similarity(v, v_c, t, t_c, 0.15, "concat"), concat, atol=1e-12)
     emb = evaluation.Embeddings(v.float(), v_c.float(), t.float(), t_c.float(), captions_per_image=2,
                                 fusion="weighted_sum")
     assert torch.allclose(evaluation.similarity_matrix(emb, 0.15), want.float(), atol=1e-6)
@@ -142,25 +142,25 @@ def test_a_weighted_sum_model_ranks_searches_and_trains_by_it():
     index_vectors = model.fuse(v, v_c), model.fuse(t, t_c)  # what photo_index stores
     assert index_vectors[0].shape[1] == model.fused_dim == model.cfg.embed_dim
     assert torch.allclose((index_vectors[0] @ index_vectors[1].T).double(), want, atol=1e-5)
-    assert build(small_config()).fused_dim == 2 * model.cfg.embed_dim
+    assert build(small_config(fusion="concat")).fused_dim == 2 * model.cfg.embed_dim
 
 
 def test_cvse_loss_is_its_four_weighted_terms():
     cfg = small_config(loss="triplet", queue_size=0, pseudo_label_loss=False, fusion="weighted_sum", batch_norm=False,
-                       lambda_fused=0.6, lambda_concept=0.2, lambda_kl=0.4, concept_query_input="bn")
+                       triplet_all_negatives_epochs=0, lambda_fused=0.6, lambda_concept=0.2, lambda_kl=0.4,
+                       concept_query_input="bn")
     model = build(cfg)
     assert not model.momentum and not model.queues.names  # no momentum encoders, no queues
     batch = make_batch()
     losses = model(batch)
-    assert set(losses) - {"diag_concept_cos_image", "diag_concept_cos_text"} == {
-        "triplet_instance", "triplet_concept", "triplet_fused", "concept_kl", "loss"}
-    (v, v_c, t, t_c), (image_scores, caption_scores) = model._queries(batch, model._concepts())
+    assert set(losses) == {"triplet_instance", "triplet_concept", "triplet_fused", "concept_kl", "loss"}
+    (v, v_c, t, t_c), (image_scores, caption_scores) = model.queries(batch, model.concepts())
     ids = batch["image_ids"]
     assert losses["triplet_fused"].item() == pytest.approx(
-        triplet_loss(model.fuse(v, v_c), model.fuse(t, t_c), ids).item(), abs=1e-6)
+        triplet_loss(model.fuse(v, v_c), model.fuse(t, t_c), ids, cfg.margin, hardest=True).item(), abs=1e-6)
     assert losses["concept_kl"].item() == pytest.approx(concept_kl_loss(image_scores, caption_scores).item(), abs=1e-6)
     r, scale = cfg.label_mix_ratio, cfg.concept_score_scale  # the caption's scores carry its label prior
-    predicted = model.text_query(t, model._concepts())
+    predicted = model.text_query(t, model.concepts())
     mixed = r * torch.softmax(scale * batch["concept_labels"], 1) + (1 - r) * predicted
     assert torch.allclose(caption_scores, mixed, atol=1e-6)
     total = (losses["triplet_instance"] + 0.2 * losses["triplet_concept"] + 0.6 * losses["triplet_fused"]
@@ -168,12 +168,6 @@ def test_cvse_loss_is_its_four_weighted_terms():
     assert losses["loss"].item() == pytest.approx(total.item(), abs=1e-6)
     losses["loss"].backward()
     assert model.image_encoder.fc.weight.grad is not None
-
-
-def test_the_new_options_default_to_the_old_behaviour():
-    """A checkpoint or a cached benchmark run written before these options keeps its meaning."""
-    cfg = M.ModelConfig()
-    assert (cfg.triplet_all_negatives_epochs, cfg.region_drop, cfg.lambda_kl, cfg.fusion) == (0, 0.0, 0.0, "concat")
 
 
 def test_a_cached_run_from_before_the_options_is_still_reused(tmp_path):
@@ -205,7 +199,7 @@ def test_peer_rows_are_default_rows_with_the_common_budget():
         assert changed <= set(own), (name, changed - set(own))
         for key in ("epochs", "lr", "warmup_epochs", "lr_decay_epoch", "batch_size", "bert_frozen_layers"):
             assert settings[key] == vsepp[key], (name, key)
-        M.ModelConfig(**{k: v for k, v in settings.items() if k in M.ModelConfig.__dataclass_fields__})
+        model_config_from({**B.script_defaults(), **settings}, image_dim=8, vocab_size=0)  # values the model takes
     cvse, long = (B.run_settings(name, "full", "cpu", None) for name in ("cvse", "cvse_long"))
     assert {k for k in set(cvse) | set(long) if cvse.get(k) != long.get(k)} == {"epochs", "lr_decay_epoch"}
     assert (long["epochs"], long["lr_decay_epoch"]) == (2 * cvse["epochs"], 2 * cvse["lr_decay_epoch"])

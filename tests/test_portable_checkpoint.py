@@ -61,7 +61,6 @@ def test_inference_needs_no_bert_folder_and_builds_the_online_encoders_only(trai
     assert not (trained["root"] / "bert").exists()
     assert [tokenizer.encode(c) for c in CAPTIONS] == trained["ids"]
     assert len(model.momentum) == 0 and model.queues is None and model.prototypes is None
-    assert model.queue_kernel is None
     assert torch.equal(encode(model, trained["ids"], C.load_checkpoint(trained["best"])), trained["want"])
 
 

@@ -1,9 +1,8 @@
-"""prototypes.Prototypes and QueueKernel against direct computations."""
-import pytest
+"""prototypes.Prototypes against direct computations."""
 import torch
 import torch.nn.functional as F
 
-from prototypes import Prototypes, QueueKernel
+from prototypes import Prototypes
 
 
 def unit(*shape, seed=0):
@@ -16,8 +15,7 @@ def test_ema_step_moves_assigned_prototypes_towards_their_mean():
     codes = torch.zeros(4, 16)
     codes[[0, 1, 2, 3], [3, 3, 7, 3]] = 1.0
     old = prototypes.weight.clone()
-    moved = prototypes.ema_step(emb, codes)
-    assert moved.nonzero().squeeze(1).tolist() == [3, 7]
+    prototypes.ema_step(emb, codes)
     want3 = F.normalize(0.5 * old[3] + 0.5 * emb[[0, 1, 3]].mean(0), dim=0)
     want7 = F.normalize(0.5 * old[7] + 0.5 * emb[2], dim=0)
     assert torch.allclose(prototypes.weight[3], want3, atol=1e-6)
@@ -48,23 +46,4 @@ def test_learned_prototypes_are_a_parameter_renormalised_on_request():
     assert torch.allclose(learned.weight.norm(dim=1), torch.ones(4), atol=1e-6)
     ema = Prototypes(4, 8, "random", "ema", momentum=0.9)
     assert not ema.for_loss().requires_grad and "weight" in dict(ema.named_buffers())
-
-
-@pytest.mark.parametrize("filled", [0, 3, 5])
-def test_queue_kernel_updates_equal_a_full_recomputation(filled):
-    size, epsilon = 5, 0.05
-    kernel = QueueKernel(size, 4, epsilon)
-    image, text, prototypes = unit(size, 8, seed=1), unit(size, 8, seed=2), unit(4, 8, seed=3)
-    kernel.refresh(image, text, prototypes)
-
-    def direct(queue, protos):
-        return torch.exp((queue @ protos.t() - 1) / epsilon)
-
-    image[1], text[1] = unit(8, seed=4), unit(8, seed=5)  # an entry replaced
-    kernel.write_slots(torch.tensor([1]), image, text, prototypes)
-    prototypes[2] = unit(8, seed=6)  # a prototype moved
-    moved = torch.tensor([False, False, True, False])
-    kernel.write_columns(moved, image[:filled], text[:filled], prototypes, at_most=2)  # one unmoved column too
-    image_rows, text_rows = kernel.blocks(filled)
-    assert torch.allclose(image_rows, direct(image[:filled], prototypes), rtol=1e-5)
-    assert torch.allclose(text_rows, direct(text[:filled], prototypes), rtol=1e-5)
+    assert ema.for_loss().data_ptr() != ema.weight.data_ptr()  # a copy: the EMA may move them before the backward

@@ -12,7 +12,7 @@ def test_push_matches_a_list_fifo_with_wraparound():
     for size in (2, 3, 4, 7, 1, 5):  # 7 > 5: only the batch's last five rows stay
         ids = torch.arange(next_id, next_id + size)
         keys = {name: torch.randn(size, 3, generator=gen) for name in ("image", "text")}
-        written = queues.push(keys, ids)
+        queues.push(keys, ids)
         for row in range(size):  # one row at a time, the obvious way
             for name in ("image", "text"):
                 ring[name][slot] = keys[name][row]
@@ -21,7 +21,6 @@ def test_push_matches_a_list_fifo_with_wraparound():
         next_id += size
         assert queues.filled == count == int(queues.count) and queues.next_slot == slot == int(queues.pointer)
         assert queues.fraction_filled() == count / 5
-        assert sorted(written.tolist()) == sorted({(slot - 1 - i) % 5 for i in range(min(size, 5))})
         assert queues.filled_ids().tolist() == ring["ids"][:count]
         for name in ("image", "text"):
             assert torch.equal(queues.entries(name), torch.stack(ring[name][:count]))

@@ -10,7 +10,6 @@ import torch
 import options
 import distributed
 import trainer
-from model import param_groups
 from utils import CoderError
 
 DEFAULTS = {"lr": 2e-4, "epochs": 30, "loss": "dcl", "concept_branch": True, "resume": ""}
@@ -124,13 +123,12 @@ def test_a_training_step_reads_nothing_back_from_the_model(monkeypatch, override
     from test_model import build, make_batch, small_config
 
     model = build(small_config(**overrides)).train()
-    optimizer = torch.optim.AdamW(param_groups(model, 1e-3, 1e-4))
+    optimizer = torch.optim.AdamW(trainer.param_groups(model, 1e-3, 1e-4, 0.1))
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    world = distributed.Dist("cpu")
     batches = [make_batch(seed=seed, first_image=4 * seed) for seed in range(4)]
 
     def step(seed):
-        return trainer.training_step(model, model, optimizer, scaler, batches[seed], None, 2.0, world)
+        return trainer.training_step(model, model, optimizer, scaler, batches[seed], None, 2.0, clip_scope="branch")
 
     for seed in range(3):
         step(seed)

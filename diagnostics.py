@@ -1,0 +1,64 @@
+"""What the trainer logs besides the losses: statistics of the model on a batch.
+
+They are measured off the training path: the trainer calls `step_diagnostics` at its logging
+steps, before the step that trains on the batch, with the model in evaluation mode and without
+gradient. Nothing is written: the queues, prototypes and random streams are those of a run
+without diagnostics.
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+from torch import Tensor
+
+from loss import pseudo_label_diagnostics
+from model import CODER, instance_part
+
+
+def mean_pairwise_cosine(x: Tensor) -> Tensor:
+    """Mean cosine between distinct rows of unit-norm x (B,d): near 1 when the rows are nearly
+    collinear, i.e. carry little about which sample they came from."""
+    n = x.shape[0]
+    total = x.sum(0)
+    return (total @ total - (x * x).sum()) / max(n * (n - 1), 1)
+
+
+@torch.no_grad()
+def step_diagnostics(model: CODER, batch: Mapping[str, Tensor], dcl_weights: bool) -> dict[str, Tensor]:
+    """Scalars by log name:
+
+    - concept_cos_image, concept_cos_text: `mean_pairwise_cosine` of v_c and t_c (1: collapsed);
+    - target_entropy, pseudo_excess, prototypes_used (once the prototypes are ready):
+      `loss.pseudo_label_diagnostics`;
+    - with `dcl_weights`: dcl_weight_entropy, dcl_weight_top1, dcl_grad_top1, dcl_beta (and
+      dcl_spared with a false-negative threshold), how the instance DCL term weighs its
+      negatives (`loss.dcl_loss`).
+
+    Under DDP every process calls it at the same steps: the keys are gathered.
+    """
+    training = model.training
+    model.eval()
+    try:
+        return _measure(model, batch, dcl_weights)
+    finally:
+        model.train(training)
+
+
+def _measure(model: CODER, batch: Mapping[str, Tensor], dcl_weights: bool) -> dict[str, Tensor]:
+    cfg, ids = model.cfg, batch["image_ids"]
+    concepts = model.concepts() if cfg.concept_branch else None
+    queries, _ = model.queries(batch, concepts)
+    keys = model.momentum_keys(batch, concepts)
+    out = {}
+    if cfg.concept_branch:
+        out = {"concept_cos_image": mean_pairwise_cosine(queries[1]),
+               "concept_cos_text": mean_pairwise_cosine(queries[3])}
+    if model.prototypes is not None and model.prototypes.is_ready:
+        targets, codes = model.pseudo_labels(keys, ids.shape[0])
+        out.update(pseudo_label_diagnostics(targets, codes, model.pseudo_label_term(queries, targets)))
+    if dcl_weights and cfg.loss == "dcl":
+        stats: dict[str, Tensor] = {}
+        model.contrast(instance_part, queries, keys, model.queue_entries(copied=False), ids, stats=stats)
+        out.update({f"dcl_{name}": value for name, value in stats.items()})
+    return out
