@@ -108,10 +108,17 @@ def _numbers_from_buffer(buffer: Any, dtype: Any, shape: Any, order: str = "C") 
     return np.frombuffer(buffer, dtype=dtype).reshape(shape, order=order)
 
 
+def _no_bytes() -> bytes:
+    """What pickle protocols 0-2 name `bytes` for: empty bytes (an empty array's data). With an
+    argument, `bytes` would allocate as many bytes as a number says: that is refused."""
+    return b""
+
+
 # Globals that pickles of the same data under other protocols name, and the safe function each
 # stands for.
 _PICKLE_STAND_INS: dict[tuple[str, str], Callable[..., Any]] = {
     ("_codecs", "encode"): _latin1_bytes,
+    ("builtins", "bytes"): _no_bytes,
     ("numpy.core.numeric", "_frombuffer"): _numbers_from_buffer,
     ("numpy._core.numeric", "_frombuffer"): _numbers_from_buffer,
 }
@@ -119,6 +126,7 @@ _PICKLE_STAND_INS: dict[tuple[str, str], Callable[..., Any]] = {
 
 class _RestrictedUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
+        module = "builtins" if module == "__builtin__" else module  # Python 2's name, in protocols 0-2
         if (module, name) in _SAFE_PICKLE_GLOBALS:
             return super().find_class(module, name)
         if (module, name) in _PICKLE_STAND_INS:

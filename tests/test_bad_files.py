@@ -654,8 +654,9 @@ def test_a_vocabulary_pickle_with_numpy_ids_reads_the_same_with_any_protocol(wor
 
 
 def test_the_restricted_unpickler_still_refuses_other_codecs_and_buffers_of_objects(tmp_path):
-    """The stand-ins for `_codecs.encode` and numpy's `_frombuffer` decode latin-1 text and
-    numeric buffers only: any other codec or an object dtype is refused, never run."""
+    """The stand-ins for `_codecs.encode`, numpy's `_frombuffer` and `bytes` decode latin-1 text,
+    numeric buffers and empty bytes only: another codec, an object dtype or `bytes(10**12)` is
+    refused, never run."""
     from utils import load_pickle_restricted
 
     def global_call(module: str, name: str, *args: bytes) -> bytes:
@@ -664,7 +665,8 @@ def test_the_restricted_unpickler_still_refuses_other_codecs_and_buffers_of_obje
 
     rot13 = global_call("_codecs", "encode", b"X\x05\x00\x00\x00hello", b"X\x05\x00\x00\x00rot13")
     objects = global_call("numpy._core.numeric", "_frombuffer", b"C\x08" + bytes(8), b"X\x02\x00\x00\x00|O")
-    for name, data in (("rot13.pkl", rot13), ("objects.pkl", objects)):
+    terabyte = global_call("__builtin__", "bytes", b"\x8a\x06" + (10**12).to_bytes(6, "little"))
+    for name, data in (("rot13.pkl", rot13), ("objects.pkl", objects), ("terabyte.pkl", terabyte)):
         (tmp_path / name).write_bytes(data)
         with pytest.raises(CoderError, match=name):
             load_pickle_restricted(tmp_path / name)
@@ -1023,3 +1025,47 @@ def test_a_run_folder_is_held_by_one_process_and_freed_when_it_dies(world, capsy
     capsys.readouterr()
     _train(["--resume", str(run_dir / "last.pt"), "--epochs", str(epoch + 1), "--progress", "false"])
     assert torch.load(run_dir / "last.pt", weights_only=True)["epoch"] == epoch + 1
+
+
+# --------------------------------------------------------------------------- properties of text and pickles
+
+_ENCODINGS = {"UTF-8": lambda t: t.encode("utf-8"), "UTF-8 with a BOM": lambda t: t.encode("utf-8-sig"),
+              "UTF-16 LE with a BOM": lambda t: b"\xff\xfe" + t.encode("utf-16-le"),
+              "UTF-16 BE with a BOM": lambda t: b"\xfe\xff" + t.encode("utf-16-be")}
+# (U+FEFF is left out: at the start of a file it is the byte-order mark, whatever follows)
+_PLAIN_CAPTION = st.text(st.characters(blacklist_categories=("Cs", "Cc", "Zl", "Zp"),
+                                       blacklist_characters="\x85\ufeff"), min_size=1, max_size=20).filter(str.strip)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(_PLAIN_CAPTION, min_size=1, max_size=6), st.sampled_from(sorted(_ENCODINGS)), st.booleans())
+def test_any_captions_read_the_same_in_any_encoding_other_programs_save(tmp_path_factory, lines, encoding, crlf):
+    """Any caption lines (any characters, astral ones included), saved as UTF-8 with or without
+    a BOM or as UTF-16 with one, with \\n or \\r\\n line ends: read_captions gives the lines."""
+    path = tmp_path_factory.mktemp("enc") / "caps.txt"
+    path.write_bytes(_ENCODINGS[encoding](("\r\n" if crlf else "\n").join(lines) + "\n"))
+    assert vocab.read_captions(path) == [line.strip() for line in lines]
+
+
+_ARRAYS = st.sampled_from(["<i8", "<i4", "<f4", "<f8", ">f4", "|u1", "|b1"]).flatmap(
+    lambda dtype: st.lists(st.integers(0, 4), min_size=0, max_size=3).map(
+        lambda shape: np.arange(int(np.prod(shape)), dtype=dtype).reshape(shape) if dtype != "|b1"
+        else (np.arange(int(np.prod(shape))) % 2).astype(bool).reshape(shape)))
+
+
+@settings(max_examples=60, deadline=None)
+@given(_ARRAYS, st.integers(0, pickle.HIGHEST_PROTOCOL), st.booleans())
+def test_any_numeric_array_pickled_with_any_protocol_loads_through_the_restricted_unpickler(
+        tmp_path_factory, array, protocol, fortran):
+    """Arrays of any numeric dtype, byte order, shape (empty and 0-d included) and memory order,
+    in a dict as CVSE's pickles hold them, load under every pickle protocol as the unrestricted
+    unpickler loads them (which, before protocol 5, gives big-endian data in native order)."""
+    from utils import load_pickle_restricted
+
+    array = np.asfortranarray(array) if fortran else array
+    data = pickle.dumps({"nums": array, "n": np.int64(3), "x": np.float32(0.5)}, protocol=protocol)
+    path = tmp_path_factory.mktemp("pkl") / "x.pkl"
+    path.write_bytes(data)
+    loaded, expected = load_pickle_restricted(path), pickle.loads(data)
+    assert loaded["nums"].dtype == expected["nums"].dtype and np.array_equal(loaded["nums"], array)
+    assert loaded["n"] == 3 and loaded["x"] == np.float32(0.5)
