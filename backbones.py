@@ -17,7 +17,6 @@ from torch.utils.data import Dataset
 
 from utils import CoderError
 
-
 # The formats a photo may be in, checked before Pillow picks a decoder: any other content (a
 # PostScript file that would start Ghostscript, TIFF, PSD, ICNS, ...) is refused unread, whatever
 # the file's name.

@@ -31,8 +31,19 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from utils import (CoderError, atomic_write, cli_entry, load_pickle_restricted, npy_header, open_input, path_problem,
-                   read_json, read_text, read_text_lines, text_encoding)
+from utils import (
+    CoderError,
+    atomic_write,
+    cli_entry,
+    load_pickle_restricted,
+    npy_header,
+    open_input,
+    path_problem,
+    read_json,
+    read_text,
+    read_text_lines,
+    text_encoding,
+)
 from vocab import read_captions, tokenize
 
 FORMAT_NAME = "coder-concepts"

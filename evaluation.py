@@ -508,8 +508,15 @@ def main(argv: Sequence[str] | None, protocol: str) -> dict[str, Any]:
 
     import data
     from checkpoint import load_for_inference
-    from options import (ArgumentParser, check_output_file, default_device, fraction, non_negative_int, positive_int,
-                         torch_device)
+    from options import (
+        ArgumentParser,
+        check_output_file,
+        default_device,
+        fraction,
+        non_negative_int,
+        positive_int,
+        torch_device,
+    )
 
     default_split = "testall" if protocol == "coco" else "test"
     parser = ArgumentParser(

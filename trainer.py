@@ -25,13 +25,28 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-from checkpoint import (build_model, check_checkpoint_contents, check_resume_contents, code_version,
-                        concept_graph_state, load_checkpoint, load_state_strict, resumed_config, save_checkpoint,
-                        text_encoder_files)
+from checkpoint import (
+    build_model,
+    check_checkpoint_contents,
+    check_resume_contents,
+    code_version,
+    concept_graph_state,
+    load_checkpoint,
+    load_state_strict,
+    resumed_config,
+    save_checkpoint,
+    text_encoder_files,
+)
 from diagnostics import step_diagnostics
 from distributed import Dist, ResumableSampler, check_replicas, ddp_buffer_kwargs
-from options import (CHOICES, DEMO_OVERRIDES, check_train_config, check_training_memory, check_writable_dir,
-                     parse_overrides)
+from options import (
+    CHOICES,
+    DEMO_OVERRIDES,
+    check_train_config,
+    check_training_memory,
+    check_writable_dir,
+    parse_overrides,
+)
 from utils import CoderError, as_numpy, atomic_write
 
 PROJECT_ROOT = Path(__file__).resolve().parent

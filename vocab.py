@@ -20,8 +20,15 @@ from collections import Counter
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from utils import (CoderError, atomic_write, cli_entry, load_pickle_restricted, load_pretrained, read_json,
-                   read_text_lines)
+from utils import (
+    CoderError,
+    atomic_write,
+    cli_entry,
+    load_pickle_restricted,
+    load_pretrained,
+    read_json,
+    read_text_lines,
+)
 
 SPECIAL_TOKENS = ("<pad>", "<start>", "<end>", "<unk>")
 PAD, START, END, UNK = range(4)

@@ -19,8 +19,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import vocab  # noqa: E402
-from extract_features import read_captions_csv  # noqa: E402
 from encoders import BertTextEncoder  # noqa: E402
+from extract_features import read_captions_csv  # noqa: E402
 
 CAPTIONS = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "flickr8k_mini" / "captions.txt"
 

@@ -40,8 +40,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 SHARED = ROOT.parent / "shared" / "data"
 
-from options import BEFORE_THE_OPTION, PRESETS, ArgumentParser, positive_int, script_config  # noqa: E402
 import stats  # noqa: E402
+from options import BEFORE_THE_OPTION, PRESETS, ArgumentParser, positive_int, script_config  # noqa: E402
 from utils import CoderError, cli_entry, read_json  # noqa: E402
 
 # Shared by every row on full Flickr8k (6,000 train images, 30,000 captions; dev 1,000 / 5,000).

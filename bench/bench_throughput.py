@@ -46,11 +46,11 @@ import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import distributed  # noqa: E402
-from data import to_device  # noqa: E402
-import trainer  # noqa: E402
-from encoders import l2norm, make_pooling  # noqa: E402
 import train_f30k  # noqa: E402
+import trainer  # noqa: E402
 from checkpoint import model_config_from  # noqa: E402
+from data import to_device  # noqa: E402
+from encoders import l2norm, make_pooling  # noqa: E402
 from model import CODER, parameter_counts  # noqa: E402
 from options import script_config  # noqa: E402
 

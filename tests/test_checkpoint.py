@@ -2,8 +2,8 @@
 import collections
 import errno
 import os
-import signal
 import pickle
+import signal
 
 import pytest
 import torch

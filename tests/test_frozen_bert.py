@@ -5,14 +5,14 @@ runs on the real MiniLM where its wheel is installed."""
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_BERT_HIDDEN, TINY_BERT_LAYERS, TINY_BERT_WORDS
-from test_model import small_config
 
 import data
 import encoders as E
 import model as M
 import text_cache
 import vocab
+from conftest import TINY_BERT_HIDDEN, TINY_BERT_LAYERS, TINY_BERT_WORDS
+from test_model import small_config
 from utils import CoderError
 
 LENGTHS = torch.tensor([3, 9, 5, 12, 4, 7, 12, 2, 6])

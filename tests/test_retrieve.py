@@ -163,7 +163,6 @@ def test_flickr8k_benchmark_reads_the_training_log(trained):
     """bench/bench_flickr8k.py reads its numbers from train.log: the format must not drift."""
     sys.path.insert(0, str(ROOT / "bench"))
     import bench_flickr8k
-
     from checkpoint import load_checkpoint
 
     log = (Path(trained["checkpoint"]).parent / "train.log").read_text()

@@ -20,7 +20,6 @@ from checkpoint import load_checkpoint, load_for_inference
 from conftest import ROOT, TINY_TRAIN_ARGS, run_script, tiny_demo_args
 from test_evaluation import direct_similarity, naive_metrics
 
-
 TINY = [*TINY_TRAIN_ARGS, "--queue_size", "96", "--batch_size", "32", "--warmup_epochs", "1",
         "--lr_decay_epoch", "2", "--log_every", "5"]
 

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-import options
 import distributed
+import options
 import trainer
 from utils import CoderError
 
