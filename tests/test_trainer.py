@@ -191,3 +191,26 @@ def test_the_loop_reads_the_losses_only_at_logging_steps(tmp_path, monkeypatch):
     assert read_at == [3, 6, 7, 9, 12, 14]  # 7 steps per epoch
     log = (tmp_path / "run" / "train.log").read_text()
     assert "(global 3)" in log and "(global 4)" not in log and "(global 14)" in log
+
+
+@pytest.mark.parametrize("collapsed", [True, False])
+def test_validation_flags_a_collapsed_model_and_saves_its_ranks(tmp_path, monkeypatch, collapsed):
+    """Equal embeddings for every item score rsum 0 (ties count against the model) and are named
+    as collapsed; the ranks file holds the same ranks as evaluation.retrieval_ranks."""
+    import evaluation
+
+    gen = torch.Generator().manual_seed(0)
+    images = torch.nn.functional.normalize(torch.randn(30, 8, generator=gen), dim=1)
+    captions = images.repeat_interleave(5, 0) + 0.3 * torch.randn(150, 8, generator=gen)
+    if collapsed:
+        images, captions = torch.ones(30, 8) / 8 ** 0.5, torch.ones(150, 8) / 8 ** 0.5
+    captions = torch.nn.functional.normalize(captions, dim=1)
+    found = evaluation.Embeddings(images, None, captions, None)
+    monkeypatch.setattr(evaluation, "encode_split", lambda *args, **kwargs: found)
+    config = {"eval_batch_size": 8, "workers": 0, "mu": 0.15}
+    metrics = trainer.validate(None, None, None, None, config, torch.device("cpu"), ranks_file=tmp_path / "r.npz")
+    assert ("collapsed" in metrics) == collapsed
+    assert (metrics["rsum"] == 0.0) == collapsed
+    want = evaluation.retrieval_ranks(images @ captions.t(), 5)
+    saved = np.load(tmp_path / "r.npz")
+    assert saved["image_ranks"].tolist() == want[0].tolist() and saved["caption_ranks"].tolist() == want[1].tolist()
