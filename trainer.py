@@ -821,6 +821,9 @@ def _train(config: dict[str, Any], dataset: str, world: Dist) -> dict[str, Any]:
         run.log.line("interrupted by the user (Ctrl-C)")
         run.log.close()
         raise Interrupted(run.interrupted_message()) from None
+    except BaseException:  # a failed run lets go of its log and TensorBoard files at once
+        run.log.close()
+        raise
     metrics: dict[str, Any] = {}
     if world.is_main and config["test_split"]:
         metrics = _final_test(run.run_dir, config, run.device, dataset, run.log)

@@ -812,17 +812,17 @@ extract_features.main(["--images", str(data / "images"), "--captions", str(data 
 
 @pytest.fixture
 def small_disk(tmp_path) -> Iterator[Path]:
-    """A 1 MiB tmpfs (root only: skipped elsewhere)."""
+    """A 300 KiB tmpfs (root only: skipped elsewhere)."""
     import subprocess
 
     disk = tmp_path / "small_disk"
     disk.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], capture_output=True).returncode:
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs", str(disk)], capture_output=True).returncode:
         pytest.skip("cannot mount a tmpfs here (needs root)")
     try:
         yield disk
     finally:
-        subprocess.run(["umount", str(disk)], check=True)
+        subprocess.run(["umount", str(disk)], check=True)  # busy if a failed run still held a file there
 
 
 def test_features_that_fill_the_disk_end_with_one_line_not_sigbus(tmp_path, small_disk):
@@ -838,6 +838,17 @@ def test_features_that_fill_the_disk_end_with_one_line_not_sigbus(tmp_path, smal
     assert proc.returncode == 2 and len(lines) == 1, (proc.returncode, proc.stderr)
     assert "train_ims.npy.partial" in lines[0] and "No space left on device" in lines[0], proc.stderr
     assert not (small_disk / "out" / "train_ims.npy.partial").exists()
+
+
+def test_a_disk_that_fills_while_training_ends_with_one_line(world, small_disk, capsys):
+    """A real full disk (the faked ones are above): the first checkpoint that does not fit ends
+    the run with one line naming it."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        _train(_data_args(world) + TINY + ["--epochs", "2", "--run_dir", str(small_disk / "run")])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert exit_.value.code == 2 and len(lines) == 1 and "No space left on device" in lines[0], lines
+    assert ".pt: cannot write" in lines[0], lines
 
 
 def test_a_full_disk_met_when_features_are_reserved_is_one_line(tmp_path, capsys, monkeypatch):
