@@ -240,7 +240,9 @@ def test_each_peer_row_trains_end_to_end(name, tiny_demo, tiny_bert, tmp_path):
         assert emb.image_concept is None
         sims = emb.image_instance.double() @ emb.caption_instance.double().T
     want = naive_metrics(sims.numpy(), split.captions_per_image)
-    assert json.loads((run_dir / "test_metrics.json").read_text()) == pytest.approx(want, abs=1e-6)
+    tested = json.loads((run_dir / "test_metrics.json").read_text())
+    tested.pop("instance_rsum", None)  # a concept-branch row also reports its instance embeddings alone
+    assert tested == pytest.approx(want, abs=1e-6)
 
 
 def test_warm_up_and_region_drop_resume_exactly(tiny_demo, tmp_path):
