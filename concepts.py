@@ -73,14 +73,14 @@ def _conditional_probability(counts: np.ndarray, cooccurrence: np.ndarray) -> np
 
 
 def binary_graph(counts: np.ndarray, cooccurrence: np.ndarray, threshold: float = DEFAULT_THRESHOLD) -> np.ndarray:
-    """CVSE's binary graph A = [f(P) >= threshold], f(x) = 5^(x-0.02) - 5^(-0.02) (spec §3)."""
+    """CVSE's binary graph A = [f(P) >= threshold], f(x) = 5^(x-0.02) - 5^(-0.02) (docs/data.md#concepts)."""
     p = _conditional_probability(counts, cooccurrence)
     rescaled = np.power(5.0, p - 0.02) - np.power(5.0, -0.02)
     return (rescaled >= threshold).astype(np.float64)
 
 
 def normalized_adjacency(counts: np.ndarray, cooccurrence: np.ndarray, threshold: float = DEFAULT_THRESHOLD) -> np.ndarray:
-    """The fixed GCN adjacency Â = D^-1/2 Aᵀ D^-1/2 of CVSE's recipe (spec §3), float32.
+    """The fixed GCN adjacency Â = D^-1/2 Aᵀ D^-1/2 of CVSE's recipe (docs/data.md#concepts), float32.
 
     A is the binary graph with each non-empty column scaled to sum 0.25, plus the identity;
     D = diag(row sums of A).

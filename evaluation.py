@@ -1,5 +1,5 @@
 """Image-text retrieval evaluation: encode a split, score every image against every caption,
-and compute Recall@K / median / mean rank in both directions (spec §5 and §7).
+and compute Recall@K / median / mean rank in both directions (docs/training.md#evaluation).
 
 The pieces compose: `encode_split` (once per model) -> `similarity_matrix` (per mu, cheap) ->
 `recall_metrics` / `coco_metrics`. `evaluate` chains them for a model or an ensemble, and
@@ -379,7 +379,7 @@ def similarity_matrix(
     *,
     score_fn: ScoreFn | None = None,
 ) -> torch.Tensor:
-    """S = (1-mu)·(v·t) + mu·(v_c·t_c) (spec §5), or the model's other `emb.fusion`
+    """S = (1-mu)·(v·t) + mu·(v_c·t_c) (docs/method.md), or the model's other `emb.fusion`
     (`model.fused_similarity`), or v·t without a concept branch.
 
     Computed `chunk_size` images at a time on `device` (the captions are moved there once);

@@ -3,7 +3,7 @@
     python retrieve.py --checkpoint runs/f8k/best.pt --data_path data/f8k_precomp --split dev \
         --query "a dog runs through the snow" --query "two children on a beach" --k 5
     python retrieve.py --checkpoint ... --data_path ... --image 12      # captions for image 12
-    ... --images_dir ../shared/data/flickr8k_mini/images --grid topk.png  # a PNG of the top-k images
+    ... --images_dir data/flickr8k/images --grid topk.png  # a PNG of the top-k images
 
 Text queries rank the split's images; an image index ranks its captions. With the image
 files at hand (`--images_dir`, names from `{split}_ids.txt`), `--grid` draws one row per

@@ -2,7 +2,7 @@
 
 Writes a synthetic `train_ims.npy` (N, 36, 2048) float32 of about --gb GB plus 5 captions per
 image (reused when already there), then, in a fresh process, iterates one epoch of PairDataset
-through a shuffling DataLoader and samples /proc/<pid>/status. Reported per the spec (§1):
+through a shuffling DataLoader and samples /proc/<pid>/status. Reported (docs/benchmarks.md#component-benchmarks):
 RSS (VmRSS, counts mapped page-cache pages) and anonymous memory (RssAnon), both minus an idle
 interpreter with torch and the project imported; workers' memory is added when --workers > 0.
 Target: peak RSS increase under 10% of the file size. Linux only.

@@ -16,7 +16,7 @@ the machine), and
 the cosine of the pooled (mean over regions) EfficientNet-Lite0 features of reduced-scale vs
 full decoding, per camera-sized photo: min and mean.
 
-Goals (issue 21): decoding at least 3x faster on camera-sized photos, end-to-end within 1.3x
+Goals (docs/benchmarks.md#photo-decoding): decoding at least 3x faster on camera-sized photos, end-to-end within 1.3x
 of the 224-px photos, unchanged on small ones.
 
     python bench/bench_decode.py [--photos 24] [--size 4000x3000] [--quality 90] [--grain 0]

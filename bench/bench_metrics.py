@@ -63,7 +63,7 @@ def scan_style_metrics(sims: np.ndarray, cpi: int) -> tuple[dict[str, float], np
 def make_sims(n_img: int, cpi: int, seed: int) -> np.ndarray:
     """Gaussian float32 scores with a boost on the ground truth (so recalls are neither 0 nor
     100), nudged so that no ground-truth score ties another score in its row or column: with
-    a tie, argsort order (SCAN) and the strict rule (spec §7) may legitimately differ."""
+    a tie, argsort order (SCAN) and the project's rule (docs/training.md#evaluation) may legitimately differ."""
     rng = np.random.default_rng(seed)
     sims = rng.standard_normal((n_img, n_img * cpi), dtype=np.float32)
     caps = np.arange(n_img * cpi)

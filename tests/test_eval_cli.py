@@ -1,5 +1,5 @@
 """eval_f30k.py / eval_coco.py on tiny trained checkpoints: the printed and saved metrics equal a
-direct computation (spec §5's similarity and the ranks by per-query loops, from
+direct computation (docs/method.md's similarity S and the ranks by per-query loops, from
 test_evaluation.py), ensembles average similarity matrices, --sweep-mu picks mu on dev."""
 import json
 import subprocess

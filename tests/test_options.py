@@ -147,11 +147,13 @@ def test_learned_prototypes_train_and_stay_unit_norm():
 def test_diagnostics_match_direct_computations():
     """step_diagnostics: the statistics of the evaluation-mode model on the batch, computed
     without writing anything (the training model keeps its state and mode)."""
-    model = build(small_config(beta=0.0)).train()
+    model = build(small_config(beta=0.0, region_drop=0.2)).train()
     batch = make_batch()
     state = {k: v.clone() for k, v in model.state_dict().items()}
+    random_state = torch.get_rng_state()
     diag = step_diagnostics(model, batch, dcl_weights=True)
     assert model.training and all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    assert torch.equal(torch.get_rng_state(), random_state)  # the training run's random stream is untouched
     model.eval()
     with torch.no_grad():
         _, img_c = model.encode_images(batch["images"])

@@ -1,5 +1,5 @@
 """retrieve.py on a tiny trained checkpoint: its printed top-k agrees with a direct computation
-of spec §5's similarity, and --grid draws one row of thumbnails per text query."""
+of the similarity S (docs/method.md), and --grid draws one row of thumbnails per text query."""
 import os
 import re
 import shutil
@@ -44,7 +44,7 @@ def trained(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def direct(trained):
-    """The test split's embeddings, and their similarity matrix by spec §5's formula written out
+    """The test split's embeddings, and their similarity matrix by S's formula written out
     (not the model's own fused similarity, which retrieve.py uses)."""
     model, tokenizer, graph, config = load_for_inference(trained["checkpoint"])
     assert graph is not None  # the concept branch is part of what is checked
