@@ -134,14 +134,8 @@ def recall_metrics(sims: Any, captions_per_image: int = 5, *, chunk_rows: int | 
     t2i_r1/r5/r10 (percent), rsum (their sum), and i2t/t2i medr and meanr (1-based).
     """
     image_ranks, caption_ranks = retrieval_ranks(sims, captions_per_image, chunk_rows=chunk_rows)
-    return metrics_from_ranks(as_numpy(image_ranks), as_numpy(caption_ranks))
-
-
-def metrics_from_ranks(image_ranks: np.ndarray, caption_ranks: np.ndarray) -> dict[str, float]:
-    """R@K, medr, meanr of both directions and rsum from `retrieval_ranks`' 0-based ranks (also of
-    a subset of the images with their captions: the bootstrap in bench/stats.py)."""
-    metrics = _rank_summary(image_ranks, "i2t")
-    metrics.update(_rank_summary(caption_ranks, "t2i"))
+    metrics = _rank_summary(as_numpy(image_ranks), "i2t")
+    metrics.update(_rank_summary(as_numpy(caption_ranks), "t2i"))
     metrics["rsum"] = sum(metrics[f"{d}_r{k}"] for d in ("i2t", "t2i") for k in RECALL_KS)
     return metrics
 

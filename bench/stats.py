@@ -14,7 +14,8 @@ from typing import Sequence
 
 import numpy as np
 
-RECALL_KS = (1, 5, 10)
+from evaluation import RECALL_KS
+
 # Two-sided 95% quantiles of Student's t, by degrees of freedom; 1.96 beyond the table.
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262,
          10: 2.228, 12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042}
