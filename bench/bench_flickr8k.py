@@ -47,21 +47,21 @@ from utils import CoderError, cli_entry, read_json  # noqa: E402
 # Shared by every row on full Flickr8k (6,000 train images, 30,000 captions; dev 1,000 / 5,000).
 # Chosen on dev only; the reason for each value is next to it.
 FULL_COMMON: dict[str, Any] = {
-    "embed_dim": 512,  # half the spec's 1024: 30,000 captions, a fifth of Flickr30K's
-    "batch_size": 128,  # the spec's; 234 steps per epoch
+    "embed_dim": 512,  # half train_f30k.py's 1024: 30,000 captions, a fifth of Flickr30K's
+    "batch_size": 128,  # train_f30k.py's; 234 steps per epoch
     # 32 batches = 0.14 epoch of keys: 32x the batch's negatives, each from an encoder at most
-    # 32 steps old. The spec's 8,192 is 0.06 epoch of Flickr30K; here it would be 0.27 epoch.
+    # 32 steps old. train_f30k.py's 8,192 is 0.06 epoch of Flickr30K; here it would be 0.27 epoch.
     "queue_size": 4096,
-    # ~23 training images per prototype, near the spec's 29,000 / 1,000; Sinkhorn spreads the
+    # ~23 training images per prototype, near train_f30k.py's 29,000 / 1,000; Sinkhorn spreads the
     # batch and the queues (2 x 4,224 embeddings) over them, 33 each
     "num_prototypes": 256,
-    # averages the online weights over ~100 steps (0.4 epoch); the spec's 0.995 (~200 steps) is
+    # averages the online weights over ~100 steps (0.4 epoch); train_f30k.py's 0.995 (~200 steps) is
     # made for 30-epoch Flickr30K runs of 34,000 steps, a run here is 1,400
     "momentum": 0.99,
     # the dev curves flatten after the decay (the InfoNCE row peaks before its last epoch)
     "epochs": 6,
-    "warmup_epochs": 1,  # the spec's one epoch of linear warm-up
-    "lr_decay_epoch": 4,  # x0.1 for the last 2 of 6 epochs, as the spec decays for the last half
+    "warmup_epochs": 1,  # train_f30k.py's one epoch of linear warm-up
+    "lr_decay_epoch": 4,  # x0.1 for the last 2 of 6 epochs, as train_f30k.py decays for the last half
     "lr": 2e-4,
     "eval_batch_size": 256,
     "log_every": 50,
@@ -70,7 +70,7 @@ FULL_COMMON: dict[str, Any] = {
 }
 # Every MiniLM row: the embeddings and bottom 5 of the 6 layers frozen, their outputs computed
 # once per caption and cached (text_cache.py), so a step costs 0.6 s instead of 2.0 s on 2 CPU
-# cores. The top layer trains at the full learning rate: at the spec's 0.1x for BERT it barely
+# cores. The top layer trains at the full learning rate: at train_f30k.py's 0.1x for BERT it barely
 # moves (InfoNCE, seed 0: best dev rsum 291.0 at 0.1x, 313.6 at 1x).
 FULL_BERT = {"text_encoder": "bert", "bert_frozen_layers": 5, "bert_lr_scale": 1.0, "freeze_bert_epochs": 0}
 
@@ -111,7 +111,7 @@ VSE_INFTY = {"image_pooling": "gpo", "text_pooling": "gpo", "loss": "triplet", "
 CVSE = {"loss": "triplet", "queue_size": 0, "concept_branch": True, "pseudo_label_loss": False,
         "concept_query_input": "bn", "label_mix_ratio": 0.35, "fusion": "weighted_sum", "mu": 0.15,
         "lambda_fused": 0.6, "lambda_concept": 0.2, "lambda_kl": 0.4, "l2norm_before_pooling": True}
-# The spec's choices where the project's defaults now differ (docs/coder_parts.md): the
+# `--preset spec` (the first reconstruction) where the project's defaults now differ (docs/coder_parts.md): the
 # experiment rows that measured those choices pin them.
 SPEC = PRESETS["spec"]
 
@@ -136,24 +136,24 @@ CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
     # 4-6): the same row at twice the budget, the decay again for the last third
     "cvse_long": ("CVSE, 12 epochs (x0.1 from epoch 9)", {"BERT": True, **CVSE, "epochs": 12, "lr_decay_epoch": 8}),
     # against `coder`, one change each
-    "coder_beta10": ("re-ranker config, the spec's beta 10", {"BERT": True, **RERANKER, "beta": 10.0}),
-    "coder_bn_query": ("re-ranker config, concept query BN(x) with gradient (spec)",
+    "coder_beta10": ("re-ranker config, --preset spec's beta 10", {"BERT": True, **RERANKER, "beta": 10.0}),
+    "coder_bn_query": ("re-ranker config, concept query BN(x) with gradient (--preset spec)",
                        {"BERT": True, **RERANKER, "concept_query_input": "bn"}),
-    "coder_global_clip": ("re-ranker config, one gradient clip over all (spec)", {"BERT": True, **RERANKER, "grad_clip_scope": "global"}),
+    "coder_global_clip": ("re-ranker config, one gradient clip over all (--preset spec)", {"BERT": True, **RERANKER, "grad_clip_scope": "global"}),
     "coder_fused": ("re-ranker config + fused-similarity DCL (lambda_f 0.6)", {"BERT": True, **RERANKER, "lambda_fused": 0.6}),
     "coder_keys_init": ("re-ranker config, prototypes drawn from keys", {"BERT": True, **RERANKER, "prototype_init": "keys"}),
     "coder_learned": ("re-ranker config, learned prototypes", {"BERT": True, **RERANKER, "prototype_update": "learned"}),
     "coder_l2norm": ("re-ranker config, L2-normalised items before pooling",
                      {"BERT": True, **RERANKER, "l2norm_before_pooling": True}),
-    # with the spec's beta 10, query and clipping (the experiments that chose today's defaults)
-    "coder_spec": ("full CODER, the spec's reconstruction",
+    # with --preset spec's beta 10, query and clipping (the experiments that chose today's defaults)
+    "coder_spec": ("CODER with --preset spec (the first reconstruction)",
                    {"BERT": True, **CODER, **UNWEIGHTED, **SPEC, "lambda_concept": 1.0, "lambda_pseudo": 1.0, "lambda_fused": 0.0,
                     "prototype_init": "random", "prototype_update": "ema", "l2norm_before_pooling": False}),
-    "coder_spec_detach": ("spec's CODER, concept query on detached x",
+    "coder_spec_detach": ("--preset spec CODER, concept query on detached x",
                           {"BERT": True, **CODER, **UNWEIGHTED, **SPEC, "concept_query_input": "detach"}),
-    "coder_spec_no_bn": ("spec's CODER, concept query without BN on x",
+    "coder_spec_no_bn": ("--preset spec CODER, concept query without BN on x",
                          {"BERT": True, **CODER, **UNWEIGHTED, **SPEC, "concept_query_input": "no_bn"}),
-    "coder_spec_cvse_weights": ("spec's CODER, CVSE's loss ratio (lambda 0.2)",
+    "coder_spec_cvse_weights": ("--preset spec CODER, CVSE's loss ratio (lambda 0.2)",
                                 {"BERT": True, **CODER, **UNWEIGHTED, **SPEC, "lambda_concept": 0.2, "lambda_pseudo": 0.2}),
     # the readings of DCL's adaptive weights, each on the re-ranker's settings (docs/coder_parts.md)
     "dcl_beta2": ("CODER, DCL beta 2", {"BERT": True, **RERANKER, "beta": 2.0}),
