@@ -463,22 +463,33 @@ def check_writable_dir(folder: str | os.PathLike, option: str, shown: str | os.P
         raise CoderError(f"{named} {existing} is a file, not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise CoderError(f"{named} {existing} is not writable")
-    made: list[Path] = []
-    try:
-        for part in missing:
-            part.mkdir()
-            made.append(part)
-        probe = folder / file_name if file_name else None
-        if probe is None:
-            handle, probe_name = tempfile.mkstemp(prefix=".coder-probe-", dir=folder)
-            probe = Path(probe_name)
-        else:
-            handle = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        os.close(handle)
-        probe.unlink()
-    except OSError as err:
-        raise CoderError(f"{named} cannot be written ({err.strerror or err})") from None
-    finally:
-        for part in reversed(made):
-            with contextlib.suppress(OSError):  # another process has put something there since
-                part.rmdir()
+    for attempt in range(3):
+        made: list[Path] = []
+        try:
+            for part in missing:
+                try:
+                    part.mkdir()
+                    made.append(part)
+                except FileExistsError:
+                    if not part.is_dir():
+                        raise
+            probe = folder / file_name if file_name else None
+            if probe is None:
+                handle, probe_name = tempfile.mkstemp(prefix=".coder-probe-", dir=folder)
+                probe = Path(probe_name)
+            else:
+                handle = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            os.close(handle)
+            probe.unlink()
+            return
+        except FileNotFoundError:
+            # Another process making the same check (every rank of a torchrun) removed its own
+            # trial folder between our steps: try again, and give up only if it keeps vanishing.
+            if attempt == 2:
+                raise CoderError(f"{named} cannot be written (a folder on the way keeps vanishing)") from None
+        except OSError as err:
+            raise CoderError(f"{named} cannot be written ({err.strerror or err})") from None
+        finally:
+            for part in reversed(made):
+                with contextlib.suppress(OSError):  # another process has put something there since
+                    part.rmdir()

@@ -12,6 +12,7 @@ identical queues, prototypes and momentum weights.)
 import math
 import os
 import re
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,7 @@ import distributed
 import trainer
 from checkpoint import load_checkpoint
 from conftest import TINY_TRAIN_ARGS, run_script, tiny_demo_args
+from options import check_writable_dir
 from prototypes import Prototypes
 from queues import KeyQueues
 
@@ -242,3 +244,33 @@ def test_two_process_bf16_autocast_run(tiny_demo, runs, tmp_path):
     assert sorted(bf16) == list(range(1, 8))
     for step in bf16:
         assert math.isclose(bf16[step]["loss/loss"], fp32[step]["loss/loss"], rel_tol=0.05), step
+
+
+def test_every_rank_may_check_the_same_new_run_dir_at_once(tmp_path, monkeypatch):
+    """Each torchrun process checks --run_dir before training; a rank that finds the folder made
+    (or removed again) by another rank's check between its own steps must still pass."""
+    run_dir = tmp_path / "runs" / "a"
+    real_mkdir = Path.mkdir
+
+    def other_rank_made_it_first(self, *args, **kwargs):
+        real_mkdir(self, *args, exist_ok=True)  # the other rank's mkdir wins the race
+        real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", other_rank_made_it_first)
+    check_writable_dir(run_dir, "--run_dir")
+    monkeypatch.undo()
+    assert run_dir.is_dir()  # made by "the other rank", so not ours to remove
+
+    run_dir.rmdir()
+    (tmp_path / "runs").rmdir()
+    real_mkstemp, removed = tempfile.mkstemp, []
+
+    def other_rank_removed_its_folder(*args, **kwargs):
+        if not removed:  # the other rank's clean-up lands between our mkdir and our probe
+            removed.append(True)
+            run_dir.rmdir()
+        return real_mkstemp(*args, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkstemp", other_rank_removed_its_folder)
+    check_writable_dir(run_dir, "--run_dir")
+    assert removed and not (tmp_path / "runs").exists()  # our own trial folders are gone again
