@@ -480,6 +480,8 @@ class TrainingRun:
         if resume_state is not None:
             self._check_resumable(resume_state)  # before the model, the text-state cache and the loader
         self.model = self._build_model(resume_state is None)
+        if resume_state is not None:  # its weights before the text-state cache runs the frozen BERT bottom
+            load_state_strict(self.model, resume_state["model"], config["resume"])
         self.optimizer = torch.optim.AdamW(param_groups(self.model, config["lr"], config["weight_decay"],
                                                              config["bert_lr_scale"]))
         for group in self.optimizer.param_groups:
@@ -582,7 +584,8 @@ class TrainingRun:
                           f"comparable, so the next validation makes the new best.pt")
 
     def _restore(self, state: dict[str, Any]) -> None:
-        load_state_strict(self.model, state["model"], self.config["resume"])
+        """The optimizer, counters and random streams of a checkpoint (its weights are loaded
+        with the model)."""
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scaler.is_enabled() and state["scaler"]:  # empty when saved without fp16
             self.scaler.load_state_dict(state["scaler"])

@@ -247,3 +247,25 @@ def test_a_training_run_validates_on_the_cached_dev_states(tiny_bert, tmp_path):
     instance = naive_metrics(evaluation.ensemble_similarity([emb], 0.0).double().numpy(), 5)["rsum"]
     assert float(logged.pop("instance_rsum")) == pytest.approx(instance, abs=0.006)  # the concept branch's mu = 0
     assert {k: float(v) for k, v in logged.items()} == pytest.approx(whole, abs=0.006)
+
+
+def test_a_resumed_run_with_cached_states_continues_exactly(tiny_bert, tmp_path):
+    """A checkpoint built from its saved BERT config starts with random weights until its own
+    are loaded: the frozen bottom's states of a resumed run must come from the loaded weights,
+    so that one epoch, then a resume for the second, ends where two straight epochs end."""
+    from checkpoint import load_checkpoint
+    from conftest import TINY_TRAIN_ARGS, run_script, tiny_demo_args
+
+    demo = tiny_demo_args(tmp_path / "demo", seed=1, num_train=24, num_eval=10)
+    args = [*demo, *TINY_TRAIN_ARGS, "--text_encoder", "bert", "--bert_path", tiny_bert, "--bert_frozen_layers", "2",
+            "--text_state_cache", str(tmp_path / "states"), "--batch_size", "16", "--warmup_epochs", "0",
+            "--queue_size", "32", "--test_split", ""]
+    run_script("train_f30k.py", *args, "--epochs", "2", "--run_dir", str(tmp_path / "straight"))
+    run_script("train_f30k.py", *args, "--epochs", "1", "--run_dir", str(tmp_path / "stopped"))
+    run_script("train_f30k.py", "--resume", str(tmp_path / "stopped" / "last.pt"), "--epochs", "2")
+    straight = load_checkpoint(tmp_path / "straight" / "last.pt")
+    resumed = load_checkpoint(tmp_path / "stopped" / "last.pt")
+    assert resumed["global_step"] == straight["global_step"] > 0
+    for name, value in straight["model"].items():
+        assert torch.equal(value, resumed["model"][name]), name
+    assert len(list((tmp_path / "states").glob("*.states.npy"))) == 2  # the resume found the same states
