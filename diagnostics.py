@@ -5,6 +5,7 @@ steps, before the step that trains on the batch, with the model in evaluation mo
 gradient. Nothing is written: the queues, prototypes and random streams are those of a run
 without diagnostics.
 """
+
 from __future__ import annotations
 
 from typing import Mapping
@@ -52,8 +53,10 @@ def _measure(model: CODER, batch: Mapping[str, Tensor], dcl_weights: bool) -> di
     keys = model.momentum_keys(batch, concepts)
     out = {}
     if cfg.concept_branch:
-        out = {"concept_cos_image": mean_pairwise_cosine(queries[1]),
-               "concept_cos_text": mean_pairwise_cosine(queries[3])}
+        out = {
+            "concept_cos_image": mean_pairwise_cosine(queries[1]),
+            "concept_cos_text": mean_pairwise_cosine(queries[3]),
+        }
     if model.prototypes is not None and model.prototypes.is_ready:
         targets, codes = model.pseudo_labels(keys, ids.shape[0])
         out.update(pseudo_label_diagnostics(targets, codes, model.pseudo_label_term(queries, targets)))

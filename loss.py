@@ -5,6 +5,7 @@ Plain functions of tensors, so that each can be checked against a naive referenc
 L2-normalised embeddings; s(a, b) = a·b. They hold no default values: the model passes its
 config's.
 """
+
 from __future__ import annotations
 
 from typing import Any, Sequence
@@ -15,8 +16,9 @@ from torch import Tensor
 
 
 @torch.no_grad()
-def dcl_negative_log_weights(sims: Tensor, negative_mask: Tensor, beta: float | Tensor,
-                             queue_start: int | None = None) -> Tensor:
+def dcl_negative_log_weights(
+    sims: Tensor, negative_mask: Tensor, beta: float | Tensor, queue_start: int | None = None
+) -> Tensor:
     """log w_ik of DCL: w_ik = |N_i| · softmax_{k∈N_i}(β·s_ik), no gradient.
 
     The weights of each query average 1 over its negatives; entries outside `negative_mask`
@@ -26,8 +28,10 @@ def dcl_negative_log_weights(sims: Tensor, negative_mask: Tensor, beta: float | 
     weights average 1 over its own negatives.
     """
     if queue_start is not None:
-        parts = [dcl_negative_log_weights(sims[:, cols], negative_mask[:, cols], beta)
-                 for cols in (slice(None, queue_start), slice(queue_start, None))]
+        parts = [
+            dcl_negative_log_weights(sims[:, cols], negative_mask[:, cols], beta)
+            for cols in (slice(None, queue_start), slice(queue_start, None))
+        ]
         return torch.cat(parts, 1)
     log_weights = (beta * sims).masked_fill_(~negative_mask, float("-inf"))
     log_count = negative_mask.sum(1, keepdim=True).to(sims.dtype).log()
@@ -45,8 +49,9 @@ def adaptive_beta(sims: Tensor, negative_mask: Tensor, beta: float) -> Tensor:
 
 
 @torch.no_grad()
-def dcl_weight_stats(negatives: Tensor, log_weights: Tensor, positive: Tensor, negative_mask: Tensor
-                     ) -> dict[str, Tensor]:
+def dcl_weight_stats(
+    negatives: Tensor, log_weights: Tensor, positive: Tensor, negative_mask: Tensor
+) -> dict[str, Tensor]:
     """How DCL spreads its weight over one direction's negatives (each a mean over queries):
 
     - weight_entropy: entropy of w_ik / Σ_k w_ik over |N_i|, divided by log|N_i| (1 = uniform);
@@ -60,8 +65,11 @@ def dcl_weight_stats(negatives: Tensor, log_weights: Tensor, positive: Tensor, n
     entropy = -(p * p.clamp_min(1e-30).log()).sum(1) / count.log()
     gradient = torch.softmax(torch.cat([positive, negatives], 1), 1)[:, 1:]
     gradient = gradient / gradient.sum(1, keepdim=True).clamp_min(1e-30)
-    return {"weight_entropy": entropy.mean(), "weight_top1": p.topk(top, 1).values.sum(1).mean(),
-            "grad_top1": gradient.topk(top, 1).values.sum(1).mean()}
+    return {
+        "weight_entropy": entropy.mean(),
+        "weight_top1": p.topk(top, 1).values.sum(1).mean(),
+        "grad_top1": gradient.topk(top, 1).values.sum(1).mean(),
+    }
 
 
 def dcl_loss(
@@ -127,10 +135,23 @@ def dcl_loss(
     return (torch.logsumexp(torch.cat([positive, negatives], 1), 1) - positive[:, 0]).mean()
 
 
-def symmetric_dcl(img: Tensor, cap: Tensor, image_keys: Tensor, text_keys: Tensor, key_ids: Tensor,
-                  image_queue: Tensor | None, text_queue: Tensor | None, queue_ids: Tensor, image_ids: Tensor,
-                  pos_index: Tensor, tau: float, beta: float, *, stats: dict[str, Tensor] | None = None,
-                  **weighting: Any) -> Tensor:
+def symmetric_dcl(
+    img: Tensor,
+    cap: Tensor,
+    image_keys: Tensor,
+    text_keys: Tensor,
+    key_ids: Tensor,
+    image_queue: Tensor | None,
+    text_queue: Tensor | None,
+    queue_ids: Tensor,
+    image_ids: Tensor,
+    pos_index: Tensor,
+    tau: float,
+    beta: float,
+    *,
+    stats: dict[str, Tensor] | None = None,
+    **weighting: Any,
+) -> Tensor:
     """L_DCL(v, t): the mean of the image→text and text→image `dcl_loss`.
 
     img, cap (B,d) are this process's queries with image ids `image_ids`; the keys (B',d) are
@@ -141,10 +162,32 @@ def symmetric_dcl(img: Tensor, cap: Tensor, image_keys: Tensor, text_keys: Tenso
     """
     empty = img.new_zeros(0, img.shape[1])
     directions: list[dict[str, Tensor]] = [{}, {}]
-    i2t = dcl_loss(img, text_keys, empty if text_queue is None else text_queue, image_ids, queue_ids, tau, beta,
-                   k_ids=key_ids, pos_index=pos_index, stats=None if stats is None else directions[0], **weighting)
-    t2i = dcl_loss(cap, image_keys, empty if image_queue is None else image_queue, image_ids, queue_ids, tau, beta,
-                   k_ids=key_ids, pos_index=pos_index, stats=None if stats is None else directions[1], **weighting)
+    i2t = dcl_loss(
+        img,
+        text_keys,
+        empty if text_queue is None else text_queue,
+        image_ids,
+        queue_ids,
+        tau,
+        beta,
+        k_ids=key_ids,
+        pos_index=pos_index,
+        stats=None if stats is None else directions[0],
+        **weighting,
+    )
+    t2i = dcl_loss(
+        cap,
+        image_keys,
+        empty if image_queue is None else image_queue,
+        image_ids,
+        queue_ids,
+        tau,
+        beta,
+        k_ids=key_ids,
+        pos_index=pos_index,
+        stats=None if stats is None else directions[1],
+        **weighting,
+    )
     if stats is not None:
         stats.update({key: (directions[0][key] + directions[1][key]) / 2 for key in directions[0]})
     return (i2t + t2i) / 2
@@ -199,8 +242,11 @@ def pseudo_label_diagnostics(targets: Tensor, codes: Tensor, pseudo: Tensor) -> 
     entropy = -(targets * targets.clamp_min(1e-12).log()).sum(1).mean()
     used = torch.zeros(codes.shape[1], dtype=torch.bool, device=codes.device)
     used[codes.argmax(1)] = True
-    return {"target_entropy": entropy, "pseudo_excess": pseudo.detach() - entropy,
-            "prototypes_used": used.float().mean()}
+    return {
+        "target_entropy": entropy,
+        "pseudo_excess": pseudo.detach() - entropy,
+        "prototypes_used": used.float().mean(),
+    }
 
 
 @torch.no_grad()

@@ -11,6 +11,7 @@ concept descriptors. As in MoCo, a training-mode forward is the whole step for t
 first moves the momentum encoders towards the weights the last optimizer step left, and after
 the loss it pushes the batch's keys into the queues and moves the prototypes.
 """
+
 from __future__ import annotations
 
 import copy
@@ -124,8 +125,14 @@ def fuse(instance: Tensor, concept: Tensor | None, mu: float, fusion: str) -> Te
     return torch.cat([math.sqrt(1 - mu) * instance, math.sqrt(mu) * concept], 1)
 
 
-def fused_similarity(images: Tensor, images_concept: Tensor | None, captions: Tensor,
-                     captions_concept: Tensor | None, mu: float, fusion: str) -> Tensor:
+def fused_similarity(
+    images: Tensor,
+    images_concept: Tensor | None,
+    captions: Tensor,
+    captions_concept: Tensor | None,
+    mu: float,
+    fusion: str,
+) -> Tensor:
     """S (N_img, N_cap), the similarity that training's fused term, evaluation and the search
     app rank by; s(v,t) alone when either side has no concept part."""
     if images_concept is None or captions_concept is None:
@@ -145,15 +152,24 @@ def online_weights(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
 
 def parameter_counts(model: CODER) -> dict[str, int]:
     """Trainable (online) and momentum parameter counts, for logs and the benchmarks."""
-    return {"trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
-            "momentum": sum(p.numel() for p in model.momentum.parameters())}
+    return {
+        "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "momentum": sum(p.numel() for p in model.momentum.parameters()),
+    }
 
 
 def build_text_encoder(cfg: ModelConfig, bert_config: Any) -> nn.Module:
     """The text encoder of cfg: BERT (from cfg.bert_path, or built from `bert_config`) or the Bi-GRU."""
     if cfg.text_encoder == "bert":
-        return BertTextEncoder(cfg.bert_path, cfg.embed_dim, cfg.text_pooling, cfg.bert_length_groups,
-                               cfg.bert_frozen_layers, cfg.l2norm_before_pooling, bert_config)
+        return BertTextEncoder(
+            cfg.bert_path,
+            cfg.embed_dim,
+            cfg.text_pooling,
+            cfg.bert_length_groups,
+            cfg.bert_frozen_layers,
+            cfg.l2norm_before_pooling,
+            bert_config,
+        )
     if cfg.bert_frozen_layers:
         raise CoderError("bert_frozen_layers needs text_encoder='bert'")
     if cfg.vocab_size < 1:
@@ -162,8 +178,15 @@ def build_text_encoder(cfg: ModelConfig, bert_config: Any) -> nn.Module:
 
 
 @torch.no_grad()
-def sinkhorn_pseudo_labels(image_keys: Tensor, text_keys: Tensor, queue_entries: list[Tensor], prototypes: Tensor,
-                           epsilon: float, iterations: int, rows: Tensor) -> tuple[Tensor, Tensor]:
+def sinkhorn_pseudo_labels(
+    image_keys: Tensor,
+    text_keys: Tensor,
+    queue_entries: list[Tensor],
+    prototypes: Tensor,
+    epsilon: float,
+    iterations: int,
+    rows: Tensor,
+) -> tuple[Tensor, Tensor]:
     """Sinkhorn codes of the gathered instance keys (2·world·B, K_p), computed together with
     the `queue_entries` (whose codes are not kept), and the pseudo labels of the local pairs
     at `rows`: the mean of the image's and the caption's codes (B, K_p)."""
@@ -173,8 +196,9 @@ def sinkhorn_pseudo_labels(image_keys: Tensor, text_keys: Tensor, queue_entries:
     return (codes[rows] + codes[image_keys.shape[0] + rows]) / 2, codes
 
 
-def embed_images(modules: Mapping[str, nn.Module], images: Tensor,
-                 concepts: Tensor | None) -> tuple[Tensor, Tensor | None, Tensor | None]:
+def embed_images(
+    modules: Mapping[str, nn.Module], images: Tensor, concepts: Tensor | None
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """(v, v_c, α) by `modules` (online or momentum): instance (B, d), concept descriptor
     l2norm(α·E) (B, d) and concept scores α (B, N_c); the last two None without concepts E."""
     instance = modules["image_encoder"](images)
@@ -184,8 +208,9 @@ def embed_images(modules: Mapping[str, nn.Module], images: Tensor,
     return instance, l2norm(alpha @ concepts), alpha
 
 
-def embed_captions(modules: Mapping[str, nn.Module], batch: Mapping[str, Tensor], concepts: Tensor | None,
-                   cfg: ModelConfig) -> tuple[Tensor, Tensor | None, Tensor | None]:
+def embed_captions(
+    modules: Mapping[str, nn.Module], batch: Mapping[str, Tensor], concepts: Tensor | None, cfg: ModelConfig
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """(t, t_c, α) of the batch's captions; α mixes the query's scores with the caption's own
     labels, r·softmax(scale·labels) + (1−r)·α. A batch may carry `text_states`, the frozen
     BERT bottom's output (text_cache.py)."""
@@ -209,8 +234,9 @@ def check_concept_graph(adjacency: Tensor | None, vectors: Tensor | None) -> Non
         raise CoderError("concept_branch=True needs the concept graph (adjacency and word vectors)")
     n = adjacency.shape[0]
     if adjacency.shape != (n, n) or vectors.shape[0] != n:
-        raise CoderError(f"concept graph shapes differ: adjacency {tuple(adjacency.shape)}, "
-                         f"word vectors {tuple(vectors.shape)}")
+        raise CoderError(
+            f"concept graph shapes differ: adjacency {tuple(adjacency.shape)}, word vectors {tuple(vectors.shape)}"
+        )
 
 
 def instance_part(x: Tensor, x_c: Tensor | None) -> Tensor:
@@ -232,12 +258,19 @@ class CODER(nn.Module):
     config (its weights a checkpoint's) instead of loaded from cfg.bert_path.
     """
 
-    def __init__(self, cfg: ModelConfig, concept_adjacency: Tensor | None = None,
-                 concept_vectors: Tensor | None = None, with_keys: bool = True, bert_config: Any = None) -> None:
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        concept_adjacency: Tensor | None = None,
+        concept_vectors: Tensor | None = None,
+        with_keys: bool = True,
+        bert_config: Any = None,
+    ) -> None:
         super().__init__()
         self.cfg, self.epoch = cfg, 0  # the training epoch (set_epoch): the warm-ups read it
-        self.image_encoder = ImageEncoder(cfg.image_dim, cfg.embed_dim, cfg.image_pooling, cfg.batch_norm,
-                                          cfg.l2norm_before_pooling, cfg.region_drop)
+        self.image_encoder = ImageEncoder(
+            cfg.image_dim, cfg.embed_dim, cfg.image_pooling, cfg.batch_norm, cfg.l2norm_before_pooling, cfg.region_drop
+        )
         self.text_encoder = build_text_encoder(cfg, bert_config)
         self.online_names = ["image_encoder", "text_encoder"]
         if cfg.concept_branch:
@@ -252,8 +285,9 @@ class CODER(nn.Module):
         self.queues = KeyQueues(queued, cfg.queue_size, cfg.embed_dim) if with_keys else None
         self.prototypes = None
         if with_keys and use_pseudo:
-            self.prototypes = Prototypes(cfg.num_prototypes, cfg.embed_dim, cfg.prototype_init,
-                                         cfg.prototype_update, cfg.prototype_momentum)
+            self.prototypes = Prototypes(
+                cfg.num_prototypes, cfg.embed_dim, cfg.prototype_init, cfg.prototype_update, cfg.prototype_momentum
+            )
 
     def _build_concept_branch(self, adjacency: Tensor | None, vectors: Tensor | None) -> None:
         cfg = self.cfg
@@ -311,17 +345,30 @@ class CODER(nn.Module):
         """Online encoders: (v (B, d), v_c (B, d) or None), L2-normalised."""
         return embed_images(self._encoders(False), images, self.concepts() if self.cfg.concept_branch else None)[:2]
 
-    def encode_captions(self, tokens: Tensor, lengths: Tensor, attention_mask: Tensor | None,
-                        concept_labels: Tensor | None, text_states: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    def encode_captions(
+        self,
+        tokens: Tensor,
+        lengths: Tensor,
+        attention_mask: Tensor | None,
+        concept_labels: Tensor | None,
+        text_states: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor | None]:
         """Online encoders: (t (B, d), t_c (B, d) or None), L2-normalised. A caption's concept
         scores read its own labels only, never its image's other captions."""
-        batch = {"tokens": tokens, "lengths": lengths, "attention_mask": attention_mask,
-                 "concept_labels": concept_labels, "text_states": text_states}
-        return embed_captions(self._encoders(False), batch, self.concepts() if self.cfg.concept_branch else None,
-                              self.cfg)[:2]
+        batch = {
+            "tokens": tokens,
+            "lengths": lengths,
+            "attention_mask": attention_mask,
+            "concept_labels": concept_labels,
+            "text_states": text_states,
+        }
+        return embed_captions(
+            self._encoders(False), batch, self.concepts() if self.cfg.concept_branch else None, self.cfg
+        )[:2]
 
-    def similarity(self, img: Tensor, img_c: Tensor | None, cap: Tensor, cap_c: Tensor | None,
-                   mu: float | None = None) -> Tensor:
+    def similarity(
+        self, img: Tensor, img_c: Tensor | None, cap: Tensor, cap_c: Tensor | None, mu: float | None = None
+    ) -> Tensor:
         """`fused_similarity` (N_img, N_cap) by cfg.fusion, μ = cfg.mu unless given."""
         return fused_similarity(img, img_c, cap, cap_c, self.cfg.mu if mu is None else mu, self.cfg.fusion)
 
@@ -358,7 +405,9 @@ class CODER(nn.Module):
         with torch.autocast(queries[0].device.type, enabled=False):  # the losses in float32
             terms = {f"{cfg.loss}_instance": self.contrast(instance_part, queries, keys, queues, ids)}  # L_DCL(v, t)
             if cfg.concept_branch:
-                terms[f"{cfg.loss}_concept"] = self.contrast(concept_part, queries, keys, queues, ids)  # L_DCL(v_c, t_c)
+                terms[f"{cfg.loss}_concept"] = self.contrast(
+                    concept_part, queries, keys, queues, ids
+                )  # L_DCL(v_c, t_c)
             if self.prototypes is not None and self.prototypes.is_ready:
                 terms["pseudo"] = self.pseudo_label_term(queries, targets)  # L_pseudo
             if cfg.concept_branch and cfg.lambda_fused > 0:  # CVSE's term on S
@@ -375,8 +424,13 @@ class CODER(nn.Module):
     def loss_weights(self) -> dict[str, float]:
         """The weight λ of each term of L by its log name (the instance term's is 1)."""
         cfg = self.cfg
-        return {f"{cfg.loss}_instance": 1.0, f"{cfg.loss}_concept": cfg.lambda_concept, "pseudo": cfg.lambda_pseudo,
-                f"{cfg.loss}_fused": cfg.lambda_fused, "concept_kl": cfg.lambda_kl}
+        return {
+            f"{cfg.loss}_instance": 1.0,
+            f"{cfg.loss}_concept": cfg.lambda_concept,
+            "pseudo": cfg.lambda_pseudo,
+            f"{cfg.loss}_fused": cfg.lambda_fused,
+            "concept_kl": cfg.lambda_kl,
+        }
 
     def queries(self, batch: Mapping[str, Tensor], concepts: Tensor | None) -> tuple[list, tuple | None]:
         """The online embeddings [v, v_c, t, t_c] in float32 (concept parts None without the
@@ -410,8 +464,15 @@ class CODER(nn.Module):
         entries = {name: self.queues.entries(name) for name in self.queues.names}
         return {**{name: x.clone() if copied else x for name, x in entries.items()}, "ids": self.queues.filled_ids()}
 
-    def contrast(self, view: Callable, queries: list, keys: Mapping[str, Tensor], queues: Mapping[str, Tensor],
-                 image_ids: Tensor, stats: dict[str, Tensor] | None = None) -> Tensor:
+    def contrast(
+        self,
+        view: Callable,
+        queries: list,
+        keys: Mapping[str, Tensor],
+        queues: Mapping[str, Tensor],
+        image_ids: Tensor,
+        stats: dict[str, Tensor] | None = None,
+    ) -> Tensor:
         """DCL (or the triplet baseline) on one view of the embeddings: `view(x, x_c)` is x
         (`instance_part`), x_c (`concept_part`) or the fused vector of S (`self.fuse`); the queries, keys
         and queue entries are compared in that view. `stats`: see loss.dcl_loss."""
@@ -423,26 +484,48 @@ class CODER(nn.Module):
         if queues:
             image_queue = view(queues["image"], queues.get("image_concept"))  # (K, ·)
             text_queue = view(queues["text"], queues.get("text_concept"))
-        return symmetric_dcl(images, captions, view(keys["image"], keys.get("image_concept")),
-                             view(keys["text"], keys.get("text_concept")), keys["ids"], image_queue, text_queue,
-                             queues["ids"] if queues else keys["ids"][:0], image_ids,
-                             local_rows(images.shape[0], images.device), cfg.tau, self.current_beta(),
-                             beta_adaptive=cfg.beta_adaptive, weight_groups=cfg.dcl_weight_groups,
-                             false_negative_threshold=cfg.false_negative_threshold, stats=stats)
+        return symmetric_dcl(
+            images,
+            captions,
+            view(keys["image"], keys.get("image_concept")),
+            view(keys["text"], keys.get("text_concept")),
+            keys["ids"],
+            image_queue,
+            text_queue,
+            queues["ids"] if queues else keys["ids"][:0],
+            image_ids,
+            local_rows(images.shape[0], images.device),
+            cfg.tau,
+            self.current_beta(),
+            beta_adaptive=cfg.beta_adaptive,
+            weight_groups=cfg.dcl_weight_groups,
+            false_negative_threshold=cfg.false_negative_threshold,
+            stats=stats,
+        )
 
     def pseudo_labels(self, keys: Mapping[str, Tensor], local_size: int) -> tuple[Tensor, Tensor]:
         """`sinkhorn_pseudo_labels` of the keys, with the instance queues' entries when
         cfg.sinkhorn_with_queue: the local pairs' targets (B, K_p) and the batch's codes."""
-        queued = [self.queues.entries(n) for n in ("image", "text") if self.cfg.sinkhorn_with_queue and self.queues.names]
-        return sinkhorn_pseudo_labels(keys["image"], keys["text"], queued, self.prototypes.weight,
-                                      self.cfg.sinkhorn_epsilon, self.cfg.sinkhorn_iterations,
-                                      local_rows(local_size, keys["image"].device))
+        queued = [
+            self.queues.entries(n) for n in ("image", "text") if self.cfg.sinkhorn_with_queue and self.queues.names
+        ]
+        return sinkhorn_pseudo_labels(
+            keys["image"],
+            keys["text"],
+            queued,
+            self.prototypes.weight,
+            self.cfg.sinkhorn_epsilon,
+            self.cfg.sinkhorn_iterations,
+            local_rows(local_size, keys["image"].device),
+        )
 
     def pseudo_label_term(self, queries: list, targets: Tensor) -> Tensor:
         """L_pseudo: the concept descriptors of both modalities predict the pair's pseudo label."""
         prototypes, tau = self.prototypes.for_loss(), self.cfg.tau_pseudo
-        return (pseudo_label_loss(queries[1], targets, prototypes, tau)
-                + pseudo_label_loss(queries[3], targets, prototypes, tau)) / 2
+        return (
+            pseudo_label_loss(queries[1], targets, prototypes, tau)
+            + pseudo_label_loss(queries[3], targets, prototypes, tau)
+        ) / 2
 
     @torch.no_grad()
     def _momentum_update(self) -> None:

@@ -1,5 +1,6 @@
 """evaluation.py against straightforward references: per-query Python loops for the ranks,
 the textbook similarity formula, per-fold metrics for COCO 1K, and per-item encoding."""
+
 from __future__ import annotations
 
 import statistics
@@ -32,8 +33,9 @@ def naive_ranks(sims: np.ndarray, cpi: int) -> tuple[list[int], list[int]]:
         own = range(i * cpi, (i + 1) * cpi)
         best = max(rows[i][c] for c in own)
         image_ranks.append(sum(1 for k in range(n_cap) if k not in own and rows[i][k] >= best))
-    caption_ranks = [sum(1 for k in range(n_img) if k != j // cpi and rows[k][j] >= rows[j // cpi][j])
-                     for j in range(n_cap)]
+    caption_ranks = [
+        sum(1 for k in range(n_img) if k != j // cpi and rows[k][j] >= rows[j // cpi][j]) for j in range(n_cap)
+    ]
     return image_ranks, caption_ranks
 
 
@@ -279,7 +281,9 @@ def test_protocol_dispatch_and_table() -> None:
         evaluation.protocol_metrics(sims, "x")
     table = evaluation.format_table(evaluation.recall_metrics(sims, 5))
     assert "R@1" in table and "image->text" in table and "text->image" in table and "600.00" in table
-    nested = evaluation.format_table({"1k": evaluation.recall_metrics(sims, 5), "5k": evaluation.recall_metrics(sims, 5)})
+    nested = evaluation.format_table(
+        {"1k": evaluation.recall_metrics(sims, 5), "5k": evaluation.recall_metrics(sims, 5)}
+    )
     assert "[1k] image->text" in nested and "[5k] rsum" in nested
 
 
@@ -387,8 +391,11 @@ def fake_data_module() -> types.ModuleType:
 
         def __getitem__(self, j):
             text = self.split.captions[j]
-            item = {"tokens": torch.tensor(self.tokenizer.encode(text)), "caption_id": j,
-                    "image_id": j // self.split.captions_per_image}
+            item = {
+                "tokens": torch.tensor(self.tokenizer.encode(text)),
+                "caption_id": j,
+                "image_id": j // self.split.captions_per_image,
+            }
             if self.graph is not None:
                 item["concept_labels"] = torch.from_numpy(self.graph.multi_hot(text.split()))
             return item
@@ -418,8 +425,9 @@ WORDS = ["dog", "cat", "man", "ball", "a", "runs", "on", "grass", "red"]
 def fake_split(n_img: int, cpi: int) -> types.SimpleNamespace:
     rng = np.random.default_rng(0)
     captions = [" ".join(rng.choice(WORDS, size=rng.integers(2, 7))) for _ in range(n_img * cpi)]
-    return types.SimpleNamespace(images=rng.normal(size=(n_img, REGIONS, FEAT)).astype(np.float32),
-                                 captions=captions, captions_per_image=cpi)
+    return types.SimpleNamespace(
+        images=rng.normal(size=(n_img, REGIONS, FEAT)).astype(np.float32), captions=captions, captions_per_image=cpi
+    )
 
 
 def per_item_embeddings(model: TinyModel, split, tokenizer, graph) -> tuple[torch.Tensor, ...]:
@@ -431,7 +439,9 @@ def per_item_embeddings(model: TinyModel, split, tokenizer, graph) -> tuple[torc
         for text in split.captions:
             tokens = torch.tensor([tokenizer.encode(text)])
             labels = torch.from_numpy(graph.multi_hot(text.split()))[None] if graph else None
-            captions.append(model.encode_captions(tokens, torch.tensor([tokens.shape[1]]), torch.ones_like(tokens), labels))
+            captions.append(
+                model.encode_captions(tokens, torch.tensor([tokens.shape[1]]), torch.ones_like(tokens), labels)
+            )
     model.image_rows, model.modes = 0, set()
 
     def cat(parts: list, k: int) -> torch.Tensor | None:
