@@ -35,9 +35,8 @@ concept_threshold = 0.3  # CVSE graph binarisation threshold
 gcn_hidden = 512
 momentum_gcn = True  # [R] concept keys from a momentum copy of the GCN
 concept_score_scale = 10.0
-concept_query_input = (
-    "detach"  # [R] detach (concept losses stay out of the encoders) | bn (CVSE) | no_bn; see docs/coder_parts.md
-)
+# [R] detach (concept losses stay out of the encoders) | bn (CVSE) | no_bn; see docs/coder_parts.md
+concept_query_input = "detach"
 label_mix_ratio = 0.35  # r: caption's own concept labels mixed into its query
 momentum = 0.995  # [R] key-encoder EMA
 queue_size = 8192  # [R] entries per dynamic dictionary (0: in-batch only)
