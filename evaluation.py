@@ -269,11 +269,12 @@ def encode_split(
     """Embed every image once and every caption once with the model's online encoders.
 
     `model` is anything with `encode_images(images)` and
-    `encode_captions(tokens, lengths, attention_mask, concept_labels)` returning
-    (instance, concept or None). Runs in eval mode under no_grad and restores the model's
-    training mode afterwards, so the training loop can call it for validation.
-    `progress=None` shows a bar only on a terminal. `text_states` (text_cache.TokenStates of the
-    split's captions) gives the frozen BERT bottom's output, which the model then does not rerun.
+    `encode_captions(captions)` (a caption batch by name: tokens, lengths, attention_mask,
+    concept_labels, text_states) returning (instance, concept or None). Runs in eval mode under
+    no_grad and restores the model's training mode afterwards, so the training loop can call it
+    for validation. `progress=None` shows a bar only on a terminal. `text_states`
+    (text_cache.TokenStates of the split's captions) gives the frozen BERT bottom's output, which
+    the model then does not rerun.
     """
     import data  # imported here so this module works (and is testable) without the data stack
 
@@ -301,14 +302,9 @@ def encode_split(
         return model.encode_images(on_device(batch, "images"))
 
     def encode_captions(batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
-        cached = {} if text_states is None else {"text_states": on_device(batch, "text_states")}
-        return model.encode_captions(
-            on_device(batch, "tokens"),
-            batch["lengths"],  # on the host, where sequence packing reads them
-            on_device(batch, "attention_mask"),
-            on_device(batch, "concept_labels"),
-            **cached,
-        )
+        captions = {key: on_device(batch, key) for key in ("tokens", "attention_mask", "concept_labels", "text_states")}
+        captions["lengths"] = batch["lengths"]  # on the host, where sequence packing reads them
+        return model.encode_captions(captions)
 
     was_training = getattr(model, "training", None)
     if was_training is not None:

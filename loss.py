@@ -1,14 +1,14 @@
 """CODER's losses and the Sinkhorn-Knopp codes behind its pseudo labels (docs/method.md has
 each one's equation).
 
-Plain functions of tensors, so that each can be checked against a naive reference. All take
-L2-normalised embeddings; s(a, b) = a·b. They hold no default values: the model passes its
-config's.
+Plain functions of tensors (`Pairs` groups image and caption rows with their image ids), so
+that each can be checked against a naive reference. All take L2-normalised embeddings;
+s(a, b) = a·b. They hold no default values: the model passes its config's.
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -135,16 +135,19 @@ def dcl_loss(
     return (torch.logsumexp(torch.cat([positive, negatives], 1), 1) - positive[:, 0]).mean()
 
 
+class Pairs(NamedTuple):
+    """Image and caption embeddings, row i of both from the same image-caption pair, and the
+    image id of each row: a batch's queries, the global batch's keys or a queue's entries."""
+
+    image: Tensor
+    text: Tensor
+    ids: Tensor
+
+
 def symmetric_dcl(
-    img: Tensor,
-    cap: Tensor,
-    image_keys: Tensor,
-    text_keys: Tensor,
-    key_ids: Tensor,
-    image_queue: Tensor | None,
-    text_queue: Tensor | None,
-    queue_ids: Tensor,
-    image_ids: Tensor,
+    queries: Pairs,
+    keys: Pairs,
+    queue: Pairs | None,
     pos_index: Tensor,
     tau: float,
     beta: float,
@@ -154,42 +157,20 @@ def symmetric_dcl(
 ) -> Tensor:
     """L_DCL(v, t): the mean of the image→text and text→image `dcl_loss`.
 
-    img, cap (B,d) are this process's queries with image ids `image_ids`; the keys (B',d) are
-    the global batch's, with ids `key_ids`, query i's positive at row pos_index[i]; a queue
-    (K,d) of None is empty. `weighting` is the reading of DCL's weights (beta_adaptive,
-    weight_groups, false_negative_threshold). A dict `stats` gets `dcl_loss`'s statistics,
-    the mean of both directions.
+    `queries` (B,d) are this process's; the `keys` (B',d) are the global batch's, query i's
+    positive at row pos_index[i]; a `queue` (K,d) of None is empty. `weighting` is the reading
+    of DCL's weights (beta_adaptive, weight_groups, false_negative_threshold). A dict `stats`
+    gets `dcl_loss`'s statistics, the mean of both directions.
     """
-    empty = img.new_zeros(0, img.shape[1])
-    directions: list[dict[str, Tensor]] = [{}, {}]
-    i2t = dcl_loss(
-        img,
-        text_keys,
-        empty if text_queue is None else text_queue,
-        image_ids,
-        queue_ids,
-        tau,
-        beta,
-        k_ids=key_ids,
-        pos_index=pos_index,
-        stats=None if stats is None else directions[0],
-        **weighting,
-    )
-    t2i = dcl_loss(
-        cap,
-        image_keys,
-        empty if image_queue is None else image_queue,
-        image_ids,
-        queue_ids,
-        tau,
-        beta,
-        k_ids=key_ids,
-        pos_index=pos_index,
-        stats=None if stats is None else directions[1],
-        **weighting,
-    )
+    if queue is None:
+        empty = queries.image.new_zeros(0, queries.image.shape[1])
+        queue = Pairs(empty, empty, keys.ids[:0])
+    shared = {"k_ids": keys.ids, "pos_index": pos_index, **weighting}
+    parts: list[dict[str, Tensor] | None] = [None, None] if stats is None else [{}, {}]
+    i2t = dcl_loss(queries.image, keys.text, queue.text, queries.ids, queue.ids, tau, beta, stats=parts[0], **shared)
+    t2i = dcl_loss(queries.text, keys.image, queue.image, queries.ids, queue.ids, tau, beta, stats=parts[1], **shared)
     if stats is not None:
-        stats.update({key: (directions[0][key] + directions[1][key]) / 2 for key in directions[0]})
+        stats.update({key: (parts[0][key] + parts[1][key]) / 2 for key in parts[0]})
     return (i2t + t2i) / 2
 
 

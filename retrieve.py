@@ -37,9 +37,7 @@ def encode_queries(
         items.append(item)
     batch = data.to_device(data.collate(items, pad_id=tokenizer.pad_id), device)
     with torch.no_grad():
-        return model.encode_captions(
-            batch["tokens"], batch["lengths"], batch["attention_mask"], batch.get("concept_labels")
-        )
+        return model.encode_captions(batch)
 
 
 def image_names(split: Any) -> list[str]:

@@ -496,7 +496,7 @@ def training_step(
     with torch.autocast(device_type, dtype=amp_dtype) if amp_dtype else nullcontext():
         losses = forward(batch)
     if term_norms is not None:
-        weights = raw_model.loss_weights()
+        weights = raw_model.cfg.loss_weights()
         terms = {name: weights[name] * term for name, term in losses.items() if name != "loss"}
         term_norms.update(term_gradient_norms(raw_model, terms))
     optimizer.zero_grad(set_to_none=True)

@@ -347,10 +347,11 @@ class TinyModel(torch.nn.Module):
         concept = F.normalize(self.image_concept(pooled), dim=1) if self.concepts else None
         return F.normalize(self.image_proj(pooled), dim=1), concept
 
-    def encode_captions(self, tokens, lengths, attention_mask, concept_labels):
+    def encode_captions(self, captions: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
         self.modes.add((self.training, torch.is_grad_enabled()))
-        summed = (self.words(tokens) * attention_mask[..., None]).sum(dim=1) / lengths[:, None]
-        concept = F.normalize(self.text_concept(concept_labels), dim=1) if self.concepts else None
+        tokens, lengths, mask = captions["tokens"], captions["lengths"], captions["attention_mask"]
+        summed = (self.words(tokens) * mask[..., None]).sum(dim=1) / lengths[:, None]
+        concept = F.normalize(self.text_concept(captions["concept_labels"]), dim=1) if self.concepts else None
         return F.normalize(self.dropout(summed), dim=1), concept
 
 
@@ -439,9 +440,9 @@ def per_item_embeddings(model: TinyModel, split, tokenizer, graph) -> tuple[torc
         for text in split.captions:
             tokens = torch.tensor([tokenizer.encode(text)])
             labels = torch.from_numpy(graph.multi_hot(text.split()))[None] if graph else None
-            captions.append(
-                model.encode_captions(tokens, torch.tensor([tokens.shape[1]]), torch.ones_like(tokens), labels)
-            )
+            mask = torch.ones_like(tokens)
+            batch = {"tokens": tokens, "lengths": torch.tensor([tokens.shape[1]]), "attention_mask": mask}
+            captions.append(model.encode_captions({**batch, "concept_labels": labels}))
     model.image_rows, model.modes = 0, set()
 
     def cat(parts: list, k: int) -> torch.Tensor | None:

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from loss import (
+    Pairs,
     dcl_loss,
     dcl_negative_log_weights,
     pseudo_label_loss,
@@ -283,27 +284,19 @@ def test_symmetric_dcl_is_the_mean_of_both_directions(dcl_case):
     img, cap, queue, ids, queue_ids = dcl_case
     image_keys, text_keys = unit(6, 5, seed=20), unit(6, 5, seed=21)
     stats, i2t_stats, t2i_stats = {}, {}, {}
-    got = symmetric_dcl(
-        img,
-        cap,
-        image_keys,
-        text_keys,
-        ids,
-        queue[:4],
-        queue[4:8],
-        queue_ids[:4],
-        ids,
-        torch.arange(6),
-        0.1,
-        5.0,
-        stats=stats,
-        **PLAIN,
-    )
+    queries, keys = Pairs(img, cap, ids), Pairs(image_keys, text_keys, ids)
+    queue_pairs = Pairs(queue[:4], queue[4:8], queue_ids[:4])
+    got = symmetric_dcl(queries, keys, queue_pairs, torch.arange(6), 0.1, 5.0, stats=stats, **PLAIN)
     i2t = dcl_loss(img, text_keys, queue[4:8], ids, queue_ids[:4], 0.1, 5.0, stats=i2t_stats, **PLAIN)
     t2i = dcl_loss(cap, image_keys, queue[:4], ids, queue_ids[:4], 0.1, 5.0, stats=t2i_stats, **PLAIN)
     assert got.item() == pytest.approx((i2t.item() + t2i.item()) / 2, abs=1e-12)
     want = (i2t_stats["weight_entropy"] + t2i_stats["weight_entropy"]).item() / 2
     assert stats["weight_entropy"].item() == pytest.approx(want, abs=1e-12)
+    no_queue = symmetric_dcl(queries, keys, None, torch.arange(6), 0.1, 5.0, **PLAIN)  # None: an empty queue
+    empty, no_ids = queue[:0], queue_ids[:0]
+    i2t = dcl_loss(img, text_keys, empty, ids, no_ids, 0.1, 5.0, **PLAIN)
+    t2i = dcl_loss(cap, image_keys, empty, ids, no_ids, 0.1, 5.0, **PLAIN)
+    assert no_queue.item() == pytest.approx((i2t.item() + t2i.item()) / 2, abs=1e-12)
 
 
 def naive_sinkhorn(scores: np.ndarray, eps: float, iters: int) -> np.ndarray:

@@ -368,9 +368,7 @@ def test_text_concept_descriptor_mixes_caption_labels():
     """r = 1 leaves only the caption's own labels: x_c = l2norm(softmax(10·labels) @ E)."""
     model = build(small_config(label_mix_ratio=1.0, concept_score_scale=10.0)).eval()
     batch = make_batch()
-    _, cap_c = model.encode_captions(
-        batch["tokens"], batch["lengths"], batch["attention_mask"], batch["concept_labels"]
-    )
+    _, cap_c = model.encode_captions(batch)
     concepts = model.concepts()
     want = F.normalize(torch.softmax(10.0 * batch["concept_labels"], 1) @ concepts, dim=1)
     assert torch.allclose(cap_c, want, atol=1e-6)
@@ -381,9 +379,7 @@ def test_encode_and_similarity_with_mu():
     batch = make_batch()
     with torch.no_grad():
         img, img_c = model.encode_images(batch["images"])
-        cap, cap_c = model.encode_captions(
-            batch["tokens"], batch["lengths"], batch["attention_mask"], batch["concept_labels"]
-        )
+        cap, cap_c = model.encode_captions(batch)
     for x in (img, img_c, cap, cap_c):
         assert x.shape == (8, 32) and torch.allclose(x.norm(dim=1), torch.ones(8), atol=1e-5)
     sims = model.similarity(img, img_c, cap, cap_c, mu=0.3)
@@ -392,7 +388,7 @@ def test_encode_and_similarity_with_mu():
     assert torch.allclose(model.similarity(img, img_c, cap, cap_c), default_mu, atol=1e-6)
     plain = build(small_config(concept_branch=False, fusion="concat")).eval()
     i, ic = plain.encode_images(batch["images"])
-    c, cc = plain.encode_captions(batch["tokens"], batch["lengths"], batch["attention_mask"], None)
+    c, cc = plain.encode_captions(batch)
     assert ic is None and cc is None and torch.allclose(plain.similarity(i, ic, c, cc, 0.5), i @ c.t())
 
 

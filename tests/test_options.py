@@ -22,7 +22,7 @@ def _step(model, batch):
 
 def weighted_terms(model, out):
     """Each term of the loss times its weight λ, with its graph (as the trainer passes them)."""
-    weights = model.loss_weights()
+    weights = model.cfg.loss_weights()
     return {name: weights[name] * term for name, term in out.items() if name != "loss"}
 
 
@@ -105,7 +105,8 @@ def test_fused_term_is_infonce_on_the_inference_similarity():
     }
     queues = {name: unit(2, d) for name in ("image", "image_concept", "text", "text_concept")}
     queue_ids = torch.tensor([0, 7])  # the first entry shares image 0: never its negative
-    got = model.contrast(model.fuse, [img, img_c, cap, cap_c], keys, {**queues, "ids": queue_ids}, torch.arange(b))
+    queries = {"image": img, "image_concept": img_c, "text": cap, "text_concept": cap_c, "ids": torch.arange(b)}
+    got = model.contrast(model.fuse, M.StepEmbeddings(queries, keys, {**queues, "ids": queue_ids}))
 
     def fused(q, q_c, k, k_c):
         return (1 - mu) * q @ k.t() + mu * q_c @ k_c.t()

@@ -65,7 +65,7 @@ def test_triplet_warm_up_switches_to_the_hardest_negative_at_its_epoch():
     )
     batch = make_batch()
     img, _ = model.encode_images(batch["images"])
-    cap, _ = model.encode_captions(batch["tokens"], batch["lengths"], batch["attention_mask"], None)
+    cap, _ = model.encode_captions(batch)
     every = triplet_loss(img, cap, batch["image_ids"], 0.2, hardest=False).item()
     hardest = triplet_loss(img, cap, batch["image_ids"], 0.2, hardest=True).item()
     for epoch, want in ((0, every), (1, every), (2, hardest), (5, hardest)):
@@ -154,9 +154,7 @@ def test_a_weighted_sum_model_ranks_searches_and_trains_by_it():
     batch = make_batch()
     with torch.no_grad():
         v, v_c = model.encode_images(batch["images"])
-        t, t_c = model.encode_captions(
-            batch["tokens"], batch["lengths"], batch["attention_mask"], batch["concept_labels"]
-        )
+        t, t_c = model.encode_captions(batch)
     want = weighted_sum_by_hand(v.double(), v_c.double(), t.double(), t_c.double(), model.cfg.mu)
     assert torch.allclose(model.similarity(v, v_c, t, t_c).double(), want, atol=1e-5)
     index_vectors = model.fuse(v, v_c), model.fuse(t, t_c)  # what photo_index stores
@@ -183,7 +181,8 @@ def test_cvse_loss_is_its_four_weighted_terms():
     batch = make_batch()
     losses = model(batch)
     assert set(losses) == {"triplet_instance", "triplet_concept", "triplet_fused", "concept_kl", "loss"}
-    (v, v_c, t, t_c), (image_scores, caption_scores) = model.queries(batch, model.concepts())
+    queries, (image_scores, caption_scores) = model.queries(batch, model.concepts())
+    v, v_c, t, t_c = (queries[name] for name in ("image", "image_concept", "text", "text_concept"))
     ids = batch["image_ids"]
     assert losses["triplet_fused"].item() == pytest.approx(
         triplet_loss(model.fuse(v, v_c), model.fuse(t, t_c), ids, cfg.margin, hardest=True).item(), abs=1e-6

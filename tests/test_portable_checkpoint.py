@@ -77,7 +77,8 @@ def encode(model, ids, state):
     mask = (torch.arange(tokens.shape[1])[None, :] < lengths[:, None]).long()
     labels = torch.stack([torch.from_numpy(graph.multi_hot(vocab.tokenize(c))) for c in CAPTIONS]).float()
     with torch.no_grad():
-        return model.fuse(*model.encode_captions(tokens, lengths, mask, labels))
+        captions = {"tokens": tokens, "lengths": lengths, "attention_mask": mask, "concept_labels": labels}
+        return model.fuse(*model.encode_captions(captions))
 
 
 def test_inference_needs_no_bert_folder_and_builds_the_online_encoders_only(trained):
