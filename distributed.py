@@ -31,7 +31,7 @@ class Dist:
     at the broadcast of the validation score while rank 0 validates.
     """
 
-    def __init__(self, device_pref: str, timeout_minutes: float = 60.0) -> None:
+    def __init__(self, device_pref: str, timeout_minutes: float) -> None:
         self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))

@@ -161,8 +161,8 @@ class ImageEncoder(nn.Module):
         embed_dim: int,
         pooling: str,
         batch_norm: bool,
-        l2norm_items: bool = False,
-        region_drop: float = 0.0,
+        l2norm_items: bool,
+        region_drop: float,
     ) -> None:
         super().__init__()
         self.image_dim = image_dim
@@ -189,9 +189,7 @@ class GRUTextEncoder(nn.Module):
     Packed sequences, so padding never reaches the GRU (the backward direction starts at the
     last real token)."""
 
-    def __init__(
-        self, vocab_size: int, word_dim: int, embed_dim: int, pooling: str, l2norm_items: bool = False
-    ) -> None:
+    def __init__(self, vocab_size: int, word_dim: int, embed_dim: int, pooling: str, l2norm_items: bool) -> None:
         super().__init__()
         self.l2norm_items = l2norm_items
         self.embed = nn.Embedding(vocab_size, word_dim, padding_idx=0)
@@ -267,9 +265,9 @@ class BertTextEncoder(nn.Module):
         name_or_dir: str,
         embed_dim: int,
         pooling: str,
-        length_groups: int = 1,
-        frozen_layers: int = 0,
-        l2norm_items: bool = False,
+        length_groups: int,
+        frozen_layers: int,
+        l2norm_items: bool,
         config: Any = None,
     ) -> None:
         super().__init__()

@@ -195,8 +195,8 @@ class Embeddings:
     image_concept: torch.Tensor | None
     caption_instance: torch.Tensor
     caption_concept: torch.Tensor | None
+    fusion: str
     captions_per_image: int = 5
-    fusion: str = "concat"
 
     def __post_init__(self) -> None:
         if (self.image_concept is None) != (self.caption_concept is None):
@@ -268,7 +268,7 @@ def encode_split(
 ) -> Embeddings:
     """Embed every image once and every caption once with the model's online encoders.
 
-    `model` is anything with `encode_images(images)` and
+    `model` is anything with `cfg.fusion`, `encode_images(images)` and
     `encode_captions(captions)` (a caption batch by name: tokens, lengths, attention_mask,
     concept_labels, text_states) returning (instance, concept or None). Runs in eval mode under
     no_grad and restores the model's training mode afterwards, so the training loop can call it
@@ -326,7 +326,7 @@ def encode_split(
         cap_inst,
         cap_con,
         captions_per_image=len(captions) // len(images),
-        fusion=getattr(getattr(model, "cfg", None), "fusion", "concat"),
+        fusion=model.cfg.fusion,
     )
 
 
@@ -432,7 +432,7 @@ def evaluate(
     tokenizers: Any,
     concept_graphs: Any,
     device: str | torch.device,
-    mu: float | Sequence[float] = 0.15,
+    mu: float | Sequence[float],
     *,
     protocol: str = "f30k",
     batch_size: int = 128,

@@ -69,7 +69,7 @@ def main() -> None:
         f"{tokens.shape[1]} tokens, {tokens.numel():,} token slots for {int(lengths.sum()):,} real tokens"
     )
     torch.manual_seed(0)
-    encoder = BertTextEncoder(bert, 512, "attn")
+    encoder = BertTextEncoder(bert, 512, "attn", length_groups=1, frozen_layers=0, l2norm_items=False)
     times: dict[int, tuple[float, float]] = {}
     for groups in [int(g) for g in args.groups.split(",")]:
         encoder.length_groups = groups

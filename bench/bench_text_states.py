@@ -59,7 +59,7 @@ def random_encoder(folder: Path) -> Any:
         vocab_size=30522, hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=6, intermediate_size=HIDDEN
     )
     BertModel(config, add_pooling_layer=False).save_pretrained(folder)
-    return BertTextEncoder(str(folder), 32, "mean", frozen_layers=1)
+    return BertTextEncoder(str(folder), 32, "mean", length_groups=1, frozen_layers=1, l2norm_items=False)
 
 
 def peak_growth(work: Callable[[], Any]) -> tuple[Any, dict[str, float]]:

@@ -494,7 +494,7 @@ def run_gpu(args: argparse.Namespace, env: dict[str, Any]) -> int:
             "for a smoke test of this path on CPU add --device cpu --tiny"
         )
         return 2
-    world = distributed.Dist(args.device)
+    world = distributed.Dist(args.device, train_f30k.dist_timeout)
     device = world.device
     sizes = BERT_TINY if args.tiny else BERT_BASE
     shape = f"{sizes['num_hidden_layers']}x{sizes['hidden_size']}"

@@ -38,7 +38,7 @@ def caption_vectors(split: Any, bert_path: str, cache: Path, batch_size: int = 2
 
     tokenizer = vocab.BertTokenizer(bert_path)
     layers = load_pretrained(AutoConfig, bert_path, "BERT config").num_hidden_layers
-    encoder = BertTextEncoder(bert_path, 1, "mean", frozen_layers=layers)
+    encoder = BertTextEncoder(bert_path, 1, "mean", length_groups=1, frozen_layers=layers, l2norm_items=False)
     token_ids = [tokenizer.encode(caption) for caption in split.captions]
     states = text_cache.frozen_text_states(encoder, token_ids, cache, batch_size=batch_size)
     return np.stack([states[i].mean(0) for i in range(len(states))]).astype(np.float32)

@@ -97,7 +97,7 @@ def build_run(data_path: str, row: str, run_dir: Path) -> trainer.TrainingRun:
     overrides = bench_flickr8k.run_overrides(settings, 0, paths, run_dir, bench_flickr8k.minilm_path())
     config = {**bench_flickr8k.script_defaults(), **overrides, "log_every": 10**6, "diag_every": 0}
     check_train_config(config, resuming=False)
-    return trainer.TrainingRun(config, "f30k", distributed.Dist("cpu"))
+    return trainer.TrainingRun(config, "f30k", distributed.Dist("cpu", config["dist_timeout"]))
 
 
 def batches(run: trainer.TrainingRun) -> Any:

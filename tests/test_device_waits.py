@@ -81,7 +81,7 @@ def test_the_gru_encoder_equals_each_caption_run_alone():
     """Sorting on the host changes no output: each caption's pooled embedding is that of the
     BiGRU run over its own tokens alone (no padding, no packing), directions averaged."""
     torch.manual_seed(0)
-    enc = E.GRUTextEncoder(30, 8, 16, "mean").eval()
+    enc = E.GRUTextEncoder(30, 8, 16, "mean", l2norm_items=False).eval()
     lengths = torch.tensor([3, 5, 1, 5, 2, 4])
     tokens = torch.randint(1, 30, (6, 5)) * (torch.arange(5)[None, :] < lengths[:, None])
     mask = (tokens > 0).long()
@@ -97,7 +97,7 @@ def test_bert_layers_run_directly_equal_the_transformers_forward(tiny_bert):
     """The BERT encoder runs the embeddings and layers itself with an additive mask; the real
     tokens' states equal those of the transformers model's own forward with its 2-D mask."""
     torch.manual_seed(0)
-    enc = E.BertTextEncoder(tiny_bert, 16, "mean").eval()
+    enc = E.BertTextEncoder(tiny_bert, 16, "mean", length_groups=1, frozen_layers=0, l2norm_items=False).eval()
     tokens = torch.tensor([[2, 9, 7, 3, 0, 0], [2, 10, 11, 8, 9, 3], [2, 3, 0, 0, 0, 0]])
     mask = (tokens > 0).long()
     captured = {}

@@ -198,6 +198,7 @@ def random_embeddings(n_img: int, cpi: int, concepts: bool, seed: int) -> Embedd
         unit(n_img, 6) if concepts else None,
         unit(n_img * cpi, 8),
         unit(n_img * cpi, 6) if concepts else None,
+        "concat",
         captions_per_image=cpi,
     )
 
@@ -247,9 +248,9 @@ def test_ensemble_similarity_is_the_mean() -> None:
 def test_embeddings_validate_counts() -> None:
     emb = random_embeddings(3, 5, True, seed=6)
     with pytest.raises(CoderError, match="14 captions for 3 images"):
-        Embeddings(emb.image_instance, None, emb.caption_instance[:14], None)
+        Embeddings(emb.image_instance, None, emb.caption_instance[:14], None, "concat")
     with pytest.raises(CoderError, match="both"):
-        Embeddings(emb.image_instance, emb.image_concept, emb.caption_instance, None)
+        Embeddings(emb.image_instance, emb.image_concept, emb.caption_instance, None, "concat")
 
 
 # --------------------------------------------------------------------------- protocols
@@ -299,10 +300,10 @@ def informative(n_img: int, cpi: int, seed: int) -> tuple[torch.Tensor, torch.Te
 def test_sweep_mu_picks_the_informative_branch() -> None:
     noise = random_embeddings(20, 5, True, seed=10)
     img, cap = informative(20, 5, seed=11)
-    concept_good = Embeddings(noise.image_instance, img, noise.caption_instance, cap)
+    concept_good = Embeddings(noise.image_instance, img, noise.caption_instance, cap, "concat")
     best, table = evaluation.sweep_mu(concept_good, [0.0, 0.3, 1.0])
     assert best == 1.0 and table[1.0] == 600.0 and table[0.0] < 300
-    instance_good = Embeddings(img, noise.image_concept, cap, noise.caption_concept)
+    instance_good = Embeddings(img, noise.image_concept, cap, noise.caption_concept, "concat")
     best, table = evaluation.sweep_mu([instance_good], [1.0, 0.0])
     assert best == 0.0 and table[0.0] == 600.0
 
@@ -332,6 +333,7 @@ class TinyModel(torch.nn.Module):
         super().__init__()
         torch.manual_seed(0)
         self.concepts = concepts
+        self.cfg = types.SimpleNamespace(fusion="concat")  # S as the concat fusion: (1-mu)s + mu s_c
         self.image_proj = torch.nn.Linear(FEAT, 6)
         self.words = torch.nn.Embedding(VOCAB_SIZE, 6, padding_idx=0)
         self.image_concept = torch.nn.Linear(FEAT, 3)
@@ -481,7 +483,9 @@ def test_evaluate_ensemble_with_fake_data_module(monkeypatch: pytest.MonkeyPatch
     split, tokenizer, graph = fake_split(6, 5), FakeTokenizer(), FakeGraph()
     models = [TinyModel(True), TinyModel(False)]
     torch.nn.init.normal_(models[1].image_proj.weight, generator=torch.Generator().manual_seed(1))
-    embs = [Embeddings(*per_item_embeddings(m, split, tokenizer, graph if m.concepts else None)) for m in models]
+    embs = [
+        Embeddings(*per_item_embeddings(m, split, tokenizer, graph if m.concepts else None), "concat") for m in models
+    ]
     sims = (direct_similarity(embs[0], 0.2) + direct_similarity(embs[1], 0.2)) / 2
     got = evaluation.evaluate(models, split, tokenizer, [graph, None], "cpu", mu=0.2, batch_size=4, progress=False)
     assert_metrics_close(got, naive_metrics(sims.float().numpy(), 5))

@@ -29,7 +29,7 @@ def captions(vocab_size: int = len(TINY_BERT_WORDS)) -> tuple[torch.Tensor, torc
 
 def encoder(bert: str, frozen_layers: int, groups: int = 1) -> E.BertTextEncoder:
     torch.manual_seed(0)
-    return E.BertTextEncoder(bert, 32, "attn", length_groups=groups, frozen_layers=frozen_layers)
+    return E.BertTextEncoder(bert, 32, "attn", length_groups=groups, frozen_layers=frozen_layers, l2norm_items=False)
 
 
 def padded(states: text_cache.TokenStates, width: int) -> torch.Tensor:
@@ -184,7 +184,7 @@ def test_gru_and_unfrozen_bert_refuse_precomputed_states(tiny_bert):
     tokens, mask, _ = captions()
     with pytest.raises(CoderError, match="bert_frozen_layers > 0"):
         encoder(tiny_bert, 0)(tokens, LENGTHS, mask, text_states=torch.zeros(9, 12, TINY_BERT_HIDDEN))
-    gru = E.GRUTextEncoder(len(TINY_BERT_WORDS), 8, 16, "mean")
+    gru = E.GRUTextEncoder(len(TINY_BERT_WORDS), 8, 16, "mean", l2norm_items=False)
     with pytest.raises(CoderError, match="bert text encoder only"):
         gru(tokens, LENGTHS, mask, text_states=torch.zeros(9, 12, TINY_BERT_HIDDEN))
     with pytest.raises(CoderError, match="needs text_encoder='bert'"):

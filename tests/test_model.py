@@ -286,7 +286,7 @@ def test_state_dict_holds_queues_prototypes_and_momentum():
 @pytest.mark.parametrize("pooling", ["attn", "mean", "gpo"])
 @pytest.mark.parametrize("regions,dim", [(49, 1280), (3, 7)])
 def test_image_encoder_any_region_count_and_size(pooling, regions, dim):
-    enc = E.ImageEncoder(dim, 16, pooling, batch_norm=True)
+    enc = E.ImageEncoder(dim, 16, pooling, batch_norm=True, l2norm_items=False, region_drop=0.0)
     out = enc(torch.randn(3, regions, dim))
     assert out.shape == (3, 16)
     assert torch.allclose(out.norm(dim=1), torch.ones(3), atol=1e-5)
@@ -297,7 +297,7 @@ def test_image_encoder_any_region_count_and_size(pooling, regions, dim):
 @pytest.mark.parametrize("pooling", ["attn", "mean", "gpo"])
 def test_text_encoder_ignores_padding_and_batch_neighbours(pooling):
     torch.manual_seed(0)
-    enc = E.GRUTextEncoder(VOCAB, 8, 16, pooling).eval()
+    enc = E.GRUTextEncoder(VOCAB, 8, 16, pooling, l2norm_items=False).eval()
     tokens = torch.tensor([[5, 6, 7, 0, 0, 0], [8, 9, 10, 11, 12, 13]])
     lengths = torch.tensor([3, 6])
     both = enc(tokens, lengths, (tokens > 0).long())
@@ -344,7 +344,7 @@ def test_gpo_pools_a_row_without_items_to_zero():
 def test_gru_text_encoder_takes_lengths_on_the_host_or_on_the_device(device):
     """The trainer keeps lengths on the host; DDP on a GPU moves every input to the device."""
     torch.manual_seed(0)
-    enc = E.GRUTextEncoder(VOCAB, 8, 16, "mean").to(device).eval()
+    enc = E.GRUTextEncoder(VOCAB, 8, 16, "mean", l2norm_items=False).to(device).eval()
     tokens = torch.tensor([[5, 6, 7, 0], [8, 9, 10, 11]], device=device)
     mask, lengths = (tokens > 0).long(), torch.tensor([3, 4])
     on_host = enc(tokens, lengths, mask)
@@ -472,7 +472,8 @@ def test_bert_length_groups_give_the_padded_call_outputs_and_gradients():
     results = []
     for groups in (1, 3, 4, 20):
         torch.manual_seed(0)
-        encoder = E.BertTextEncoder(minilm.get_model_path(), 32, "attn", length_groups=groups).eval()
+        bert = minilm.get_model_path()
+        encoder = E.BertTextEncoder(bert, 32, "attn", length_groups=groups, frozen_layers=0, l2norm_items=False).eval()
         out = encoder(tokens, lengths, mask.long())
         (out * torch.linspace(-1, 1, 32)).sum().backward()
         results.append((out.detach(), encoder.bert.embeddings.word_embeddings.weight.grad))

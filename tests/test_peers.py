@@ -87,7 +87,7 @@ def test_kept_regions_rate_seed_and_at_least_one():
 @pytest.mark.parametrize("pooling", ["gpo", "mean"])
 def test_region_drop_pools_the_kept_regions_only_and_only_in_training(pooling):
     torch.manual_seed(0)
-    encoder = E.ImageEncoder(6, 8, pooling, batch_norm=False, region_drop=0.5)
+    encoder = E.ImageEncoder(6, 8, pooling, batch_norm=False, l2norm_items=False, region_drop=0.5)
     images = torch.randn(7, 5, 6)
     torch.manual_seed(11)
     dropped = encoder.train()(images)
@@ -99,7 +99,7 @@ def test_region_drop_pools_the_kept_regions_only_and_only_in_training(pooling):
         for i in range(7):
             alone = encoder(images[i : i + 1, kept[i]])  # this image's kept regions, nothing dropped
             assert torch.allclose(dropped[i], alone[0], atol=1e-6), i
-        full = E.ImageEncoder(6, 8, pooling, batch_norm=False)
+        full = E.ImageEncoder(6, 8, pooling, batch_norm=False, l2norm_items=False, region_drop=0.0)
         full.load_state_dict(encoder.state_dict())
         assert torch.equal(encoder(images), full.eval()(images))  # evaluation pools every region
 

@@ -38,7 +38,7 @@ def bert_dir(tmp_path_factory):
 
 def encoder(bert_dir: str, frozen_layers: int = 1) -> E.BertTextEncoder:
     torch.manual_seed(0)
-    return E.BertTextEncoder(bert_dir, 8, "mean", frozen_layers=frozen_layers)
+    return E.BertTextEncoder(bert_dir, 8, "mean", length_groups=1, frozen_layers=frozen_layers, l2norm_items=False)
 
 
 def token_ids(count: int = 37, seed: int = 0) -> list[list[int]]:
@@ -214,7 +214,7 @@ def test_a_training_run_keeps_the_states_in_its_data_folder(bert_dir, tmp_path):
         "eval_batch_size": 2,
         "progress": False,
     }
-    enc, world = encoder(bert_dir), Dist("cpu")
+    enc, world = encoder(bert_dir), Dist("cpu", timeout_minutes=2)
     states = trainer._text_states(enc, split, tokenizer, config, world, trainer.RunLog(None))
     ids = [tokenizer.encode(c) for c in split.captions]
     assert Path(states.states.filename).parent == tmp_path / "text_states"

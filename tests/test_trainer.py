@@ -240,7 +240,7 @@ def test_validation_flags_a_collapsed_model_and_saves_its_ranks(tmp_path, monkey
     if collapsed:
         images, captions = torch.ones(30, 8) / 8**0.5, torch.ones(150, 8) / 8**0.5
     captions = torch.nn.functional.normalize(captions, dim=1)
-    found = evaluation.Embeddings(images, None, captions, None)
+    found = evaluation.Embeddings(images, None, captions, None, "concat")
     monkeypatch.setattr(evaluation, "encode_split", lambda *args, **kwargs: found)
     config = {"eval_batch_size": 8, "workers": 0, "mu": 0.15}
     metrics = trainer.validate(None, None, None, None, config, torch.device("cpu"), ranks_file=tmp_path / "r.npz")
