@@ -490,7 +490,7 @@ def test_evaluate_ensemble_with_fake_data_module(monkeypatch: pytest.MonkeyPatch
     got = evaluation.evaluate(models, split, tokenizer, [graph, None], "cpu", mu=0.2, batch_size=4, progress=False)
     assert_metrics_close(got, naive_metrics(sims.float().numpy(), 5))
     with pytest.raises(CoderError, match="1 tokenizers for 2 models"):
-        evaluation.evaluate(models, split, [tokenizer], graph, "cpu", progress=False)
+        evaluation.evaluate(models, split, [tokenizer], graph, "cpu", mu=0.2, progress=False)
 
 
 def test_encode_split_with_real_data_module(tmp_path) -> None:
