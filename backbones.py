@@ -1,5 +1,6 @@
 """Frozen image CNNs as region-feature extractors, shared by extract_features.py (datasets)
 and serve.py (a folder of one's own photos): the same preprocessing and the same features."""
+
 from __future__ import annotations
 
 import contextlib
@@ -31,8 +32,14 @@ MAX_PHOTO_PIXELS = 100_000_000
 # PNG, GIF, BMP and WebP cannot be decoded at a reduced scale: the whole image is held, so each
 # has the bound that keeps its decoding under ~0.5 GB (measured in docs/search_app.md: a 40 MP
 # RGBA PNG 458 MB, a 24 MP RGBA WebP 468 MB). MPO is Pillow's name for a multi-picture JPEG.
-PIXEL_LIMITS = {"JPEG": MAX_PHOTO_PIXELS, "MPO": MAX_PHOTO_PIXELS, "PNG": 40_000_000, "GIF": 40_000_000,
-                "BMP": 40_000_000, "WEBP": 24_000_000}
+PIXEL_LIMITS = {
+    "JPEG": MAX_PHOTO_PIXELS,
+    "MPO": MAX_PHOTO_PIXELS,
+    "PNG": 40_000_000,
+    "GIF": 40_000_000,
+    "BMP": 40_000_000,
+    "WEBP": 24_000_000,
+}
 
 # How `open_photo` decodes, part of every backbone's fingerprint: features (and a search index)
 # made by an older decoder are never mixed with these.
@@ -61,8 +68,7 @@ def _covering_size(size: tuple[int, int], target_side: int) -> tuple[int, int]:
     return math.ceil(w * scale), math.ceil(h * scale)
 
 
-def open_photo(source: Path | str | bytes | BinaryIO, target_side: int, max_pixels: int | None = None
-               ) -> Image.Image:
+def open_photo(source: Path | str | bytes | BinaryIO, target_side: int, max_pixels: int | None = None) -> Image.Image:
     """Decode a photo file (its path, its bytes or an open binary file) as a loaded RGB image
     whose shorter side is at least `target_side` pixels, or the photo's own size when smaller.
 
@@ -206,9 +212,7 @@ class EfficientNetLite0(Backbone):
             from efficientnet_lite_pytorch import EfficientNet
 
             with contextlib.redirect_stdout(io.StringIO()):  # the package prints on load
-                model = EfficientNet.from_pretrained(
-                    "efficientnet-lite0", weights_path=str(self.weights_path)
-                )
+                model = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=str(self.weights_path))
             self._model = model.eval().to(self.device)
         return self._model
 

@@ -1,6 +1,7 @@
 """Captions and split lists of a raw image dataset, in the formats extract_features.py reads:
 a CSV `image,caption` (Flickr8k-style), Karpathy's dataset_*.json (Flickr30K, COCO), and one
 image name per line for a split; `build_split_entries` turns them into (image, k captions)."""
+
 from __future__ import annotations
 
 import csv
@@ -35,9 +36,7 @@ def read_captions_csv(path: str | os.PathLike) -> dict[str, list[str]]:
                 raise CoderError(f"{path}: captions file is empty")
             names = [h.strip().lower() for h in header]
             if "image" not in names or "caption" not in names:
-                raise CoderError(
-                    f"{path}: first line must be the header 'image,caption' (found {','.join(header)!r})"
-                )
+                raise CoderError(f"{path}: first line must be the header 'image,caption' (found {','.join(header)!r})")
             i_img, i_cap = names.index("image"), names.index("caption")
             for row in reader:
                 if not row or all(not x.strip() for x in row):
@@ -181,9 +180,7 @@ def build_split_entries(
             names[out] = [name for name, s in image_split.items() if s in wanted]
     else:
         if not splits:
-            raise CoderError(
-                f"{captions}: a CSV captions file needs split lists, e.g. --split train=train.txt"
-            )
+            raise CoderError(f"{captions}: a CSV captions file needs split lists, e.g. --split train=train.txt")
         caps = read_captions_csv(captions)
         for out, value in splits.items():
             names[out] = read_split_list(value)
@@ -204,5 +201,3 @@ def build_split_entries(
             entries.append((name, kept_captions(caps[name], captions_per_image)))
         result[out] = entries
     return result
-
-

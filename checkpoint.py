@@ -1,5 +1,6 @@
 """Checkpoints: atomic writes, safe loading (weights_only), strict state restoring, and
 rebuilding a model with its tokenizer and concept graph for inference."""
+
 from __future__ import annotations
 
 import os
@@ -28,11 +29,17 @@ def code_version(root: str | os.PathLike | None = None) -> str:
     leaves the next run's version clean. `root` is the checkout (this file's folder by default)."""
     root = Path(root) if root is not None else Path(__file__).resolve().parent
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
-                                text=True, timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
-                                f":(exclude){RECORD_DIR}"], cwd=root,
-                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", f":(exclude){RECORD_DIR}"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return commit + ("+dirty" if dirty else "")
@@ -59,11 +66,15 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError:
         # torch's message would suggest weights_only=False, i.e. running the file's code: never.
-        raise CoderError(f"{path}: holds objects other than tensors and plain containers; refusing to load it "
-                         f"(this project's checkpoints never do)") from None
+        raise CoderError(
+            f"{path}: holds objects other than tensors and plain containers; refusing to load it "
+            f"(this project's checkpoints never do)"
+        ) from None
     except Exception as err:  # torch raises many types for truncated or corrupt archives
-        raise CoderError(f"{path}: truncated or corrupt checkpoint ({type(err).__name__}); use another "
-                         f"checkpoint, e.g. best.pt or last.pt of the same run") from None
+        raise CoderError(
+            f"{path}: truncated or corrupt checkpoint ({type(err).__name__}); use another "
+            f"checkpoint, e.g. best.pt or last.pt of the same run"
+        ) from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise CoderError(f"{path}: not a CODER checkpoint (no '{CHECKPOINT_FORMAT}' marker)")
     return state
@@ -74,18 +85,25 @@ def _is_int(v: Any) -> bool:
 
 
 def _is_graph(v: Any) -> bool:
-    return v is None or (isinstance(v, dict) and isinstance(v.get("words"), list) and all(
-        isinstance(v.get(k), torch.Tensor) for k in ("counts", "cooccurrence", "word_vectors")))
+    return v is None or (
+        isinstance(v, dict)
+        and isinstance(v.get("words"), list)
+        and all(isinstance(v.get(k), torch.Tensor) for k in ("counts", "cooccurrence", "word_vectors"))
+    )
 
 
 # What every checkpoint holds, and what a resume needs besides (training writes them all).
 CHECKPOINT_KEYS: dict[str, tuple[Any, str]] = {
     "config": (lambda v: isinstance(v, dict) and all(isinstance(k, str) for k in v), "a dict of options"),
-    "model": (lambda v: isinstance(v, dict) and all(isinstance(t, torch.Tensor) for t in v.values()),
-              "a dict of tensors"),
+    "model": (
+        lambda v: isinstance(v, dict) and all(isinstance(t, torch.Tensor) for t in v.values()),
+        "a dict of tensors",
+    ),
     "image_dim": (lambda v: _is_int(v) and v > 0, "a positive integer"),
-    "vocab_words": (lambda v: v is None or (isinstance(v, list) and all(isinstance(w, str) for w in v)),
-                    "a list of words or None"),
+    "vocab_words": (
+        lambda v: v is None or (isinstance(v, list) and all(isinstance(w, str) for w in v)),
+        "a list of words or None",
+    ),
     "concept_graph": (_is_graph, "a dict with words, counts, cooccurrence, word_vectors, or None"),
 }
 RESUME_KEYS: dict[str, tuple[Any, str]] = {
@@ -118,9 +136,18 @@ _PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 
 
 def _is_file_dict(v: Any) -> bool:
-    return isinstance(v, dict) and "config.json" in v and all(
-        isinstance(k, str) and _PLAIN_NAME.fullmatch(k) and isinstance(t, torch.Tensor) and t.dtype == torch.uint8
-        and t.dim() == 1 for k, t in v.items())
+    return (
+        isinstance(v, dict)
+        and "config.json" in v
+        and all(
+            isinstance(k, str)
+            and _PLAIN_NAME.fullmatch(k)
+            and isinstance(t, torch.Tensor)
+            and t.dtype == torch.uint8
+            and t.dim() == 1
+            for k, t in v.items()
+        )
+    )
 
 
 def check_checkpoint_contents(path: str | os.PathLike, state: dict[str, Any]) -> None:
@@ -128,8 +155,10 @@ def check_checkpoint_contents(path: str | os.PathLike, state: dict[str, Any]) ->
     within their ranges; finite weights. One line naming the file and the first problem."""
     _check_keys(path, state, CHECKPOINT_KEYS)
     if state.get(TEXT_ENCODER_FILES) is not None and not _is_file_dict(state[TEXT_ENCODER_FILES]):
-        raise CoderError(f"{path}: checkpoint's '{TEXT_ENCODER_FILES}' is not a dict of plain file names (with "
-                         f"config.json) to byte tensors (written by another program, or damaged)")
+        raise CoderError(
+            f"{path}: checkpoint's '{TEXT_ENCODER_FILES}' is not a dict of plain file names (with "
+            f"config.json) to byte tensors (written by another program, or damaged)"
+        )
     _check_saved_options(path, state["config"])
     bad = next((k for k, t in state["model"].items() if t.is_floating_point() and not torch.isfinite(t).all()), None)
     if bad is not None:
@@ -142,8 +171,9 @@ def _check_saved_options(path: str | os.PathLike, config: dict[str, Any]) -> Non
 
     missing = [k for k in REQUIRED_OPTIONS if k not in config]
     if missing:
-        raise CoderError(f"{path}: the checkpoint's config lacks {', '.join(missing)} (written by another program, "
-                         f"or damaged)")
+        raise CoderError(
+            f"{path}: the checkpoint's config lacks {', '.join(missing)} (written by another program, or damaged)"
+        )
     try:
         check_values(config)
     except CoderError as err:
@@ -186,12 +216,19 @@ def resumed_config(config: dict[str, Any], explicit: set[str]) -> dict[str, Any]
     saved = saved_config(state)
     refused = sorted(k for k in explicit if k not in RESUME_MAY_CHANGE and config[k] != saved.get(k, config[k]))
     if refused:
-        raise CoderError(f"{config['resume']}: a resumed run keeps its configuration; cannot change "
-                         f"{', '.join('--' + k for k in refused)} (allowed: "
-                         f"{', '.join('--' + k for k in RESUME_MAY_CHANGE[1:])})")
+        raise CoderError(
+            f"{config['resume']}: a resumed run keeps its configuration; cannot change "
+            f"{', '.join('--' + k for k in refused)} (allowed: "
+            f"{', '.join('--' + k for k in RESUME_MAY_CHANGE[1:])})"
+        )
     # The run continues where its checkpoint now is, not in the folder it was written in.
-    return {**config, **saved, **{k: config[k] for k in explicit if k in RESUME_MAY_CHANGE},
-            "resume": config["resume"], "run_dir": config["run_dir"] if "run_dir" in explicit else ""}
+    return {
+        **config,
+        **saved,
+        **{k: config[k] for k in explicit if k in RESUME_MAY_CHANGE},
+        "resume": config["resume"],
+        "run_dir": config["run_dir"] if "run_dir" in explicit else "",
+    }
 
 
 def concept_graph_state(graph: Any) -> dict[str, Any] | None:
@@ -211,9 +248,13 @@ def concept_graph_from_state(state: dict[str, Any] | None) -> Any:
         return None
     from concepts import ConceptGraph
 
-    graph = ConceptGraph(words=list(state["words"]), counts=state["counts"].numpy(),
-                         cooccurrence=state["cooccurrence"].numpy(),
-                         word_vectors=state["word_vectors"].numpy(), source="the checkpoint's concept graph")
+    graph = ConceptGraph(
+        words=list(state["words"]),
+        counts=state["counts"].numpy(),
+        cooccurrence=state["cooccurrence"].numpy(),
+        word_vectors=state["word_vectors"].numpy(),
+        source="the checkpoint's concept graph",
+    )
     if not np.isfinite(graph.word_vectors).all():
         raise CoderError("the checkpoint's concept graph: non-finite values (NaN or inf) in its word vectors")
     return graph
@@ -227,13 +268,16 @@ def model_config_from(config: dict[str, Any], **overrides: Any) -> Any:
     values.update(overrides)
     missing = [f.name for f in fields(ModelConfig) if f.name not in values]
     if missing:
-        raise CoderError(f"the run's config has no {', '.join(missing)} (written by another program, or by a "
-                         f"version of this code before these options)")
+        raise CoderError(
+            f"the run's config has no {', '.join(missing)} (written by another program, or by a "
+            f"version of this code before these options)"
+        )
     return ModelConfig(**values)
 
 
-def build_model(config: dict[str, Any], image_dim: int, vocab_size: int, graph: Any,
-                **model_kwargs: Any) -> torch.nn.Module:
+def build_model(
+    config: dict[str, Any], image_dim: int, vocab_size: int, graph: Any, **model_kwargs: Any
+) -> torch.nn.Module:
     """A fresh CODER model for a run config; `graph` may be None when the concept branch is off.
     `model_kwargs` go to CODER (`with_keys`, `bert_config`)."""
     from model import CODER
@@ -254,8 +298,11 @@ def text_encoder_files(tokenizer: Any, bert_config: Any) -> dict[str, torch.Tens
     with tempfile.TemporaryDirectory(prefix="coder-text-encoder-") as tmp:
         bert_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        return {p.name: torch.from_numpy(np.frombuffer(p.read_bytes(), dtype=np.uint8).copy())
-                for p in sorted(Path(tmp).iterdir()) if p.is_file()}
+        return {
+            p.name: torch.from_numpy(np.frombuffer(p.read_bytes(), dtype=np.uint8).copy())
+            for p in sorted(Path(tmp).iterdir())
+            if p.is_file()
+        }
 
 
 def text_encoder_parts(state: dict[str, Any], config: dict[str, Any], source: str | os.PathLike) -> tuple[Any, Any]:
@@ -278,8 +325,10 @@ def text_encoder_parts(state: dict[str, Any], config: dict[str, Any], source: st
     try:
         return vocab.BertTokenizer(folder), load_pretrained(AutoConfig, folder, "BERT config")
     except CoderError as err:
-        raise CoderError(f"{source}: holds no copy of its text encoder's config and vocabulary, and {err}; pass "
-                         f"--bert_path DIR, the BERT folder it was trained with, wherever that is now") from None
+        raise CoderError(
+            f"{source}: holds no copy of its text encoder's config and vocabulary, and {err}; pass "
+            f"--bert_path DIR, the BERT folder it was trained with, wherever that is now"
+        ) from None
 
 
 def make_tokenizer(config: dict[str, Any], vocab_words: list[str] | None) -> Any:
@@ -291,8 +340,9 @@ def make_tokenizer(config: dict[str, Any], vocab_words: list[str] | None) -> Any
     return vocab.Vocabulary.from_words(vocab_words)
 
 
-def load_for_inference(path: str | os.PathLike, device: str | torch.device = "cpu",
-                       bert_path: str | None = None) -> tuple[torch.nn.Module, Any, Any, dict[str, Any]]:
+def load_for_inference(
+    path: str | os.PathLike, device: str | torch.device = "cpu", bert_path: str | None = None
+) -> tuple[torch.nn.Module, Any, Any, dict[str, Any]]:
     """(model in eval mode, tokenizer, concept graph, run config) from a checkpoint file. Only
     the online encoders are built: no momentum encoders, queues, prototypes or kernel. A bert
     model needs no folder when the checkpoint holds its text encoder's files; `bert_path`
@@ -310,7 +360,8 @@ def load_for_inference(path: str | os.PathLike, device: str | torch.device = "cp
         tokenizer, bert_config = text_encoder_parts(state, config, path)
     else:
         tokenizer = make_tokenizer(config, state.get("vocab_words"))
-    model = build_model(config, state["image_dim"], len(state["vocab_words"] or []), graph, with_keys=False,
-                        bert_config=bert_config)
+    model = build_model(
+        config, state["image_dim"], len(state["vocab_words"] or []), graph, with_keys=False, bert_config=bert_config
+    )
     load_state_strict(model, online_weights(state["model"]), str(path))
     return model.to(device).eval(), tokenizer, graph, config

@@ -14,6 +14,7 @@ CLI (each prints JSON lines):
     python concepts.py label DIR CAPTIONS_FILE [--captions-per-image 5]
     python concepts.py build --captions FILE... --out DIR [--concepts N] [--word-vectors PATH]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -79,7 +80,9 @@ def binary_graph(counts: np.ndarray, cooccurrence: np.ndarray, threshold: float 
     return (rescaled >= threshold).astype(np.float64)
 
 
-def normalized_adjacency(counts: np.ndarray, cooccurrence: np.ndarray, threshold: float = DEFAULT_THRESHOLD) -> np.ndarray:
+def normalized_adjacency(
+    counts: np.ndarray, cooccurrence: np.ndarray, threshold: float = DEFAULT_THRESHOLD
+) -> np.ndarray:
     """The fixed GCN adjacency Â = D^-1/2 Aᵀ D^-1/2 of CVSE's recipe (docs/data.md#concepts), float32.
 
     A is the binary graph with each non-empty column scaled to sum 0.25, plus the identity;
@@ -114,9 +117,7 @@ class ConceptGraph:
             if np.shape(arr) != shape:
                 raise CoderError(f"{self.source}: {name} has shape {np.shape(arr)}, expected {shape} for {n} concepts")
         if np.ndim(self.word_vectors) != 2 or len(self.word_vectors) != n:
-            raise CoderError(
-                f"{self.source}: word_vectors has shape {np.shape(self.word_vectors)}, expected ({n}, w)"
-            )
+            raise CoderError(f"{self.source}: word_vectors has shape {np.shape(self.word_vectors)}, expected ({n}, w)")
         self.counts = np.asarray(self.counts, dtype=np.int64)
         self.cooccurrence = np.asarray(self.cooccurrence, dtype=np.int64)
         self.word_vectors = np.asarray(self.word_vectors, dtype=np.float32)
@@ -157,7 +158,7 @@ class ConceptGraph:
         out = []
         for start in range(0, len(captions), captions_per_image):
             found: set[int] = set()
-            for caption in captions[start:start + captions_per_image]:
+            for caption in captions[start : start + captions_per_image]:
                 found.update(self.labels(tokenize(caption)))
             out.append(sorted(found))
         return out
@@ -173,9 +174,11 @@ class ConceptGraph:
         """This graph, unless its binary graph at `threshold` joins no two concepts: the concept
         branch's GCN would then only pass each word vector through, a graph in name only."""
         if self.stats(threshold)["edges"] == 0:
-            raise CoderError(f"{source}: the concept graph has no edge at concept_threshold {threshold:g} (no two of "
-                             f"its {self.num_concepts} concepts co-occur often enough); lower --concept_threshold, "
-                             f"use another graph, or pass --concept_branch false")
+            raise CoderError(
+                f"{source}: the concept graph has no edge at concept_threshold {threshold:g} (no two of "
+                f"its {self.num_concepts} concepts co-occur often enough); lower --concept_threshold, "
+                f"use another graph, or pass --concept_branch false"
+            )
         return self
 
     def save(self, out_dir: str | Path) -> None:
@@ -203,8 +206,10 @@ def _read_npy(path: Path) -> np.ndarray:
 
 def _check_shape(path: Path, arr: object, shape: tuple) -> np.ndarray:
     """`arr` as an array whose shape matches `shape` (None = any size), else a CoderError."""
-    if not isinstance(arr, np.ndarray) or arr.ndim != len(shape) or any(
-        want is not None and got != want for got, want in zip(arr.shape, shape)
+    if (
+        not isinstance(arr, np.ndarray)
+        or arr.ndim != len(shape)
+        or any(want is not None and got != want for got, want in zip(arr.shape, shape))
     ):
         found = arr.shape if isinstance(arr, np.ndarray) else type(arr).__name__
         want = ", ".join("w" if s is None else str(s) for s in shape)
@@ -219,8 +224,10 @@ def _check_counts(path: Path, arr: object, shape: tuple) -> np.ndarray:
     """Caption counts: integers (whole-valued floats accepted), none negative."""
     arr = _check_shape(path, arr, shape)
     if not np.isfinite(arr).all() or (arr != np.round(arr)).any() or (arr < 0).any():
-        raise CoderError(f"{path}: caption counts must be whole numbers >= 0, found {arr.dtype} values such as "
-                         f"{arr.flat[int(np.argmax((arr != np.round(arr)) | (arr < 0) | ~np.isfinite(arr)))]}")
+        raise CoderError(
+            f"{path}: caption counts must be whole numbers >= 0, found {arr.dtype} values such as "
+            f"{arr.flat[int(np.argmax((arr != np.round(arr)) | (arr < 0) | ~np.isfinite(arr)))]}"
+        )
     return arr
 
 
@@ -229,8 +236,10 @@ def _check_vectors(path: Path, arr: object, n: int) -> np.ndarray:
     arr = _check_shape(path, arr, (n, None))
     bad = ~np.isfinite(arr).all(axis=1)
     if bad.any():
-        raise CoderError(f"{path}: non-finite values (NaN or inf) in the word vectors of concept(s) "
-                         f"{np.flatnonzero(bad)[:5].tolist()}")
+        raise CoderError(
+            f"{path}: non-finite values (NaN or inf) in the word vectors of concept(s) "
+            f"{np.flatnonzero(bad)[:5].tolist()}"
+        )
     return arr
 
 
@@ -457,11 +466,15 @@ def check_concept_output(out: Path, overwrite: bool) -> None:
         raise CoderError(f"--out {out}: is a file; give a folder")
     found = [name for name in ("concepts.json", "category_concepts.json") if os.path.exists(out / name)]
     if found and "category_concepts.json" in found:
-        raise CoderError(f"--out {out}: holds CVSE's concept files; a new concepts.json there would shadow them. "
-                         f"Write to another folder")
+        raise CoderError(
+            f"--out {out}: holds CVSE's concept files; a new concepts.json there would shadow them. "
+            f"Write to another folder"
+        )
     if found and not overwrite:
-        raise CoderError(f"--out {out}: already holds a concept graph (concepts.json); choose another folder, or "
-                         f"pass --overwrite to replace it")
+        raise CoderError(
+            f"--out {out}: already holds a concept graph (concepts.json); choose another folder, or "
+            f"pass --overwrite to replace it"
+        )
     check_writable_dir(out, "--out")
 
 
@@ -513,8 +526,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         graph = build_concepts(args.captions, args.out, args.concepts, words, args.word_vectors, args.word_dim)
         stats = graph.stats()
         if stats["edges"] == 0:  # written all the same: training at a lower threshold may find edges
-            print(f"warning: {args.out}: the graph has no edge at concept_threshold {DEFAULT_THRESHOLD:g}, where "
-                  f"training refuses it", file=sys.stderr)
+            print(
+                f"warning: {args.out}: the graph has no edge at concept_threshold {DEFAULT_THRESHOLD:g}, where "
+                f"training refuses it",
+                file=sys.stderr,
+            )
         print(json.dumps({"out": args.out, **stats, "word_dim": graph.word_dim}))
 
 

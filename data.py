@@ -5,6 +5,7 @@ A dataset folder holds, per split, `{split}_ims.npy` float (N_img, R, D), `{spli
 memory-mapped and items are read with positioned reads, so an epoch over COCO's 33 GB train
 file never holds the array in memory (neither as anonymous memory nor as mapped page cache).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -109,8 +110,10 @@ class PrecompSplit:
         # Checked per image as it is read (a whole-file scan of COCO's 33 GB would cost minutes):
         # a NaN is blamed on the file and row that hold it, not on the model.
         if not np.isfinite(out).all():
-            raise CoderError(f"{self.images_path}: non-finite values (NaN or inf) in the features of image {index}; "
-                             f"fix or re-extract the features")
+            raise CoderError(
+                f"{self.images_path}: non-finite values (NaN or inf) in the features of image {index}; "
+                f"fix or re-extract the features"
+            )
         return out
 
     def __getstate__(self) -> dict[str, Any]:
@@ -148,9 +151,7 @@ def load_split(
     captions = read_captions(caps_path)
     n_img, n_cap = images.shape[0], len(captions)
     if n_cap % n_img:
-        raise CoderError(
-            f"{caps_path} has {n_cap} captions, not a whole multiple of the {n_img} images in {ims_path}"
-        )
+        raise CoderError(f"{caps_path} has {n_cap} captions, not a whole multiple of the {n_img} images in {ims_path}")
     k = n_cap // n_img
     if captions_per_image is not None and k != captions_per_image:
         raise CoderError(
@@ -190,8 +191,13 @@ def data_fingerprint(split: PrecompSplit) -> dict[str, Any]:
         digest.update(name.encode("utf-8") + b"\n")
     for index in sorted({0, split.num_images // 2, split.num_images - 1}):
         digest.update(np.ascontiguousarray(split.images[index]).tobytes())
-    return {"images": split.num_images, "captions": split.num_captions, "regions": split.region_count,
-            "feature_dim": split.feature_dim, "sha256": digest.hexdigest()}
+    return {
+        "images": split.num_images,
+        "captions": split.num_captions,
+        "regions": split.region_count,
+        "feature_dim": split.feature_dim,
+        "sha256": digest.hexdigest(),
+    }
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device | str) -> dict[str, torch.Tensor]:
@@ -205,11 +211,17 @@ class _CaptionItems(Dataset):
     """Shared text part of the per-caption datasets: tokens, concept labels and, given
     `text_states`, the caption's precomputed frozen-BERT states (text_cache.py)."""
 
-    def __init__(self, split: PrecompSplit, tokenizer: TextTokenizer, concept_graph: ConceptGraph | None = None,
-                 text_states: Any = None):
+    def __init__(
+        self,
+        split: PrecompSplit,
+        tokenizer: TextTokenizer,
+        concept_graph: ConceptGraph | None = None,
+        text_states: Any = None,
+    ):
         if text_states is not None and len(text_states) != split.num_captions:
-            raise CoderError(f"{split.captions_path}: {len(text_states)} cached text states for {split.num_captions} "
-                             f"captions")
+            raise CoderError(
+                f"{split.captions_path}: {len(text_states)} cached text states for {split.num_captions} captions"
+            )
         self.split = split
         self.tokenizer = tokenizer
         self.concept_graph = concept_graph
@@ -233,8 +245,10 @@ class _CaptionItems(Dataset):
         if self.text_states is not None:
             states = np.array(self.text_states[index], dtype=np.float32)
             if states.shape[0] != len(item["tokens"]):
-                raise CoderError(f"caption {index} of split '{self.split.split}': {len(item['tokens'])} tokens "
-                                 f"but {states.shape[0]} cached states (a stale text state cache?)")
+                raise CoderError(
+                    f"caption {index} of split '{self.split.split}': {len(item['tokens'])} tokens "
+                    f"but {states.shape[0]} cached states (a stale text state cache?)"
+                )
             item["text_states"] = torch.from_numpy(states)
         return item
 
@@ -293,9 +307,15 @@ def stack(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     """torch.stack of same-shaped tensors into a `batch_tensor`; the tensor itself, without a
     copy, when they are its consecutive rows (`PairDataset.__getitems__`)."""
     base = tensors[0]._base
-    if base is not None and base.dim() == tensors[0].dim() + 1 and base.shape[0] == len(tensors) and all(
+    if (
+        base is not None
+        and base.dim() == tensors[0].dim() + 1
+        and base.shape[0] == len(tensors)
+        and all(
             t._base is base and t.storage_offset() == base.storage_offset() + row * base.stride(0)
-            for row, t in enumerate(tensors)):
+            for row, t in enumerate(tensors)
+        )
+    ):
         return base
     return torch.stack(list(tensors), out=batch_tensor((len(tensors), *tensors[0].shape), tensors[0].dtype))
 
@@ -324,7 +344,7 @@ def collate(items: Sequence[dict[str, Any]], pad_id: int = 0) -> dict[str, torch
         if "text_states" in first:
             states = batch_tensor((len(items), tokens.shape[1], first["text_states"].shape[1])).zero_()
             for row, it in enumerate(items):
-                states[row, :len(it["text_states"])] = it["text_states"]
+                states[row, : len(it["text_states"])] = it["text_states"]
             batch["text_states"] = states
     if "concept_labels" in first:
         batch["concept_labels"] = torch.stack([it["concept_labels"] for it in items])

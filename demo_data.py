@@ -10,6 +10,7 @@ function of the seed; a manifest written last marks a complete, reusable dataset
 
     python demo_data.py [--root data_cache] [--seed 0]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,8 +35,14 @@ OBJECTS = (
 ATTRIBUTES = "red blue green yellow black white brown orange pink purple gray small large old young".split()
 ACTIONS = "running sitting standing jumping walking eating sleeping playing swimming flying".split()
 PLACES = {
-    "grass": "on the grass", "street": "in the street", "beach": "on the beach", "snow": "in the snow",
-    "kitchen": "in a kitchen", "field": "in a field", "water": "near the water", "park": "in a park",
+    "grass": "on the grass",
+    "street": "in the street",
+    "beach": "on the beach",
+    "snow": "in the snow",
+    "kitchen": "in a kitchen",
+    "field": "in a field",
+    "water": "near the water",
+    "park": "in a park",
 }
 CAPTIONS_PER_IMAGE = 5
 
@@ -87,11 +94,15 @@ def _world(seed: int, dim: int) -> dict[str, np.ndarray]:
         return v / np.linalg.norm(v, axis=1, keepdims=True)
 
     n = len(OBJECTS)
-    return {"objects": unit(n), "attributes": unit(len(ATTRIBUTES)),
-            "actions": unit(len(ACTIONS)), "places": unit(len(PLACES)),
-            "usual_place": rng.integers(len(PLACES), size=n),
-            "usual_actions": np.stack([rng.choice(len(ACTIONS), 2, replace=False) for _ in range(n)]),
-            "usual_attribute": rng.integers(len(ATTRIBUTES), size=n)}
+    return {
+        "objects": unit(n),
+        "attributes": unit(len(ATTRIBUTES)),
+        "actions": unit(len(ACTIONS)),
+        "places": unit(len(PLACES)),
+        "usual_place": rng.integers(len(PLACES), size=n),
+        "usual_actions": np.stack([rng.choice(len(ACTIONS), 2, replace=False) for _ in range(n)]),
+        "usual_attribute": rng.integers(len(ATTRIBUTES), size=n),
+    }
 
 
 def _pick(rng: np.random.Generator, p_usual: float, usual: np.ndarray | int, choices: int) -> int:
@@ -99,8 +110,9 @@ def _pick(rng: np.random.Generator, p_usual: float, usual: np.ndarray | int, cho
     return int(rng.choice(np.atleast_1d(usual)) if rng.random() < p_usual else rng.integers(choices))
 
 
-def _make_split(seed: int, split_no: int, num_images: int, regions: int, dim: int,
-                world: dict[str, np.ndarray]) -> tuple[np.ndarray, list[str]]:
+def _make_split(
+    seed: int, split_no: int, num_images: int, regions: int, dim: int, world: dict[str, np.ndarray]
+) -> tuple[np.ndarray, list[str]]:
     rng = np.random.default_rng([seed, split_no])
     places = list(PLACES)
     feats = np.empty((num_images, regions, dim), dtype=np.float32)
@@ -122,7 +134,7 @@ def _make_split(seed: int, split_no: int, num_images: int, regions: int, dim: in
         rows = np.zeros((regions, dim))
         rows[: len(content)] = content
         rows[: len(content)] += rng.normal(0.0, noise_std, (len(content), dim))
-        rows[len(content):] = rng.normal(0.0, BACKGROUND_NOISE / np.sqrt(dim), (regions - len(content), dim))
+        rows[len(content) :] = rng.normal(0.0, BACKGROUND_NOISE / np.sqrt(dim), (regions - len(content), dim))
         feats[i] = rows[rng.permutation(regions)]
         scene = (int(subj), int(subj_attr), int(obj), int(obj_attr), action, places[place])
         captions.extend(_caption(rng, scene) for _ in range(CAPTIONS_PER_IMAGE))
@@ -147,10 +159,21 @@ def make_demo_dataset(
     """
     root = Path(root)
     data_path, concept_dir, manifest_path = root / "demo_precomp", root / "demo_concepts", root / "demo_manifest.json"
-    paths = {"data_path": str(data_path), "vocab_path": str(data_path / "vocab.json"),
-             "concept_dir": str(concept_dir), "manifest": str(manifest_path)}
-    params = {"version": FORMAT_VERSION, "seed": seed, "num_train": num_train, "num_dev": num_dev,
-              "num_test": num_test, "regions": regions, "dim": dim}
+    paths = {
+        "data_path": str(data_path),
+        "vocab_path": str(data_path / "vocab.json"),
+        "concept_dir": str(concept_dir),
+        "manifest": str(manifest_path),
+    }
+    params = {
+        "version": FORMAT_VERSION,
+        "seed": seed,
+        "num_train": num_train,
+        "num_dev": num_dev,
+        "num_test": num_test,
+        "regions": regions,
+        "dim": dim,
+    }
     if min(num_train, num_dev, num_test, regions, dim) < 1:
         raise CoderError(f"demo dataset sizes must be positive, got {params}")
     if manifest_path.exists():
@@ -186,8 +209,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--root", default="data_cache", help="output folder (default data_cache)")
     parser.add_argument("--seed", type=int_range(0, 2**32 - 1), default=0)
-    parser.add_argument("--train", type=int_range(1, 100_000), default=2000,
-                        help="training images (5 captions each; at most 100,000, 0.8 GB of features)")
+    parser.add_argument(
+        "--train",
+        type=int_range(1, 100_000),
+        default=2000,
+        help="training images (5 captions each; at most 100,000, 0.8 GB of features)",
+    )
     args = parser.parse_args(argv)
     check_writable_dir(args.root, "--root")
     print(json.dumps(make_demo_dataset(args.root, seed=args.seed, num_train=args.train)))

@@ -5,6 +5,7 @@ steps, before the step that trains on the batch, with the model in evaluation mo
 gradient. Nothing is written: the queues, prototypes and random streams are those of a run
 without diagnostics.
 """
+
 from __future__ import annotations
 
 from typing import Mapping
@@ -13,7 +14,7 @@ import torch
 from torch import Tensor
 
 from loss import pseudo_label_diagnostics
-from model import CODER, instance_part
+from model import CODER, StepEmbeddings, instance_part
 
 
 def mean_pairwise_cosine(x: Tensor) -> Tensor:
@@ -46,19 +47,21 @@ def step_diagnostics(model: CODER, batch: Mapping[str, Tensor], dcl_weights: boo
 
 
 def _measure(model: CODER, batch: Mapping[str, Tensor], dcl_weights: bool) -> dict[str, Tensor]:
-    cfg, ids = model.cfg, batch["image_ids"]
+    cfg = model.cfg
     concepts = model.concepts() if cfg.concept_branch else None
     queries, _ = model.queries(batch, concepts)
     keys = model.momentum_keys(batch, concepts)
     out = {}
     if cfg.concept_branch:
-        out = {"concept_cos_image": mean_pairwise_cosine(queries[1]),
-               "concept_cos_text": mean_pairwise_cosine(queries[3])}
+        out = {
+            "concept_cos_image": mean_pairwise_cosine(queries["image_concept"]),
+            "concept_cos_text": mean_pairwise_cosine(queries["text_concept"]),
+        }
     if model.prototypes is not None and model.prototypes.is_ready:
-        targets, codes = model.pseudo_labels(keys, ids.shape[0])
+        targets, codes = model.pseudo_labels(keys, queries["ids"].shape[0])
         out.update(pseudo_label_diagnostics(targets, codes, model.pseudo_label_term(queries, targets)))
     if dcl_weights and cfg.loss == "dcl":
         stats: dict[str, Tensor] = {}
-        model.contrast(instance_part, queries, keys, model.queue_entries(copied=False), ids, stats=stats)
+        model.contrast(instance_part, StepEmbeddings(queries, keys, model.queue_entries(copied=False)), stats=stats)
         out.update({f"dcl_{name}": value for name, value in stats.items()})
     return out

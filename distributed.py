@@ -4,6 +4,7 @@
 that W processes see exactly the one-process batches (and can resume mid-epoch), and
 `check_replicas` verifies that state every process must share really is shared.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -30,7 +31,7 @@ class Dist:
     at the broadcast of the validation score while rank 0 validates.
     """
 
-    def __init__(self, device_pref: str, timeout_minutes: float = 60.0) -> None:
+    def __init__(self, device_pref: str, timeout_minutes: float) -> None:
         self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -40,8 +41,10 @@ class Dist:
         if device_pref == "cuda" and not torch.cuda.is_available():
             raise CoderError("--device cuda was asked for, but CUDA is not available")
         if use_cuda and self.local_rank >= torch.cuda.device_count():
-            raise CoderError(f"local rank {self.local_rank} has no GPU: this node has "
-                             f"{torch.cuda.device_count()}; use --nproc_per_node <= {torch.cuda.device_count()}")
+            raise CoderError(
+                f"local rank {self.local_rank} has no GPU: this node has "
+                f"{torch.cuda.device_count()}; use --nproc_per_node <= {torch.cuda.device_count()}"
+            )
         self.device = torch.device(f"cuda:{self.local_rank}" if use_cuda else "cpu")
         if use_cuda:
             torch.cuda.set_device(self.device)
@@ -99,8 +102,9 @@ class ResumableSampler(Sampler[int]):
     def __init__(self, dataset_size: int, world_size: int, rank: int, seed: int, batch_size: int) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside a world of {world_size}")
-        self.base = DistributedSampler(range(dataset_size), num_replicas=1, rank=0, shuffle=True,
-                                       seed=seed, drop_last=True)
+        self.base = DistributedSampler(
+            range(dataset_size), num_replicas=1, rank=0, shuffle=True, seed=seed, drop_last=True
+        )
         self.world_size, self.rank = world_size, rank
         self.batch_size = batch_size  # per process
         self.num_batches = dataset_size // (batch_size * world_size)
@@ -115,7 +119,7 @@ class ResumableSampler(Sampler[int]):
         global_batch, local = self.batch_size * self.world_size, self.batch_size
         for t in range(self.skip_batches, self.num_batches):
             start = t * global_batch + self.rank * local
-            yield from order[start:start + local]
+            yield from order[start : start + local]
 
     def __len__(self) -> int:
         return max(0, self.num_batches - self.skip_batches) * self.batch_size
@@ -150,8 +154,9 @@ def check_replicas(raw_model: torch.nn.Module, world: Dist, log: Any) -> None:
     differ = torch.stack([(p != everyone[0]).any(1) for p in everyone]).any(0).tolist()
     if any(differ):
         names = [k for k, d in zip(state, differ) if d]
-        log.line(f"warning: processes disagree on {len(names)} tensors ({', '.join(names[:6])}); "
-                 f"re-synchronised from rank 0")
+        log.line(
+            f"warning: processes disagree on {len(names)} tensors ({', '.join(names[:6])}); re-synchronised from rank 0"
+        )
         for name in names:  # (tensors derived from others, like a cached kernel, are among them if they differ)
             dist.broadcast(state[name], src=0)
         for module in raw_model.modules():  # host copies of what was overwritten (queue position, readiness)

@@ -1,6 +1,7 @@
 """CODER's encoders (docs/method.md#embeddings): small swappable modules that the model (model.py) wires
 together. Pooling over regions or tokens (`attn`, `mean`, `gpo`), the image encoder on region
 features, the Bi-GRU and BERT text encoders, and the concept branch's GCN and query."""
+
 from __future__ import annotations
 
 import math
@@ -154,8 +155,15 @@ class ImageEncoder(nn.Module):
     `attn` pooling still counts the dropped regions in its statistics); evaluation always
     pools every region."""
 
-    def __init__(self, image_dim: int, embed_dim: int, pooling: str, batch_norm: bool,
-                 l2norm_items: bool = False, region_drop: float = 0.0) -> None:
+    def __init__(
+        self,
+        image_dim: int,
+        embed_dim: int,
+        pooling: str,
+        batch_norm: bool,
+        l2norm_items: bool,
+        region_drop: float,
+    ) -> None:
         super().__init__()
         self.image_dim = image_dim
         self.l2norm_items = l2norm_items
@@ -181,8 +189,7 @@ class GRUTextEncoder(nn.Module):
     Packed sequences, so padding never reaches the GRU (the backward direction starts at the
     last real token)."""
 
-    def __init__(self, vocab_size: int, word_dim: int, embed_dim: int, pooling: str,
-                 l2norm_items: bool = False) -> None:
+    def __init__(self, vocab_size: int, word_dim: int, embed_dim: int, pooling: str, l2norm_items: bool) -> None:
         super().__init__()
         self.l2norm_items = l2norm_items
         self.embed = nn.Embedding(vocab_size, word_dim, padding_idx=0)
@@ -205,14 +212,16 @@ class GRUTextEncoder(nn.Module):
             raise CoderError(f"{len(vocab_words)} vocabulary words but vocab_size={vocab_size}")
         vectors, found = load_word_vectors(vocab_words, source)
         if vectors.shape[1] != word_dim:
-            raise CoderError(f"{source}: {vectors.shape[1]}-d word vectors but word_dim={word_dim}; "
-                             f"set word_dim={vectors.shape[1]}")
+            raise CoderError(
+                f"{source}: {vectors.shape[1]}-d word vectors but word_dim={word_dim}; set word_dim={vectors.shape[1]}"
+            )
         found[0] = False  # <pad>
         self.embed.weight[torch.from_numpy(found)] = torch.from_numpy(vectors[found]).to(self.embed.weight)
         return float(found.sum()) / len(vocab_words)
 
-    def forward(self, tokens: Tensor, lengths: Tensor, attention_mask: Tensor,
-                text_states: Tensor | None = None) -> Tensor:
+    def forward(
+        self, tokens: Tensor, lengths: Tensor, attention_mask: Tensor, text_states: Tensor | None = None
+    ) -> Tensor:
         if text_states is not None:
             raise CoderError("precomputed text states are for the bert text encoder only")
         # packing takes the lengths on the host: the trainer and the evaluation keep them there (DDP
@@ -251,8 +260,16 @@ class BertTextEncoder(nn.Module):
     BERT folder is needed.
     """
 
-    def __init__(self, name_or_dir: str, embed_dim: int, pooling: str, length_groups: int = 1,
-                 frozen_layers: int = 0, l2norm_items: bool = False, config: Any = None) -> None:
+    def __init__(
+        self,
+        name_or_dir: str,
+        embed_dim: int,
+        pooling: str,
+        length_groups: int,
+        frozen_layers: int,
+        l2norm_items: bool,
+        config: Any = None,
+    ) -> None:
         super().__init__()
         from transformers import AutoModel
 
@@ -313,8 +330,9 @@ class BertTextEncoder(nn.Module):
             raise CoderError("bottom_states needs bert_frozen_layers > 0")
         return self._run_layers(self.bert.embeddings(input_ids=tokens), attention_mask, 0, self.frozen_layers)
 
-    def forward(self, tokens: Tensor, lengths: Tensor, attention_mask: Tensor,
-                text_states: Tensor | None = None) -> Tensor:
+    def forward(
+        self, tokens: Tensor, lengths: Tensor, attention_mask: Tensor, text_states: Tensor | None = None
+    ) -> Tensor:
         if text_states is not None and self.frozen_layers == 0:
             raise CoderError("precomputed text states need bert_frozen_layers > 0")
         top = self.bert.config.num_hidden_layers
@@ -326,7 +344,9 @@ class BertTextEncoder(nn.Module):
             mask = attention_mask[rows, :used]
             if self.frozen_layers == 0:
                 return self._run_layers(self.bert.embeddings(input_ids=tokens[rows, :used]), mask, 0, top)
-            states = text_states[rows, :used] if text_states is not None else self.bottom_states(tokens[rows, :used], mask)
+            states = (
+                text_states[rows, :used] if text_states is not None else self.bottom_states(tokens[rows, :used], mask)
+            )
             return self._run_layers(states, mask, self.frozen_layers, top)
 
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):

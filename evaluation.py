@@ -5,6 +5,7 @@ The pieces compose: `encode_split` (once per model) -> `similarity_matrix` (per 
 `recall_metrics` / `coco_metrics`. `evaluate` chains them for a model or an ensemble, and
 `sweep_mu` reuses one encoding to tune the instance/concept mixing weight on dev.
 """
+
 from __future__ import annotations
 
 import functools
@@ -28,9 +29,7 @@ PROTOCOLS = ("f30k", "coco")
 _CHUNK_ELEMENTS_CPU = 1 << 20
 _CHUNK_ELEMENTS_GPU = 1 << 22
 
-ScoreFn = Callable[
-    [torch.Tensor, "torch.Tensor | None", torch.Tensor, "torch.Tensor | None", float], torch.Tensor
-]
+ScoreFn = Callable[[torch.Tensor, "torch.Tensor | None", torch.Tensor, "torch.Tensor | None", float], torch.Tensor]
 
 
 # --------------------------------------------------------------------------- metrics
@@ -55,9 +54,7 @@ def _check_shape(scores: torch.Tensor, captions_per_image: int) -> tuple[int, in
     if isinstance(captions_per_image, bool) or not isinstance(captions_per_image, int) or captions_per_image < 1:
         raise CoderError(f"captions_per_image must be a positive integer, got {captions_per_image!r}")
     if scores.dim() != 2:
-        raise CoderError(
-            f"similarity matrix must be 2-D (images x captions), got shape {tuple(scores.shape)}"
-        )
+        raise CoderError(f"similarity matrix must be 2-D (images x captions), got shape {tuple(scores.shape)}")
     n_img, n_cap = scores.shape
     if n_img == 0:
         raise CoderError("similarity matrix has no images")
@@ -154,8 +151,7 @@ def coco_metrics(sims: Any, captions_per_image: int = 5, fold_size: int = 1000) 
     n_img, _ = _check_shape(scores, captions_per_image)
     if fold_size < 1 or n_img % fold_size:
         raise CoderError(
-            f"COCO 1K protocol needs a multiple of {fold_size} images, got {n_img} "
-            f"(use the 5,000-image testall split)"
+            f"COCO 1K protocol needs a multiple of {fold_size} images, got {n_img} (use the 5,000-image testall split)"
         )
     folds = [
         recall_metrics(
@@ -199,8 +195,8 @@ class Embeddings:
     image_concept: torch.Tensor | None
     caption_instance: torch.Tensor
     caption_concept: torch.Tensor | None
+    fusion: str
     captions_per_image: int = 5
-    fusion: str = "concat"
 
     def __post_init__(self) -> None:
         if (self.image_concept is None) != (self.caption_concept is None):
@@ -211,7 +207,10 @@ class Embeddings:
                 f"embeddings: {n_cap} captions for {n_img} images; expected "
                 f"{n_img * self.captions_per_image} ({self.captions_per_image} per image)"
             )
-        for name, part, n in (("image_concept", self.image_concept, n_img), ("caption_concept", self.caption_concept, n_cap)):
+        for name, part, n in (
+            ("image_concept", self.image_concept, n_img),
+            ("caption_concept", self.caption_concept, n_cap),
+        ):
             if part is not None and len(part) != n:
                 raise CoderError(f"embeddings: {name} has {len(part)} rows, expected {n}")
 
@@ -269,12 +268,13 @@ def encode_split(
 ) -> Embeddings:
     """Embed every image once and every caption once with the model's online encoders.
 
-    `model` is anything with `encode_images(images)` and
-    `encode_captions(tokens, lengths, attention_mask, concept_labels)` returning
-    (instance, concept or None). Runs in eval mode under no_grad and restores the model's
-    training mode afterwards, so the training loop can call it for validation.
-    `progress=None` shows a bar only on a terminal. `text_states` (text_cache.TokenStates of the
-    split's captions) gives the frozen BERT bottom's output, which the model then does not rerun.
+    `model` is anything with `cfg.fusion`, `encode_images(images)` and
+    `encode_captions(captions)` (a caption batch by name: tokens, lengths, attention_mask,
+    concept_labels, text_states) returning (instance, concept or None). Runs in eval mode under
+    no_grad and restores the model's training mode afterwards, so the training loop can call it
+    for validation. `progress=None` shows a bar only on a terminal. `text_states`
+    (text_cache.TokenStates of the split's captions) gives the frozen BERT bottom's output, which
+    the model then does not rerun.
     """
     import data  # imported here so this module works (and is testable) without the data stack
 
@@ -286,8 +286,10 @@ def encode_split(
         raise CoderError("cannot evaluate a split with no images")
     expected = getattr(getattr(model, "cfg", None), "image_dim", None)
     if expected is not None and split.feature_dim != expected:
-        raise CoderError(f"{split.images_path}: {split.feature_dim}-d region features, but the model was trained "
-                         f"on {expected}-d ones; use features from the same extractor as its training data")
+        raise CoderError(
+            f"{split.images_path}: {split.feature_dim}-d region features, but the model was trained "
+            f"on {expected}-d ones; use features from the same extractor as its training data"
+        )
 
     def loader(dataset: Any) -> DataLoader:
         return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate)
@@ -300,29 +302,32 @@ def encode_split(
         return model.encode_images(on_device(batch, "images"))
 
     def encode_captions(batch: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
-        cached = {} if text_states is None else {"text_states": on_device(batch, "text_states")}
-        return model.encode_captions(
-            on_device(batch, "tokens"),
-            batch["lengths"],  # on the host, where sequence packing reads them
-            on_device(batch, "attention_mask"),
-            on_device(batch, "concept_labels"),
-            **cached,
-        )
+        captions = {key: on_device(batch, key) for key in ("tokens", "attention_mask", "concept_labels", "text_states")}
+        captions["lengths"] = batch["lengths"]  # on the host, where sequence packing reads them
+        return model.encode_captions(captions)
 
     was_training = getattr(model, "training", None)
     if was_training is not None:
         model.eval()
     try:
         with torch.no_grad():
-            img_inst, img_con = _encode_dataset(loader(images), encode_images, "image_ids", len(images), "images", progress)
+            img_inst, img_con = _encode_dataset(
+                loader(images), encode_images, "image_ids", len(images), "images", progress
+            )
             cap_inst, cap_con = _encode_dataset(
                 loader(captions), encode_captions, "caption_ids", len(captions), "captions", progress
             )
     finally:
         if was_training is not None:
             model.train(was_training)
-    return Embeddings(img_inst, img_con, cap_inst, cap_con, captions_per_image=len(captions) // len(images),
-                      fusion=getattr(getattr(model, "cfg", None), "fusion", "concat"))
+    return Embeddings(
+        img_inst,
+        img_con,
+        cap_inst,
+        cap_con,
+        captions_per_image=len(captions) // len(images),
+        fusion=model.cfg.fusion,
+    )
 
 
 def _as_list(value: Any, n: int, name: str) -> list:
@@ -391,8 +396,11 @@ def similarity_matrix(
         stop = min(start + chunk_size, emb.num_images)
         v = emb.image_instance[start:stop].to(device)
         v_c = None if emb.image_concept is None else emb.image_concept[start:stop].to(device)
-        scores = (score_fn(v, v_c, captions, captions_c, mu) if score_fn
-                  else fused_similarity(v, v_c, captions, captions_c, mu, emb.fusion))
+        scores = (
+            score_fn(v, v_c, captions, captions_c, mu)
+            if score_fn
+            else fused_similarity(v, v_c, captions, captions_c, mu, emb.fusion)
+        )
         out[start:stop] = scores.float().cpu()
     return out
 
@@ -424,7 +432,7 @@ def evaluate(
     tokenizers: Any,
     concept_graphs: Any,
     device: str | torch.device,
-    mu: float | Sequence[float] = 0.15,
+    mu: float | Sequence[float],
     *,
     protocol: str = "f30k",
     batch_size: int = 128,
@@ -488,7 +496,6 @@ def format_table(metrics: dict[str, Any]) -> str:
     return "\n".join([header, *rows])
 
 
-
 # --------------------------------------------------------------------------- command line
 
 MU_GRID = tuple(round(0.05 * i, 2) for i in range(21))
@@ -514,26 +521,39 @@ def main(argv: Sequence[str] | None, protocol: str) -> dict[str, Any]:
 
     default_split = "testall" if protocol == "coco" else "test"
     parser = ArgumentParser(
-        prog=f"eval_{protocol}.py", allow_abbrev=False,
+        prog=f"eval_{protocol}.py",
+        allow_abbrev=False,
         description=f"Evaluate CODER checkpoints on {'MSCOCO (1K 5-fold and 5K)' if protocol == 'coco' else 'Flickr30K'}; "
-                    "several checkpoints are evaluated as an ensemble (averaged similarities).")
+        "several checkpoints are evaluated as an ensemble (averaged similarities).",
+    )
     parser.add_argument("--checkpoint", nargs="+", required=True, help="one or more checkpoint files")
     parser.add_argument("--data_path", "--data-path", default="", help="precomp folder (default: the run's)")
     parser.add_argument("--split", default=default_split)
-    parser.add_argument("--mu", type=fraction, default=None, help="concept-branch weight in [0, 1] (default: each run's)")
-    parser.add_argument("--sweep-mu", "--sweep_mu", action="store_true",
-                        help="pick mu on the dev split (by rsum) before evaluating")
+    parser.add_argument(
+        "--mu", type=fraction, default=None, help="concept-branch weight in [0, 1] (default: each run's)"
+    )
+    parser.add_argument(
+        "--sweep-mu", "--sweep_mu", action="store_true", help="pick mu on the dev split (by rsum) before evaluating"
+    )
     parser.add_argument("--dev_split", "--dev-split", default="dev")
-    parser.add_argument("--dev_max_images", "--dev-max-images", type=non_negative_int, default=1000,
-                        help="first N dev images for the sweep (0: all)")
+    parser.add_argument(
+        "--dev_max_images",
+        "--dev-max-images",
+        type=non_negative_int,
+        default=1000,
+        help="first N dev images for the sweep (0: all)",
+    )
     parser.add_argument("--json", default="", help="also write the metrics to this JSON file")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     parser.add_argument("--batch_size", "--batch-size", type=positive_int, default=256)
     parser.add_argument("--workers", type=non_negative_int, default=2)
     parser.add_argument("--device", type=torch_device, default=default_device())
-    parser.add_argument("--bert_path", "--bert-path", default=None,
-                        help="a bert checkpoint's BERT folder, if the checkpoint does not hold its config and "
-                             "vocabulary")
+    parser.add_argument(
+        "--bert_path",
+        "--bert-path",
+        default=None,
+        help="a bert checkpoint's BERT folder, if the checkpoint does not hold its config and vocabulary",
+    )
     args = parser.parse_args(argv)
     if args.json:
         check_output_file(args.json, "--json", args.overwrite, inputs=args.checkpoint)
@@ -548,8 +568,11 @@ def main(argv: Sequence[str] | None, protocol: str) -> dict[str, Any]:
         split = data.load_split(data_path, split_name, max_images=max_images)
         return split, encode_models(models, split, tokenizers, graphs, device, args.batch_size, args.workers)
 
-    result: dict[str, Any] = {"checkpoints": [str(p) for p in args.checkpoint], "data_path": str(data_path),
-                              "split": args.split}
+    result: dict[str, Any] = {
+        "checkpoints": [str(p) for p in args.checkpoint],
+        "data_path": str(data_path),
+        "split": args.split,
+    }
     if args.sweep_mu:
         _, dev_embeddings = embed(args.dev_split, args.dev_max_images or None)
         best, table = sweep_mu(dev_embeddings, MU_GRID, device)

@@ -15,6 +15,7 @@ Usage:
         --split train=train.txt --split dev=dev.txt --out OUT_DIR
     python extract_features.py --images COCO_ROOT --captions dataset_coco.json --out OUT_DIR
 """
+
 from __future__ import annotations
 
 import argparse
@@ -92,7 +93,8 @@ _RECORD_TYPES = {"fingerprint": str, "total": int, "next": int, "written": int, 
 def _valid_record(record: Any) -> bool:
     return isinstance(record, dict) and all(
         isinstance(record.get(key), kind) and (kind is not int or not isinstance(record[key], bool))
-        for key, kind in _RECORD_TYPES.items())
+        for key, kind in _RECORD_TYPES.items()
+    )
 
 
 def _save_progress(out_dir: Path, progress: dict) -> None:
@@ -157,8 +159,14 @@ def extract_split(
         features = np.lib.format.open_memmap(partial_path, mode="w+", dtype=np.float32, shape=shape)
         _reserve_space(partial_path, remove_on_failure=True)
         record = state["splits"][split] = {
-            "fingerprint": fingerprint, "backbone": backbone.name, "backbone_fingerprint": backbone.fingerprint(),
-            "total": len(entries), "next": 0, "written": 0, "skipped": [], "complete": False,
+            "fingerprint": fingerprint,
+            "backbone": backbone.name,
+            "backbone_fingerprint": backbone.fingerprint(),
+            "total": len(entries),
+            "next": 0,
+            "written": 0,
+            "skipped": [],
+            "complete": False,
         }
         _save_progress(out_dir, state)
     else:
@@ -174,7 +182,9 @@ def extract_split(
     start_time = time.perf_counter()
     loader = DataLoader(
         ImageFiles(image_paths, backbone.preprocess, start),
-        batch_size=batch_size, num_workers=workers, collate_fn=as_list,
+        batch_size=batch_size,
+        num_workers=workers,
+        collate_fn=as_list,
         pin_memory=torch.cuda.is_available(),
     )
     with tqdm(total=len(entries), initial=start, desc=split, unit="img", disable=not progress) as bar:
@@ -194,7 +204,7 @@ def extract_split(
                         f"backbone {backbone.name} gave {tuple(out.shape)}, expected (B, {shape[1]}, {shape[2]})"
                     )
                 row = record["written"]
-                features[row:row + len(good)] = out.detach().float().cpu().numpy()
+                features[row : row + len(good)] = out.detach().float().cpu().numpy()
                 features.flush()
             # The rows are on disk before the progress file says so: a crash loses at most a batch.
             record["written"] += len(good)
@@ -238,14 +248,20 @@ def _usable_record(
         if not overwrite:
             then = record.get("backbone_fingerprint")  # (records before it was kept: unknown)
             if then is None:
-                what = (f"with other inputs or another backbone ({record.get('backbone')}, {record.get('total')} "
-                        f"images; now {backbone.name}, {total} images)")
+                what = (
+                    f"with other inputs or another backbone ({record.get('backbone')}, {record.get('total')} "
+                    f"images; now {backbone.name}, {total} images)"
+                )
             elif then != backbone.fingerprint():
-                what = f"by another backbone, preprocessing or photo decoder (then {then}; now {backbone.fingerprint()})"
+                what = (
+                    f"by another backbone, preprocessing or photo decoder (then {then}; now {backbone.fingerprint()})"
+                )
             else:
                 what = f"from other photos, captions or split lists ({record.get('total')} images; now {total})"
-            raise CoderError(f"{out_dir / PROGRESS_FILE}: split '{split}' was extracted {what}; pass --overwrite "
-                             f"to redo it, or use another --out")
+            raise CoderError(
+                f"{out_dir / PROGRESS_FILE}: split '{split}' was extracted {what}; pass --overwrite "
+                f"to redo it, or use another --out"
+            )
         return None
     if record is None:
         stray = [p.name for p in (ims_path, caps_path, ids_path, partial_path) if p.exists()]
@@ -266,8 +282,9 @@ def _usable_record(
     return record
 
 
-def _finish(state: dict, record: dict, entries: Sequence[Entry], split: str, out_dir: Path,
-            seconds: float) -> SplitOutput:
+def _finish(
+    state: dict, record: dict, entries: Sequence[Entry], split: str, out_dir: Path, seconds: float
+) -> SplitOutput:
     """Write captions and ids of the kept images, give the features their final name, and
     mark the split complete (each step is safe to repeat after a crash)."""
     ims_path, partial_path, caps_path, ids_path = _paths(out_dir, split)
@@ -303,8 +320,10 @@ def _reserve_space(path: Path, remove_on_failure: bool = False) -> None:
             return
         if remove_on_failure:
             path.unlink(missing_ok=True)
-        raise CoderError(f"{path}: cannot write ({err.strerror or err}); the features need {size:,} bytes there; "
-                         f"free space or use another --out") from None
+        raise CoderError(
+            f"{path}: cannot write ({err.strerror or err}); the features need {size:,} bytes there; "
+            f"free space or use another --out"
+        ) from None
 
 
 def _copy_rows(src: Path, dst: Path, rows: int, chunk: int = 1024) -> None:
@@ -315,7 +334,7 @@ def _copy_rows(src: Path, dst: Path, rows: int, chunk: int = 1024) -> None:
     target = np.lib.format.open_memmap(tmp, mode="w+", dtype=source.dtype, shape=(rows, *source.shape[1:]))
     _reserve_space(tmp, remove_on_failure=True)
     for i in range(0, rows, chunk):
-        target[i:i + chunk] = source[i:min(i + chunk, rows)]
+        target[i : i + chunk] = source[i : min(i + chunk, rows)]
     target.flush()
     del source, target
     os.replace(tmp, dst)
@@ -343,8 +362,16 @@ def extract_dataset(
         backbone = get_backbone(backbone, device or ("cuda" if torch.cuda.is_available() else "cpu"))
     return {
         split: extract_split(
-            images_dir, split_entries, split, out_dir, backbone, batch_size=batch_size,
-            workers=workers, skip_bad_images=skip_bad_images, overwrite=overwrite, progress=progress,
+            images_dir,
+            split_entries,
+            split,
+            out_dir,
+            backbone,
+            batch_size=batch_size,
+            workers=workers,
+            skip_bad_images=skip_bad_images,
+            overwrite=overwrite,
+            progress=progress,
         )
         for split, split_entries in entries.items()
     }
@@ -374,28 +401,43 @@ def _parse_split(text: str) -> tuple[str, str]:
 def build_parser() -> argparse.ArgumentParser:
     from options import ArgumentParser, non_negative_int, positive_int, torch_device
 
-    parser = ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", required=True, help="folder holding the image files")
-    parser.add_argument("--captions", required=True,
-                        help="CSV with header image,caption, or Karpathy's dataset_*.json")
-    parser.add_argument("--split", action="append", default=[], metavar="NAME=SOURCE",
-                        help="output split NAME from a split file (CSV captions) or from Karpathy split "
-                             "names such as train,restval (JSON; default train=train,restval dev=val test=test)")
+    parser.add_argument("--captions", required=True, help="CSV with header image,caption, or Karpathy's dataset_*.json")
+    parser.add_argument(
+        "--split",
+        action="append",
+        default=[],
+        metavar="NAME=SOURCE",
+        help="output split NAME from a split file (CSV captions) or from Karpathy split "
+        "names such as train,restval (JSON; default train=train,restval dev=val test=test)",
+    )
     parser.add_argument("--out", required=True, help="output folder (SCAN precomp layout)")
     parser.add_argument("--backbone", default="efficientnet-lite0", choices=sorted(BACKBONES))
     parser.add_argument("--batch-size", type=positive_int, default=32)
-    parser.add_argument("--captions-per-image", type=positive_int, default=5,
-                        help="k captions kept per image (the first k distinct ones); fewer is an error")
-    parser.add_argument("--skip-bad-images", action="store_true",
-                        help="leave unreadable images (and their captions) out instead of stopping")
+    parser.add_argument(
+        "--captions-per-image",
+        type=positive_int,
+        default=5,
+        help="k captions kept per image (the first k distinct ones); fewer is an error",
+    )
+    parser.add_argument(
+        "--skip-bad-images",
+        action="store_true",
+        help="leave unreadable images (and their captions) out instead of stopping",
+    )
     parser.add_argument("--workers", type=non_negative_int, default=2, help="image-decoding worker processes")
-    parser.add_argument("--device", type=torch_device, default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="redo splits whose earlier extraction used other inputs or another backbone")
-    parser.add_argument("--concepts", action="store_true",
-                        help="then build OUT/vocab.json and OUT/concepts from the train captions")
+    parser.add_argument(
+        "--device", type=torch_device, default=None, help="cpu, cuda or cuda:N (default: cuda if available)"
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="redo splits whose earlier extraction used other inputs or another backbone",
+    )
+    parser.add_argument(
+        "--concepts", action="store_true", help="then build OUT/vocab.json and OUT/concepts from the train captions"
+    )
     return parser
 
 
@@ -415,13 +457,20 @@ def main(argv: Sequence[str] | None = None) -> dict[str, SplitOutput]:
         raise CoderError("--concepts builds from the training captions: give a split named 'train'")
     try:
         outputs = extract_dataset(
-            args.images, args.captions, args.out, splits or None, args.backbone,
-            captions_per_image=args.captions_per_image, batch_size=args.batch_size, workers=args.workers,
-            skip_bad_images=args.skip_bad_images, overwrite=args.overwrite, device=args.device,
+            args.images,
+            args.captions,
+            args.out,
+            splits or None,
+            args.backbone,
+            captions_per_image=args.captions_per_image,
+            batch_size=args.batch_size,
+            workers=args.workers,
+            skip_bad_images=args.skip_bad_images,
+            overwrite=args.overwrite,
+            device=args.device,
         )
     except KeyboardInterrupt:
-        print(f"interrupted: run the same command again to resume ({Path(args.out) / PROGRESS_FILE})",
-              file=sys.stderr)
+        print(f"interrupted: run the same command again to resume ({Path(args.out) / PROGRESS_FILE})", file=sys.stderr)
         raise SystemExit(130) from None
     for out in outputs.values():
         timing = f" in {out.seconds:.1f} s" if out.seconds else " (already complete)"

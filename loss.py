@@ -1,13 +1,14 @@
 """CODER's losses and the Sinkhorn-Knopp codes behind its pseudo labels (docs/method.md has
 each one's equation).
 
-Plain functions of tensors, so that each can be checked against a naive reference. All take
-L2-normalised embeddings; s(a, b) = a·b. They hold no default values: the model passes its
-config's.
+Plain functions of tensors (`Pairs` groups image and caption rows with their image ids), so
+that each can be checked against a naive reference. All take L2-normalised embeddings;
+s(a, b) = a·b. They hold no default values: the model passes its config's.
 """
+
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -15,8 +16,9 @@ from torch import Tensor
 
 
 @torch.no_grad()
-def dcl_negative_log_weights(sims: Tensor, negative_mask: Tensor, beta: float | Tensor,
-                             queue_start: int | None = None) -> Tensor:
+def dcl_negative_log_weights(
+    sims: Tensor, negative_mask: Tensor, beta: float | Tensor, queue_start: int | None = None
+) -> Tensor:
     """log w_ik of DCL: w_ik = |N_i| · softmax_{k∈N_i}(β·s_ik), no gradient.
 
     The weights of each query average 1 over its negatives; entries outside `negative_mask`
@@ -26,8 +28,10 @@ def dcl_negative_log_weights(sims: Tensor, negative_mask: Tensor, beta: float | 
     weights average 1 over its own negatives.
     """
     if queue_start is not None:
-        parts = [dcl_negative_log_weights(sims[:, cols], negative_mask[:, cols], beta)
-                 for cols in (slice(None, queue_start), slice(queue_start, None))]
+        parts = [
+            dcl_negative_log_weights(sims[:, cols], negative_mask[:, cols], beta)
+            for cols in (slice(None, queue_start), slice(queue_start, None))
+        ]
         return torch.cat(parts, 1)
     log_weights = (beta * sims).masked_fill_(~negative_mask, float("-inf"))
     log_count = negative_mask.sum(1, keepdim=True).to(sims.dtype).log()
@@ -45,8 +49,9 @@ def adaptive_beta(sims: Tensor, negative_mask: Tensor, beta: float) -> Tensor:
 
 
 @torch.no_grad()
-def dcl_weight_stats(negatives: Tensor, log_weights: Tensor, positive: Tensor, negative_mask: Tensor
-                     ) -> dict[str, Tensor]:
+def dcl_weight_stats(
+    negatives: Tensor, log_weights: Tensor, positive: Tensor, negative_mask: Tensor
+) -> dict[str, Tensor]:
     """How DCL spreads its weight over one direction's negatives (each a mean over queries):
 
     - weight_entropy: entropy of w_ik / Σ_k w_ik over |N_i|, divided by log|N_i| (1 = uniform);
@@ -60,8 +65,11 @@ def dcl_weight_stats(negatives: Tensor, log_weights: Tensor, positive: Tensor, n
     entropy = -(p * p.clamp_min(1e-30).log()).sum(1) / count.log()
     gradient = torch.softmax(torch.cat([positive, negatives], 1), 1)[:, 1:]
     gradient = gradient / gradient.sum(1, keepdim=True).clamp_min(1e-30)
-    return {"weight_entropy": entropy.mean(), "weight_top1": p.topk(top, 1).values.sum(1).mean(),
-            "grad_top1": gradient.topk(top, 1).values.sum(1).mean()}
+    return {
+        "weight_entropy": entropy.mean(),
+        "weight_top1": p.topk(top, 1).values.sum(1).mean(),
+        "grad_top1": gradient.topk(top, 1).values.sum(1).mean(),
+    }
 
 
 def dcl_loss(
@@ -127,26 +135,42 @@ def dcl_loss(
     return (torch.logsumexp(torch.cat([positive, negatives], 1), 1) - positive[:, 0]).mean()
 
 
-def symmetric_dcl(img: Tensor, cap: Tensor, image_keys: Tensor, text_keys: Tensor, key_ids: Tensor,
-                  image_queue: Tensor | None, text_queue: Tensor | None, queue_ids: Tensor, image_ids: Tensor,
-                  pos_index: Tensor, tau: float, beta: float, *, stats: dict[str, Tensor] | None = None,
-                  **weighting: Any) -> Tensor:
+class Pairs(NamedTuple):
+    """Image and caption embeddings, row i of both from the same image-caption pair, and the
+    image id of each row: a batch's queries, the global batch's keys or a queue's entries."""
+
+    image: Tensor
+    text: Tensor
+    ids: Tensor
+
+
+def symmetric_dcl(
+    queries: Pairs,
+    keys: Pairs,
+    queue: Pairs | None,
+    pos_index: Tensor,
+    tau: float,
+    beta: float,
+    *,
+    stats: dict[str, Tensor] | None = None,
+    **weighting: Any,
+) -> Tensor:
     """L_DCL(v, t): the mean of the image→text and text→image `dcl_loss`.
 
-    img, cap (B,d) are this process's queries with image ids `image_ids`; the keys (B',d) are
-    the global batch's, with ids `key_ids`, query i's positive at row pos_index[i]; a queue
-    (K,d) of None is empty. `weighting` is the reading of DCL's weights (beta_adaptive,
-    weight_groups, false_negative_threshold). A dict `stats` gets `dcl_loss`'s statistics,
-    the mean of both directions.
+    `queries` (B,d) are this process's; the `keys` (B',d) are the global batch's, query i's
+    positive at row pos_index[i]; a `queue` (K,d) of None is empty. `weighting` is the reading
+    of DCL's weights (beta_adaptive, weight_groups, false_negative_threshold). A dict `stats`
+    gets `dcl_loss`'s statistics, the mean of both directions.
     """
-    empty = img.new_zeros(0, img.shape[1])
-    directions: list[dict[str, Tensor]] = [{}, {}]
-    i2t = dcl_loss(img, text_keys, empty if text_queue is None else text_queue, image_ids, queue_ids, tau, beta,
-                   k_ids=key_ids, pos_index=pos_index, stats=None if stats is None else directions[0], **weighting)
-    t2i = dcl_loss(cap, image_keys, empty if image_queue is None else image_queue, image_ids, queue_ids, tau, beta,
-                   k_ids=key_ids, pos_index=pos_index, stats=None if stats is None else directions[1], **weighting)
+    if queue is None:
+        empty = queries.image.new_zeros(0, queries.image.shape[1])
+        queue = Pairs(empty, empty, keys.ids[:0])
+    shared = {"k_ids": keys.ids, "pos_index": pos_index, **weighting}
+    parts: list[dict[str, Tensor] | None] = [None, None] if stats is None else [{}, {}]
+    i2t = dcl_loss(queries.image, keys.text, queue.text, queries.ids, queue.ids, tau, beta, stats=parts[0], **shared)
+    t2i = dcl_loss(queries.text, keys.image, queue.image, queries.ids, queue.ids, tau, beta, stats=parts[1], **shared)
     if stats is not None:
-        stats.update({key: (directions[0][key] + directions[1][key]) / 2 for key in directions[0]})
+        stats.update({key: (parts[0][key] + parts[1][key]) / 2 for key in parts[0]})
     return (i2t + t2i) / 2
 
 
@@ -199,8 +223,11 @@ def pseudo_label_diagnostics(targets: Tensor, codes: Tensor, pseudo: Tensor) -> 
     entropy = -(targets * targets.clamp_min(1e-12).log()).sum(1).mean()
     used = torch.zeros(codes.shape[1], dtype=torch.bool, device=codes.device)
     used[codes.argmax(1)] = True
-    return {"target_entropy": entropy, "pseudo_excess": pseudo.detach() - entropy,
-            "prototypes_used": used.float().mean()}
+    return {
+        "target_entropy": entropy,
+        "pseudo_excess": pseudo.detach() - entropy,
+        "prototypes_used": used.float().mean(),
+    }
 
 
 @torch.no_grad()

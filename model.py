@@ -11,12 +11,13 @@ concept descriptors. As in MoCo, a training-mode forward is the whole step for t
 first moves the momentum encoders towards the weights the last optimizer step left, and after
 the loss it pushes the batch's keys into the queues and moves the prototypes.
 """
+
 from __future__ import annotations
 
 import copy
 import math
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -24,7 +25,15 @@ import torch.nn as nn
 from torch import Tensor
 
 from encoders import BertTextEncoder, ConceptGCN, ConceptQuery, GRUTextEncoder, ImageEncoder, l2norm
-from loss import concept_kl_loss, pseudo_label_loss, sinkhorn_kernel, sinkhorn_knopp, symmetric_dcl, triplet_loss
+from loss import (
+    Pairs,
+    concept_kl_loss,
+    pseudo_label_loss,
+    sinkhorn_kernel,
+    sinkhorn_knopp,
+    symmetric_dcl,
+    triplet_loss,
+)
 from options import check_values
 from prototypes import Prototypes
 from queues import KeyQueues
@@ -89,6 +98,24 @@ class ModelConfig:
         if self.image_dim < 1:
             raise CoderError(f"model config: image_dim must be positive, got {self.image_dim}")
 
+    def loss_weights(self) -> dict[str, float]:
+        """The weight λ of each term of L by its log name (the instance term's is 1)."""
+        return {
+            f"{self.loss}_instance": 1.0,
+            f"{self.loss}_concept": self.lambda_concept,
+            "pseudo": self.lambda_pseudo,
+            f"{self.loss}_fused": self.lambda_fused,
+            "concept_kl": self.lambda_kl,
+        }
+
+    def dcl_weighting(self) -> dict[str, Any]:
+        """The reading of DCL's negative weights, as loss.dcl_loss's keyword arguments."""
+        return {
+            "beta_adaptive": self.beta_adaptive,
+            "weight_groups": self.dcl_weight_groups,
+            "false_negative_threshold": self.false_negative_threshold,
+        }
+
 
 def _rank_and_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
@@ -124,8 +151,14 @@ def fuse(instance: Tensor, concept: Tensor | None, mu: float, fusion: str) -> Te
     return torch.cat([math.sqrt(1 - mu) * instance, math.sqrt(mu) * concept], 1)
 
 
-def fused_similarity(images: Tensor, images_concept: Tensor | None, captions: Tensor,
-                     captions_concept: Tensor | None, mu: float, fusion: str) -> Tensor:
+def fused_similarity(
+    images: Tensor,
+    images_concept: Tensor | None,
+    captions: Tensor,
+    captions_concept: Tensor | None,
+    mu: float,
+    fusion: str,
+) -> Tensor:
     """S (N_img, N_cap), the similarity that training's fused term, evaluation and the search
     app rank by; s(v,t) alone when either side has no concept part."""
     if images_concept is None or captions_concept is None:
@@ -145,15 +178,24 @@ def online_weights(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
 
 def parameter_counts(model: CODER) -> dict[str, int]:
     """Trainable (online) and momentum parameter counts, for logs and the benchmarks."""
-    return {"trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
-            "momentum": sum(p.numel() for p in model.momentum.parameters())}
+    return {
+        "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "momentum": sum(p.numel() for p in model.momentum.parameters()),
+    }
 
 
 def build_text_encoder(cfg: ModelConfig, bert_config: Any) -> nn.Module:
     """The text encoder of cfg: BERT (from cfg.bert_path, or built from `bert_config`) or the Bi-GRU."""
     if cfg.text_encoder == "bert":
-        return BertTextEncoder(cfg.bert_path, cfg.embed_dim, cfg.text_pooling, cfg.bert_length_groups,
-                               cfg.bert_frozen_layers, cfg.l2norm_before_pooling, bert_config)
+        return BertTextEncoder(
+            cfg.bert_path,
+            cfg.embed_dim,
+            cfg.text_pooling,
+            cfg.bert_length_groups,
+            cfg.bert_frozen_layers,
+            cfg.l2norm_before_pooling,
+            bert_config,
+        )
     if cfg.bert_frozen_layers:
         raise CoderError("bert_frozen_layers needs text_encoder='bert'")
     if cfg.vocab_size < 1:
@@ -162,19 +204,26 @@ def build_text_encoder(cfg: ModelConfig, bert_config: Any) -> nn.Module:
 
 
 @torch.no_grad()
-def sinkhorn_pseudo_labels(image_keys: Tensor, text_keys: Tensor, queue_entries: list[Tensor], prototypes: Tensor,
-                           epsilon: float, iterations: int, rows: Tensor) -> tuple[Tensor, Tensor]:
-    """Sinkhorn codes of the gathered instance keys (2·world·B, K_p), computed together with
-    the `queue_entries` (whose codes are not kept), and the pseudo labels of the local pairs
-    at `rows`: the mean of the image's and the caption's codes (B, K_p)."""
-    embeddings = torch.cat([image_keys, text_keys])
+def sinkhorn_pseudo_labels(
+    keys: Mapping[str, Tensor],
+    queue_entries: list[Tensor],
+    prototypes: Tensor,
+    epsilon: float,
+    iterations: int,
+    rows: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """Sinkhorn codes of the gathered instance keys, "image" then "text" (2·world·B, K_p),
+    computed together with the `queue_entries` (whose codes are not kept), and the pseudo
+    labels of the local pairs at `rows`: the mean of the image's and the caption's codes (B, K_p)."""
+    embeddings = torch.cat([keys["image"], keys["text"]])
     kernel = [sinkhorn_kernel(x @ prototypes.t(), epsilon) for x in [embeddings, *queue_entries]]
     codes = sinkhorn_knopp(kernel, iterations, num_rows=embeddings.shape[0])
-    return (codes[rows] + codes[image_keys.shape[0] + rows]) / 2, codes
+    return (codes[rows] + codes[keys["image"].shape[0] + rows]) / 2, codes
 
 
-def embed_images(modules: Mapping[str, nn.Module], images: Tensor,
-                 concepts: Tensor | None) -> tuple[Tensor, Tensor | None, Tensor | None]:
+def embed_images(
+    modules: Mapping[str, nn.Module], images: Tensor, concepts: Tensor | None
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """(v, v_c, α) by `modules` (online or momentum): instance (B, d), concept descriptor
     l2norm(α·E) (B, d) and concept scores α (B, N_c); the last two None without concepts E."""
     instance = modules["image_encoder"](images)
@@ -184,8 +233,9 @@ def embed_images(modules: Mapping[str, nn.Module], images: Tensor,
     return instance, l2norm(alpha @ concepts), alpha
 
 
-def embed_captions(modules: Mapping[str, nn.Module], batch: Mapping[str, Tensor], concepts: Tensor | None,
-                   cfg: ModelConfig) -> tuple[Tensor, Tensor | None, Tensor | None]:
+def embed_captions(
+    modules: Mapping[str, nn.Module], batch: Mapping[str, Tensor], concepts: Tensor | None, cfg: ModelConfig
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """(t, t_c, α) of the batch's captions; α mixes the query's scores with the caption's own
     labels, r·softmax(scale·labels) + (1−r)·α. A batch may carry `text_states`, the frozen
     BERT bottom's output (text_cache.py)."""
@@ -203,14 +253,26 @@ def embed_captions(modules: Mapping[str, nn.Module], batch: Mapping[str, Tensor]
     return instance, l2norm(alpha @ concepts), alpha
 
 
+def embed_batch(
+    modules: Mapping[str, nn.Module], batch: Mapping[str, Tensor], concepts: Tensor | None, cfg: ModelConfig
+) -> tuple[dict[str, Tensor | None], tuple[Tensor, Tensor] | None]:
+    """`embed_images` and `embed_captions` of a batch by name ("image", "text" and their
+    "_concept" parts, None without concepts E), and the (image, caption) concept scores α."""
+    image, image_c, image_scores = embed_images(modules, batch["images"], concepts)
+    text, text_c, text_scores = embed_captions(modules, batch, concepts, cfg)
+    named = {"image": image, "image_concept": image_c, "text": text, "text_concept": text_c}
+    return named, None if image_scores is None else (image_scores, text_scores)
+
+
 def check_concept_graph(adjacency: Tensor | None, vectors: Tensor | None) -> None:
     """The concept branch's graph: given, and Â (N_c, N_c) matching the word vectors (N_c, w)."""
     if adjacency is None or vectors is None:
         raise CoderError("concept_branch=True needs the concept graph (adjacency and word vectors)")
     n = adjacency.shape[0]
     if adjacency.shape != (n, n) or vectors.shape[0] != n:
-        raise CoderError(f"concept graph shapes differ: adjacency {tuple(adjacency.shape)}, "
-                         f"word vectors {tuple(vectors.shape)}")
+        raise CoderError(
+            f"concept graph shapes differ: adjacency {tuple(adjacency.shape)}, word vectors {tuple(vectors.shape)}"
+        )
 
 
 def instance_part(x: Tensor, x_c: Tensor | None) -> Tensor:
@@ -223,6 +285,25 @@ def concept_part(x: Tensor, x_c: Tensor | None) -> Tensor:
     return x_c
 
 
+def in_view(view: Callable, embeddings: Mapping[str, Tensor | None]) -> Pairs:
+    """Embeddings by name ("image", "text", their "_concept" parts) and their image "ids" as the
+    `Pairs` that `view(x, x_c)` makes of them."""
+    image = view(embeddings["image"], embeddings.get("image_concept"))
+    text = view(embeddings["text"], embeddings.get("text_concept"))
+    return Pairs(image, text, embeddings["ids"])
+
+
+class StepEmbeddings(NamedTuple):
+    """What a training step's contrastive terms compare, each by name ("image", "text" and their
+    "_concept" parts) with the image "ids" of its rows: the local batch's online queries (B, d),
+    the global batch's momentum keys (world·B, d) and the queues' entries (K, d); {} where the
+    model has no keys or no queues."""
+
+    queries: Mapping[str, Tensor | None]
+    keys: Mapping[str, Tensor]
+    queues: Mapping[str, Tensor]
+
+
 class CODER(nn.Module):
     """CODER: instance branch + concept branch, DCL over momentum queues, online clustering.
 
@@ -232,12 +313,19 @@ class CODER(nn.Module):
     config (its weights a checkpoint's) instead of loaded from cfg.bert_path.
     """
 
-    def __init__(self, cfg: ModelConfig, concept_adjacency: Tensor | None = None,
-                 concept_vectors: Tensor | None = None, with_keys: bool = True, bert_config: Any = None) -> None:
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        concept_adjacency: Tensor | None = None,
+        concept_vectors: Tensor | None = None,
+        with_keys: bool = True,
+        bert_config: Any = None,
+    ) -> None:
         super().__init__()
         self.cfg, self.epoch = cfg, 0  # the training epoch (set_epoch): the warm-ups read it
-        self.image_encoder = ImageEncoder(cfg.image_dim, cfg.embed_dim, cfg.image_pooling, cfg.batch_norm,
-                                          cfg.l2norm_before_pooling, cfg.region_drop)
+        self.image_encoder = ImageEncoder(
+            cfg.image_dim, cfg.embed_dim, cfg.image_pooling, cfg.batch_norm, cfg.l2norm_before_pooling, cfg.region_drop
+        )
         self.text_encoder = build_text_encoder(cfg, bert_config)
         self.online_names = ["image_encoder", "text_encoder"]
         if cfg.concept_branch:
@@ -252,8 +340,9 @@ class CODER(nn.Module):
         self.queues = KeyQueues(queued, cfg.queue_size, cfg.embed_dim) if with_keys else None
         self.prototypes = None
         if with_keys and use_pseudo:
-            self.prototypes = Prototypes(cfg.num_prototypes, cfg.embed_dim, cfg.prototype_init,
-                                         cfg.prototype_update, cfg.prototype_momentum)
+            self.prototypes = Prototypes(
+                cfg.num_prototypes, cfg.embed_dim, cfg.prototype_init, cfg.prototype_update, cfg.prototype_momentum
+            )
 
     def _build_concept_branch(self, adjacency: Tensor | None, vectors: Tensor | None) -> None:
         cfg = self.cfg
@@ -311,17 +400,17 @@ class CODER(nn.Module):
         """Online encoders: (v (B, d), v_c (B, d) or None), L2-normalised."""
         return embed_images(self._encoders(False), images, self.concepts() if self.cfg.concept_branch else None)[:2]
 
-    def encode_captions(self, tokens: Tensor, lengths: Tensor, attention_mask: Tensor | None,
-                        concept_labels: Tensor | None, text_states: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
-        """Online encoders: (t (B, d), t_c (B, d) or None), L2-normalised. A caption's concept
-        scores read its own labels only, never its image's other captions."""
-        batch = {"tokens": tokens, "lengths": lengths, "attention_mask": attention_mask,
-                 "concept_labels": concept_labels, "text_states": text_states}
-        return embed_captions(self._encoders(False), batch, self.concepts() if self.cfg.concept_branch else None,
-                              self.cfg)[:2]
+    def encode_captions(self, captions: Mapping[str, Tensor]) -> tuple[Tensor, Tensor | None]:
+        """Online encoders: (t (B, d), t_c (B, d) or None), L2-normalised, of a caption batch as
+        data.collate makes it: "tokens", "lengths", and where given "attention_mask",
+        "concept_labels" and "text_states". A caption's concept scores read its own labels
+        only, never its image's other captions."""
+        concepts = self.concepts() if self.cfg.concept_branch else None
+        return embed_captions(self._encoders(False), captions, concepts, self.cfg)[:2]
 
-    def similarity(self, img: Tensor, img_c: Tensor | None, cap: Tensor, cap_c: Tensor | None,
-                   mu: float | None = None) -> Tensor:
+    def similarity(
+        self, img: Tensor, img_c: Tensor | None, cap: Tensor, cap_c: Tensor | None, mu: float | None = None
+    ) -> Tensor:
         """`fused_similarity` (N_img, N_cap) by cfg.fusion, μ = cfg.mu unless given."""
         return fused_similarity(img, img_c, cap, cap_c, self.cfg.mu if mu is None else mu, self.cfg.fusion)
 
@@ -345,46 +434,42 @@ class CODER(nn.Module):
         online ones, and after the loss the batch's keys enter the queues and the prototypes
         move: the loss reads the queues and prototypes as they were before this batch.
         """
-        cfg, ids = self.cfg, batch["image_ids"]
+        cfg = self.cfg
         if self.training:
             self._momentum_update()
         concepts = self.concepts() if cfg.concept_branch else None  # E (N_c, d)
-        queries, scores = self.queries(batch, concepts)  # [v, v_c, t, t_c], each (B, d) or None
+        queries, scores = self.queries(batch, concepts)  # (B, d) by name, "ids" (B,)
         keys = self.momentum_keys(batch, concepts)  # (world·B, d) by name, "ids" (world·B,)
         queues = self.queue_entries(copied=self.training and cfg.loss == "dcl")  # (K, d) by name, "ids" (K,)
+        step = StepEmbeddings(queries, keys, queues)
         targets = codes = None
         if self.prototypes is not None:
-            targets, codes = self.pseudo_labels(keys, ids.shape[0])  # (B, K_p), (2·world·B, K_p)
-        with torch.autocast(queries[0].device.type, enabled=False):  # the losses in float32
-            terms = {f"{cfg.loss}_instance": self.contrast(instance_part, queries, keys, queues, ids)}  # L_DCL(v, t)
-            if cfg.concept_branch:
-                terms[f"{cfg.loss}_concept"] = self.contrast(concept_part, queries, keys, queues, ids)  # L_DCL(v_c, t_c)
+            targets, codes = self.pseudo_labels(keys, queries["ids"].shape[0])  # (B, K_p), (2·world·B, K_p)
+        with torch.autocast(queries["image"].device.type, enabled=False):  # the losses in float32
+            terms = {f"{cfg.loss}_instance": self.contrast(instance_part, step)}  # L_DCL(v, t)
+            if cfg.concept_branch:  # L_DCL(v_c, t_c)
+                terms[f"{cfg.loss}_concept"] = self.contrast(concept_part, step)
             if self.prototypes is not None and self.prototypes.is_ready:
                 terms["pseudo"] = self.pseudo_label_term(queries, targets)  # L_pseudo
             if cfg.concept_branch and cfg.lambda_fused > 0:  # CVSE's term on S
-                terms[f"{cfg.loss}_fused"] = self.contrast(self.fuse, queries, keys, queues, ids)
+                terms[f"{cfg.loss}_fused"] = self.contrast(self.fuse, step)
             if cfg.concept_branch and cfg.lambda_kl > 0:  # CVSE's KL(caption ‖ image) of the concept scores
                 terms["concept_kl"] = concept_kl_loss(*scores)
-        weights = self.loss_weights()
+        weights = cfg.loss_weights()
         # L = L_DCL(v, t) + λ_c·L_DCL(v_c, t_c) + λ_p·L_pseudo (+ λ_f·L_fused + λ_kl·L_KL, off by default)
         loss = sum(weights[name] * term for name, term in terms.items())
         if self.training:
             self._update_queues_and_prototypes(keys, codes)
         return {"loss": loss, **terms}
 
-    def loss_weights(self) -> dict[str, float]:
-        """The weight λ of each term of L by its log name (the instance term's is 1)."""
-        cfg = self.cfg
-        return {f"{cfg.loss}_instance": 1.0, f"{cfg.loss}_concept": cfg.lambda_concept, "pseudo": cfg.lambda_pseudo,
-                f"{cfg.loss}_fused": cfg.lambda_fused, "concept_kl": cfg.lambda_kl}
-
-    def queries(self, batch: Mapping[str, Tensor], concepts: Tensor | None) -> tuple[list, tuple | None]:
-        """The online embeddings [v, v_c, t, t_c] in float32 (concept parts None without the
-        concept branch), and the (image, caption) concept scores α (None without)."""
-        img, img_c, img_scores = embed_images(self._encoders(False), batch["images"], concepts)
-        cap, cap_c, cap_scores = embed_captions(self._encoders(False), batch, concepts, self.cfg)
-        scores = None if img_scores is None else (img_scores.float(), cap_scores.float())
-        return [None if x is None else x.float() for x in (img, img_c, cap, cap_c)], scores
+    def queries(self, batch: Mapping[str, Tensor], concepts: Tensor | None) -> tuple[dict, tuple | None]:
+        """The online embeddings by name, as the keys have them ("image", "text" and their
+        "_concept" parts, None without the concept branch) with the batch's image "ids", and the
+        (image, caption) concept scores α (None without); all in float32."""
+        named, scores = embed_batch(self._encoders(False), batch, concepts, self.cfg)
+        queries = {name: None if x is None else x.float() for name, x in named.items()}
+        scores = None if scores is None else (scores[0].float(), scores[1].float())
+        return {**queries, "ids": batch["image_ids"]}, scores
 
     @torch.no_grad()
     def momentum_keys(self, batch: Mapping[str, Tensor], online_concepts: Tensor | None) -> dict[str, Tensor]:
@@ -396,9 +481,7 @@ class CODER(nn.Module):
         concepts = None
         if "image_concept" in self.key_names:
             concepts = self.concepts(momentum=True) if "gcn" in self.momentum else online_concepts.detach()
-        image, image_c, _ = embed_images(self.momentum, batch["images"], concepts)
-        text, text_c, _ = embed_captions(self.momentum, batch, concepts, self.cfg)
-        keys = {"image": image, "text": text, "image_concept": image_c, "text_concept": text_c}
+        keys, _ = embed_batch(self.momentum, batch, concepts, self.cfg)
         gathered = {name: gather_from_all(keys[name].float()) for name in self.key_names}
         return {**gathered, "ids": gather_from_all(batch["image_ids"])}
 
@@ -410,39 +493,33 @@ class CODER(nn.Module):
         entries = {name: self.queues.entries(name) for name in self.queues.names}
         return {**{name: x.clone() if copied else x for name, x in entries.items()}, "ids": self.queues.filled_ids()}
 
-    def contrast(self, view: Callable, queries: list, keys: Mapping[str, Tensor], queues: Mapping[str, Tensor],
-                 image_ids: Tensor, stats: dict[str, Tensor] | None = None) -> Tensor:
-        """DCL (or the triplet baseline) on one view of the embeddings: `view(x, x_c)` is x
-        (`instance_part`), x_c (`concept_part`) or the fused vector of S (`self.fuse`); the queries, keys
-        and queue entries are compared in that view. `stats`: see loss.dcl_loss."""
-        cfg, (v, v_c, t, t_c) = self.cfg, queries
-        images, captions = view(v, v_c), view(t, t_c)  # (B, ·)
+    def contrast(self, view: Callable, step: StepEmbeddings, stats: dict[str, Tensor] | None = None) -> Tensor:
+        """DCL (or the triplet baseline) on one view of the step's embeddings: `view(x, x_c)` is
+        x (`instance_part`), x_c (`concept_part`) or the fused vector of S (`self.fuse`).
+        `stats`: see loss.dcl_loss."""
+        cfg, batch = self.cfg, in_view(view, step.queries)  # (B, ·)
         if cfg.loss == "triplet":
-            return triplet_loss(images, captions, image_ids, cfg.margin, self.epoch >= cfg.triplet_all_negatives_epochs)
-        image_queue = text_queue = None
-        if queues:
-            image_queue = view(queues["image"], queues.get("image_concept"))  # (K, ·)
-            text_queue = view(queues["text"], queues.get("text_concept"))
-        return symmetric_dcl(images, captions, view(keys["image"], keys.get("image_concept")),
-                             view(keys["text"], keys.get("text_concept")), keys["ids"], image_queue, text_queue,
-                             queues["ids"] if queues else keys["ids"][:0], image_ids,
-                             local_rows(images.shape[0], images.device), cfg.tau, self.current_beta(),
-                             beta_adaptive=cfg.beta_adaptive, weight_groups=cfg.dcl_weight_groups,
-                             false_negative_threshold=cfg.false_negative_threshold, stats=stats)
+            hardest = self.epoch >= cfg.triplet_all_negatives_epochs
+            return triplet_loss(batch.image, batch.text, batch.ids, cfg.margin, hardest)
+        keys = in_view(view, step.keys)  # (world·B, ·)
+        queue = in_view(view, step.queues) if step.queues else None  # (K, ·)
+        rows = local_rows(batch.image.shape[0], batch.image.device)
+        return symmetric_dcl(batch, keys, queue, rows, cfg.tau, self.current_beta(), stats=stats, **cfg.dcl_weighting())
 
     def pseudo_labels(self, keys: Mapping[str, Tensor], local_size: int) -> tuple[Tensor, Tensor]:
         """`sinkhorn_pseudo_labels` of the keys, with the instance queues' entries when
         cfg.sinkhorn_with_queue: the local pairs' targets (B, K_p) and the batch's codes."""
-        queued = [self.queues.entries(n) for n in ("image", "text") if self.cfg.sinkhorn_with_queue and self.queues.names]
-        return sinkhorn_pseudo_labels(keys["image"], keys["text"], queued, self.prototypes.weight,
-                                      self.cfg.sinkhorn_epsilon, self.cfg.sinkhorn_iterations,
-                                      local_rows(local_size, keys["image"].device))
+        cfg, prototypes, rows = self.cfg, self.prototypes.weight, local_rows(local_size, keys["image"].device)
+        names = [n for n in ("image", "text") if cfg.sinkhorn_with_queue and n in self.queues.names]
+        queued = [self.queues.entries(name) for name in names]
+        return sinkhorn_pseudo_labels(keys, queued, prototypes, cfg.sinkhorn_epsilon, cfg.sinkhorn_iterations, rows)
 
-    def pseudo_label_term(self, queries: list, targets: Tensor) -> Tensor:
+    def pseudo_label_term(self, queries: Mapping[str, Tensor], targets: Tensor) -> Tensor:
         """L_pseudo: the concept descriptors of both modalities predict the pair's pseudo label."""
         prototypes, tau = self.prototypes.for_loss(), self.cfg.tau_pseudo
-        return (pseudo_label_loss(queries[1], targets, prototypes, tau)
-                + pseudo_label_loss(queries[3], targets, prototypes, tau)) / 2
+        image = pseudo_label_loss(queries["image_concept"], targets, prototypes, tau)
+        text = pseudo_label_loss(queries["text_concept"], targets, prototypes, tau)
+        return (image + text) / 2
 
     @torch.no_grad()
     def _momentum_update(self) -> None:

@@ -4,6 +4,7 @@ One table of rules for the train scripts' options (`check_train_config`), and ar
 output checks for the other scripts (eval, extraction, vocabulary, concepts, retrieval). Each
 failure is a CoderError of one line that names the option and what is wrong with it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -71,8 +72,10 @@ CHOICES: dict[str, tuple[str, ...]] = {
 # strings (paths are checked by `check_train_config`) or booleans (checked when parsed).
 TRAIN_RULES: dict[str, tuple[Check, str]] = {
     "val_max_images": at_least(0),
-    "embed_dim": (at_least(2)[0], "must be at least 2 (unit vectors of one dimension are +1 or -1: every "
-                                  "similarity would be +1 or -1)"),
+    "embed_dim": (
+        at_least(2)[0],
+        "must be at least 2 (unit vectors of one dimension are +1 or -1: every similarity would be +1 or -1)",
+    ),
     "image_pooling": one_of(*CHOICES["image_pooling"]),
     "text_pooling": one_of(*CHOICES["text_pooling"]),
     "text_encoder": one_of(*CHOICES["text_encoder"]),
@@ -133,9 +136,20 @@ TRAIN_RULES: dict[str, tuple[Check, str]] = {
 
 
 # Names other code bases use for some options.
-ALIASES = {"learning_rate": "lr", "num_epochs": "epochs", "max_epochs": "epochs", "bs": "batch_size",
-           "wd": "weight_decay", "output_dir": "run_dir", "out_dir": "run_dir", "checkpoint": "resume",
-           "num_workers": "workers", "temperature": "tau", "embed_size": "embed_dim", "queue_length": "queue_size"}
+ALIASES = {
+    "learning_rate": "lr",
+    "num_epochs": "epochs",
+    "max_epochs": "epochs",
+    "bs": "batch_size",
+    "wd": "weight_decay",
+    "output_dir": "run_dir",
+    "out_dir": "run_dir",
+    "checkpoint": "resume",
+    "num_workers": "workers",
+    "temperature": "tau",
+    "embed_size": "embed_dim",
+    "queue_length": "queue_size",
+}
 
 
 def closest(name: str, valid: Iterable[str], n: int = 3) -> list[str]:
@@ -147,7 +161,11 @@ def closest(name: str, valid: Iterable[str], n: int = 3) -> list[str]:
 
 def unknown_option(name: str, valid: Iterable[str]) -> CoderError:
     near = closest(name, valid)
-    hint = f"; did you mean {' or '.join('--' + n for n in near)}?" if near else "; see the variables at the top of the script"
+    hint = (
+        f"; did you mean {' or '.join('--' + n for n in near)}?"
+        if near
+        else "; see the variables at the top of the script"
+    )
     return CoderError(f"unknown option --{name}{hint}")
 
 
@@ -185,17 +203,25 @@ def check_train_config(config: dict[str, Any], resuming: bool) -> None:
             near = closest(split, have)
             hint = f"; did you mean '{near[0]}'?" if near else f" (splits there: {', '.join(have) or 'none'})"
             raise CoderError(f"--{option} {split}: {root} has no {' or '.join(missing)}{hint}")
-    if config["text_encoder"] == "bigru" and not resuming and (
-            problem := path_problem(config["vocab_path"], False, "vocabulary file")):
-        raise CoderError(f"--vocab_path {config['vocab_path']}: {problem} (the bigru text encoder needs one; "
-                         f"build it with vocab.py build)")
-    if config["concept_branch"] and not resuming and (
-            problem := path_problem(config["concept_path"], True, "concept folder")):
+    if (
+        config["text_encoder"] == "bigru"
+        and not resuming
+        and (problem := path_problem(config["vocab_path"], False, "vocabulary file"))
+    ):
+        raise CoderError(
+            f"--vocab_path {config['vocab_path']}: {problem} (the bigru text encoder needs one; "
+            f"build it with vocab.py build)"
+        )
+    if (
+        config["concept_branch"]
+        and not resuming
+        and (problem := path_problem(config["concept_path"], True, "concept folder"))
+    ):
         raise CoderError(f"--concept_path {config['concept_path']}: {problem} (or pass --concept_branch false)")
     if config["word_vectors"] not in ("", "glove-package") and (
-            problem := path_problem(config["word_vectors"], False, "word-vector file")):
-        raise CoderError(f"--word_vectors {config['word_vectors']}: {problem} (a GloVe text file, or "
-                         f"glove-package)")
+        problem := path_problem(config["word_vectors"], False, "word-vector file")
+    ):
+        raise CoderError(f"--word_vectors {config['word_vectors']}: {problem} (a GloVe text file, or glove-package)")
     if config["text_encoder"] == "bigru" and config["bert_frozen_layers"]:
         raise CoderError("--bert_frozen_layers needs --text_encoder bert")
     if config["freeze_bert_epochs"] and config["text_encoder"] != "bert":
@@ -219,8 +245,14 @@ def training_memory(config: dict[str, Any], regions: int, feature_dim: int, voca
     """Rough bytes of a run's largest allocations, by the option that sizes each (float32;
     weights counted five times: themselves, gradients, two Adam moments, the momentum copy)."""
     dim, word, floats = config["embed_dim"], config["word_dim"], 4
-    weights = (feature_dim * dim + vocab_size * word + 6 * (word + dim) * dim + config["num_prototypes"] * dim
-               + word * config["gcn_hidden"] + config["gcn_hidden"] * dim)
+    weights = (
+        feature_dim * dim
+        + vocab_size * word
+        + 6 * (word + dim) * dim
+        + config["num_prototypes"] * dim
+        + word * config["gcn_hidden"]
+        + config["gcn_hidden"] * dim
+    )
     queue = config["queue_size"]
     widest = max(dim, feature_dim)
     return {
@@ -232,17 +264,20 @@ def training_memory(config: dict[str, Any], regions: int, feature_dim: int, voca
     }
 
 
-def check_training_memory(config: dict[str, Any], regions: int, feature_dim: int, vocab_size: int,
-                          available: int, where: str) -> None:
+def check_training_memory(
+    config: dict[str, Any], regions: int, feature_dim: int, vocab_size: int, available: int, where: str
+) -> None:
     """Refuse, before anything is allocated, a run whose estimate exceeds the memory `where`
     has (a queue of 10^11 entries would otherwise end in an allocator traceback)."""
     parts = training_memory(config, regions, feature_dim, vocab_size)
     total = sum(parts.values())
     if total > available:
         option = max(parts, key=parts.get)
-        raise CoderError(f"--{option} {config[option]}: the run needs about {total / 2**30:,.1f} GiB "
-                         f"({option}: {parts[option] / 2**30:,.1f} GiB), more than the {available / 2**30:,.1f} GiB "
-                         f"of {where}; lower it")
+        raise CoderError(
+            f"--{option} {config[option]}: the run needs about {total / 2**30:,.1f} GiB "
+            f"({option}: {parts[option] / 2**30:,.1f} GiB), more than the {available / 2**30:,.1f} GiB "
+            f"of {where}; lower it"
+        )
 
 
 # ----------------------------------------------------------------------------- train scripts
@@ -274,8 +309,12 @@ DEMO_OVERRIDES: dict[str, Any] = {
 # (which may still change any of them). "spec": the spec's reconstruction where the scripts'
 # defaults differ from it (DCL sharpness 10, the BN concept query, one global gradient clip).
 # DCL's weights as one softmax over every negative, no warm-up, no negative dropped.
-_PLAIN_DCL = {"beta_warmup_epochs": 0, "beta_adaptive": False, "dcl_weight_groups": "joint",
-              "false_negative_threshold": 0.0}
+_PLAIN_DCL = {
+    "beta_warmup_epochs": 0,
+    "beta_adaptive": False,
+    "dcl_weight_groups": "joint",
+    "false_negative_threshold": 0.0,
+}
 PRESETS: dict[str, dict[str, Any]] = {
     # the reconstruction's first reading: beta 10, the concept query with gradient, one clip
     "spec": {"beta": 10.0, **_PLAIN_DCL, "concept_query_input": "bn", "grad_clip_scope": "global"},
@@ -340,9 +379,26 @@ def _convert(name: str, value: str, default: Any) -> Any:
 
 # Settings a resumed run may change; everything else must stay as the checkpoint has it
 # (bert_path: a moved BERT folder, read only for a checkpoint without its text encoder's files).
-RESUME_MAY_CHANGE = ("resume", "run_dir", "overwrite", "epochs", "device", "workers", "progress", "log_every",
-                     "eval_batch_size", "val_every_steps", "checkpoint_every_steps", "test_split", "dist_timeout",
-                     "bert_length_groups", "text_state_cache", "diag_every", "data_path", "bert_path")
+RESUME_MAY_CHANGE = (
+    "resume",
+    "run_dir",
+    "overwrite",
+    "epochs",
+    "device",
+    "workers",
+    "progress",
+    "log_every",
+    "eval_batch_size",
+    "val_every_steps",
+    "checkpoint_every_steps",
+    "test_split",
+    "dist_timeout",
+    "bert_length_groups",
+    "text_state_cache",
+    "diag_every",
+    "data_path",
+    "bert_path",
+)
 
 
 def script_config(variables: dict[str, Any]) -> dict[str, Any]:
@@ -353,8 +409,14 @@ def script_config(variables: dict[str, Any]) -> dict[str, Any]:
 
 # What a run did before an option existed: a checkpoint without the option resumes (and is
 # read) with this value, not today's default.
-BEFORE_THE_OPTION = {"grad_clip_scope": "global", "concept_query_input": "bn", "beta_warmup_epochs": 0,
-                     "beta_adaptive": False, "dcl_weight_groups": "joint", "false_negative_threshold": 0.0}
+BEFORE_THE_OPTION = {
+    "grad_clip_scope": "global",
+    "concept_query_input": "bn",
+    "beta_warmup_epochs": 0,
+    "beta_adaptive": False,
+    "dcl_weight_groups": "joint",
+    "false_negative_threshold": 0.0,
+}
 
 
 # ----------------------------------------------------------------------------- argparse types
@@ -368,7 +430,6 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"error: {self.prog}: {message} (see --help)\n")
 
 
-
 def _typed(kind: type, rule: tuple[Check, str]) -> Callable[[str], Any]:
     check, text = rule
 
@@ -376,7 +437,9 @@ def _typed(kind: type, rule: tuple[Check, str]) -> Callable[[str], Any]:
         try:
             number = kind(value)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"'{value}' is not {'an integer' if kind is int else 'a number'}") from None
+            raise argparse.ArgumentTypeError(
+                f"'{value}' is not {'an integer' if kind is int else 'a number'}"
+            ) from None
         if not check(number):
             raise argparse.ArgumentTypeError(f"{value} {text}")
         return number
@@ -423,8 +486,13 @@ def default_device() -> str:
 # ----------------------------------------------------------------------------- outputs
 
 
-def check_output_file(path: str | os.PathLike, option: str, overwrite: bool = False,
-                      inputs: Iterable[str | os.PathLike] = (), suffixes: Iterable[str] = ()) -> Path:
+def check_output_file(
+    path: str | os.PathLike,
+    option: str,
+    overwrite: bool = False,
+    inputs: Iterable[str | os.PathLike] = (),
+    suffixes: Iterable[str] = (),
+) -> Path:
     """An output file the command may write: not one of its inputs, not a folder, not an
     existing file unless `overwrite`, with one of `suffixes` (when given: the formats the
     writer knows), in a folder that exists or can be made and is writable, under a name the
@@ -432,8 +500,10 @@ def check_output_file(path: str | os.PathLike, option: str, overwrite: bool = Fa
     path = Path(path)
     suffixes = list(suffixes)
     if suffixes and path.suffix.lower() not in suffixes:
-        raise CoderError(f"{option} {path}: cannot write a '{path.suffix or 'no extension'}' file; name it with one "
-                         f"of {', '.join(suffixes)}")
+        raise CoderError(
+            f"{option} {path}: cannot write a '{path.suffix or 'no extension'}' file; name it with one "
+            f"of {', '.join(suffixes)}"
+        )
     exists = os.path.exists(path)  # False, not an error, for a name too long
     for source in inputs:
         if Path(source).exists() and exists and path.resolve() == Path(source).resolve():
@@ -446,8 +516,9 @@ def check_output_file(path: str | os.PathLike, option: str, overwrite: bool = Fa
     return path
 
 
-def check_writable_dir(folder: str | os.PathLike, option: str, shown: str | os.PathLike | None = None,
-                       file_name: str | None = None) -> None:
+def check_writable_dir(
+    folder: str | os.PathLike, option: str, shown: str | os.PathLike | None = None, file_name: str | None = None
+) -> None:
     """The folder exists, or can be made, and a file can be made in it (named `file_name`,
     when given): tried now, and what the try made removed again, so that a folder or name the
     file system refuses (a name too long, a link to nowhere on the way, a read-only or full

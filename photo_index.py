@@ -19,6 +19,7 @@ The app searches from many threads at once: a rescan builds a new `Gallery` (pho
 search) aside and swaps it in with one assignment; the image encoder runs one batch at a time
 (a rescan's batch or an upload) and the text encoder one batch of texts at a time.
 """
+
 from __future__ import annotations
 
 import errno
@@ -96,8 +97,14 @@ def scan_photos(folder: Path, include_hidden: bool = False) -> list[dict[str, An
                 stat = path.stat()
             except (OSError, RuntimeError):  # vanished while scanning, or a link loop
                 continue
-            found.append({"name": path.relative_to(folder).as_posix(), "size": stat.st_size,
-                          "mtime": stat.st_mtime_ns, "ctime": stat.st_ctime_ns})
+            found.append(
+                {
+                    "name": path.relative_to(folder).as_posix(),
+                    "size": stat.st_size,
+                    "mtime": stat.st_mtime_ns,
+                    "ctime": stat.st_ctime_ns,
+                }
+            )
     return sorted(found, key=lambda p: p["name"])
 
 
@@ -105,8 +112,15 @@ class Embedder:
     """Photos, uploaded image bytes and texts -> fused vectors, with a checkpoint's query
     encoders and the region backbone its training features came from."""
 
-    def __init__(self, checkpoint: str | os.PathLike, device: str = "cpu", backbone: str = "efficientnet-lite0",
-                 batch_size: int = 32, workers: int = 0, bert_path: str | None = None) -> None:
+    def __init__(
+        self,
+        checkpoint: str | os.PathLike,
+        device: str = "cpu",
+        backbone: str = "efficientnet-lite0",
+        batch_size: int = 32,
+        workers: int = 0,
+        bert_path: str | None = None,
+    ) -> None:
         from checkpoint import load_for_inference
 
         self.checkpoint = Path(checkpoint)
@@ -115,9 +129,11 @@ class Embedder:
         self.mu = float(self.config["mu"])
         self.backbone = get_backbone(backbone, device)
         if self.backbone.feature_dim != self.model.cfg.image_dim:
-            raise CoderError(f"{checkpoint}: trained on {self.model.cfg.image_dim}-d region features, but backbone "
-                             f"{backbone} gives {self.backbone.feature_dim}-d ones; photos can only be searched with "
-                             f"a checkpoint trained on features of that backbone (extract_features.py)")
+            raise CoderError(
+                f"{checkpoint}: trained on {self.model.cfg.image_dim}-d region features, but backbone "
+                f"{backbone} gives {self.backbone.feature_dim}-d ones; photos can only be searched with "
+                f"a checkpoint trained on features of that backbone (extract_features.py)"
+            )
         self.batch_size, self.workers = batch_size, workers
         # One text batch at a time: a fast (Rust) tokenizer refuses a second thread ("Already
         # borrowed"). One image batch at a time, a rescan's or an upload's: an upload's decoding
@@ -137,8 +153,12 @@ class Embedder:
 
         vectors = torch.zeros(len(paths), self.dim)
         errors: dict[int, str] = {}
-        loader = DataLoader(ImageFiles(list(paths), self.backbone.preprocess, 0), batch_size=self.batch_size,
-                            num_workers=self.workers, collate_fn=as_list)
+        loader = DataLoader(
+            ImageFiles(list(paths), self.backbone.preprocess, 0),
+            batch_size=self.batch_size,
+            num_workers=self.workers,
+            collate_fn=as_list,
+        )
         with tqdm(total=len(paths), desc="indexing photos", unit="img", disable=not progress) as bar:
             for items in loader:
                 good = [(i, t) for i, t, err in items if err is None]
@@ -168,9 +188,17 @@ class Embedder:
         from retrieve import encode_queries
 
         with self._text_lock:
-            parts = [self.model.fuse(*encode_queries(self.model, list(texts[i:i + batch_size]), self.tokenizer,
-                                                     self.graph, self.device), self.mu).float().cpu()
-                     for i in range(0, len(texts), batch_size)]
+            parts = [
+                self.model.fuse(
+                    *encode_queries(
+                        self.model, list(texts[i : i + batch_size]), self.tokenizer, self.graph, self.device
+                    ),
+                    self.mu,
+                )
+                .float()
+                .cpu()
+                for i in range(0, len(texts), batch_size)
+            ]
         return torch.cat(parts) if parts else torch.zeros(0, self.dim)
 
     @property
@@ -182,8 +210,9 @@ class VectorSearch:
     """Top-k by dot product: exact (chunked matrix product, the scores evaluation ranks by) or,
     with `approximate`, a faiss inverted-file index (`nprobe` lists searched per query)."""
 
-    def __init__(self, vectors: torch.Tensor, approximate: bool = False, nprobe: int = 32,
-                 chunk_rows: int = 262_144) -> None:
+    def __init__(
+        self, vectors: torch.Tensor, approximate: bool = False, nprobe: int = 32, chunk_rows: int = 262_144
+    ) -> None:
         self.vectors = vectors.float().contiguous()
         self.chunk_rows = chunk_rows
         self.faiss_index = build_faiss(self.vectors.numpy(), nprobe) if approximate and len(vectors) else None
@@ -195,8 +224,9 @@ class VectorSearch:
         """For each query, its top k as (index, score), best first; fewer than k where faiss's
         probed lists hold fewer vectors."""
         scores, indices = self.search(queries, k)
-        return [[(i, s) for i, s in zip(row_i.tolist(), row_s.tolist()) if i >= 0]
-                for row_s, row_i in zip(scores, indices)]
+        return [
+            [(i, s) for i, s in zip(row_i.tolist(), row_s.tolist()) if i >= 0] for row_s, row_i in zip(scores, indices)
+        ]
 
     def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(scores, indices), each (Q, min(k, N)), best first; with faiss, index -1 (score
@@ -210,7 +240,7 @@ class VectorSearch:
             return torch.from_numpy(scores), torch.from_numpy(indices).long()
         best_scores, best_indices = None, None
         for start in range(0, len(self.vectors), self.chunk_rows):
-            scores = queries @ self.vectors[start:start + self.chunk_rows].t()
+            scores = queries @ self.vectors[start : start + self.chunk_rows].t()
             top = scores.topk(min(k, scores.shape[1]), dim=1)
             indices = top.indices + start
             if best_scores is not None:
@@ -297,8 +327,14 @@ class PhotoIndex:
     running meanwhile (which swaps in its new Gallery with one assignment) never mixes the
     names of one state with the positions of another."""
 
-    def __init__(self, embedder: Embedder, folder: str | os.PathLike, cache_root: str | os.PathLike | None = None,
-                 approximate: bool = False, include_hidden: bool = False) -> None:
+    def __init__(
+        self,
+        embedder: Embedder,
+        folder: str | os.PathLike,
+        cache_root: str | os.PathLike | None = None,
+        approximate: bool = False,
+        include_hidden: bool = False,
+    ) -> None:
         self.embedder, self.approximate, self.include_hidden = embedder, approximate, include_hidden
         self.folder = Path(folder)
         if not self.folder.is_dir():
@@ -326,10 +362,18 @@ class PhotoIndex:
             return empty
         photos = meta.get("photos") if isinstance(meta, dict) and meta.get("version") == CACHE_VERSION else None
         fields = {"name": str, "size": int, "mtime": int, "ctime": int}
-        if (not isinstance(photos, list) or vectors.dtype != np.float32
-                or vectors.shape != (len(photos), self.embedder.dim) or not np.isfinite(vectors).all()
-                or not all(isinstance(p, dict) and p.keys() == fields.keys()
-                           and all(type(p[k]) is kind for k, kind in fields.items()) for p in photos)):
+        if (
+            not isinstance(photos, list)
+            or vectors.dtype != np.float32
+            or vectors.shape != (len(photos), self.embedder.dim)
+            or not np.isfinite(vectors).all()
+            or not all(
+                isinstance(p, dict)
+                and p.keys() == fields.keys()
+                and all(type(p[k]) is kind for k, kind in fields.items())
+                for p in photos
+            )
+        ):
             return empty
         return photos, torch.from_numpy(vectors)
 
@@ -338,8 +382,12 @@ class PhotoIndex:
         own, then a rename): a reader, or another server on the same folder, sees a whole old
         or a whole new file; two servers saving at once leave the one saved last."""
         meta = json.dumps({"version": CACHE_VERSION, "photos": list(gallery.photos)})  # ASCII: JSON escapes the rest
-        atomic_write(self.cache / CACHE_FILE, lambda f: np.savez(
-            f, vectors=gallery.vectors.numpy(), photos=np.frombuffer(meta.encode("ascii"), np.uint8)))
+        atomic_write(
+            self.cache / CACHE_FILE,
+            lambda f: np.savez(
+                f, vectors=gallery.vectors.numpy(), photos=np.frombuffer(meta.encode("ascii"), np.uint8)
+            ),
+        )
 
     def refresh(self, progress: bool = False) -> dict[str, Any]:
         """Embed new or changed photos, drop removed ones, save the cache, then swap the new
@@ -360,8 +408,12 @@ class PhotoIndex:
             if readable or removed or errors:
                 self._save_cache(gallery)
             self.gallery = gallery
-        return {"added": len(readable), "removed": removed, "kept": len(kept),
-                "unreadable": {new[i]["name"]: err for i, err in errors.items()}}
+        return {
+            "added": len(readable),
+            "removed": removed,
+            "kept": len(kept),
+            "unreadable": {new[i]["name"]: err for i, err in errors.items()},
+        }
 
     def open(self, gallery: Gallery, photo: str) -> BinaryIO:
         """The file of the photo with id `photo` in `gallery`, opened for reading. Its name is
@@ -385,16 +437,22 @@ class PhotoIndex:
         except FileNotFoundError:
             raise PhotoNotServed(f"photo {shown} is no longer in the folder; rescan") from None
         except OSError as err:  # ELOOP, ENOTDIR: a link swapped in; EINVAL: not a regular file
-            raise PhotoNotServed(f"photo {shown} changed while it was opened ({err.strerror}); it is not served"
-                                 ) from None
+            raise PhotoNotServed(
+                f"photo {shown} changed while it was opened ({err.strerror}); it is not served"
+            ) from None
 
 
 class CaptionSet:
     """The captions of a file, as fused vectors (cached like the photos): a CSV `image,caption`
     (then each caption knows its photo) or a plain file with one caption per line."""
 
-    def __init__(self, embedder: Embedder, path: str | os.PathLike, cache_root: str | os.PathLike | None = None,
-                 progress: bool = False) -> None:
+    def __init__(
+        self,
+        embedder: Embedder,
+        path: str | os.PathLike,
+        cache_root: str | os.PathLike | None = None,
+        progress: bool = False,
+    ) -> None:
         self.path = Path(path)
         self.texts, self.images = read_caption_file(self.path)
         key = _sha256(f"{embedder.key}|{_file_key(self.path)}")[:24]

@@ -7,6 +7,7 @@ and re-normalised (SwAV). Updates use gathered data only, so every process compu
 values; where a kernel's summation order may differ (CUDA's index_add_), rank 0's result is
 broadcast.
 """
+
 from __future__ import annotations
 
 from typing import Any, Mapping

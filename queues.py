@@ -6,6 +6,7 @@ registered buffers, so a checkpoint holds them. The fill level and the write pos
 also kept as Python integers: the training step branches on them and slices by them, and
 reading them back from a GPU tensor would stop the host at every step.
 """
+
 from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
@@ -49,8 +50,8 @@ class KeyQueues(nn.Module):
         kept = min(total, self.size)
         slots = (self.next_slot + total - kept + torch.arange(kept, device=self.ids.device)) % self.size
         for name in self.names:
-            getattr(self, name)[slots] = keys[name][total - kept:].to(self.ids.device, torch.float32)
-        self.ids[slots] = ids[total - kept:].to(self.ids.device)
+            getattr(self, name)[slots] = keys[name][total - kept :].to(self.ids.device, torch.float32)
+        self.ids[slots] = ids[total - kept :].to(self.ids.device)
         self.next_slot = (self.next_slot + total) % self.size
         self.filled = min(self.filled + total, self.size)
         self.pointer.fill_(self.next_slot)

@@ -10,6 +10,7 @@ files at hand (`--images_dir`, names from `{split}_ids.txt`), `--grid` draws one
 text query: the query, then its top-k images, the correct ones framed in green when the
 query is one of the split's own captions.
 """
+
 from __future__ import annotations
 
 import sys
@@ -21,8 +22,9 @@ import torch
 from utils import CoderError, atomic_write, cli_entry, path_problem
 
 
-def encode_queries(model: Any, texts: Sequence[str], tokenizer: Any, graph: Any,
-                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+def encode_queries(
+    model: Any, texts: Sequence[str], tokenizer: Any, graph: Any, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Embed free-text queries the way the caption dataset would (same tokens and labels)."""
     import data
     import vocab
@@ -35,8 +37,7 @@ def encode_queries(model: Any, texts: Sequence[str], tokenizer: Any, graph: Any,
         items.append(item)
     batch = data.to_device(data.collate(items, pad_id=tokenizer.pad_id), device)
     with torch.no_grad():
-        return model.encode_captions(batch["tokens"], batch["lengths"], batch["attention_mask"],
-                                     batch.get("concept_labels"))
+        return model.encode_captions(batch)
 
 
 def image_names(split: Any) -> list[str]:
@@ -89,14 +90,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--query", action="append", default=[], help="a text query (repeatable)")
     parser.add_argument("--image", type=int, action="append", default=[], help="an image index (repeatable)")
     parser.add_argument("--k", type=positive_int, default=5)
-    parser.add_argument("--mu", type=fraction, default=None, help="concept-branch weight in [0, 1] (default: the run's)")
+    parser.add_argument(
+        "--mu", type=fraction, default=None, help="concept-branch weight in [0, 1] (default: the run's)"
+    )
     parser.add_argument("--images_dir", default="", help="folder with the split's image files, for --grid")
     parser.add_argument("--grid", default="", help="write a PNG grid of each text query's top-k images")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --grid file")
     parser.add_argument("--device", type=torch_device, default=default_device())
-    parser.add_argument("--bert_path", default=None,
-                        help="a bert checkpoint's BERT folder, if the checkpoint does not hold its config and "
-                             "vocabulary")
+    parser.add_argument(
+        "--bert_path",
+        default=None,
+        help="a bert checkpoint's BERT folder, if the checkpoint does not hold its config and vocabulary",
+    )
     args = parser.parse_args(argv)
     if not args.query and not args.image:
         parser.error("give at least one --query or --image")
@@ -143,8 +148,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     for index in args.image:
         if not 0 <= index < split.num_images:
             raise CoderError(f"--image {index}: the {args.split} split has images 0..{split.num_images - 1}")
-        image_emb = (emb.image_instance[index:index + 1],
-                     None if emb.image_concept is None else emb.image_concept[index:index + 1])
+        image_emb = (
+            emb.image_instance[index : index + 1],
+            None if emb.image_concept is None else emb.image_concept[index : index + 1],
+        )
         with torch.no_grad():
             scores = model.similarity(*image_emb, emb.caption_instance, emb.caption_concept, mu)[0]
         top = scores.topk(min(args.k, split.num_captions))

@@ -17,6 +17,7 @@ JSON API: GET /api/status, GET /api/search?q=TEXT&k=N, GET /api/photos/{id}/neig
 POST /api/upload (multipart field "file"), POST /api/refresh; images at /photos/{id} and
 /thumbs/{id}.
 """
+
 import hashlib
 import io
 import os
@@ -42,15 +43,25 @@ WILDCARD_ADDRESSES = ("0.0.0.0", "::", "")
 # On every response: no page may frame the app (X-Frame-Options, frame-ancestors), a browser never
 # reads a response as another type than the one sent (nosniff), and no other origin's page may
 # embed a response (CORP) or keep a handle on the app's window (COOP).
-SECURITY_HEADERS = {"X-Frame-Options": "DENY", "Content-Security-Policy": "frame-ancestors 'none'",
-                    "X-Content-Type-Options": "nosniff", "Cross-Origin-Resource-Policy": "same-origin",
-                    "Cross-Origin-Opener-Policy": "same-origin"}
+SECURITY_HEADERS = {
+    "X-Frame-Options": "DENY",
+    "Content-Security-Policy": "frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Cross-Origin-Resource-Policy": "same-origin",
+    "Cross-Origin-Opener-Policy": "same-origin",
+}
 CROSS_SITE_REFUSAL = "cross-site request refused: only this app's own page may read its photos or change its state"
 MAX_UPLOADS_AT_ONCE = 4  # bodies held in memory at once: at most this many times --max_upload_mb
 THUMBNAILS_AT_ONCE = 2  # thumbnails decoded at once (each may hold a whole PNG or WebP)
 THUMB_CACHE_ENTRIES = 4096  # 15 KB each on average (100 Flickr8k photos): about 60 MB
-MEDIA_TYPES = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png", ".gif": "image/gif",
-               ".bmp": "image/bmp", ".webp": "image/webp"}
+MEDIA_TYPES = {
+    ".jpg": "image/jpeg",
+    ".jpeg": "image/jpeg",
+    ".png": "image/png",
+    ".gif": "image/gif",
+    ".bmp": "image/bmp",
+    ".webp": "image/webp",
+}
 
 
 def allowed_hosts(bind_host: str, extra: Sequence[str] = ()) -> list[str]:
@@ -76,7 +87,8 @@ def cross_site(headers: Any) -> bool:
     headers (curl, scripts) are not cross-site."""
     site, host = headers.get("sec-fetch-site"), (headers.get("host") or "").lower()
     return site not in (None, "same-origin", "none") or any(
-        value is not None and _netloc(value) != host for value in (headers.get("origin"), headers.get("referer")))
+        value is not None and _netloc(value) != host for value in (headers.get("origin"), headers.get("referer"))
+    )
 
 
 class Guard:
@@ -143,8 +155,13 @@ def multipart_file(content_type: str, body: bytes, field: str = "file") -> tuple
     if kind != b"multipart/form-data" or b"boundary" not in params:
         raise HTTPException(400, f"send the photo as multipart/form-data in a field named '{field}'")
     files: dict[bytes, Any] = {}
-    parser = FormParser("multipart/form-data", lambda _: None, lambda f: files.setdefault(f.field_name, f),
-                        boundary=params[b"boundary"], config={"MAX_MEMORY_FILE_SIZE": len(body) + 1})
+    parser = FormParser(
+        "multipart/form-data",
+        lambda _: None,
+        lambda f: files.setdefault(f.field_name, f),
+        boundary=params[b"boundary"],
+        config={"MAX_MEMORY_FILE_SIZE": len(body) + 1},
+    )
     try:
         parser.write(body)
         parser.finalize()
@@ -164,8 +181,12 @@ def photo_entry(gallery: Any, position: int, score: float | None = None) -> dict
     from photo_index import shown_name
 
     photo_id = gallery.ids[position]
-    entry = {"id": photo_id, "name": shown_name(gallery.photos[position]["name"]), "thumb": f"/thumbs/{photo_id}",
-             "url": f"/photos/{photo_id}"}
+    entry = {
+        "id": photo_id,
+        "name": shown_name(gallery.photos[position]["name"]),
+        "thumb": f"/thumbs/{photo_id}",
+        "url": f"/photos/{photo_id}",
+    }
     return entry if score is None else {**entry, "score": round(score, 4)}
 
 
@@ -174,13 +195,24 @@ def caption_entries(captions: Any, vector: Any, k: int, own_photo: str | None) -
     file gives them to `own_photo` (none without a caption set)."""
     if captions is None:
         return []
-    return [{"text": captions.texts[i], "score": round(s, 4), "photo": captions.images[i],
-             "own": own_photo is not None and captions.images[i] == own_photo}
-            for i, s in captions.index.ranked(vector, k)[0]]
+    return [
+        {
+            "text": captions.texts[i],
+            "score": round(s, 4),
+            "photo": captions.images[i],
+            "own": own_photo is not None and captions.images[i] == own_photo,
+        }
+        for i, s in captions.index.ranked(vector, k)[0]
+    ]
 
 
-def create_app(photos: Any, captions: Any = None, max_upload_bytes: int = 10 << 20, default_k: int = 12,
-               hosts: Sequence[str] = LOCAL_HOSTS) -> Any:
+def create_app(
+    photos: Any,
+    captions: Any = None,
+    max_upload_bytes: int = 10 << 20,
+    default_k: int = 12,
+    hosts: Sequence[str] = LOCAL_HOSTS,
+) -> Any:
     """The FastAPI app over a PhotoIndex and an optional CaptionSet (photo_index.py), answering
     requests whose Host is one of `hosts` (see `allowed_hosts`) that are not `cross_site`."""
     from fastapi import FastAPI, Query
@@ -211,9 +243,14 @@ def add_search_routes(app: Any, photos: Any, captions: Any, default_k: int, k_qu
 
     @app.get("/api/status")
     def status() -> dict[str, Any]:
-        return {"photos": len(photos.gallery.photos), "captions": len(captions.texts) if captions else 0,
-                "mu": embedder.mu, "default_k": default_k, "max_k": MAX_K,
-                "search": "approximate (faiss)" if photos.approximate else "exact"}
+        return {
+            "photos": len(photos.gallery.photos),
+            "captions": len(captions.texts) if captions else 0,
+            "mu": embedder.mu,
+            "default_k": default_k,
+            "max_k": MAX_K,
+            "search": "approximate (faiss)" if photos.approximate else "exact",
+        }
 
     @app.get("/api/search")
     def search(q: str = Query(..., max_length=1000), k: int = k_query) -> dict[str, Any]:
@@ -222,8 +259,11 @@ def add_search_routes(app: Any, photos: Any, captions: Any, default_k: int, k_qu
         start = time.perf_counter()
         gallery = photos.gallery  # one state for the ids and the names, whatever a rescan does meanwhile
         ranked = gallery.search(embedder.texts([q]), k)[0]
-        return {"query": q, "results": [photo_entry(gallery, i, s) for i, s in ranked],
-                "milliseconds": round(1000 * (time.perf_counter() - start), 1)}
+        return {
+            "query": q,
+            "results": [photo_entry(gallery, i, s) for i, s in ranked],
+            "milliseconds": round(1000 * (time.perf_counter() - start), 1),
+        }
 
     @app.get("/api/photos/{photo_id}/neighbours")
     def neighbours(photo_id: str, k: int = k_query) -> dict[str, Any]:
@@ -231,11 +271,13 @@ def add_search_routes(app: Any, photos: Any, captions: Any, default_k: int, k_qu
         position = gallery.positions.get(photo_id)
         if position is None:
             raise HTTPException(404, "no photo with this id (the folder may have been rescanned; search again)")
-        vector = gallery.vectors[position:position + 1]
+        vector = gallery.vectors[position : position + 1]
         ranked = [(i, s) for i, s in gallery.search(vector, k + 1)[0] if i != position][:k]
-        return {"photo": photo_entry(gallery, position),
-                "captions": caption_entries(captions, vector, k, gallery.photos[position]["name"]),
-                "photos": [photo_entry(gallery, i, s) for i, s in ranked]}
+        return {
+            "photo": photo_entry(gallery, position),
+            "captions": caption_entries(captions, vector, k, gallery.photos[position]["name"]),
+            "photos": [photo_entry(gallery, i, s) for i, s in ranked],
+        }
 
 
 def add_state_changing_routes(app: Any, photos: Any, captions: Any, max_upload_bytes: int, k_query: Any) -> None:
@@ -255,15 +297,19 @@ def add_state_changing_routes(app: Any, photos: Any, captions: Any, max_upload_b
         except CoderError as err:
             raise HTTPException(400, f"{name or 'upload'}: {err}") from None
         gallery = photos.gallery
-        return {"name": name, "captions": caption_entries(captions, vector, k, name),
-                "photos": [photo_entry(gallery, i, s) for i, s in gallery.search(vector, k)[0]]}
+        return {
+            "name": name,
+            "captions": caption_entries(captions, vector, k, name),
+            "photos": [photo_entry(gallery, i, s) for i, s in gallery.search(vector, k)[0]],
+        }
 
     @app.post("/api/upload")
     async def upload(request: Request, k: int = k_query) -> dict[str, Any]:
         nonlocal uploads
         if uploads >= MAX_UPLOADS_AT_ONCE:  # refused before a byte of the body is read
-            raise HTTPException(503, f"{MAX_UPLOADS_AT_ONCE} uploads are already being handled; try again",
-                                headers={"Retry-After": "2"})
+            raise HTTPException(
+                503, f"{MAX_UPLOADS_AT_ONCE} uploads are already being handled; try again", headers={"Retry-After": "2"}
+            )
         uploads += 1
         try:
             body = await read_capped_body(request, max_upload_bytes + MULTIPART_OVERHEAD)
@@ -360,8 +406,11 @@ def add_image_routes(app: Any, photos: Any) -> None:
                     left -= len(chunk)
                     yield chunk
 
-        return StreamingResponse(chunks(), media_type=MEDIA_TYPES.get(Path(name).suffix.lower()),
-                                 headers={**headers, "Content-Length": str(info.st_size)})
+        return StreamingResponse(
+            chunks(),
+            media_type=MEDIA_TYPES.get(Path(name).suffix.lower()),
+            headers={**headers, "Content-Length": str(info.st_size)},
+        )
 
     @app.get("/thumbs/{photo_id}")
     def thumb(photo_id: str, request: Request) -> Response:
@@ -389,23 +438,35 @@ def build_parser() -> Any:
     parser.add_argument("--captions", default="", help="captions to search: CSV image,caption or one per line")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
     parser.add_argument("--port", type=int_range(1, 65535), default=8000)
-    parser.add_argument("--allow_host", action="append", default=[], metavar="NAME",
-                        help="another Host name to answer besides localhost and --host (repeatable), "
-                             "e.g. this machine's LAN name when --host is 0.0.0.0")
+    parser.add_argument(
+        "--allow_host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="another Host name to answer besides localhost and --host (repeatable), "
+        "e.g. this machine's LAN name when --host is 0.0.0.0",
+    )
     parser.add_argument("--k", type=int_range(1, MAX_K), default=12, help=f"results per query (at most {MAX_K})")
-    parser.add_argument("--index", choices=("exact", "faiss"), default="exact",
-                        help="exact search, or an approximate faiss index for very large folders")
-    parser.add_argument("--include_hidden", action="store_true",
-                        help="also index hidden files and folders (names starting with '.')")
+    parser.add_argument(
+        "--index",
+        choices=("exact", "faiss"),
+        default="exact",
+        help="exact search, or an approximate faiss index for very large folders",
+    )
+    parser.add_argument(
+        "--include_hidden", action="store_true", help="also index hidden files and folders (names starting with '.')"
+    )
     parser.add_argument("--backbone", default="efficientnet-lite0", help="region backbone of the training features")
     parser.add_argument("--cache_dir", default="", help="embedding cache (default data_cache/photo_index)")
     parser.add_argument("--max_upload_mb", type=int_range(1, 1024), default=10)
     parser.add_argument("--batch_size", type=positive_int, default=32)
     parser.add_argument("--workers", type=non_negative_int, default=0)
     parser.add_argument("--device", type=torch_device, default=default_device())
-    parser.add_argument("--bert_path", default=None,
-                        help="a bert checkpoint's BERT folder, if the checkpoint does not hold its config and "
-                             "vocabulary")
+    parser.add_argument(
+        "--bert_path",
+        default=None,
+        help="a bert checkpoint's BERT folder, if the checkpoint does not hold its config and vocabulary",
+    )
     return parser
 
 
@@ -415,9 +476,11 @@ def check_args(args: Any) -> None:
     from options import check_writable_dir
     from utils import path_problem
 
-    for value, option, folder, what in ((args.checkpoint, "--checkpoint", False, "checkpoint"),
-                                        (args.images, "--images", True, "photo folder"),
-                                        (args.captions, "--captions", False, "caption file")):
+    for value, option, folder, what in (
+        (args.checkpoint, "--checkpoint", False, "checkpoint"),
+        (args.images, "--images", True, "photo folder"),
+        (args.captions, "--captions", False, "caption file"),
+    ):
         problem = value and path_problem(value, folder, what)
         if problem:
             raise CoderError(f"{option} {value}: {problem}")
@@ -435,21 +498,32 @@ def check_args(args: Any) -> None:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             probe.bind((args.host, args.port))
     except OSError as err:
-        raise CoderError(f"--host {args.host} --port {args.port}: cannot listen there ({err.strerror or err})") from None
+        raise CoderError(
+            f"--host {args.host} --port {args.port}: cannot listen there ({err.strerror or err})"
+        ) from None
 
 
 def build_index(args: Any) -> tuple[Any, Any]:
     """The photo index (refreshed) and the caption set of a command line."""
     from photo_index import IMAGE_SUFFIXES, CaptionSet, Embedder, PhotoIndex
 
-    embedder = Embedder(args.checkpoint, args.device, args.backbone, args.batch_size, args.workers,
-                        bert_path=args.bert_path)
-    photos = PhotoIndex(embedder, args.images, args.cache_dir or None, approximate=args.index == "faiss",
-                        include_hidden=args.include_hidden)
+    embedder = Embedder(
+        args.checkpoint, args.device, args.backbone, args.batch_size, args.workers, bert_path=args.bert_path
+    )
+    photos = PhotoIndex(
+        embedder,
+        args.images,
+        args.cache_dir or None,
+        approximate=args.index == "faiss",
+        include_hidden=args.include_hidden,
+    )
     start = time.perf_counter()
     counts = photos.refresh(progress=sys.stderr.isatty())
-    print(f"{len(photos.gallery.photos)} photos indexed ({counts['added']} new, {counts['removed']} removed) in "
-          f"{time.perf_counter() - start:.0f} s", flush=True)
+    print(
+        f"{len(photos.gallery.photos)} photos indexed ({counts['added']} new, {counts['removed']} removed) in "
+        f"{time.perf_counter() - start:.0f} s",
+        flush=True,
+    )
     for name, err in counts["unreadable"].items():
         print(f"skipped {name}: {err}", file=sys.stderr)
     if not photos.gallery.photos:
@@ -471,8 +545,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     photos, caption_set = build_index(args)
     app = create_app(photos, caption_set, args.max_upload_mb << 20, args.k, allowed_hosts(args.host, args.allow_host))
     shown = f"[{args.host}]" if ":" in args.host else args.host
-    print(f"open http://{'127.0.0.1' if args.host in WILDCARD_ADDRESSES else shown}:{args.port}/  "
-          f"(Ctrl-C stops the server)", flush=True)
+    print(
+        f"open http://{'127.0.0.1' if args.host in WILDCARD_ADDRESSES else shown}:{args.port}/  "
+        f"(Ctrl-C stops the server)",
+        flush=True,
+    )
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
 
 

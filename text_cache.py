@@ -11,6 +11,7 @@ neither building nor reading them holds the array in memory: batches of states a
 with positioned writes into a temporary .npy file that is renamed in place when complete, and
 captions are read back with positioned reads (bench/bench_text_states.py measures both).
 """
+
 from __future__ import annotations
 
 import errno
@@ -99,32 +100,42 @@ def _load(path: Path, rows: int, hidden: int) -> np.memmap | None:
         states = np.load(path, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError, EOFError):
         return None
-    if (not isinstance(states, np.memmap) or states.shape != (rows, hidden) or states.dtype != STATE_DTYPE
-            or path.stat().st_size != states.offset + states.nbytes):
+    if (
+        not isinstance(states, np.memmap)
+        or states.shape != (rows, hidden)
+        or states.dtype != STATE_DTYPE
+        or path.stat().st_size != states.offset + states.nbytes
+    ):
         return None
     return states
 
 
-def _batches(encoder: torch.nn.Module, token_ids: Sequence[Sequence[int]], lengths: np.ndarray,
-             device: torch.device | str, batch_size: int, progress: bool) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def _batches(
+    encoder: torch.nn.Module,
+    token_ids: Sequence[Sequence[int]],
+    lengths: np.ndarray,
+    device: torch.device | str,
+    batch_size: int,
+    progress: bool,
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """(caption indices, their bottom states (B, L, h)) for batches of captions of similar length."""
     from tqdm import tqdm
 
     order = np.argsort(-lengths, kind="stable")
-    for start in tqdm(range(0, len(order), batch_size), desc="frozen BERT layers", disable=not progress,
-                      unit="batch"):
-        rows = order[start:start + batch_size]
+    for start in tqdm(range(0, len(order), batch_size), desc="frozen BERT layers", disable=not progress, unit="batch"):
+        rows = order[start : start + batch_size]
         width = int(lengths[rows].max())
         tokens = torch.zeros(len(rows), width, dtype=torch.long)
         mask = torch.zeros(len(rows), width, dtype=torch.long)
         for i, row in enumerate(rows):
-            tokens[i, :lengths[row]] = torch.as_tensor(token_ids[row])
-            mask[i, :lengths[row]] = 1
+            tokens[i, : lengths[row]] = torch.as_tensor(token_ids[row])
+            mask[i, : lengths[row]] = 1
         yield rows, encoder.bottom_states(tokens.to(device), mask.to(device)).float().cpu().numpy()
 
 
-def _write_states(file: BinaryIO, batches: Iterator[tuple[np.ndarray, np.ndarray]], offsets: np.ndarray,
-                  hidden: int) -> None:
+def _write_states(
+    file: BinaryIO, batches: Iterator[tuple[np.ndarray, np.ndarray]], offsets: np.ndarray, hidden: int
+) -> None:
     """A .npy file of shape (offsets[-1], hidden), each caption's rows written where they belong
     as its batch arrives (the same bytes as np.save of the whole array)."""
     header = {"descr": STATE_DTYPE.str, "fortran_order": False, "shape": (int(offsets[-1]), hidden)}
@@ -135,15 +146,20 @@ def _write_states(file: BinaryIO, batches: Iterator[tuple[np.ndarray, np.ndarray
     file.truncate(start + int(offsets[-1]) * row_bytes)
     for rows, out in batches:
         for i, row in enumerate(rows):
-            caption = np.ascontiguousarray(out[i, :offsets[row + 1] - offsets[row]], STATE_DTYPE)
+            caption = np.ascontiguousarray(out[i, : offsets[row + 1] - offsets[row]], STATE_DTYPE)
             if os.pwrite(file.fileno(), caption.data, start + int(offsets[row]) * row_bytes) != caption.nbytes:
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # a short write: the disk filled up
 
 
 @torch.no_grad()
-def frozen_text_states(encoder: torch.nn.Module, token_ids: Sequence[Sequence[int]], folder: str | os.PathLike,
-                       device: torch.device | str = "cpu", batch_size: int = 256,
-                       progress: bool = False) -> TokenStates:
+def frozen_text_states(
+    encoder: torch.nn.Module,
+    token_ids: Sequence[Sequence[int]],
+    folder: str | os.PathLike,
+    device: torch.device | str = "cpu",
+    batch_size: int = 256,
+    progress: bool = False,
+) -> TokenStates:
     """The bottom states of `encoder` (a BertTextEncoder with frozen layers) for every caption,
     given as token ids, memory-mapped from `folder`; computed there first (captions batched by
     length) when missing or damaged."""
@@ -180,5 +196,7 @@ def _check_space(folder: Path, nbytes: int) -> None:
         existing = existing.parent
     free = shutil.disk_usage(existing).free
     if free < nbytes:
-        raise CoderError(f"{folder}: the text state cache needs {nbytes / 1e9:.1f} GB, the disk has "
-                         f"{free / 1e9:.1f} GB free; set --text_state_cache to a folder on a larger disk or off")
+        raise CoderError(
+            f"{folder}: the text state cache needs {nbytes / 1e9:.1f} GB, the disk has "
+            f"{free / 1e9:.1f} GB free; set --text_state_cache to a folder on a larger disk or off"
+        )

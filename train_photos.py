@@ -12,6 +12,7 @@ when both are there; otherwise a fixed split is made (see `default_split`) and w
 --out/splits. Everything is cached under --out: a second call reuses the features and the
 finished run and only prints the command again.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -65,26 +66,46 @@ def split_files(data: Path, images: Path, captions: Path, out: Path) -> dict[str
         print(f"using the split files {own['train']} and {own['dev']}", flush=True)
         return {split: str(path) for split, path in own.items()}
     by_photo = read_captions_csv(captions)
-    usable = [name for name, texts in by_photo.items()
-              if len(texts) >= CAPTIONS_PER_PHOTO and (images / name).is_file()]
+    usable = [
+        name for name, texts in by_photo.items() if len(texts) >= CAPTIONS_PER_PHOTO and (images / name).is_file()
+    ]
     if len(usable) < 2:
-        raise CoderError(f"--data {data}: fewer than 2 photos of {images} have {CAPTIONS_PER_PHOTO} captions in "
-                         f"{captions}; a model needs photos to train and to validate on")
+        raise CoderError(
+            f"--data {data}: fewer than 2 photos of {images} have {CAPTIONS_PER_PHOTO} captions in "
+            f"{captions}; a model needs photos to train and to validate on"
+        )
     train, dev = default_split(usable)
     folder = out / "splits"
     folder.mkdir(parents=True, exist_ok=True)
     for split, names in (("train", train), ("dev", dev)):
         (folder / f"{split}.txt").write_text("\n".join(names) + "\n")
     left_out = len(by_photo) - len(usable)
-    print(f"no train.txt/dev.txt in {data}: split {len(usable)} photos into {len(train)} train and {len(dev)} dev "
-          f"({folder})" + (f"; {left_out} captioned photos left out (missing, or under "
-                           f"{CAPTIONS_PER_PHOTO} captions)" if left_out else ""), flush=True)
+    print(
+        f"no train.txt/dev.txt in {data}: split {len(usable)} photos into {len(train)} train and {len(dev)} dev "
+        f"({folder})"
+        + (
+            f"; {left_out} captioned photos left out (missing, or under {CAPTIONS_PER_PHOTO} captions)"
+            if left_out
+            else ""
+        ),
+        flush=True,
+    )
     return {split: str(folder / f"{split}.txt") for split in ("train", "dev")}
 
 
 def serve_command(checkpoint: Path, images: Path, captions: Path) -> str:
-    return " ".join(["python", "serve.py", "--checkpoint", shlex.quote(str(checkpoint)), "--images",
-                     shlex.quote(str(images)), "--captions", shlex.quote(str(captions))])
+    return " ".join(
+        [
+            "python",
+            "serve.py",
+            "--checkpoint",
+            shlex.quote(str(checkpoint)),
+            "--images",
+            shlex.quote(str(images)),
+            "--captions",
+            shlex.quote(str(captions)),
+        ]
+    )
 
 
 @cli_entry
@@ -92,8 +113,12 @@ def main(argv: Sequence[str] | None = None) -> Path:
     parser = ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("--data", required=True, help="folder with Images/ (or images/) and captions.txt")
     parser.add_argument("--out", default="", help="features, split files and the run (default runs/photos_<folder>)")
-    parser.add_argument("--epochs", type=positive_int, default=None,
-                        help=f"epochs to train (default the recipe's {bench_flickr8k.FULL_COMMON['epochs']})")
+    parser.add_argument(
+        "--epochs",
+        type=positive_int,
+        default=None,
+        help=f"epochs to train (default the recipe's {bench_flickr8k.FULL_COMMON['epochs']})",
+    )
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -113,16 +138,23 @@ def main(argv: Sequence[str] | None = None) -> Path:
     prepared = bench_flickr8k.prepare(data, out / "precomp", images=images, splits=splits)
     settings = bench_flickr8k.run_settings(RECIPE, RECIPE_SCALE, args.device, args.epochs)
     run_dir = out / "runs" / f"{RECIPE}_s{args.seed}"
-    print(f"step 2 of 2: training {settings['epochs']} epoch{'' if settings['epochs'] == 1 else 's'} of '{bench_flickr8k.CONFIGS[RECIPE][0]}', "
-          f"validated on dev after each (steps in {run_dir / 'train.log'})", flush=True)
+    print(
+        f"step 2 of 2: training {settings['epochs']} epoch{'' if settings['epochs'] == 1 else 's'} of '{bench_flickr8k.CONFIGS[RECIPE][0]}', "
+        f"validated on dev after each (steps in {run_dir / 'train.log'})",
+        flush=True,
+    )
     progress = bench_flickr8k.Progress([(RECIPE, args.seed)], {RECIPE: settings["epochs"]})
     result = bench_flickr8k.run_one(RECIPE, args.seed, settings, prepared["paths"], out, bert_path, True, progress, 0)
     checkpoint = run_dir / "best.pt"
     best = result["best"]
-    print(f"best dev rsum {best['rsum']:.1f} (image->text R@1 {best['i2t_r1']:.1f}, text->image R@1 "
-          f"{best['t2i_r1']:.1f}) at epoch {result['best_epoch']}" + (" (cached run)" if result.get("cached") else "")
-          + f"; {time.perf_counter() - start:.0f} s in all. Search the photos with:\n\n"
-          f"    {serve_command(checkpoint, images, captions)}\n", flush=True)
+    print(
+        f"best dev rsum {best['rsum']:.1f} (image->text R@1 {best['i2t_r1']:.1f}, text->image R@1 "
+        f"{best['t2i_r1']:.1f}) at epoch {result['best_epoch']}"
+        + (" (cached run)" if result.get("cached") else "")
+        + f"; {time.perf_counter() - start:.0f} s in all. Search the photos with:\n\n"
+        f"    {serve_command(checkpoint, images, captions)}\n",
+        flush=True,
+    )
     return checkpoint
 
 

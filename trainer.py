@@ -5,6 +5,7 @@ the command line). `run(defaults, argv)` parses the overrides, sets up devices (
 torchrun/DDP when launched that way), trains with step and epoch checkpoints, validates on
 dev, and can resume from any checkpoint at the exact step it was written.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -51,20 +52,29 @@ from utils import CoderError, as_numpy, atomic_write
 
 PROJECT_ROOT = Path(__file__).resolve().parent
 
-def make_train_loader(train_set: Any, sampler: ResumableSampler, config: dict[str, Any], pad_id: int,
-                      pin_memory: bool = False) -> DataLoader:
+
+def make_train_loader(
+    train_set: Any, sampler: ResumableSampler, config: dict[str, Any], pad_id: int, pin_memory: bool = False
+) -> DataLoader:
     """The training DataLoader. It has its own generator: starting an epoch's iterator must not
     draw from the global torch RNG, whose state a mid-epoch checkpoint has already saved (else a
     resumed run's dropout would be one draw out of step)."""
     import data
 
-    return DataLoader(train_set, batch_size=sampler.batch_size, sampler=sampler, drop_last=True,
-                      num_workers=config["workers"], pin_memory=pin_memory,
-                      collate_fn=functools.partial(data.collate, pad_id=pad_id),
-                      generator=torch.Generator().manual_seed(config["seed"]))
+    return DataLoader(
+        train_set,
+        batch_size=sampler.batch_size,
+        sampler=sampler,
+        drop_last=True,
+        num_workers=config["workers"],
+        pin_memory=pin_memory,
+        collate_fn=functools.partial(data.collate, pad_id=pad_id),
+        generator=torch.Generator().manual_seed(config["seed"]),
+    )
 
 
 # ----------------------------------------------------------------------------- state
+
 
 def rng_state() -> dict[str, Any]:
     """Every random generator the run touches, in types `torch.load(weights_only=True)` accepts."""
@@ -103,6 +113,7 @@ def lr_factor(step: int, steps_per_epoch: int, config: dict[str, Any]) -> float:
 
 # ----------------------------------------------------------------------------- run
 
+
 class RunLog:
     """The plain-text log and TensorBoard writer of the main process (silent elsewhere)."""
 
@@ -119,8 +130,9 @@ class RunLog:
                 try:
                     self.tb = SummaryWriter(str(run_dir / "tensorboard"))
                 except UnicodeEncodeError:  # it writes only under folder names that are UTF-8
-                    self.line(f"note: TensorBoard cannot write under {run_dir}, a name that is not UTF-8: "
-                              f"train.log only")
+                    self.line(
+                        f"note: TensorBoard cannot write under {run_dir}, a name that is not UTF-8: train.log only"
+                    )
 
     def line(self, text: str) -> None:
         if self.file is None:
@@ -165,8 +177,10 @@ def prepare_run_dir(config: dict[str, Any], dataset: str, resume_state: dict[str
     found = sorted({p.name for pattern in RUN_OUTPUTS for p in run_dir.glob(pattern)}) if run_dir.is_dir() else []
     resuming_here = resume_state is not None and Path(config["resume"]).resolve().parent == run_dir.resolve()
     if found and not resuming_here and not config["overwrite"]:
-        raise CoderError(f"{run_dir}: run folder already holds another run's {', '.join(found[:4])}; pick another "
-                         f"--run_dir, resume with --resume, or pass --overwrite true")
+        raise CoderError(
+            f"{run_dir}: run folder already holds another run's {', '.join(found[:4])}; pick another "
+            f"--run_dir, resume with --resume, or pass --overwrite true"
+        )
     check_writable_dir(run_dir, "--run_dir")
     created = not run_dir.exists()
     try:
@@ -192,8 +206,10 @@ def hold_run_dir(run_dir: Path) -> None:
     except BlockingIOError:
         holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
         os.close(fd)
-        raise CoderError(f"{run_dir}: another process (pid {holder}) is training in this run folder; wait for it "
-                         f"to end, or pick another --run_dir") from None
+        raise CoderError(
+            f"{run_dir}: another process (pid {holder}) is training in this run folder; wait for it "
+            f"to end, or pick another --run_dir"
+        ) from None
     except OSError:  # a file system without locks (some network mounts): train unguarded
         os.close(fd)
         return
@@ -234,15 +250,29 @@ def load_data(config: dict[str, Any], resume_state: dict[str, Any] | None = None
         tokenizer = vocab.require_words(vocab.Vocabulary.load(config["vocab_path"]), config["vocab_path"])
         vocab_words = list(tokenizer.idx2word)
     train = data.load_split(config["data_path"], config["train_split"])
-    val = data.load_split(config["data_path"], config["val_split"],
-                          max_images=config["val_max_images"] or None)
-    return {"train": train, "val": val, "tokenizer": tokenizer, "graph": graph, "vocab_words": vocab_words,
-            "fingerprint": data.data_fingerprint(train), "val_fingerprint": data.data_fingerprint(val),
-            "bert_config": bert_config, "text_encoder_files": text_files}
+    val = data.load_split(config["data_path"], config["val_split"], max_images=config["val_max_images"] or None)
+    return {
+        "train": train,
+        "val": val,
+        "tokenizer": tokenizer,
+        "graph": graph,
+        "vocab_words": vocab_words,
+        "fingerprint": data.data_fingerprint(train),
+        "val_fingerprint": data.data_fingerprint(val),
+        "bert_config": bert_config,
+        "text_encoder_files": text_files,
+    }
 
 
-def _text_states(text_encoder: torch.nn.Module, split: Any, tokenizer: Any, config: dict[str, Any],
-                 world: Dist, log: "RunLog", every_process: bool = True) -> Any:
+def _text_states(
+    text_encoder: torch.nn.Module,
+    split: Any,
+    tokenizer: Any,
+    config: dict[str, Any],
+    world: Dist,
+    log: "RunLog",
+    every_process: bool = True,
+) -> Any:
     """A split's frozen-BERT states (text_cache.py), or None where the run has no frozen BERT
     layers or the cache is off. Rank 0 computes a missing cache; with `every_process` the others
     wait and read it (the training split), otherwise they get None (the validation split, which
@@ -258,22 +288,37 @@ def _text_states(text_encoder: torch.nn.Module, split: Any, tokenizer: Any, conf
     token_ids = [tokenizer.encode(caption) for caption in split.captions]
 
     def compute() -> Any:
-        return text_cache.frozen_text_states(text_encoder, token_ids, folder, world.device,
-                                             batch_size=config["eval_batch_size"],
-                                             progress=config["progress"] and world.is_main)
+        return text_cache.frozen_text_states(
+            text_encoder,
+            token_ids,
+            folder,
+            world.device,
+            batch_size=config["eval_batch_size"],
+            progress=config["progress"] and world.is_main,
+        )
 
     states = compute() if world.is_main else None
     if world.world_size > 1 and every_process:
         dist.barrier()
         states = states if world.is_main else compute()
-    log.line(f"frozen BERT states of {len(token_ids)} captions of split '{split.split}' "
-             f"({config['bert_frozen_layers']} layers) from {folder} in {time.perf_counter() - start:.0f} s")
+    log.line(
+        f"frozen BERT states of {len(token_ids)} captions of split '{split.split}' "
+        f"({config['bert_frozen_layers']} layers) from {folder} in {time.perf_counter() - start:.0f} s"
+    )
     return states
 
 
-def validate(model: torch.nn.Module, split: Any, tokenizer: Any, graph: Any, config: dict[str, Any],
-             device: torch.device, protocol: str = "f30k", text_states: Any = None,
-             ranks_file: Path | None = None) -> dict[str, Any]:
+def validate(
+    model: torch.nn.Module,
+    split: Any,
+    tokenizer: Any,
+    graph: Any,
+    config: dict[str, Any],
+    device: torch.device,
+    protocol: str = "f30k",
+    text_states: Any = None,
+    ranks_file: Path | None = None,
+) -> dict[str, Any]:
     """Retrieval metrics of the current query encoders on a split (mu from the config); with
     `text_states` the frozen BERT bottom is read from them instead of run again. With a concept
     branch, "instance_rsum" is the rsum of the instance embeddings alone (mu = 0); a matrix of
@@ -281,8 +326,16 @@ def validate(model: torch.nn.Module, split: Any, tokenizer: Any, graph: Any, con
     image's and caption's rank, the input of bench/stats.py's bootstrap."""
     import evaluation
 
-    embeddings = evaluation.encode_split(model, split, tokenizer, graph, device, batch_size=config["eval_batch_size"],
-                                         num_workers=config["workers"], text_states=text_states)
+    embeddings = evaluation.encode_split(
+        model,
+        split,
+        tokenizer,
+        graph,
+        device,
+        batch_size=config["eval_batch_size"],
+        num_workers=config["workers"],
+        text_states=text_states,
+    )
     sims = evaluation.ensemble_similarity([embeddings], config["mu"], device)
     metrics = evaluation.protocol_metrics(sims, protocol, embeddings.captions_per_image)
     if embeddings.image_concept is not None and config["mu"] > 0 and "rsum" in metrics:
@@ -315,8 +368,10 @@ def train(config: dict[str, Any], dataset: str) -> dict[str, Any]:
     """Train one run described by a full config (see train_f30k.py); returns the test metrics."""
     processes = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun
     if config["batch_size"] < 1 or config["batch_size"] % processes:
-        raise CoderError(f"--batch_size {config['batch_size']} (the global batch) is not divisible by the "
-                         f"{processes} processes; each process takes batch_size / processes")
+        raise CoderError(
+            f"--batch_size {config['batch_size']} (the global batch) is not divisible by the "
+            f"{processes} processes; each process takes batch_size / processes"
+        )
     world = Dist(config["device"], config["dist_timeout"])
     try:
         return _train(config, dataset, world)
@@ -350,7 +405,9 @@ def _compile_encoders(raw_model: torch.nn.Module) -> None:
     prototype bookkeeping stays eager: its sizes change while the queues fill up (each size
     would trigger a recompilation)."""
     names = ("image_encoder", "text_encoder")
-    encoders = [getattr(raw_model, n) for n in names] + [raw_model.momentum[n] for n in names if n in raw_model.momentum]
+    encoders = [getattr(raw_model, n) for n in names] + [
+        raw_model.momentum[n] for n in names if n in raw_model.momentum
+    ]
     for module in encoders:
         module.compile()
 
@@ -359,15 +416,17 @@ def term_gradient_norms(raw_model: torch.nn.Module, terms: dict[str, torch.Tenso
     """The gradient norm of each weighted loss term on each shared instance encoder (the
     modules every term reaches), this process's batch only: which objective trains the
     encoders. One extra backward pass per term."""
-    modules = {name: [p for p in getattr(raw_model, name).parameters() if p.requires_grad]
-               for name in ("image_encoder", "text_encoder")}
+    modules = {
+        name: [p for p in getattr(raw_model, name).parameters() if p.requires_grad]
+        for name in ("image_encoder", "text_encoder")
+    }
     params = [p for group in modules.values() for p in group]
     norms = {}
     for key, term in terms.items():
         grads = torch.autograd.grad(term, params, retain_graph=True, allow_unused=True)
         start = 0
         for name, group in modules.items():
-            squares = [g.float().pow(2).sum() for g in grads[start:start + len(group)] if g is not None]
+            squares = [g.float().pow(2).sum() for g in grads[start : start + len(group)] if g is not None]
             norms[f"grad/{name}/{key}"] = float(torch.stack(squares).sum().sqrt()) if squares else 0.0
             start += len(group)
     return norms
@@ -415,10 +474,18 @@ def clip_gradients(raw_model: torch.nn.Module, max_norm: float, scope: str) -> t
     return torch.linalg.vector_norm(torch.stack(norms))
 
 
-def training_step(forward: Any, raw_model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                  scaler: torch.amp.GradScaler, batch: dict[str, torch.Tensor], amp_dtype: torch.dtype | None,
-                  grad_clip: float, *, clip_scope: str, term_norms: dict[str, float] | None = None
-                  ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+def training_step(
+    forward: Any,
+    raw_model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    batch: dict[str, torch.Tensor],
+    amp_dtype: torch.dtype | None,
+    grad_clip: float,
+    *,
+    clip_scope: str,
+    term_norms: dict[str, float] | None = None,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """One optimizer step: forward (`forward` is the model or its DDP wrapper; it also moves
     the momentum encoders, queues and prototypes) under autocast, backward (DDP averages the
     gradients), unscale and clip (`clip_scope`, see clip_gradients; the same norms on every
@@ -429,7 +496,7 @@ def training_step(forward: Any, raw_model: torch.nn.Module, optimizer: torch.opt
     with torch.autocast(device_type, dtype=amp_dtype) if amp_dtype else nullcontext():
         losses = forward(batch)
     if term_norms is not None:
-        weights = raw_model.loss_weights()
+        weights = raw_model.cfg.loss_weights()
         terms = {name: weights[name] * term for name, term in losses.items() if name != "loss"}
         term_norms.update(term_gradient_norms(raw_model, terms))
     optimizer.zero_grad(set_to_none=True)
@@ -475,15 +542,18 @@ class TrainingRun:
         split = self.data["train"]
         self.steps_per_epoch = split.num_captions // self.world.world_size // local_batch
         if self.steps_per_epoch == 0:
-            raise CoderError(f"{split.captions_path}: {split.num_captions} training captions do not fill one "
-                             f"batch of {config['batch_size']}; lower --batch_size")
+            raise CoderError(
+                f"{split.captions_path}: {split.num_captions} training captions do not fill one "
+                f"batch of {config['batch_size']}; lower --batch_size"
+            )
         if resume_state is not None:
             self._check_resumable(resume_state)  # before the model, the text-state cache and the loader
         self.model = self._build_model(resume_state is None)
         if resume_state is not None:  # its weights before the text-state cache runs the frozen BERT bottom
             load_state_strict(self.model, resume_state["model"], config["resume"])
-        self.optimizer = torch.optim.AdamW(param_groups(self.model, config["lr"], config["weight_decay"],
-                                                             config["bert_lr_scale"]))
+        self.optimizer = torch.optim.AdamW(
+            param_groups(self.model, config["lr"], config["weight_decay"], config["bert_lr_scale"])
+        )
         for group in self.optimizer.param_groups:
             group["base_lr"] = group["lr"]
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
@@ -514,19 +584,32 @@ class TrainingRun:
     def _build_model(self, fresh: bool) -> torch.nn.Module:
         config, world = self.config, self.world
         train_split, graph = self.data["train"], self.data["graph"]
-        check_training_memory(config, train_split.region_count, train_split.feature_dim,
-                              len(self.data["vocab_words"] or []), *device_memory(self.device))
-        model = build_model(config, train_split.feature_dim, len(self.data["vocab_words"] or []), graph,
-                            bert_config=self.data["bert_config"]).to(self.device)
+        check_training_memory(
+            config,
+            train_split.region_count,
+            train_split.feature_dim,
+            len(self.data["vocab_words"] or []),
+            *device_memory(self.device),
+        )
+        model = build_model(
+            config,
+            train_split.feature_dim,
+            len(self.data["vocab_words"] or []),
+            graph,
+            bert_config=self.data["bert_config"],
+        ).to(self.device)
         if config["text_encoder"] == "bert" and self.data["text_encoder_files"] is None:
-            self.data["text_encoder_files"] = text_encoder_files(self.data["tokenizer"].tokenizer,
-                                                                 model.text_encoder.bert.config)
+            self.data["text_encoder_files"] = text_encoder_files(
+                self.data["tokenizer"].tokenizer, model.text_encoder.bert.config
+            )
         if world.world_size > 1 and config["batch_norm"]:
             if self.device.type == "cuda":
                 model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
             else:
-                self.log.line("note: BatchNorm statistics are per process on CPU (SyncBatchNorm needs CUDA); "
-                              "use --batch_norm false for exact one-process equivalence")
+                self.log.line(
+                    "note: BatchNorm statistics are per process on CPU (SyncBatchNorm needs CUDA); "
+                    "use --batch_norm false for exact one-process equivalence"
+                )
         if config["word_vectors"] and config["text_encoder"] == "bigru" and fresh:
             coverage = model.init_word_embeddings(self.data["vocab_words"])
             self.log.line(f"word embeddings from {config['word_vectors']}: {coverage:.1%} of the vocabulary covered")
@@ -544,13 +627,15 @@ class TrainingRun:
         local_batch = config["batch_size"] // world.world_size
         tokenizer, graph, split = self.data["tokenizer"], self.data["graph"], self.data["train"]
         # the validation split's first: rank 0 builds both before the barrier the others wait at
-        self.val_text_states = _text_states(self.model.text_encoder, self.data["val"], tokenizer, config, world,
-                                            self.log, every_process=False)
+        self.val_text_states = _text_states(
+            self.model.text_encoder, self.data["val"], tokenizer, config, world, self.log, every_process=False
+        )
         text_states = _text_states(self.model.text_encoder, split, tokenizer, config, world, self.log)
         self.train_set = PairDataset(split, tokenizer, graph, text_states=text_states)
         self.sampler = ResumableSampler(len(self.train_set), world.world_size, world.rank, config["seed"], local_batch)
-        self.loader = make_train_loader(self.train_set, self.sampler, config, tokenizer.pad_id,
-                                        pin_memory=self.device.type == "cuda")
+        self.loader = make_train_loader(
+            self.train_set, self.sampler, config, tokenizer.pad_id, pin_memory=self.device.type == "cuda"
+        )
 
     def _check_resumable(self, state: dict[str, Any]) -> None:
         """A checkpoint continues only on the data it was trained on (which may have moved);
@@ -559,19 +644,26 @@ class TrainingRun:
         saved, now = state.get("data_fingerprint"), self.data["fingerprint"]
         where = Path(self.config["data_path"]) / f"{self.config['train_split']}_*"
         if saved is None:
-            self.log.line(f"note: {resume} predates data fingerprints; cannot check that {where} is the data it "
-                          f"was trained on")
+            self.log.line(
+                f"note: {resume} predates data fingerprints; cannot check that {where} is the data it was trained on"
+            )
         elif saved != now:
-            raise CoderError(f"{resume}: trained on other data ({_describe_data(saved)}) than {where} holds "
-                             f"({_describe_data(now)}); resume with the run's own data, or start a new run")
+            raise CoderError(
+                f"{resume}: trained on other data ({_describe_data(saved)}) than {where} holds "
+                f"({_describe_data(now)}); resume with the run's own data, or start a new run"
+            )
         elif Path(saved_config["data_path"]).resolve() != Path(self.config["data_path"]).resolve():
-            self.log.line(f"note: the training data moved from {saved_config['data_path']} to "
-                          f"{self.config['data_path']} (same content)")
+            self.log.line(
+                f"note: the training data moved from {saved_config['data_path']} to "
+                f"{self.config['data_path']} (same content)"
+            )
         if state["step_in_epoch"] > self.steps_per_epoch:
-            raise CoderError(f"{resume}: written at step {state['step_in_epoch']} of an epoch, but an epoch of "
-                             f"{where} has {self.steps_per_epoch} steps at batch {self.config['batch_size']} over "
-                             f"{self.world.world_size} process(es); resume with the run's own data, batch size "
-                             f"and process count")
+            raise CoderError(
+                f"{resume}: written at step {state['step_in_epoch']} of an epoch, but an epoch of "
+                f"{where} has {self.steps_per_epoch} steps at batch {self.config['batch_size']} over "
+                f"{self.world.world_size} process(es); resume with the run's own data, batch size "
+                f"and process count"
+            )
         saved_dir = saved_config.get("run_dir")
         if saved_dir and self.run_dir is not None and Path(saved_dir).resolve() != self.run_dir.resolve():
             self.log.line(f"note: the run folder moved from {saved_dir}; the run continues in {self.run_dir}")
@@ -579,9 +671,11 @@ class TrainingRun:
         saved_val, now_val = state.get("val_fingerprint"), self.data["val_fingerprint"]
         self.dev_data_changed = saved_val is not None and saved_val != now_val
         if self.dev_data_changed:
-            self.log.line(f"note: the validation data changed since {resume} was written ({_describe_data(saved_val)}; "
-                          f"now {_describe_data(now_val)}): its best dev rsum {state['best_rsum']:.2f} is not "
-                          f"comparable, so the next validation makes the new best.pt")
+            self.log.line(
+                f"note: the validation data changed since {resume} was written ({_describe_data(saved_val)}; "
+                f"now {_describe_data(now_val)}): its best dev rsum {state['best_rsum']:.2f} is not "
+                f"comparable, so the next validation makes the new best.pt"
+            )
 
     def _restore(self, state: dict[str, Any]) -> None:
         """The optimizer, counters and random streams of a checkpoint (its weights are loaded
@@ -597,13 +691,17 @@ class TrainingRun:
         if len(saved_rngs) == world.world_size:
             set_rng_state(saved_rngs[world.rank])  # each process continues its own random streams
         else:
-            self.log.line(f"note: checkpoint written by {len(saved_rngs)} processes, resumed with "
-                          f"{world.world_size}: same data order, but random streams (dropout) differ")
+            self.log.line(
+                f"note: checkpoint written by {len(saved_rngs)} processes, resumed with "
+                f"{world.world_size}: same data order, but random streams (dropout) differ"
+            )
             if world.rank < len(saved_rngs):
                 set_rng_state(saved_rngs[world.rank])
-        self.log.line(f"resumed from {self.config['resume']} at epoch {self.epoch + 1}, step {self.step_in_epoch} "
-                      f"of {self.steps_per_epoch} (global step {self.global_step}, best dev rsum so far "
-                      f"{self.best_rsum:.2f})")
+        self.log.line(
+            f"resumed from {self.config['resume']} at epoch {self.epoch + 1}, step {self.step_in_epoch} "
+            f"of {self.steps_per_epoch} (global step {self.global_step}, best dev rsum so far "
+            f"{self.best_rsum:.2f})"
+        )
 
     def _wrap_model(self) -> torch.nn.Module:
         config, raw = self.config, self.model
@@ -614,9 +712,13 @@ class TrainingRun:
             # do learned prototypes until they are drawn from keys.
             waiting_prototypes = raw.prototypes is not None and raw.prototypes.learned and not raw.prototypes.is_ready
             forward = torch.nn.parallel.DistributedDataParallel(
-                raw, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                find_unused_parameters=config["freeze_bert_epochs"] > 0 and config["text_encoder"] == "bert"
-                or waiting_prototypes, **ddp_buffer_kwargs())
+                raw,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=config["freeze_bert_epochs"] > 0
+                and config["text_encoder"] == "bert"
+                or waiting_prototypes,
+                **ddp_buffer_kwargs(),
+            )
         if config["compile"]:
             _compile_encoders(raw)
         return forward
@@ -628,9 +730,11 @@ class TrainingRun:
         run_config = json.dumps({**config, "code_version": self.version}, indent=2)
         atomic_write(self.run_dir / "config.json", lambda f: f.write(run_config), mode="w")
         amp = str(self.amp_dtype).replace("torch.", "") if self.amp_dtype else "off"
-        self.log.line(f"run {self.run_dir} | code {self.version} | device {self.device} x{world.world_size} | "
-                      f"batch {config['batch_size']} ({config['batch_size'] // world.world_size} per process) | "
-                      f"amp {amp} | {len(self.train_set)} training captions, {self.steps_per_epoch} steps/epoch")
+        self.log.line(
+            f"run {self.run_dir} | code {self.version} | device {self.device} x{world.world_size} | "
+            f"batch {config['batch_size']} ({config['batch_size'] // world.world_size} per process) | "
+            f"amp {amp} | {len(self.train_set)} training captions, {self.steps_per_epoch} steps/epoch"
+        )
         self.log.line("config " + json.dumps(config, sort_keys=True))
 
     # -- checkpoints and validation ------------------------------------------------------------
@@ -641,14 +745,24 @@ class TrainingRun:
             rngs = [None] * self.world.world_size
             dist.all_gather_object(rngs, rng_state())
         config = {**self.config, "run_dir": str(self.run_dir or self.config["run_dir"])}  # where it was written
-        return {"config": config, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scaler": self.scaler.state_dict(), "rng": rngs, "epoch": self.epoch,
-                "step_in_epoch": self.step_in_epoch, "global_step": self.global_step, "best_rsum": self.best_rsum,
-                "code_version": self.version, "vocab_words": self.data["vocab_words"],
-                "concept_graph": concept_graph_state(self.data["graph"]),
-                "text_encoder_files": self.data["text_encoder_files"],
-                "image_dim": self.data["train"].feature_dim, "data_fingerprint": self.data["fingerprint"],
-                "val_fingerprint": self.data["val_fingerprint"]}
+        return {
+            "config": config,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": rngs,
+            "epoch": self.epoch,
+            "step_in_epoch": self.step_in_epoch,
+            "global_step": self.global_step,
+            "best_rsum": self.best_rsum,
+            "code_version": self.version,
+            "vocab_words": self.data["vocab_words"],
+            "concept_graph": concept_graph_state(self.data["graph"]),
+            "text_encoder_files": self.data["text_encoder_files"],
+            "image_dim": self.data["train"].feature_dim,
+            "data_fingerprint": self.data["fingerprint"],
+            "val_fingerprint": self.data["val_fingerprint"],
+        }
 
     def save(self, name: str) -> None:
         check_replicas(self.model, self.world, self.log)  # collective under DDP: every process calls save
@@ -667,11 +781,20 @@ class TrainingRun:
             if self.run_dir is not None:
                 (self.run_dir / "ranks").mkdir(exist_ok=True)
                 ranks_file = self.run_dir / "ranks" / f"step{self.global_step}.npz"
-            metrics = validate(self.model, self.data["val"], self.data["tokenizer"], self.data["graph"], self.config,
-                               self.device, text_states=self.val_text_states, ranks_file=ranks_file)
+            metrics = validate(
+                self.model,
+                self.data["val"],
+                self.data["tokenizer"],
+                self.data["graph"],
+                self.config,
+                self.device,
+                text_states=self.val_text_states,
+                ranks_file=ranks_file,
+            )
             self.log.scalars({f"val/{k}": v for k, v in metrics.items()}, self.global_step)
-            self.log.line(f"validation at step {self.global_step}: "
-                          + " ".join(f"{k}={v:.2f}" for k, v in metrics.items()))
+            self.log.line(
+                f"validation at step {self.global_step}: " + " ".join(f"{k}={v:.2f}" for k, v in metrics.items())
+            )
             if metrics.get("collapsed"):
                 self.log.line("every validation score is equal (a collapsed model): each ground truth ranks last")
             rsum = metrics["rsum"]
@@ -701,9 +824,14 @@ class TrainingRun:
         self.model.set_text_backbone_frozen(self.epoch < config["freeze_bert_epochs"])
         self.model.set_epoch(self.epoch)
         self.forward.train()
-        bar = tqdm(self.loader, total=self.steps_per_epoch, initial=self.step_in_epoch,
-                   desc=f"epoch {self.epoch + 1}/{config['epochs']}", dynamic_ncols=True,
-                   disable=not (world.is_main and progress_bars(config["progress"])))
+        bar = tqdm(
+            self.loader,
+            total=self.steps_per_epoch,
+            initial=self.step_in_epoch,
+            desc=f"epoch {self.epoch + 1}/{config['epochs']}",
+            dynamic_ncols=True,
+            disable=not (world.is_main and progress_bars(config["progress"])),
+        )
         self.window = (time.perf_counter(), 0)
         for batch in bar:
             inputs_problem = _non_finite_inputs(batch, self.global_step + 1)
@@ -711,17 +839,25 @@ class TrainingRun:
                 raise CoderError(inputs_problem)
             batch = to_device(batch, self.device)
             self.step(batch, bar)
-            if config["val_every_steps"] and self.global_step % config["val_every_steps"] == 0 \
-                    and self.step_in_epoch < self.steps_per_epoch:
+            if (
+                config["val_every_steps"]
+                and self.global_step % config["val_every_steps"] == 0
+                and self.step_in_epoch < self.steps_per_epoch
+            ):
                 self.mean_losses()  # never validate or save a diverged model
                 self.validate_and_keep_best()
                 self.forward.train()
-            if config["checkpoint_every_steps"] and self.global_step % config["checkpoint_every_steps"] == 0 \
-                    and self.step_in_epoch < self.steps_per_epoch:
+            if (
+                config["checkpoint_every_steps"]
+                and self.global_step % config["checkpoint_every_steps"] == 0
+                and self.step_in_epoch < self.steps_per_epoch
+            ):
                 self.mean_losses()
                 self.save("last.pt")
-                self.log.line(f"step checkpoint saved: epoch {self.epoch + 1} step {self.step_in_epoch} "
-                              f"(global {self.global_step})")
+                self.log.line(
+                    f"step checkpoint saved: epoch {self.epoch + 1} step {self.step_in_epoch} "
+                    f"(global {self.global_step})"
+                )
         bar.close()
 
     def step(self, batch: dict[str, torch.Tensor], bar: Any) -> None:
@@ -737,17 +873,27 @@ class TrainingRun:
         # measured on the batch before the step trains on it (diagnostics.py)
         diagnostics = step_diagnostics(self.model, batch, dcl_weights=diagnose) if logging or diagnose else {}
         term_norms = {} if diagnose else None
-        losses, grad_norm = training_step(self.forward, self.model, self.optimizer, self.scaler, batch,
-                                          self.amp_dtype, config["grad_clip"], clip_scope=config["grad_clip_scope"],
-                                          term_norms=term_norms)
+        losses, grad_norm = training_step(
+            self.forward,
+            self.model,
+            self.optimizer,
+            self.scaler,
+            batch,
+            self.amp_dtype,
+            config["grad_clip"],
+            clip_scope=config["grad_clip_scope"],
+            term_norms=term_norms,
+        )
         self.global_step += 1
         self.step_in_epoch += 1
         self.last_losses = {**losses, **{f"diag_{k}": v for k, v in diagnostics.items() if not k.startswith("dcl_")}}
         if term_norms:
             term_norms.update({f"diag/{k}": float(v) for k, v in diagnostics.items() if k.startswith("dcl_")})
             self.log.scalars(term_norms, self.global_step)
-            self.log.line(f"gradient norms at step {self.global_step} (rank 0's batch): "
-                          + " ".join(f"{k}={v:.4g}" for k, v in term_norms.items()))
+            self.log.line(
+                f"gradient norms at step {self.global_step} (rank 0's batch): "
+                + " ".join(f"{k}={v:.4g}" for k, v in term_norms.items())
+            )
         start, items = self.window
         self.window = (start, items + config["batch_size"])
         if self.global_step % config["log_every"] == 0 or self.step_in_epoch == self.steps_per_epoch:
@@ -759,8 +905,9 @@ class TrainingRun:
         the run: training diverged at that step or one after the previous check."""
         mean = self.world.mean(self.last_losses)
         if not math.isfinite(mean["loss"]):
-            raise CoderError(f"training diverged by step {self.global_step} (loss {mean['loss']}); "
-                             f"try a lower --lr or --amp off")
+            raise CoderError(
+                f"training diverged by step {self.global_step} (loss {mean['loss']}); try a lower --lr or --amp off"
+            )
         return mean
 
     def _log_step(self, mean_losses: dict[str, float], grad_norm: torch.Tensor, bar: Any) -> None:
@@ -773,19 +920,25 @@ class TrainingRun:
             values[f"lr/{group.get('name', i)}"] = group["lr"]
         self.log.scalars(values, self.global_step)
         bar.set_postfix(loss=f"{values['loss/loss']:.4f}", cap_s=f"{values['speed/captions_per_s']:.0f}")
-        self.log.line(f"epoch {self.epoch + 1} step {self.step_in_epoch}/{self.steps_per_epoch} "
-                      f"(global {self.global_step}) " + " ".join(f"{k}={v:.5g}" for k, v in values.items()))
+        self.log.line(
+            f"epoch {self.epoch + 1} step {self.step_in_epoch}/{self.steps_per_epoch} "
+            f"(global {self.global_step}) " + " ".join(f"{k}={v:.5g}" for k, v in values.items())
+        )
         self.window = (time.perf_counter(), 0)
 
     def interrupted_message(self) -> str:
         """What Ctrl-C prints: where the progress is and how to continue."""
         script = f"train_{self.dataset}.py"
         if self.last_saved is None:
-            return (f"interrupted at epoch {self.epoch + 1}, step {self.step_in_epoch}; no checkpoint was written "
-                    f"yet in {self.run_dir} (start again to train)")
+            return (
+                f"interrupted at epoch {self.epoch + 1}, step {self.step_in_epoch}; no checkpoint was written "
+                f"yet in {self.run_dir} (start again to train)"
+            )
         path, step = self.last_saved
-        return (f"interrupted at global step {self.global_step}; {path} holds step {step}: resume with "
-                f"python {script} --resume {path}")
+        return (
+            f"interrupted at global step {self.global_step}; {path} holds step {step}: resume with "
+            f"python {script} --resume {path}"
+        )
 
 
 def _non_finite_inputs(batch: dict[str, torch.Tensor], step: int) -> str | None:
@@ -795,8 +948,10 @@ def _non_finite_inputs(batch: dict[str, torch.Tensor], step: int) -> str | None:
     if states is None or torch.isfinite(states).all():
         return None
     where = batch["image_ids"][~torch.isfinite(states).flatten(1).all(1)].unique().tolist()
-    return (f"the text state cache (text_state_cache): non-finite values (NaN or inf) in the states of the "
-            f"captions of image(s) {where[:5]} at step {step}; delete the cache file to recompute it")
+    return (
+        f"the text state cache (text_state_cache): non-finite values (NaN or inf) in the states of the "
+        f"captions of image(s) {where[:5]} at step {step}; delete the cache file to recompute it"
+    )
 
 
 def device_memory(device: torch.device) -> tuple[int, str]:
@@ -807,8 +962,10 @@ def device_memory(device: torch.device) -> tuple[int, str]:
 
 
 def _describe_data(fingerprint: dict[str, Any]) -> str:
-    return (f"{fingerprint['images']} images x {fingerprint['regions']} x {fingerprint['feature_dim']}, "
-            f"{fingerprint['captions']} captions, hash {fingerprint['sha256'][:12]}")
+    return (
+        f"{fingerprint['images']} images x {fingerprint['regions']} x {fingerprint['feature_dim']}, "
+        f"{fingerprint['captions']} captions, hash {fingerprint['sha256'][:12]}"
+    )
 
 
 def progress_bars(requested: bool) -> bool:
@@ -840,8 +997,9 @@ class Interrupted(CoderError):
     exit_code = 130
 
 
-def _final_test(run_dir: Path, config: dict[str, Any], device: torch.device, dataset: str,
-                log: RunLog) -> dict[str, Any]:
+def _final_test(
+    run_dir: Path, config: dict[str, Any], device: torch.device, dataset: str, log: RunLog
+) -> dict[str, Any]:
     """Evaluate the best checkpoint on the test split, print the table, save test_metrics.json."""
     import data
     import evaluation

@@ -1,5 +1,6 @@
 """Small pieces every script shares: the user-facing error type, safe pickle loading,
 atomic file writes, offline-aware loading of pretrained `transformers` objects."""
+
 from __future__ import annotations
 
 import contextlib
@@ -146,8 +147,7 @@ def load_pickle_restricted(path: str | os.PathLike) -> Any:
         return _RestrictedUnpickler(io.BytesIO(data), encoding="latin1").load()
     except pickle.UnpicklingError as err:
         raise CoderError(f"{path}: unsafe or corrupt pickle ({err})") from None
-    except (EOFError, ValueError, TypeError, AttributeError, ImportError, IndexError, KeyError,
-            MemoryError) as err:
+    except (EOFError, ValueError, TypeError, AttributeError, ImportError, IndexError, KeyError, MemoryError) as err:
         raise CoderError(f"{path}: corrupt pickle ({type(err).__name__}: {err})") from None
 
 
@@ -192,15 +192,19 @@ def read_text(path: str | os.PathLike, what: str) -> str:
     try:
         text = raw.decode(encoding)
     except UnicodeDecodeError as err:
-        line = raw[:err.start].decode(encoding, "replace").count("\n") + 1
+        line = raw[: err.start].decode(encoding, "replace").count("\n") + 1
         name = "UTF-8" if encoding == "utf-8-sig" else "UTF-16"
-        raise CoderError(f"{path}:{line}: not {name} text (byte {raw[err.start]:#04x}); save the {what} as "
-                         f"UTF-8") from None
+        raise CoderError(
+            f"{path}:{line}: not {name} text (byte {raw[err.start]:#04x}); save the {what} as UTF-8"
+        ) from None
     nul = text.find("\0")
     if nul >= 0:
         line = text.count("\n", 0, nul) + 1
-        hint = " (UTF-16 without a byte-order mark? save it as UTF-8)" if text.count("\0") * 3 > len(text) else \
-            " (a binary file?)"
+        hint = (
+            " (UTF-16 without a byte-order mark? save it as UTF-8)"
+            if text.count("\0") * 3 > len(text)
+            else " (a binary file?)"
+        )
         raise CoderError(f"{path}:{line}: NUL byte in a {what}{hint}")
     return text
 
@@ -214,8 +218,10 @@ def read_text_lines(path: str | os.PathLike, what: str) -> list[str]:
     found = _LINE_BREAKS.search(text)
     if found:
         line = text.count("\n", 0, found.start()) + 1
-        raise CoderError(f"{path}:{line}: U+{ord(found.group()):04X} inside a line, which other tools count as a "
-                         f"line break; replace it with a space")
+        raise CoderError(
+            f"{path}:{line}: U+{ord(found.group()):04X} inside a line, which other tools count as a "
+            f"line break; replace it with a space"
+        )
     lines = text.split("\n")
     if lines[-1] == "":
         lines.pop()
@@ -255,8 +261,10 @@ def npy_header(path: str | os.PathLike, what: str) -> tuple[tuple[int, ...], np.
         raise CoderError(f"{path}: holds Python objects, not numbers; refusing to load it")
     needed = math.prod(shape) * dtype.itemsize
     if needed > data_bytes:
-        raise CoderError(f"{path}: header says {dtype} {tuple(shape)} ({needed:,} bytes) but the file holds "
-                         f"{data_bytes:,} bytes of data (truncated, or a corrupt header)")
+        raise CoderError(
+            f"{path}: header says {dtype} {tuple(shape)} ({needed:,} bytes) but the file holds "
+            f"{data_bytes:,} bytes of data (truncated, or a corrupt header)"
+        )
     return tuple(shape), dtype
 
 
@@ -322,8 +330,10 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: st
             raise KeyboardInterrupt from None
         if cause is None:
             raise
-        raise CoderError(f"{path}: cannot write ({os.strerror(cause.errno) if cause.errno else cause}); "
-                         f"an earlier {path.name}, if any, is unchanged") from None
+        raise CoderError(
+            f"{path}: cannot write ({os.strerror(cause.errno) if cause.errno else cause}); "
+            f"an earlier {path.name}, if any, is unchanged"
+        ) from None
 
 
 @contextlib.contextmanager

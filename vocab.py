@@ -9,6 +9,7 @@ CLI:
     python vocab.py build CAPTION_FILE... --min-count 4 --out vocab.json
     python vocab.py stats --vocab VOCAB.json CAPTION_FILE...
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,7 +51,7 @@ def _split_sentences(text: str) -> list[str]:
         stem = match.group(1)[:-1].lstrip("\"'`([{<")
         if (len(stem) == 1 and stem.isalpha()) or "." in stem or stem in _ABBREVIATIONS:
             continue
-        pieces.append(text[start:match.end()])
+        pieces.append(text[start : match.end()])
         start = match.end()
     pieces.append(text[start:])
     return pieces
@@ -82,9 +83,16 @@ _QUOTES_CLOSE = [
 _CONTRACTIONS = [
     re.compile(p)
     for p in (
-        r"(?i)\b(can)(not)\b", r"(?i)\b(d)('ye)\b", r"(?i)\b(gim)(me)\b", r"(?i)\b(gon)(na)\b",
-        r"(?i)\b(got)(ta)\b", r"(?i)\b(lem)(me)\b", r"(?i)\b(mor)('n)\b", r"(?i)\b(wan)(na)\s",
-        r"(?i) ('t)(is)\b", r"(?i) ('t)(was)\b",
+        r"(?i)\b(can)(not)\b",
+        r"(?i)\b(d)('ye)\b",
+        r"(?i)\b(gim)(me)\b",
+        r"(?i)\b(gon)(na)\b",
+        r"(?i)\b(got)(ta)\b",
+        r"(?i)\b(lem)(me)\b",
+        r"(?i)\b(mor)('n)\b",
+        r"(?i)\b(wan)(na)\s",
+        r"(?i) ('t)(is)\b",
+        r"(?i) ('t)(was)\b",
     )
 ]
 
@@ -168,11 +176,19 @@ def _words_from_mapping(data: object, path: Path) -> list[str]:
     integers 0..n-1 (not floats, strings or booleans) and words strings."""
     if isinstance(data, dict) and isinstance(data.get("word2idx"), dict):
         word2idx = data["word2idx"]
-        wrong = next(((w, i) for w, i in word2idx.items()
-                      if not isinstance(w, str) or not isinstance(i, numbers.Integral) or isinstance(i, bool)), None)
+        wrong = next(
+            (
+                (w, i)
+                for w, i in word2idx.items()
+                if not isinstance(w, str) or not isinstance(i, numbers.Integral) or isinstance(i, bool)
+            ),
+            None,
+        )
         if wrong is not None:
-            raise CoderError(f"{path}: word2idx maps {wrong[0]!r} to {wrong[1]!r} ({type(wrong[1]).__name__}); "
-                             f"words must be strings and ids integers")
+            raise CoderError(
+                f"{path}: word2idx maps {wrong[0]!r} to {wrong[1]!r} ({type(wrong[1]).__name__}); "
+                f"words must be strings and ids integers"
+            )
         ids = sorted((int(i), w) for w, i in word2idx.items())
         if [i for i, _ in ids] != list(range(len(ids))):
             raise CoderError(f"{path}: word2idx ids are not 0..{len(ids) - 1} without gaps")
@@ -217,8 +233,10 @@ def build_vocab(caption_files: Iterable[str | Path], min_count: int = 4) -> Voca
     counter = count_words(caption_files)
     kept = sorted((w for w, c in counter.items() if c >= min_count), key=lambda w: (-counter[w], w))
     if not kept:
-        raise CoderError(f"{', '.join(map(str, caption_files))}: no word occurs {min_count} times or more, and a "
-                         f"vocabulary of the special tokens alone makes every word <unk>; lower --min-count")
+        raise CoderError(
+            f"{', '.join(map(str, caption_files))}: no word occurs {min_count} times or more, and a "
+            f"vocabulary of the special tokens alone makes every word <unk>; lower --min-count"
+        )
     return Vocabulary.from_words(kept)
 
 
@@ -226,8 +244,10 @@ def require_words(vocabulary: Vocabulary, source: str | Path) -> Vocabulary:
     """`vocabulary`, unless it holds only the special tokens: every caption would then encode
     as <start> <unk>... <end>, and no model trained on it could tell two captions apart."""
     if len(vocabulary) <= len(SPECIAL_TOKENS):
-        raise CoderError(f"{source}: the vocabulary holds only the special tokens {', '.join(SPECIAL_TOKENS)}, so "
-                         f"every word would be <unk>; build it from the training captions with vocab.py build")
+        raise CoderError(
+            f"{source}: the vocabulary holds only the special tokens {', '.join(SPECIAL_TOKENS)}, so "
+            f"every word would be <unk>; build it from the training captions with vocab.py build"
+        )
     return vocabulary
 
 

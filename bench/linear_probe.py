@@ -8,6 +8,7 @@ the best epoch is reported (selected on dev, like every row of the benchmark).
 
     python bench/linear_probe.py --data_path data_cache/flickr8k_precomp [--lr 1e-4] [--epochs 10]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,7 +38,7 @@ def caption_vectors(split: Any, bert_path: str, cache: Path, batch_size: int = 2
 
     tokenizer = vocab.BertTokenizer(bert_path)
     layers = load_pretrained(AutoConfig, bert_path, "BERT config").num_hidden_layers
-    encoder = BertTextEncoder(bert_path, 1, "mean", frozen_layers=layers)
+    encoder = BertTextEncoder(bert_path, 1, "mean", length_groups=1, frozen_layers=layers, l2norm_items=False)
     token_ids = [tokenizer.encode(caption) for caption in split.captions]
     states = text_cache.frozen_text_states(encoder, token_ids, cache, batch_size=batch_size)
     return np.stack([states[i].mean(0) for i in range(len(states))]).astype(np.float32)
@@ -48,9 +49,18 @@ def image_vectors(split: Any) -> np.ndarray:
     return np.stack([split.read_image(i).mean(0) for i in range(split.num_images)]).astype(np.float32)
 
 
-def train_probe(train: dict[str, torch.Tensor], dev: dict[str, torch.Tensor], *, lr: float, epochs: int,
-                embed_dim: int = 512, batch_size: int = 128, weight_decay: float = 1e-4, seed: int = 0,
-                captions_per_image: int = 5) -> list[dict[str, float]]:
+def train_probe(
+    train: dict[str, torch.Tensor],
+    dev: dict[str, torch.Tensor],
+    *,
+    lr: float,
+    epochs: int,
+    embed_dim: int = 512,
+    batch_size: int = 128,
+    weight_decay: float = 1e-4,
+    seed: int = 0,
+    captions_per_image: int = 5,
+) -> list[dict[str, float]]:
     """Train the two linear maps; returns the dev metrics after each epoch. `train` and `dev`
     hold "images" (N_img, D), "captions" (N_cap, h); caption i belongs to image i // k."""
     from evaluation import recall_metrics
@@ -67,7 +77,7 @@ def train_probe(train: dict[str, torch.Tensor], dev: dict[str, torch.Tensor], *,
     for _ in range(epochs):
         order = torch.randperm(num_captions, generator=generator)
         for start in range(0, num_captions - batch_size + 1, batch_size):
-            rows = order[start:start + batch_size]
+            rows = order[start : start + batch_size]
             image_ids = rows // captions_per_image
             v = F.normalize(image_map(train["images"][image_ids]), dim=1)
             t = F.normalize(caption_map(train["captions"][rows]), dim=1)
@@ -86,8 +96,9 @@ def train_probe(train: dict[str, torch.Tensor], dev: dict[str, torch.Tensor], *,
     return history
 
 
-def run_probe(data_path: str | Path, bert_path: str, *, lr: float, epochs: int, seed: int = 0,
-              cache: Path | None = None) -> dict[str, Any]:
+def run_probe(
+    data_path: str | Path, bert_path: str, *, lr: float, epochs: int, seed: int = 0, cache: Path | None = None
+) -> dict[str, Any]:
     """Features (cached), training, and a summary: every epoch's dev metrics, the best epoch
     (first of the highest rsum), the seconds per epoch."""
     import data
@@ -96,18 +107,34 @@ def run_probe(data_path: str | Path, bert_path: str, *, lr: float, epochs: int, 
     cache = cache or text_cache.cache_dir("auto", data_path)
     splits = {name: data.load_split(data_path, name) for name in ("train", "dev")}
     start = time.perf_counter()
-    features = {name: {"images": torch.from_numpy(image_vectors(split)),
-                       "captions": torch.from_numpy(caption_vectors(split, bert_path, cache))}
-                for name, split in splits.items()}
+    features = {
+        name: {
+            "images": torch.from_numpy(image_vectors(split)),
+            "captions": torch.from_numpy(caption_vectors(split, bert_path, cache)),
+        }
+        for name, split in splits.items()
+    }
     feature_seconds = time.perf_counter() - start
     start = time.perf_counter()
-    history = train_probe(features["train"], features["dev"], lr=lr, epochs=epochs, seed=seed,
-                          captions_per_image=splits["train"].captions_per_image)
+    history = train_probe(
+        features["train"],
+        features["dev"],
+        lr=lr,
+        epochs=epochs,
+        seed=seed,
+        captions_per_image=splits["train"].captions_per_image,
+    )
     seconds = time.perf_counter() - start
     best = max(range(len(history)), key=lambda i: (history[i]["rsum"], -i))
-    return {"lr": lr, "seed": seed, "validations": [{"epoch": i + 1, **m} for i, m in enumerate(history)],
-            "best": history[best], "best_epoch": best + 1, "epoch_seconds": seconds / epochs,
-            "feature_seconds": feature_seconds}
+    return {
+        "lr": lr,
+        "seed": seed,
+        "validations": [{"epoch": i + 1, **m} for i, m in enumerate(history)],
+        "best": history[best],
+        "best_epoch": best + 1,
+        "epoch_seconds": seconds / epochs,
+        "feature_seconds": feature_seconds,
+    }
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -125,8 +152,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result = run_probe(args.data_path, args.bert_path, lr=args.lr, epochs=args.epochs, seed=args.seed)
     for v in result["validations"]:
         print(f"epoch {v['epoch']}: dev rsum {v['rsum']:.1f}")
-    print(f"best: epoch {result['best_epoch']}, rsum {result['best']['rsum']:.1f}; "
-          f"{result['epoch_seconds']:.1f} s/epoch")
+    print(
+        f"best: epoch {result['best_epoch']}, rsum {result['best']['rsum']:.1f}; {result['epoch_seconds']:.1f} s/epoch"
+    )
     return result
 
 

@@ -13,6 +13,7 @@ data loading, whose batches are read for the first time.
 
     python bench/profile_step.py --data_path data_cache/flickr8k_precomp [--row coder] [--warmup 40] [--steps 8]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,6 +46,7 @@ def labelled(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
     def run(*args: Any, **kwargs: Any) -> Any:
         with record_function(name):
             return fn(*args, **kwargs)
+
     return run
 
 
@@ -66,8 +68,13 @@ def label_modules(modules: dict[str, torch.nn.Module]) -> None:
 
 def label_step(run: trainer.TrainingRun) -> None:
     raw = run.model
-    label_modules({f"forward: {n}": getattr(raw, n) for n in ("image_encoder", "text_encoder", "gcn",
-                                                                "image_query", "text_query") if hasattr(raw, n)})
+    label_modules(
+        {
+            f"forward: {n}": getattr(raw, n)
+            for n in ("image_encoder", "text_encoder", "gcn", "image_query", "text_query")
+            if hasattr(raw, n)
+        }
+    )
     label_modules({f"forward: momentum {n}": m for n, m in raw.momentum.items()})
     for name in LOSS_FUNCTIONS:
         if hasattr(model_module, name):
@@ -81,13 +88,16 @@ def label_step(run: trainer.TrainingRun) -> None:
 
 def build_run(data_path: str, row: str, run_dir: Path) -> trainer.TrainingRun:
     settings = bench_flickr8k.run_settings(row, "full", "cpu", None)
-    paths = {"data_path": data_path, "vocab_path": str(Path(data_path) / "vocab.json"),
-             "concept_path": str(Path(data_path) / "concepts"),
-             "text_state_cache": str(Path(data_path) / "text_states")}
+    paths = {
+        "data_path": data_path,
+        "vocab_path": str(Path(data_path) / "vocab.json"),
+        "concept_path": str(Path(data_path) / "concepts"),
+        "text_state_cache": str(Path(data_path) / "text_states"),
+    }
     overrides = bench_flickr8k.run_overrides(settings, 0, paths, run_dir, bench_flickr8k.minilm_path())
     config = {**bench_flickr8k.script_defaults(), **overrides, "log_every": 10**6, "diag_every": 0}
     check_train_config(config, resuming=False)
-    return trainer.TrainingRun(config, "f30k", distributed.Dist("cpu"))
+    return trainer.TrainingRun(config, "f30k", distributed.Dist("cpu", config["dist_timeout"]))
 
 
 def batches(run: trainer.TrainingRun) -> Any:
@@ -129,8 +139,9 @@ def main() -> None:
     parser.add_argument("--row", default="coder", choices=list(bench_flickr8k.CONFIGS))
     parser.add_argument("--warmup", type=int, default=40, help="steps before profiling (queues fill)")
     parser.add_argument("--steps", type=int, default=8, help="profiled steps")
-    parser.add_argument("--loader_batches", type=int, default=20,
-                        help="batches the loader alone is timed over, un-profiled (0: skip)")
+    parser.add_argument(
+        "--loader_batches", type=int, default=20, help="batches the loader alone is timed over, un-profiled (0: skip)"
+    )
     parser.add_argument("--top", type=int, default=25, help="operators listed")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as run_dir:
@@ -140,12 +151,18 @@ def main() -> None:
         start = time.perf_counter()
         for _ in range(args.warmup):
             run.step(next(stream), NO_BAR)
-        print(f"{args.warmup} warm-up steps: {(time.perf_counter() - start) / args.warmup:.3f} s/step; queue "
-              f"fill {run.model.queues.fraction_filled():.2f}", flush=True)
+        print(
+            f"{args.warmup} warm-up steps: {(time.perf_counter() - start) / args.warmup:.3f} s/step; queue "
+            f"fill {run.model.queues.fraction_filled():.2f}",
+            flush=True,
+        )
         if args.loader_batches:
             loading = time_loading(run, args.loader_batches)
-            print("training loader alone, un-profiled: " + ", ".join(f"{label} {ms:.1f} ms/batch"
-                                                                    for label, ms in loading.items()), flush=True)
+            print(
+                "training loader alone, un-profiled: "
+                + ", ".join(f"{label} {ms:.1f} ms/batch" for label, ms in loading.items()),
+                flush=True,
+            )
         label_step(run)
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             start = time.perf_counter()
@@ -157,10 +174,15 @@ def main() -> None:
     events = prof.key_averages()
     print(f"\n{args.steps} profiled steps: {wall / args.steps:.3f} s/step (torch threads: {torch.get_num_threads()})")
     print("\npart | ms/step | share of the step (inclusive; nested parts are inside their parents)")
-    labels = sorted((e for e in events if e.key == "step" or e.key.startswith(("forward:", "loss:", "data ",
-                                                                                "backward", "gradient", "after_",
-                                                                                "Optimizer.step"))),
-                    key=lambda e: -e.cpu_time_total)
+    labels = sorted(
+        (
+            e
+            for e in events
+            if e.key == "step"
+            or e.key.startswith(("forward:", "loss:", "data ", "backward", "gradient", "after_", "Optimizer.step"))
+        ),
+        key=lambda e: -e.cpu_time_total,
+    )
     step_us = next(e.cpu_time_total for e in labels if e.key == "step")
     for e in labels:
         print(f"{e.key} | {e.cpu_time_total / 1000 / args.steps:.1f} | {100 * e.cpu_time_total / step_us:.1f}%")

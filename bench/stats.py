@@ -5,6 +5,7 @@ configurations) gets a Student t interval; a single run gets a bootstrap over th
 images, each drawn with its captions, from the per-image ranks a validation saved
 (`trainer.validate`'s ranks file). An interval that contains zero reads "level within noise".
 """
+
 from __future__ import annotations
 
 import math
@@ -17,8 +18,22 @@ import numpy as np
 from evaluation import RECALL_KS
 
 # Two-sided 95% quantiles of Student's t, by degrees of freedom; 1.96 beyond the table.
-T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262,
-         10: 2.228, 12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042}
+T_975 = {
+    1: 12.706,
+    2: 4.303,
+    3: 3.182,
+    4: 2.776,
+    5: 2.571,
+    6: 2.447,
+    7: 2.365,
+    8: 2.306,
+    9: 2.262,
+    10: 2.228,
+    12: 2.179,
+    15: 2.131,
+    20: 2.086,
+    30: 2.042,
+}
 
 
 def t_quantile(dof: int) -> float:
@@ -50,9 +65,13 @@ def rsum_of_images(image_ranks: np.ndarray, caption_ranks: np.ndarray, images: n
     return total
 
 
-def bootstrap_interval(ranks: tuple[np.ndarray, np.ndarray], other: tuple[np.ndarray, np.ndarray] | None = None,
-                       samples: int = 2000, seed: int = 0, subset: np.ndarray | None = None
-                       ) -> tuple[float, float, float]:
+def bootstrap_interval(
+    ranks: tuple[np.ndarray, np.ndarray],
+    other: tuple[np.ndarray, np.ndarray] | None = None,
+    samples: int = 2000,
+    seed: int = 0,
+    subset: np.ndarray | None = None,
+) -> tuple[float, float, float]:
     """(estimate, low, high), a 95% percentile interval from resampling images with their
     captions: of one run's rsum, or, given `other`'s ranks on the same images, of the paired
     difference rsum(ranks) − rsum(other). `subset` restricts both to those images."""

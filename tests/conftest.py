@@ -1,4 +1,5 @@
 """Test setup: import the flat project scripts, and locate the optional shared data."""
+
 import os
 import signal
 import sys
@@ -48,8 +49,22 @@ def ctrl_c() -> Iterator[None]:
 # in milliseconds and without the weight wheel.
 TINY_BERT_HIDDEN = 32
 TINY_BERT_LAYERS = 3
-TINY_BERT_WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", ",", "a", "the", "dog", "cat", "on",
-                   *"bcdefghijklmnopqrstuvwxyz0123456789", *(f"##{c}" for c in "abcdefghijklmnopqrstuvwxyz")]
+TINY_BERT_WORDS = [
+    "[PAD]",
+    "[UNK]",
+    "[CLS]",
+    "[SEP]",
+    "[MASK]",
+    ".",
+    ",",
+    "a",
+    "the",
+    "dog",
+    "cat",
+    "on",
+    *"bcdefghijklmnopqrstuvwxyz0123456789",
+    *(f"##{c}" for c in "abcdefghijklmnopqrstuvwxyz"),
+]
 
 
 @pytest.fixture(scope="session")
@@ -62,9 +77,14 @@ def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> str:
     folder = tmp_path_factory.mktemp("tiny_bert")
     (folder / "vocab.txt").write_text("\n".join(TINY_BERT_WORDS) + "\n")
     BertTokenizer(str(folder / "vocab.txt")).save_pretrained(str(folder))
-    config = BertConfig(vocab_size=len(TINY_BERT_WORDS), hidden_size=TINY_BERT_HIDDEN,
-                        num_hidden_layers=TINY_BERT_LAYERS, num_attention_heads=2, intermediate_size=64,
-                        max_position_embeddings=64)
+    config = BertConfig(
+        vocab_size=len(TINY_BERT_WORDS),
+        hidden_size=TINY_BERT_HIDDEN,
+        num_hidden_layers=TINY_BERT_LAYERS,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
     with torch.random.fork_rng():
         torch.manual_seed(0)
         BertModel(config, add_pooling_layer=False).save_pretrained(str(folder))
@@ -72,19 +92,45 @@ def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 # Tiny-model options shared by the tests that run the real train script end to end.
-TINY_TRAIN_ARGS = ["--embed_dim", "32", "--word_dim", "16", "--gcn_hidden", "16", "--num_prototypes", "8",
-                   "--lr", "1e-3", "--workers", "0", "--eval_batch_size", "64", "--progress", "false",
-                   "--val_max_images", "0", "--device", "cpu"]
+TINY_TRAIN_ARGS = [
+    "--embed_dim",
+    "32",
+    "--word_dim",
+    "16",
+    "--gcn_hidden",
+    "16",
+    "--num_prototypes",
+    "8",
+    "--lr",
+    "1e-3",
+    "--workers",
+    "0",
+    "--eval_batch_size",
+    "64",
+    "--progress",
+    "false",
+    "--val_max_images",
+    "0",
+    "--device",
+    "cpu",
+]
 
 
 def tiny_demo_args(root: Path, seed: int, num_train: int, num_eval: int) -> list[str]:
     """A tiny demo dataset under `root` and the train-script options that point at it."""
     from demo_data import make_demo_dataset
 
-    paths = make_demo_dataset(root, seed=seed, num_train=num_train, num_dev=num_eval, num_test=num_eval,
-                              regions=6, dim=24)
-    return ["--data_path", paths["data_path"], "--vocab_path", paths["vocab_path"],
-            "--concept_path", paths["concept_dir"]]
+    paths = make_demo_dataset(
+        root, seed=seed, num_train=num_train, num_dev=num_eval, num_test=num_eval, regions=6, dim=24
+    )
+    return [
+        "--data_path",
+        paths["data_path"],
+        "--vocab_path",
+        paths["vocab_path"],
+        "--concept_path",
+        paths["concept_dir"],
+    ]
 
 
 def run_script(script: str, *args: str, procs: int = 1, check: bool = True, timeout: int = 300):
@@ -93,8 +139,9 @@ def run_script(script: str, *args: str, procs: int = 1, check: bool = True, time
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # no launcher variables (see above)
     launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs)] if procs > 1 else []
-    proc = subprocess.run([sys.executable, *launcher, str(ROOT / script), *args], env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, *launcher, str(ROOT / script), *args], env=env, capture_output=True, text=True, timeout=timeout
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
     return proc

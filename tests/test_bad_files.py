@@ -9,6 +9,7 @@ The entry points run in this process through their `main` (the same `cli_entry` 
 the command line); any exception other than SystemExit fails the case. Hypothesis drives the
 properties at the end (any bytes in a caption file, any truncation of a feature file).
 """
+
 from __future__ import annotations
 
 import errno
@@ -44,8 +45,19 @@ from data import load_split  # noqa: E402
 from options import script_config  # noqa: E402
 from utils import CoderError, cli_entry  # noqa: E402
 
-TINY = [*TINY_TRAIN_ARGS, "--epochs", "1", "--batch_size", "16", "--queue_size", "32", "--test_split", "",
-        "--checkpoint_every_steps", "0"]
+TINY = [
+    *TINY_TRAIN_ARGS,
+    "--epochs",
+    "1",
+    "--batch_size",
+    "16",
+    "--queue_size",
+    "32",
+    "--test_split",
+    "",
+    "--checkpoint_every_steps",
+    "0",
+]
 METRICS = {k: 10.0 for k in ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")}
 
 
@@ -70,24 +82,40 @@ def pristine(tmp_path_factory) -> Path:
     _write_cvse(root)
     raw = root / "raw"
     (raw / "images").mkdir(parents=True)
-    (raw / "captions.csv").write_text("image,caption\n" + "".join(f"{n}.jpg,a dog number {i}\n" for n in "ab"
-                                                                   for i in range(5)))
+    (raw / "captions.csv").write_text(
+        "image,caption\n" + "".join(f"{n}.jpg,a dog number {i}\n" for n in "ab" for i in range(5))
+    )
     (raw / "train.txt").write_text("a.jpg\nb.jpg\n")
     (raw / "concepts.txt").write_text("bird\npizza\nsnow\ngirl\n")
     (raw / "glove.txt").write_text("".join(f"{w} {i} 0.5 -1.25\n" for i, w in enumerate(["girl", "bird", "snow"])))
-    images = [{"filename": f"{n}.jpg", "split": "train", "sentences": [{"raw": f"a cat {i}"} for i in range(5)]}
-              for n in "ab"]
+    images = [
+        {"filename": f"{n}.jpg", "split": "train", "sentences": [{"raw": f"a cat {i}"} for i in range(5)]} for n in "ab"
+    ]
     (raw / "karpathy.json").write_text(json.dumps({"images": images}))
-    result = {"config": "infonce", "seed": 0, "best": METRICS, "best_epoch": 1, "wall_seconds": 5.0,
-              "validations": [{"epoch": 1, **METRICS}], "epoch_seconds": [5.0], "train_seconds": [4.0]}
+    result = {
+        "config": "infonce",
+        "seed": 0,
+        "best": METRICS,
+        "best_epoch": 1,
+        "wall_seconds": 5.0,
+        "validations": [{"epoch": 1, **METRICS}],
+        "epoch_seconds": [5.0],
+        "train_seconds": [4.0],
+    }
     (root / "bench" / "runs" / "infonce_s0").mkdir(parents=True)
     (root / "bench" / "runs" / "infonce_s0" / "result.json").write_text(json.dumps(result))
     return root
 
 
 def _data_args(w: Path) -> list[str]:
-    return ["--data_path", str(w / "data"), "--vocab_path", str(w / "data" / "vocab.json"),
-            "--concept_path", str(w / "concepts")]
+    return [
+        "--data_path",
+        str(w / "data"),
+        "--vocab_path",
+        str(w / "data" / "vocab.json"),
+        "--concept_path",
+        str(w / "concepts"),
+    ]
 
 
 def _write_cvse(root: Path) -> None:
@@ -111,6 +139,7 @@ def world(pristine, tmp_path) -> Path:
 # --------------------------------------------------------------------------- entry points
 # Each takes the world folder and returns the command line of one entry point reading its files.
 
+
 def _train_resume(w: Path) -> list[str]:
     """Resume the finished one-epoch run: every check runs, no epoch is trained."""
     return ["--resume", str(w / "run" / "last.pt"), "--epochs", "1", "--progress", "false"]
@@ -119,36 +148,97 @@ def _train_resume(w: Path) -> list[str]:
 ENTRY_POINTS: dict[str, tuple[Callable, Callable[[Path], list[str]]]] = {
     "train": (_train, lambda w: _data_args(w) + TINY + ["--run_dir", str(w / "new_run")]),
     "train --resume": (_train, _train_resume),
-    "eval": (lambda argv: cli_entry(evaluation.main)(argv, "f30k"),
-             lambda w: ["--checkpoint", str(w / "run" / "best.pt"), "--data_path", str(w / "data"), "--workers", "0",
-                        "--device", "cpu", "--json", str(w / "m.json")]),
-    "retrieve": (retrieve.main, lambda w: ["--checkpoint", str(w / "run" / "best.pt"), "--data_path", str(w / "data"),
-                                           "--query", "a dog", "--device", "cpu"]),
+    "eval": (
+        lambda argv: cli_entry(evaluation.main)(argv, "f30k"),
+        lambda w: [
+            "--checkpoint",
+            str(w / "run" / "best.pt"),
+            "--data_path",
+            str(w / "data"),
+            "--workers",
+            "0",
+            "--device",
+            "cpu",
+            "--json",
+            str(w / "m.json"),
+        ],
+    ),
+    "retrieve": (
+        retrieve.main,
+        lambda w: [
+            "--checkpoint",
+            str(w / "run" / "best.pt"),
+            "--data_path",
+            str(w / "data"),
+            "--query",
+            "a dog",
+            "--device",
+            "cpu",
+        ],
+    ),
     "vocab build": (vocab.main, lambda w: ["build", str(w / "data" / "train_caps.txt"), "--out", str(w / "v.json")]),
-    "vocab stats": (vocab.main, lambda w: ["stats", "--vocab", str(w / "data" / "vocab.json"),
-                                           str(w / "data" / "train_caps.txt")]),
+    "vocab stats": (
+        vocab.main,
+        lambda w: ["stats", "--vocab", str(w / "data" / "vocab.json"), str(w / "data" / "train_caps.txt")],
+    ),
     "concepts stats": (concepts.main, lambda w: ["stats", str(w / "concepts")]),
     "concepts stats cvse": (concepts.main, lambda w: ["stats", str(w / "cvse")]),
     "concepts label": (concepts.main, lambda w: ["label", str(w / "concepts"), str(w / "data" / "train_caps.txt")]),
-    "concepts build": (concepts.main, lambda w: ["build", "--captions", str(w / "data" / "train_caps.txt"),
-                                                 "--out", str(w / "c2")]),
-    "concepts build list": (concepts.main, lambda w: ["build", "--captions", str(w / "data" / "train_caps.txt"),
-                                                      "--concept-list", str(w / "raw" / "concepts.txt"),
-                                                      "--word-vectors", str(w / "raw" / "glove.txt"),
-                                                      "--out", str(w / "c2")]),
-    "extract csv": (extract_features.main, lambda w: ["--images", str(w / "raw" / "images"), "--captions",
-                                                      str(w / "raw" / "captions.csv"), "--split",
-                                                      f"train={w / 'raw' / 'train.txt'}", "--out", str(w / "x"),
-                                                      "--device", "cpu"]),
-    "extract json": (extract_features.main, lambda w: ["--images", str(w / "raw" / "images"), "--captions",
-                                                       str(w / "raw" / "karpathy.json"), "--out", str(w / "x"),
-                                                       "--device", "cpu"]),
-    "bench report": (bench_flickr8k.main, lambda w: ["--report", "--out", str(w / "bench"), "--configs", "infonce",
-                                                     "--no_probe"]),
+    "concepts build": (
+        concepts.main,
+        lambda w: ["build", "--captions", str(w / "data" / "train_caps.txt"), "--out", str(w / "c2")],
+    ),
+    "concepts build list": (
+        concepts.main,
+        lambda w: [
+            "build",
+            "--captions",
+            str(w / "data" / "train_caps.txt"),
+            "--concept-list",
+            str(w / "raw" / "concepts.txt"),
+            "--word-vectors",
+            str(w / "raw" / "glove.txt"),
+            "--out",
+            str(w / "c2"),
+        ],
+    ),
+    "extract csv": (
+        extract_features.main,
+        lambda w: [
+            "--images",
+            str(w / "raw" / "images"),
+            "--captions",
+            str(w / "raw" / "captions.csv"),
+            "--split",
+            f"train={w / 'raw' / 'train.txt'}",
+            "--out",
+            str(w / "x"),
+            "--device",
+            "cpu",
+        ],
+    ),
+    "extract json": (
+        extract_features.main,
+        lambda w: [
+            "--images",
+            str(w / "raw" / "images"),
+            "--captions",
+            str(w / "raw" / "karpathy.json"),
+            "--out",
+            str(w / "x"),
+            "--device",
+            "cpu",
+        ],
+    ),
+    "bench report": (
+        bench_flickr8k.main,
+        lambda w: ["--report", "--out", str(w / "bench"), "--configs", "infonce", "--no_probe"],
+    ),
 }
 
 
 # --------------------------------------------------------------------------- damage
+
 
 def _insert_in_line(path: Path, text: bytes, line: int = 1) -> None:
     lines = path.read_bytes().split(b"\n")
@@ -175,8 +265,14 @@ def _absurd_header(path: Path) -> None:
     """A valid header whose shape claims a terabyte, over the file's real data."""
     array = np.load(path)
     with open(path, "wb") as f:
-        np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(array.dtype),
-                                                 "fortran_order": False, "shape": (10**12, *array.shape[1:])})
+        np.lib.format.write_array_header_1_0(
+            f,
+            {
+                "descr": np.lib.format.dtype_to_descr(array.dtype),
+                "fortran_order": False,
+                "shape": (10**12, *array.shape[1:]),
+            },
+        )
         f.write(array.tobytes())
 
 
@@ -191,6 +287,7 @@ def _rewrite_checkpoint(change: Callable[[dict], None]) -> Callable[[Path], None
         state = torch.load(path, weights_only=True)
         change(state)
         torch.save(state, path)
+
     return damage
 
 
@@ -213,14 +310,23 @@ TEXT_LINES = {
     "NUL byte": lambda p: _insert_in_line(p, b"\x00"),
     "UTF-16 without a BOM": lambda p: p.write_bytes(p.read_text().encode("utf-16-le")),
     "latin-1": lambda p: _insert_in_line(p, "\xe9".encode("latin-1")),
-    **{f"{name} in a line": (lambda p, c=char: _insert_in_line(p, c.encode("utf-8")))
-       for name, char in (("U+2028", "\u2028"), ("U+0085", "\x85"), ("\\x0b", "\x0b"), ("lone \\r", "\r"))},
+    **{
+        f"{name} in a line": (lambda p, c=char: _insert_in_line(p, c.encode("utf-8")))
+        for name, char in (("U+2028", "\u2028"), ("U+0085", "\x85"), ("\\x0b", "\x0b"), ("lone \\r", "\r"))
+    },
 }
 TRUNCATED = {"truncated": lambda p: p.write_bytes(p.read_bytes()[: len(p.read_bytes()) // 2])}
-NPY = {**ANY_FILE, **TRUNCATED, "absurd header": _absurd_header, "text in a .npy": lambda p: p.write_text("1 2 3\n"),
-       "strings": _rewrite_npy(lambda a: np.array(["a"] * a.shape[0]))}
+NPY = {
+    **ANY_FILE,
+    **TRUNCATED,
+    "absurd header": _absurd_header,
+    "text in a .npy": lambda p: p.write_text("1 2 3\n"),
+    "strings": _rewrite_npy(lambda a: np.array(["a"] * a.shape[0])),
+}
 CHECKPOINT = {
-    **ANY_FILE, **TRUNCATED, "text": lambda p: p.write_text("not a checkpoint\n"),
+    **ANY_FILE,
+    **TRUNCATED,
+    "text": lambda p: p.write_text("not a checkpoint\n"),
     **{f"no '{key}'": _rewrite_checkpoint(lambda s, k=key: s.pop(k)) for key in ("config", "model", "image_dim")},
     "image_dim a float": _rewrite_checkpoint(lambda s: s.update(image_dim=24.0)),
     "config a list": _rewrite_checkpoint(lambda s: s.update(config=[1, 2])),
@@ -232,79 +338,152 @@ CHECKPOINT = {
 # (file, its variants, the entry points that read it)
 CAPTION_READERS = ["train", "vocab build", "vocab stats", "concepts label", "concepts build"]
 KINDS: list[tuple[str, dict[str, Callable[[Path], None]], list[str]]] = [
-    ("data/train_caps.txt", {**ANY_FILE, **TEXT_LINES, "blank line": lambda p: _insert_in_line(p, b"\n\n")},
-     CAPTION_READERS),
+    (
+        "data/train_caps.txt",
+        {**ANY_FILE, **TEXT_LINES, "blank line": lambda p: _insert_in_line(p, b"\n\n")},
+        CAPTION_READERS,
+    ),
     ("data/test_caps.txt", {**ANY_FILE, **TEXT_LINES, **TRUNCATED}, ["eval", "retrieve"]),
     ("data/train_caps.txt", TRUNCATED, ["train"]),
-    ("data/test_ids.txt", {**ANY_FILE, **TEXT_LINES, **TRUNCATED,
-                           "duplicated row": lambda p: p.write_text("\n".join(
-                               [p.read_text().split()[0]] + p.read_text().split()[:-1]) + "\n")},
-     ["eval", "retrieve"]),
+    (
+        "data/test_ids.txt",
+        {
+            **ANY_FILE,
+            **TEXT_LINES,
+            **TRUNCATED,
+            "duplicated row": lambda p: p.write_text(
+                "\n".join([p.read_text().split()[0]] + p.read_text().split()[:-1]) + "\n"
+            ),
+        },
+        ["eval", "retrieve"],
+    ),
     ("data/train_ims.npy", {**NPY, "NaN": _rewrite_npy(_with_nan)}, ["train"]),
-    ("data/test_ims.npy", {**NPY, "NaN": _rewrite_npy(_with_nan), "2-D": _rewrite_npy(lambda a: a[:, 0])},
-     ["eval", "retrieve"]),
-    ("data/vocab.json", {**ANY_FILE, **TRUNCATED, "NUL byte": lambda p: _insert_in_line(p, b"\x00", 0),
-                         "UTF-16 without a BOM": TEXT_LINES["UTF-16 without a BOM"],
-                         "float id": _rewrite_json(lambda d: {**d, "word2idx": {**d["word2idx"], "<pad>": 0.0}}),
-                         "string id": _rewrite_json(lambda d: {**d, "word2idx": {**d["word2idx"], "<pad>": "0"}}),
-                         "no word2idx": _rewrite_json(lambda d: {"idx": d["idx"]}),
-                         "mixed words": _rewrite_json(lambda d: {"words": ["<pad>", "<start>", "<end>", "<unk>", 7]})},
-     ["train", "vocab stats"]),
-    ("concepts/concepts.json", {**ANY_FILE, **TRUNCATED,
-                                "number as a word": _rewrite_json(lambda d: {**d, "words": [1] + d["words"][1:]}),
-                                "no words": _rewrite_json(lambda d: {"format": d["format"]}),
-                                "word listed twice": _rewrite_json(lambda d: {**d, "words": [d["words"][1]]
-                                                                              + d["words"][1:]})},
-     ["train", "concepts stats"]),
+    (
+        "data/test_ims.npy",
+        {**NPY, "NaN": _rewrite_npy(_with_nan), "2-D": _rewrite_npy(lambda a: a[:, 0])},
+        ["eval", "retrieve"],
+    ),
+    (
+        "data/vocab.json",
+        {
+            **ANY_FILE,
+            **TRUNCATED,
+            "NUL byte": lambda p: _insert_in_line(p, b"\x00", 0),
+            "UTF-16 without a BOM": TEXT_LINES["UTF-16 without a BOM"],
+            "float id": _rewrite_json(lambda d: {**d, "word2idx": {**d["word2idx"], "<pad>": 0.0}}),
+            "string id": _rewrite_json(lambda d: {**d, "word2idx": {**d["word2idx"], "<pad>": "0"}}),
+            "no word2idx": _rewrite_json(lambda d: {"idx": d["idx"]}),
+            "mixed words": _rewrite_json(lambda d: {"words": ["<pad>", "<start>", "<end>", "<unk>", 7]}),
+        },
+        ["train", "vocab stats"],
+    ),
+    (
+        "concepts/concepts.json",
+        {
+            **ANY_FILE,
+            **TRUNCATED,
+            "number as a word": _rewrite_json(lambda d: {**d, "words": [1] + d["words"][1:]}),
+            "no words": _rewrite_json(lambda d: {"format": d["format"]}),
+            "word listed twice": _rewrite_json(lambda d: {**d, "words": [d["words"][1]] + d["words"][1:]}),
+        },
+        ["train", "concepts stats"],
+    ),
     ("concepts/counts.npy", {**NPY, "fractional counts": _rewrite_npy(lambda a: a + 0.5)}, ["train", "concepts stats"]),
     ("concepts/cooccurrence.npy", NPY, ["concepts stats"]),
     ("concepts/word_vectors.npy", {**NPY, "NaN": _rewrite_npy(_with_nan)}, ["train", "concepts stats"]),
-    ("cvse/category_concepts.json", {**ANY_FILE, **TRUNCATED,
-                                     "float index": _rewrite_json(lambda d: {**d, next(iter(d)): 0.0}),
-                                     "boolean index": _rewrite_json(lambda d: {**d, next(iter(d)): False})},
-     ["concepts stats cvse"]),
-    ("cvse/x_adj_concepts.pkl", {**ANY_FILE, **TRUNCATED,
-                                 "unsafe pickle": lambda p: p.write_bytes(pickle.dumps(_Unsafe()))},
-     ["concepts stats cvse"]),
-    ("cvse/x_concepts_glove_word2vec.pkl", {**ANY_FILE, **TRUNCATED,
-                                            "NaN": lambda p: p.write_bytes(pickle.dumps(
-                                                _with_nan(pickle.loads(p.read_bytes()))))},
-     ["concepts stats cvse"]),
+    (
+        "cvse/category_concepts.json",
+        {
+            **ANY_FILE,
+            **TRUNCATED,
+            "float index": _rewrite_json(lambda d: {**d, next(iter(d)): 0.0}),
+            "boolean index": _rewrite_json(lambda d: {**d, next(iter(d)): False}),
+        },
+        ["concepts stats cvse"],
+    ),
+    (
+        "cvse/x_adj_concepts.pkl",
+        {**ANY_FILE, **TRUNCATED, "unsafe pickle": lambda p: p.write_bytes(pickle.dumps(_Unsafe()))},
+        ["concepts stats cvse"],
+    ),
+    (
+        "cvse/x_concepts_glove_word2vec.pkl",
+        {
+            **ANY_FILE,
+            **TRUNCATED,
+            "NaN": lambda p: p.write_bytes(pickle.dumps(_with_nan(pickle.loads(p.read_bytes())))),
+        },
+        ["concepts stats cvse"],
+    ),
     ("run/best.pt", CHECKPOINT, ["eval", "retrieve"]),
     ("run/last.pt", CHECKPOINT, ["train --resume"]),
-    ("raw/captions.csv", {**ANY_FILE, **{k: TEXT_LINES[k] for k in ("NUL byte", "UTF-16 without a BOM", "latin-1")},
-                          "no header": lambda p: p.write_text("a.jpg,a dog\n"),
-                          "extra field": lambda p: _insert_in_line(p, b",x")},
-     ["extract csv"]),
-    ("raw/train.txt", {**ANY_FILE, **TEXT_LINES, "duplicated row": lambda p: p.write_text("a.jpg\na.jpg\n"),
-                       "unknown image": lambda p: p.write_text("a.jpg\nzzz.jpg\n")},
-     ["extract csv"]),
+    (
+        "raw/captions.csv",
+        {
+            **ANY_FILE,
+            **{k: TEXT_LINES[k] for k in ("NUL byte", "UTF-16 without a BOM", "latin-1")},
+            "no header": lambda p: p.write_text("a.jpg,a dog\n"),
+            "extra field": lambda p: _insert_in_line(p, b",x"),
+        },
+        ["extract csv"],
+    ),
+    (
+        "raw/train.txt",
+        {
+            **ANY_FILE,
+            **TEXT_LINES,
+            "duplicated row": lambda p: p.write_text("a.jpg\na.jpg\n"),
+            "unknown image": lambda p: p.write_text("a.jpg\nzzz.jpg\n"),
+        },
+        ["extract csv"],
+    ),
     ("raw/concepts.txt", {**ANY_FILE, **TEXT_LINES}, ["concepts build list"]),
-    ("raw/glove.txt", {**ANY_FILE, "NUL byte": TEXT_LINES["NUL byte"],
-                       "UTF-16 without a BOM": TEXT_LINES["UTF-16 without a BOM"]}, ["concepts build list"]),
-    ("raw/karpathy.json", {**ANY_FILE, **TRUNCATED,
-                           "number as a name": _rewrite_json(lambda d: {"images": [{**d["images"][0], "filename": 7}]}),
-                           "number as a caption": _rewrite_json(lambda d: {"images": [
-                               {**d["images"][0], "sentences": [{"raw": 3}] * 5}]}),
-                           "image listed twice": _rewrite_json(lambda d: {"images": d["images"][:1] * 2}),
-                           "no images": _rewrite_json(lambda d: {"imgs": d["images"]})},
-     ["extract json"]),
-    ("bench/runs/infonce_s0/result.json", {**ANY_FILE, **TRUNCATED,
-                                           "rsum a string": _rewrite_json(lambda d: {**d, "best": {**d["best"],
-                                                                                                   "rsum": "10"}}),
-                                           "no validations": _rewrite_json(lambda d: {k: v for k, v in d.items()
-                                                                                      if k != "validations"}),
-                                           "a list": lambda p: p.write_text("[1, 2]")},
-     ["bench report"]),
+    (
+        "raw/glove.txt",
+        {**ANY_FILE, "NUL byte": TEXT_LINES["NUL byte"], "UTF-16 without a BOM": TEXT_LINES["UTF-16 without a BOM"]},
+        ["concepts build list"],
+    ),
+    (
+        "raw/karpathy.json",
+        {
+            **ANY_FILE,
+            **TRUNCATED,
+            "number as a name": _rewrite_json(lambda d: {"images": [{**d["images"][0], "filename": 7}]}),
+            "number as a caption": _rewrite_json(
+                lambda d: {"images": [{**d["images"][0], "sentences": [{"raw": 3}] * 5}]}
+            ),
+            "image listed twice": _rewrite_json(lambda d: {"images": d["images"][:1] * 2}),
+            "no images": _rewrite_json(lambda d: {"imgs": d["images"]}),
+        },
+        ["extract json"],
+    ),
+    (
+        "bench/runs/infonce_s0/result.json",
+        {
+            **ANY_FILE,
+            **TRUNCATED,
+            "rsum a string": _rewrite_json(lambda d: {**d, "best": {**d["best"], "rsum": "10"}}),
+            "no validations": _rewrite_json(lambda d: {k: v for k, v in d.items() if k != "validations"}),
+            "a list": lambda p: p.write_text("[1, 2]"),
+        },
+        ["bench report"],
+    ),
 ]
 
-CASES = [(file, variant, damage, reader) for file, variants, readers in KINDS
-         for variant, damage in variants.items() for reader in readers]
+CASES = [
+    (file, variant, damage, reader)
+    for file, variants, readers in KINDS
+    for variant, damage in variants.items()
+    for reader in readers
+]
 
 
 def _digests(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def run_entry(reader: str, world: Path, capsys) -> tuple[int, list[str], str]:
@@ -320,10 +499,12 @@ def run_entry(reader: str, world: Path, capsys) -> tuple[int, list[str], str]:
     return code, [line for line in err.splitlines() if line.strip() and not line.startswith("Loading weights")], err
 
 
-@pytest.mark.parametrize("file, variant, damage, reader", CASES,
-                         ids=[f"{reader}: {file} {variant}" for file, variant, _, reader in CASES])
-def test_a_damaged_file_gives_one_line_naming_it_and_changes_nothing(world, file, variant, damage, reader, capsys,
-                                                                     monkeypatch):
+@pytest.mark.parametrize(
+    "file, variant, damage, reader", CASES, ids=[f"{reader}: {file} {variant}" for file, variant, _, reader in CASES]
+)
+def test_a_damaged_file_gives_one_line_naming_it_and_changes_nothing(
+    world, file, variant, damage, reader, capsys, monkeypatch
+):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     damage(world / file)
     before = _digests(world)
@@ -337,8 +518,9 @@ def test_a_damaged_file_gives_one_line_naming_it_and_changes_nothing(world, file
     assert all(name.startswith("new_run/") for name in new), new  # only a run that started training leaves a log
 
 
-@pytest.mark.parametrize("reader", [r for r in ENTRY_POINTS if r not in ("train", "train --resume", "extract csv",
-                                                                            "extract json")])
+@pytest.mark.parametrize(
+    "reader", [r for r in ENTRY_POINTS if r not in ("train", "train --resume", "extract csv", "extract json")]
+)
 def test_every_entry_point_reads_the_valid_world(world, reader, capsys):
     """The undamaged files pass, so each refusal above is the damage's doing."""
     code, _, err = run_entry(reader, world, capsys)
@@ -358,8 +540,9 @@ def test_valid_raw_captions_pass(pristine):
 # --------------------------------------------------------------------------- properties
 
 LINE_BREAKS = "\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"
-_CAPTION = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\n\x00"), min_size=1,
-                   max_size=20).filter(lambda line: line.strip() and not line.endswith("\r"))  # that is a CRLF
+_CAPTION = st.text(
+    st.characters(blacklist_categories=("Cs",), blacklist_characters="\n\x00"), min_size=1, max_size=20
+).filter(lambda line: line.strip() and not line.endswith("\r"))  # that is a CRLF
 
 
 @settings(max_examples=100, deadline=None)
@@ -407,12 +590,14 @@ def test_any_truncation_of_a_checkpoint_is_refused(pristine, tmp_path_factory, c
 
 # --------------------------------------------------------------------------- a full disk
 
+
 def _disk_full(*_args, **_kwargs):
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
-@pytest.mark.parametrize("reader, output", [("vocab build", "v.json"), ("eval", "m.json"),
-                                            ("concepts build", "c2/counts.npy")])
+@pytest.mark.parametrize(
+    "reader, output", [("vocab build", "v.json"), ("eval", "m.json"), ("concepts build", "c2/counts.npy")]
+)
 def test_a_full_disk_names_the_file_and_keeps_the_earlier_one(world, reader, output, capsys, monkeypatch):
     """ENOSPC while writing (faked at the fsync every atomic write makes): one line naming the
     output, the earlier file of that name intact, no temporary file left."""
@@ -490,8 +675,10 @@ def test_a_moved_run_folder_resumes_where_the_checkpoint_now_is(pristine, world,
     original = _digests(pristine / "run")
     code, err = _resume(world, capsys, "--epochs", "2")
     assert code == 0, err
-    assert f"the run folder moved from {pristine / 'run'}; the run continues in {world / 'run'}" in \
-        (world / "run" / "train.log").read_text()
+    assert (
+        f"the run folder moved from {pristine / 'run'}; the run continues in {world / 'run'}"
+        in (world / "run" / "train.log").read_text()
+    )
     assert _digests(pristine / "run") == original
     assert torch.load(world / "run" / "last.pt", weights_only=True)["epoch"] == 2
 
@@ -528,6 +715,7 @@ def test_an_error_in_a_data_loader_worker_is_still_one_line(world, capsys):
 def test_a_full_disk_outside_the_atomic_writes_still_names_the_file(capsys):
     """A write that is not an atomic_write (a log line, a library's own file) fills the disk:
     the boundary prints the file in one line; any other OSError stays a traceback (a bug)."""
+
     def fill(path):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
 
@@ -535,6 +723,7 @@ def test_a_full_disk_outside_the_atomic_writes_still_names_the_file(capsys):
         cli_entry(fill)("/data/out.bin")
     assert exit_.value.code == 2
     assert capsys.readouterr().err == "error: /data/out.bin: No space left on device\n"
+
     def deny(path):
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), path)
 
@@ -544,14 +733,17 @@ def test_a_full_disk_outside_the_atomic_writes_still_names_the_file(capsys):
 
 # --------------------------------------------------------------------------- text as other programs save it
 
+
 def _saved_as(encode: Callable[[str], bytes], crlf: bool = False) -> Callable[[Path], None]:
     """Save a text file again as another program would: JSON indented (so that it has lines),
     `\\r\\n` line ends when `crlf`, then encoded by `encode`."""
+
     def save(path: Path) -> None:
         text = path.read_bytes().decode("utf-8")
         if path.suffix == ".json":
             text = json.dumps(json.loads(text), indent=1, ensure_ascii=False) + "\n"
         path.write_bytes(encode(text.replace("\n", "\r\n") if crlf else text))
+
     return save
 
 
@@ -590,17 +782,19 @@ def outcome(reader: str, world: Path, capsys) -> object:
 
         argv = ENTRY_POINTS[reader][1](world)
         captions, splits = argv[argv.index("--captions") + 1], [a for a in argv if "=" in a]
-        return caption_sources.build_split_entries(
-            captions, dict(s.split("=", 1) for s in splits) or None)
+        return caption_sources.build_split_entries(captions, dict(s.split("=", 1) for s in splits) or None)
     code, _, err = run_entry(reader, world, capsys)
     out = capsys.readouterr().out
     assert code == 0, err
     if reader == "train":
         state = torch.load(world / "new_run" / "last.pt", weights_only=True)
         return state["data_fingerprint"], state["vocab_words"], state["concept_graph"]["words"]
-    files = {str(p.relative_to(world)): p.read_bytes().replace(str(world).encode(), b"<world>")
-             for output in OUTPUT_FILES.get(reader, [])
-             for p in [world / output, *sorted((world / output).glob("*"))] if p.is_file()}
+    files = {
+        str(p.relative_to(world)): p.read_bytes().replace(str(world).encode(), b"<world>")
+        for output in OUTPUT_FILES.get(reader, [])
+        for p in [world / output, *sorted((world / output).glob("*"))]
+        if p.is_file()
+    }
     return out.replace(str(world), "<world>"), files
 
 
@@ -615,16 +809,19 @@ def clean_outcome(pristine, tmp_path_factory) -> Callable:
             shutil.copytree(pristine, copy, symlinks=True)
             cache[reader] = outcome(reader, copy, capsys)
         return cache[reader]
+
     return of
 
 
 TEXT_CASES = [(file, saving, reader) for file, readers in TEXT_INPUTS for saving in SAVED_AS for reader in readers]
 
 
-@pytest.mark.parametrize("file, saving, reader", TEXT_CASES,
-                         ids=[f"{reader}: {file} {saving}" for file, saving, reader in TEXT_CASES])
-def test_a_text_file_saved_by_another_program_reads_the_same(world, clean_outcome, file, saving, reader, capsys,
-                                                             monkeypatch):
+@pytest.mark.parametrize(
+    "file, saving, reader", TEXT_CASES, ids=[f"{reader}: {file} {saving}" for file, saving, reader in TEXT_CASES]
+)
+def test_a_text_file_saved_by_another_program_reads_the_same(
+    world, clean_outcome, file, saving, reader, capsys, monkeypatch
+):
     """Every text input, saved with a byte-order mark (UTF-8, UTF-16 either way round) or
     Windows line ends, gives each entry point that reads it the same result as the plain file."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -660,8 +857,14 @@ def test_the_restricted_unpickler_still_refuses_other_codecs_and_buffers_of_obje
     from utils import load_pickle_restricted
 
     def global_call(module: str, name: str, *args: bytes) -> bytes:
-        return (b"\x80\x02c" + f"{module}\n{name}\n".encode() + b"".join(args)
-                + b"\x85"[: len(args) == 1] + b"\x86"[: len(args) == 2] + b"R.")
+        return (
+            b"\x80\x02c"
+            + f"{module}\n{name}\n".encode()
+            + b"".join(args)
+            + b"\x85"[: len(args) == 1]
+            + b"\x86"[: len(args) == 2]
+            + b"R."
+        )
 
     rot13 = global_call("_codecs", "encode", b"X\x05\x00\x00\x00hello", b"X\x05\x00\x00\x00rot13")
     objects = global_call("numpy._core.numeric", "_frombuffer", b"C\x08" + bytes(8), b"X\x02\x00\x00\x00|O")
@@ -674,6 +877,7 @@ def test_the_restricted_unpickler_still_refuses_other_codecs_and_buffers_of_obje
 
 # --------------------------------------------------------------------------- repeated captions
 
+
 @pytest.mark.parametrize("source", ["csv", "json"])
 def test_a_repeated_caption_never_pushes_out_a_distinct_one(tmp_path, source):
     """An image listed with more than k captions, one of them twice, keeps k distinct captions in
@@ -681,8 +885,11 @@ def test_a_repeated_caption_never_pushes_out_a_distinct_one(tmp_path, source):
     Flickr8k's own captions.txt has 9 such images."""
     import caption_sources
 
-    listed = {"a.jpg": ["c0", "c0", "c1", "c2", "c3", "c4"], "b.jpg": ["d0", "d1", "d1", "d2", "d3"],
-              "c.jpg": ["e0", "e1", "e0", "e2", "e3", "e4", "e5"]}
+    listed = {
+        "a.jpg": ["c0", "c0", "c1", "c2", "c3", "c4"],
+        "b.jpg": ["d0", "d1", "d1", "d2", "d3"],
+        "c.jpg": ["e0", "e1", "e0", "e2", "e3", "e4", "e5"],
+    }
     if source == "csv":
         captions = tmp_path / "captions.csv"
         captions.write_text("image,caption\n" + "".join(f"{n},{c}\n" for n, caps in listed.items() for c in caps))
@@ -690,15 +897,27 @@ def test_a_repeated_caption_never_pushes_out_a_distinct_one(tmp_path, source):
         splits = {"train": tmp_path / "train.txt"}
     else:
         captions = tmp_path / "karpathy.json"
-        captions.write_text(json.dumps({"images": [
-            {"filename": n, "split": "train", "sentences": [{"raw": c} for c in caps]} for n, caps in listed.items()]}))
+        captions.write_text(
+            json.dumps(
+                {
+                    "images": [
+                        {"filename": n, "split": "train", "sentences": [{"raw": c} for c in caps]}
+                        for n, caps in listed.items()
+                    ]
+                }
+            )
+        )
         splits = None
     entries = caption_sources.build_split_entries(captions, splits)["train"]
-    assert entries == [("a.jpg", ["c0", "c1", "c2", "c3", "c4"]), ("b.jpg", ["d0", "d1", "d1", "d2", "d3"]),
-                       ("c.jpg", ["e0", "e1", "e2", "e3", "e4"])]
+    assert entries == [
+        ("a.jpg", ["c0", "c1", "c2", "c3", "c4"]),
+        ("b.jpg", ["d0", "d1", "d1", "d2", "d3"]),
+        ("c.jpg", ["e0", "e1", "e2", "e3", "e4"]),
+    ]
 
 
 # --------------------------------------------------------------------------- names that are not UTF-8
+
 
 def _not_utf8(name: str) -> str:
     """`name` and a byte that is not UTF-8, as Linux allows in a file name (Python holds the
@@ -832,8 +1051,12 @@ def test_features_that_fill_the_disk_end_with_one_line_not_sigbus(tmp_path, smal
     import subprocess
 
     script = WIDE_EXTRACTION.format(root=str(ROOT), tests=str(ROOT / "tests"))
-    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path / "data"), str(small_disk / "out")],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "data"), str(small_disk / "out")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2 and len(lines) == 1, (proc.returncode, proc.stderr)
     assert "train_ims.npy.partial" in lines[0] and "No space left on device" in lines[0], proc.stderr
@@ -859,9 +1082,22 @@ def test_a_full_disk_met_when_features_are_reserved_is_one_line(tmp_path, capsys
     _tiny_backbone(monkeypatch)
     monkeypatch.setattr(os, "posix_fallocate", _disk_full)
     with pytest.raises(SystemExit) as exit_:
-        extract_features.main(["--images", str(tmp_path / "images"), "--captions", str(tmp_path / "captions.txt"),
-                               "--split", f"train={tmp_path / 'train.txt'}", "--out", str(tmp_path / "out"),
-                               "--workers", "0", "--device", "cpu"])
+        extract_features.main(
+            [
+                "--images",
+                str(tmp_path / "images"),
+                "--captions",
+                str(tmp_path / "captions.txt"),
+                "--split",
+                f"train={tmp_path / 'train.txt'}",
+                "--out",
+                str(tmp_path / "out"),
+                "--workers",
+                "0",
+                "--device",
+                "cpu",
+            ]
+        )
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert exit_.value.code == 2 and len(lines) == 1, lines
     assert "train_ims.npy.partial" in lines[0] and "No space left on device" in lines[0], lines
@@ -870,33 +1106,51 @@ def test_a_full_disk_met_when_features_are_reserved_is_one_line(tmp_path, capsys
 
 # --------------------------------------------------------------------------- outputs that cannot be made
 
+
 def _with_output(reader: str, option: str, path: Path) -> Callable[[Path], list[str]]:
     """The reader's command line with `option` set to `path` (added where it has none)."""
+
     def argv(w: Path) -> list[str]:
         args = ENTRY_POINTS[reader][1](w)
         if option in args:
             args[args.index(option) + 1] = str(path)
             return args
         return args + [option, str(path)]
+
     return argv
 
 
 # Outputs no file system can make: a name longer than 255 bytes, a link to nowhere on the way.
 UNMAKEABLE: dict[str, dict[str, Callable[[Path], Path]]] = {
     "a name too long": {"file": lambda w: w / ("n" * 300 + ".json"), "folder": lambda w: w / ("n" * 300) / "out"},
-    "a link to nowhere on the way": {"file": lambda w: w / "nowhere" / "out.json",
-                                     "folder": lambda w: w / "nowhere" / "out"},
+    "a link to nowhere on the way": {
+        "file": lambda w: w / "nowhere" / "out.json",
+        "folder": lambda w: w / "nowhere" / "out",
+    },
 }
-OUTPUTS = [("eval", "--json", "file"), ("vocab build", "--out", "file"), ("concepts build", "--out", "folder"),
-           ("extract csv", "--out", "folder"), ("train", "--run_dir", "folder")]
-UNMAKEABLE_CASES = [(reader, option, how, paths[kind]) for reader, option, kind in OUTPUTS
-                    for how, paths in UNMAKEABLE.items() if kind in paths]
+OUTPUTS = [
+    ("eval", "--json", "file"),
+    ("vocab build", "--out", "file"),
+    ("concepts build", "--out", "folder"),
+    ("extract csv", "--out", "folder"),
+    ("train", "--run_dir", "folder"),
+]
+UNMAKEABLE_CASES = [
+    (reader, option, how, paths[kind])
+    for reader, option, kind in OUTPUTS
+    for how, paths in UNMAKEABLE.items()
+    if kind in paths
+]
 
 
-@pytest.mark.parametrize("reader, option, how, path", UNMAKEABLE_CASES,
-                         ids=[f"{reader} {option}: {how}" for reader, option, how, _ in UNMAKEABLE_CASES])
-def test_an_output_that_cannot_be_made_is_refused_before_the_work(world, reader, option, how, path, capsys,
-                                                                  monkeypatch):
+@pytest.mark.parametrize(
+    "reader, option, how, path",
+    UNMAKEABLE_CASES,
+    ids=[f"{reader} {option}: {how}" for reader, option, how, _ in UNMAKEABLE_CASES],
+)
+def test_an_output_that_cannot_be_made_is_refused_before_the_work(
+    world, reader, option, how, path, capsys, monkeypatch
+):
     """The output is tried before the work starts (what the try makes is removed again): one
     line naming the option, not a failure once the results are computed."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -922,6 +1176,7 @@ def test_an_output_name_at_the_file_system_limit_is_written(world, reader, capsy
 
 
 # --------------------------------------------------------------------------- a run's state and its inputs
+
 
 @pytest.mark.parametrize("dev_data", ["changed", "unchanged"])
 def test_a_resume_on_changed_dev_data_starts_a_fresh_best(world, dev_data, capsys):
@@ -1011,10 +1266,23 @@ def test_a_run_folder_is_held_by_one_process_and_freed_when_it_dies(world, capsy
     import time
 
     run_dir = world / "held"
-    proc = subprocess.Popen([sys.executable, str(ROOT / "train_f30k.py"), *_data_args(world), *TINY, "--epochs",
-                             "1000", "--checkpoint_every_steps", "1", "--run_dir", str(run_dir)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            str(ROOT / "train_f30k.py"),
+            *_data_args(world),
+            *TINY,
+            "--epochs",
+            "1000",
+            "--checkpoint_every_steps",
+            "1",
+            "--run_dir",
+            str(run_dir),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     try:
         deadline = time.time() + 120
         while not (run_dir / "last.pt").exists() and proc.poll() is None and time.time() < deadline:
@@ -1040,12 +1308,18 @@ def test_a_run_folder_is_held_by_one_process_and_freed_when_it_dies(world, capsy
 
 # --------------------------------------------------------------------------- properties of text and pickles
 
-_ENCODINGS = {"UTF-8": lambda t: t.encode("utf-8"), "UTF-8 with a BOM": lambda t: t.encode("utf-8-sig"),
-              "UTF-16 LE with a BOM": lambda t: b"\xff\xfe" + t.encode("utf-16-le"),
-              "UTF-16 BE with a BOM": lambda t: b"\xfe\xff" + t.encode("utf-16-be")}
+_ENCODINGS = {
+    "UTF-8": lambda t: t.encode("utf-8"),
+    "UTF-8 with a BOM": lambda t: t.encode("utf-8-sig"),
+    "UTF-16 LE with a BOM": lambda t: b"\xff\xfe" + t.encode("utf-16-le"),
+    "UTF-16 BE with a BOM": lambda t: b"\xfe\xff" + t.encode("utf-16-be"),
+}
 # (U+FEFF is left out: at the start of a file it is the byte-order mark, whatever follows)
-_PLAIN_CAPTION = st.text(st.characters(blacklist_categories=("Cs", "Cc", "Zl", "Zp"),
-                                       blacklist_characters="\x85\ufeff"), min_size=1, max_size=20).filter(str.strip)
+_PLAIN_CAPTION = st.text(
+    st.characters(blacklist_categories=("Cs", "Cc", "Zl", "Zp"), blacklist_characters="\x85\ufeff"),
+    min_size=1,
+    max_size=20,
+).filter(str.strip)
 
 
 @settings(max_examples=100, deadline=None)
@@ -1060,14 +1334,20 @@ def test_any_captions_read_the_same_in_any_encoding_other_programs_save(tmp_path
 
 _ARRAYS = st.sampled_from(["<i8", "<i4", "<f4", "<f8", ">f4", "|u1", "|b1"]).flatmap(
     lambda dtype: st.lists(st.integers(0, 4), min_size=0, max_size=3).map(
-        lambda shape: np.arange(int(np.prod(shape)), dtype=dtype).reshape(shape) if dtype != "|b1"
-        else (np.arange(int(np.prod(shape))) % 2).astype(bool).reshape(shape)))
+        lambda shape: (
+            np.arange(int(np.prod(shape)), dtype=dtype).reshape(shape)
+            if dtype != "|b1"
+            else (np.arange(int(np.prod(shape))) % 2).astype(bool).reshape(shape)
+        )
+    )
+)
 
 
 @settings(max_examples=60, deadline=None)
 @given(_ARRAYS, st.integers(0, pickle.HIGHEST_PROTOCOL), st.booleans())
 def test_any_numeric_array_pickled_with_any_protocol_loads_through_the_restricted_unpickler(
-        tmp_path_factory, array, protocol, fortran):
+    tmp_path_factory, array, protocol, fortran
+):
     """Arrays of any numeric dtype, byte order, shape (empty and 0-d included) and memory order,
     in a dict as CVSE's pickles hold them, load under every pickle protocol as the unrestricted
     unpickler loads them (which, before protocol 5, gives big-endian data in native order)."""

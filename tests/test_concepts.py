@@ -1,4 +1,5 @@
 """Concept graphs: CVSE adjacency recipe, loading (CVSE and own format), labels, builder, CLI."""
+
 import json
 import math
 import os
@@ -40,7 +41,7 @@ def test_adjacency_on_real_cvse_files_matches_loop_recomputation(shared_data, na
     expected = loop_adjacency(graph.counts.tolist(), graph.cooccurrence.tolist())
     np.testing.assert_allclose(adj, expected, rtol=1e-6, atol=1e-7)
     # CVSE's code divides columns by (sum + 1e-6) and computes (A D)ᵀ D: same graph to 1e-6.
-    a = (5.0 ** (graph.cooccurrence / graph.counts[:, None] - 0.02) - 5.0 ** -0.02 >= 0.3).astype(float)
+    a = (5.0 ** (graph.cooccurrence / graph.counts[:, None] - 0.02) - 5.0**-0.02 >= 0.3).astype(float)
     a = a * 0.25 / (a.sum(0, keepdims=True) + 1e-6) + np.eye(300)
     d = np.diag(a.sum(1) ** -0.5)
     np.testing.assert_allclose(adj, (a @ d).T @ d, atol=1e-6)
@@ -68,7 +69,7 @@ def test_stats_cli_on_real_folder_matches_independent_count(shared_data, capsys)
     for i in range(300):
         for j in range(300):
             p = graph.cooccurrence[i, j] / graph.counts[i]
-            if i != j and 5 ** (p - 0.02) - 5 ** -0.02 >= 0.3:
+            if i != j and 5 ** (p - 0.02) - 5**-0.02 >= 0.3:
                 edges += 1
                 touched.update((i, j))
     assert stats == {"concepts": 300, "edges": edges, "isolated": 300 - len(touched)}
@@ -166,8 +167,17 @@ def test_cli_build_label_stats(tmp_path, capsys):
 
 def test_build_with_cvse_concept_list_on_real_captions(shared_data, tmp_path, capsys):
     folder = shared_data / "cvse_concepts" / "f30k"
-    concepts.main(["build", "--captions", str(shared_data / "scan_text" / "f30k_dev_caps.txt"),
-                   "--out", str(tmp_path / "c"), "--concept-list", str(folder / "vocab_f30k_concepts.pkl")])
+    concepts.main(
+        [
+            "build",
+            "--captions",
+            str(shared_data / "scan_text" / "f30k_dev_caps.txt"),
+            "--out",
+            str(tmp_path / "c"),
+            "--concept-list",
+            str(folder / "vocab_f30k_concepts.pkl"),
+        ]
+    )
     assert json.loads(capsys.readouterr().out)["concepts"] == 300
     built, cvse = load_concepts(tmp_path / "c"), load_concepts(folder)
     assert built.words == cvse.words
@@ -228,7 +238,9 @@ def test_bad_cvse_folders(shared_data, tmp_path):
     with pytest.raises(CoderError, match=r"\*_concepts_glove_word2vec\.pkl', found no file"):
         load_concepts(folder)
     (folder / "coco_concepts_glove_word2vec.pkl").write_bytes(pickle.dumps(np.zeros((299, 300))))
-    with pytest.raises(CoderError, match=r"glove_word2vec\.pkl: expected an array of shape \(300, w\), found \(299, 300\)"):
+    with pytest.raises(
+        CoderError, match=r"glove_word2vec\.pkl: expected an array of shape \(300, w\), found \(299, 300\)"
+    ):
         load_concepts(folder)
     (folder / "category_concepts.json").write_text(json.dumps({"man": 0, "dog": 5}))
     with pytest.raises(CoderError, match="category_concepts.json: concept indices are not 0..1"):

@@ -1,4 +1,5 @@
 """Precomp splits (memory-mapped, validated), datasets, collate, DataLoader/DistributedSampler use."""
+
 import functools
 import pickle
 
@@ -15,10 +16,14 @@ from vocab import Vocabulary
 
 N_IMG, R, D, K = 4, 3, 5, 2
 CAPTIONS = [
-    "a red dog runs .", "the dog is red",
-    "a cat sleeps", "a small cat on a mat .",
-    "two birds fly", "birds in the sky",
-    "a man's t-shirt", "a man in a red t-shirt .",
+    "a red dog runs .",
+    "the dog is red",
+    "a cat sleeps",
+    "a small cat on a mat .",
+    "two birds fly",
+    "birds in the sky",
+    "a man's t-shirt",
+    "a man in a red t-shirt .",
 ]
 
 
@@ -37,8 +42,16 @@ def tok():
 
 
 # CAPTIONS' labels over the graph's words dog, cat, red, t-shirt, by hand ("man's" is "man 's").
-CONCEPT_LABELS = [[1, 0, 1, 0], [1, 0, 1, 0], [0, 1, 0, 0], [0, 1, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0],
-                  [0, 0, 0, 1], [0, 0, 1, 1]]
+CONCEPT_LABELS = [
+    [1, 0, 1, 0],
+    [1, 0, 1, 0],
+    [0, 1, 0, 0],
+    [0, 1, 0, 0],
+    [0, 0, 0, 0],
+    [0, 0, 0, 0],
+    [0, 0, 0, 1],
+    [0, 0, 1, 1],
+]
 
 
 @pytest.fixture
@@ -141,8 +154,13 @@ def test_dataloader_with_distributed_sampler_and_worker(precomp, tok, graph):
     seen = []
     for rank in range(2):
         sampler = DistributedSampler(ds, num_replicas=2, rank=rank, shuffle=True, seed=3)
-        loader = DataLoader(ds, batch_size=3, sampler=sampler, num_workers=rank,  # rank 1 via a worker
-                            collate_fn=functools.partial(data.collate, pad_id=tok.pad_id))
+        loader = DataLoader(
+            ds,
+            batch_size=3,
+            sampler=sampler,
+            num_workers=rank,  # rank 1 via a worker
+            collate_fn=functools.partial(data.collate, pad_id=tok.pad_id),
+        )
         for batch in loader:
             seen += batch["caption_ids"].tolist()
             assert (batch["image_ids"] == batch["caption_ids"] // K).all()
@@ -194,8 +212,11 @@ def test_ids_file_with_wrong_count(precomp):
 
 
 def test_to_device_moves_all_but_the_lengths_packing_reads_on_the_host():
-    batch = {"tokens": torch.ones(2, 3, dtype=torch.long), "lengths": torch.tensor([3, 2]),
-             "images": torch.zeros(2, 4, 5)}
+    batch = {
+        "tokens": torch.ones(2, 3, dtype=torch.long),
+        "lengths": torch.tensor([3, 2]),
+        "images": torch.zeros(2, 4, 5),
+    }
     moved = data.to_device(batch, "meta")  # a device that is not the host
     assert moved["tokens"].device.type == "meta" and moved["images"].device.type == "meta"
     assert moved["lengths"] is batch["lengths"]

@@ -1,6 +1,7 @@
 """The training loader's batched fetch: a batch's images are read straight into the rows of
 one tensor (in a worker, in shared memory) that collation takes without a copy, and the
 batches are those of item-by-item reading and stacking."""
+
 import numpy as np
 import pytest
 import torch
@@ -21,15 +22,18 @@ def dataset(tmp_path):
     captions = [f"a {w} dog runs" if i % 2 else f"the {w} cat" for i, w in enumerate("red blue big old".split() * 3)]
     (tmp_path / "train_caps.txt").write_text("\n".join(captions) + "\n")
     graph = ConceptGraph(["dog", "cat", "red"], np.ones(3), np.zeros((3, 3)), np.zeros((3, 2)))
-    return data.PairDataset(data.load_split(tmp_path, "train"), Vocabulary.from_words("a the dog cat".split()),
-                            graph), feats
+    return data.PairDataset(
+        data.load_split(tmp_path, "train"), Vocabulary.from_words("a the dog cat".split()), graph
+    ), feats
 
 
 def item_by_item(ds, indices):
     """The batch as the dataset's items one by one, stacked by torch.stack (the reference)."""
     items = [ds[i] for i in indices]
-    return {"images": torch.stack([it["image"] for it in items]), **{
-        k: v for k, v in data.collate(items, pad_id=0).items() if k != "images"}}
+    return {
+        "images": torch.stack([it["image"] for it in items]),
+        **{k: v for k, v in data.collate(items, pad_id=0).items() if k != "images"},
+    }
 
 
 def test_a_batched_fetch_reads_into_one_tensor_that_collation_takes_as_is(dataset):
@@ -69,7 +73,7 @@ def test_the_trainers_loader_gives_the_item_by_item_batches(dataset, workers):
     order = list(sampler)
     assert len(batches) == 3
     for t, batch in enumerate(batches):
-        want = item_by_item(ds, order[4 * t:4 * t + 4])
+        want = item_by_item(ds, order[4 * t : 4 * t + 4])
         assert all(torch.equal(batch[k], want[k]) for k in want)
 
 

@@ -1,4 +1,5 @@
 """Demo dataset: layout, determinism, caching, and that its structure is learnable."""
+
 import json
 
 import numpy as np
@@ -27,7 +28,7 @@ def test_layout_and_sizes(demo):
     test_caps = data.load_split(demo["data_path"], "test").captions
     assert all(vocab(w) != 3 for c in test_caps for w in tokenize(c))  # no <unk> in test captions
     graph = load_concepts(demo["concept_dir"])
-    assert graph.words[:len(demo_data.OBJECTS)] == demo_data.OBJECTS and graph.word_dim == 50
+    assert graph.words[: len(demo_data.OBJECTS)] == demo_data.OBJECTS and graph.word_dim == 50
     assert graph.stats()["edges"] > 50  # objects' habits make concepts co-occur
     manifest = json.loads(open(demo["manifest"]).read())
     assert manifest["params"]["seed"] == 0 and manifest["splits"] == sizes
@@ -50,14 +51,18 @@ def test_deterministic_and_cached(tmp_path):
     names = ["train_ims.npy", "train_caps.txt", "test_ims.npy", "vocab.json"]
     for name in names:
         assert (tmp_path / "a/demo_precomp" / name).read_bytes() == (tmp_path / "b/demo_precomp" / name).read_bytes()
-    assert (tmp_path / "a/demo_precomp/train_ims.npy").read_bytes() != (tmp_path / "c/demo_precomp/train_ims.npy").read_bytes()
+    assert (tmp_path / "a/demo_precomp/train_ims.npy").read_bytes() != (
+        tmp_path / "c/demo_precomp/train_ims.npy"
+    ).read_bytes()
     ims = tmp_path / "a/demo_precomp/train_ims.npy"
     stamp = ims.stat().st_mtime_ns
     assert demo_data.make_demo_dataset(tmp_path / "a", seed=5, **small) == a
     assert ims.stat().st_mtime_ns == stamp  # complete: nothing rewritten
     (tmp_path / "a/demo_manifest.json").unlink()  # an interrupted run has no manifest
     demo_data.make_demo_dataset(tmp_path / "a", seed=5, **small)
-    assert ims.stat().st_mtime_ns != stamp and ims.read_bytes() == (tmp_path / "b/demo_precomp/train_ims.npy").read_bytes()
+    assert (
+        ims.stat().st_mtime_ns != stamp and ims.read_bytes() == (tmp_path / "b/demo_precomp/train_ims.npy").read_bytes()
+    )
     demo_data.make_demo_dataset(tmp_path / "a", seed=6, **small)  # other parameters: regenerated
     assert ims.read_bytes() == (tmp_path / "c/demo_precomp/train_ims.npy").read_bytes()
     assert c["data_path"].endswith("demo_precomp")
@@ -68,7 +73,7 @@ def _retrieval(sims):
     n = sims.shape[0]
     own = np.arange(5 * n) // 5
     t2i = (sims.T > sims.T[np.arange(5 * n), own][:, None]).sum(1)
-    i2t = np.array([(sims[i] > sims[i, 5 * i:5 * i + 5].max()).sum() for i in range(n)])
+    i2t = np.array([(sims[i] > sims[i, 5 * i : 5 * i + 5].max()).sum() for i in range(n)])
     return 100 * (t2i < 1).mean(), 100 * (i2t < 1).mean()
 
 

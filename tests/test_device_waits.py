@@ -5,6 +5,7 @@ torch.cuda.set_sync_debug_mode("error") reports; bench/gpu_check.sh runs that on
 CPU every tensor is on the host, so a read is caught by where it happens: only reads of a
 packed sequence's batch sizes (torch/nn/modules/rnn.py), which torch always keeps on the host,
 and of AdamW's step counters (torch/optim/), host tensors unless `capturable`, are expected."""
+
 import sys
 
 import pytest
@@ -45,9 +46,11 @@ def unexpected(reads: list[str]) -> list[str]:
 
 def test_the_spy_sees_a_read_inside_torch(monkeypatch):
     """torch's own unsorted packing reads its permutation back (`.cpu()` in pad_packed_sequence)."""
+
     def unsorted_packing():
-        packed = pack_padded_sequence(torch.randn(3, 4, 2), torch.tensor([2, 4, 3]), batch_first=True,
-                                      enforce_sorted=False)
+        packed = pack_padded_sequence(
+            torch.randn(3, 4, 2), torch.tensor([2, 4, 3]), batch_first=True, enforce_sorted=False
+        )
         pad_packed_sequence(packed, batch_first=True)
 
     found = unexpected(reads_during(monkeypatch, unsorted_packing))
@@ -78,14 +81,14 @@ def test_the_gru_encoder_equals_each_caption_run_alone():
     """Sorting on the host changes no output: each caption's pooled embedding is that of the
     BiGRU run over its own tokens alone (no padding, no packing), directions averaged."""
     torch.manual_seed(0)
-    enc = E.GRUTextEncoder(30, 8, 16, "mean").eval()
+    enc = E.GRUTextEncoder(30, 8, 16, "mean", l2norm_items=False).eval()
     lengths = torch.tensor([3, 5, 1, 5, 2, 4])
     tokens = torch.randint(1, 30, (6, 5)) * (torch.arange(5)[None, :] < lengths[:, None])
     mask = (tokens > 0).long()
     with torch.no_grad():
         got = enc(tokens, lengths, mask)
         for row, n in enumerate(lengths.tolist()):
-            out, _ = enc.gru(enc.embed(tokens[row:row + 1, :n]))
+            out, _ = enc.gru(enc.embed(tokens[row : row + 1, :n]))
             want = F.normalize(((out[..., :16] + out[..., 16:]) / 2).mean(1), dim=-1)
             assert torch.allclose(got[row], want[0], atol=1e-6)
 
@@ -94,7 +97,7 @@ def test_bert_layers_run_directly_equal_the_transformers_forward(tiny_bert):
     """The BERT encoder runs the embeddings and layers itself with an additive mask; the real
     tokens' states equal those of the transformers model's own forward with its 2-D mask."""
     torch.manual_seed(0)
-    enc = E.BertTextEncoder(tiny_bert, 16, "mean").eval()
+    enc = E.BertTextEncoder(tiny_bert, 16, "mean", length_groups=1, frozen_layers=0, l2norm_items=False).eval()
     tokens = torch.tensor([[2, 9, 7, 3, 0, 0], [2, 10, 11, 8, 9, 3], [2, 3, 0, 0, 0, 0]])
     mask = (tokens > 0).long()
     captured = {}

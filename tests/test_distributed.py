@@ -9,6 +9,7 @@ with two processes) must end exactly where the uninterrupted two-process run end
 (tests/test_model.py checks, at the model level, that with the full model every process holds
 identical queues, prototypes and momentum weights.)
 """
+
 import math
 import os
 import re
@@ -30,9 +31,25 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # 24 images x 5 captions = 120 captions: 7 global batches of 16 per epoch; a queue of 40 keys
 # (not a multiple of the batch, so the order in which gathered keys enter it matters).
-TINY = [*TINY_TRAIN_ARGS, "--queue_size", "40", "--batch_size", "16", "--warmup_epochs", "1",
-        "--lr_decay_epoch", "2", "--log_every", "1", "--batch_norm", "false", "--test_split", "",
-        "--diag_every", "5"]  # the per-term gradient norms must not change training
+TINY = [
+    *TINY_TRAIN_ARGS,
+    "--queue_size",
+    "40",
+    "--batch_size",
+    "16",
+    "--warmup_epochs",
+    "1",
+    "--lr_decay_epoch",
+    "2",
+    "--log_every",
+    "1",
+    "--batch_norm",
+    "false",
+    "--test_split",
+    "",
+    "--diag_every",
+    "5",
+]  # the per-term gradient norms must not change training
 LOG_LINE = re.compile(r"\(global (\d+)\) (.*)$")
 
 
@@ -77,11 +94,15 @@ def test_two_processes_follow_one_process_step_by_step(runs):
         assert one[step].keys() == two[step].keys() and "loss/loss" in one[step]
         for name, value in one[step].items():  # the log keeps 5 significant digits
             assert math.isclose(two[step][name], value, rel_tol=2e-4, abs_tol=1e-4), (step, name)
-    assert "x2" in (runs["two"] / "train.log").read_text() and "8 per process" in (runs["two"] / "train.log").read_text()
+    assert (
+        "x2" in (runs["two"] / "train.log").read_text() and "8 per process" in (runs["two"] / "train.log").read_text()
+    )
     assert "disagree" not in (runs["two"] / "train.log").read_text()
     for run in ("one", "two"):
-        assert "gradient norms at step 10 (rank 0's batch): grad/image_encoder/dcl_instance=" in \
-            (runs[run] / "train.log").read_text()
+        assert (
+            "gradient norms at step 10 (rank 0's batch): grad/image_encoder/dcl_instance="
+            in (runs[run] / "train.log").read_text()
+        )
 
     a, b = load_checkpoint(runs["one"] / "last.pt"), load_checkpoint(runs["two"] / "last.pt")
     assert a["global_step"] == b["global_step"] == 14
@@ -113,8 +134,21 @@ def test_two_processes_train_learned_and_key_drawn_prototypes(tiny_demo, tmp_pat
     trains them, and every process holds the same prototypes."""
     update, init = prototypes
     run_dir = tmp_path / "run"
-    launch(*tiny_demo, *TINY, "--epochs", "1", "--prototype_update", update, "--prototype_init", init,
-           "--num_prototypes", "24", "--run_dir", str(run_dir), procs=2)
+    launch(
+        *tiny_demo,
+        *TINY,
+        "--epochs",
+        "1",
+        "--prototype_update",
+        update,
+        "--prototype_init",
+        init,
+        "--num_prototypes",
+        "24",
+        "--run_dir",
+        str(run_dir),
+        procs=2,
+    )
     steps = logged_losses(run_dir)
     assert sorted(steps) == list(range(1, 8))
     assert ("loss/pseudo" in steps[1]) == (init == "random") and "loss/pseudo" in steps[2]
@@ -150,8 +184,8 @@ def test_sampler_shards_each_global_batch_into_contiguous_blocks():
             shards.append(list(sampler))
             assert len(shards[-1]) == len(sampler)
             sampler.set_epoch(3, skip_batches=5)
-            assert list(sampler) == shards[-1][5 * local:] and len(sampler) == len(shards[-1]) - 5 * local
-        gathered = [i for t in range(n // global_batch) for shard in shards for i in shard[t * local:(t + 1) * local]]
+            assert list(sampler) == shards[-1][5 * local :] and len(sampler) == len(shards[-1]) - 5 * local
+        gathered = [i for t in range(n // global_batch) for shard in shards for i in shard[t * local : (t + 1) * local]]
         assert gathered == order
 
 
@@ -161,8 +195,15 @@ class _Lines(list):
 
 
 def _replica_worker(rank: int, port: int, out_dir: str) -> None:
-    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
-                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    os.environ.update(
+        {
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": "2",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+        }
+    )
     torch.set_num_threads(1)
     world = distributed.Dist("cpu", timeout_minutes=2)
     try:
@@ -185,10 +226,11 @@ def _replica_worker(rank: int, port: int, out_dir: str) -> None:
             model.clusters.is_ready = True
         distributed.check_replicas(model, world, log)
         means = world.mean({"a": torch.tensor(float(rank)), "b": torch.tensor(2.0 * rank)})
-        host = {"filled": model.queues.filled, "next_slot": model.queues.next_slot,
-                "ready": model.clusters.is_ready}
-        torch.save({"clean": clean, "lines": list(log), "state": model.state_dict(), "means": means, "host": host},
-                   f"{out_dir}/rank{rank}.pt")
+        host = {"filled": model.queues.filled, "next_slot": model.queues.next_slot, "ready": model.clusters.is_ready}
+        torch.save(
+            {"clean": clean, "lines": list(log), "state": model.state_dict(), "means": means, "host": host},
+            f"{out_dir}/rank{rank}.pt",
+        )
     finally:
         world.close()
 

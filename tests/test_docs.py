@@ -1,6 +1,7 @@
 """The docs cannot drift from the code: every relative link of README.md and docs/ resolves
 (file and heading), every project file they name exists, and every command-line option they
 name is an option of some project script."""
+
 import re
 from pathlib import Path
 
@@ -9,9 +10,21 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 # Options of other tools that the docs show in commands (torchrun, pip, pytest).
-EXTERNAL_OPTIONS = {"--standalone", "--nproc_per_node", "--nnodes", "--node_rank", "--master_addr", "--master_port",
-                    "--rdzv_backend", "--rdzv_endpoint", "--rdzv_id", "--no-deps", "--upgrade", "--headless",
-                    "--index-url"}
+EXTERNAL_OPTIONS = {
+    "--standalone",
+    "--nproc_per_node",
+    "--nnodes",
+    "--node_rank",
+    "--master_addr",
+    "--master_port",
+    "--rdzv_backend",
+    "--rdzv_endpoint",
+    "--rdzv_id",
+    "--no-deps",
+    "--upgrade",
+    "--headless",
+    "--index-url",
+}
 _LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 _CODE = re.compile(r"`([^`\n]+)`")
 _FENCE = re.compile(r"```.*?\n(.*?)```", re.S)
@@ -65,8 +78,9 @@ def test_named_files_and_options_exist(page):
         for token in re.findall(r"[\w./-]+", snippet):
             if token.startswith("bench/out/"):  # what a benchmark writes, not a project file
                 continue
-            if re.fullmatch(r"(?:(?:bench|tests|docs|\.ci)/)?[\w-]+\.(?:py|md)", token) or \
-                    re.fullmatch(r"(?:bench|tests|docs)/[\w./-]+", token):
+            if re.fullmatch(r"(?:(?:bench|tests|docs|\.ci)/)?[\w-]+\.(?:py|md)", token) or re.fullmatch(
+                r"(?:bench|tests|docs)/[\w./-]+", token
+            ):
                 assert (ROOT / token).exists() or (ROOT / "bench" / token).exists(), f"{page.name}: no file {token}"
         for option in _OPTION.findall(snippet):
             assert option in known, f"{page.name}: {option} is no option of any project script"

@@ -1,6 +1,7 @@
 """eval_f30k.py / eval_coco.py on tiny trained checkpoints: the printed and saved metrics equal a
 direct computation (docs/method.md's similarity S and the ranks by per-query loops, from
 test_evaluation.py), ensembles average similarity matrices, --sweep-mu picks mu on dev."""
+
 import json
 import subprocess
 import sys
@@ -37,8 +38,9 @@ def direct_sims(checkpoint, data_path, split_name, mu):
 
 def test_single_checkpoint_and_json(runs, tmp_path, capsys):
     out = tmp_path / "m.json"
-    evaluation.main(["--checkpoint", runs["checkpoints"][0], "--json", str(out), "--workers", "0", "--mu", "0.3"],
-                    "f30k")
+    evaluation.main(
+        ["--checkpoint", runs["checkpoints"][0], "--json", str(out), "--workers", "0", "--mu", "0.3"], "f30k"
+    )
     printed = capsys.readouterr().out
     saved = json.loads(out.read_text())
     want = naive_metrics(direct_sims(runs["checkpoints"][0], runs["data_path"], "test", 0.3), 5)
@@ -57,8 +59,9 @@ def test_ensemble_averages_similarities(runs, tmp_path):
 
 def test_sweep_mu_picks_the_best_dev_mu(runs, tmp_path):
     out = tmp_path / "s.json"
-    evaluation.main(["--checkpoint", runs["checkpoints"][0], "--sweep-mu", "--json", str(out), "--workers", "0"],
-                    "f30k")
+    evaluation.main(
+        ["--checkpoint", runs["checkpoints"][0], "--sweep-mu", "--json", str(out), "--workers", "0"], "f30k"
+    )
     result = json.loads(out.read_text())
     table = {float(m): r for m, r in result["mu_sweep"].items()}
     assert len(table) == 21 and result["mu"] == max(table, key=lambda m: (table[m], -m))
@@ -67,13 +70,30 @@ def test_sweep_mu_picks_the_best_dev_mu(runs, tmp_path):
 
 
 def test_coco_script_and_bad_input(runs, tmp_path):
-    proc = subprocess.run([sys.executable, str(ROOT / "eval_coco.py"), "--checkpoint", runs["checkpoints"][0],
-                           "--split", "test", "--workers", "0"], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "eval_coco.py"),
+            "--checkpoint",
+            runs["checkpoints"][0],
+            "--split",
+            "test",
+            "--workers",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "rsum" in proc.stdout  # 30 images: no 1K/5K folds, one table
     corrupt = tmp_path / "bad.pt"
     corrupt.write_bytes(b"not a checkpoint")
-    proc = subprocess.run([sys.executable, str(ROOT / "eval_f30k.py"), "--checkpoint", str(corrupt)],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "eval_f30k.py"), "--checkpoint", str(corrupt)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2 and proc.stderr.startswith("error:") and "bad.pt" in proc.stderr
     assert "Traceback" not in proc.stderr

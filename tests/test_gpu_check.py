@@ -1,5 +1,6 @@
 """bench/gpu_check.sh on a CPU: its arguments, its refusal without CUDA, and the report it writes,
 in a dry run and with a stand-in `python` (PYTHON=...) that plays each step's command."""
+
 import json
 import os
 import stat
@@ -59,8 +60,16 @@ def table_rows(report: str) -> dict[str, list[str]]:
 
 def test_dry_run_writes_the_report_with_every_step_and_runs_nothing(tmp_path):
     (tmp_path / "f8k").mkdir()
-    proc = run("--dry-run", "--out", str(tmp_path / "out"), "--flickr8k", str(tmp_path / "f8k"),
-               "--budget_minutes", "7", CUDA_VISIBLE_DEVICES="")
+    proc = run(
+        "--dry-run",
+        "--out",
+        str(tmp_path / "out"),
+        "--flickr8k",
+        str(tmp_path / "f8k"),
+        "--budget_minutes",
+        "7",
+        CUDA_VISIBLE_DEVICES="",
+    )
     assert proc.returncode == 0, proc.stderr
     report = (tmp_path / "out" / "gpu_check.md").read_text()
     assert "Dry run: nothing was run." in report and "Budget: 7 minutes" in report
@@ -69,8 +78,10 @@ def test_dry_run_writes_the_report_with_every_step_and_runs_nothing(tmp_path):
     assert rows["cuda_steps"][2] == "`python bench/gpu_steps.py --device cuda`"
     assert rows["cuda_tests"][2] == "`python -m pytest -q -rs tests -k cuda`"
     assert rows["throughput"][2] == "`python bench/bench_throughput.py --gpu`"
-    assert rows["flickr8k"][2] == (f"`python bench/bench_flickr8k.py --device cuda --seeds 3 --data {tmp_path / 'f8k'} "
-                                   f"--out {tmp_path / 'out' / 'flickr8k'}`")
+    assert rows["flickr8k"][2] == (
+        f"`python bench/bench_flickr8k.py --device cuda --seeds 3 --data {tmp_path / 'f8k'} "
+        f"--out {tmp_path / 'out' / 'flickr8k'}`"
+    )
     assert not (tmp_path / "out" / "flickr8k").exists()
 
 
@@ -96,8 +107,11 @@ def test_each_step_runs_and_the_report_carries_its_numbers(tmp_path, fake_python
     assert [rows[step][0] for step in STEPS] == ["passed"] * 4
     assert rows["train_resume_bf16_bert"] == ["passed", "21.5", ""]
     assert rows["step_without_waits_bigru"] == [
-        "FAILED", "3.0", "RuntimeError: called a synchronizing CUDA operation (at rnn.py:2 pad_packed_sequence < "
-                         "trainer.py:1 training_step)"]
+        "FAILED",
+        "3.0",
+        "RuntimeError: called a synchronizing CUDA operation (at rnn.py:2 pad_packed_sequence < "
+        "trainer.py:1 training_step)",
+    ]
     assert rows["bf16"] == ["True", "4000.0", "0.032", "36 s", "20.5"]  # 0.6 min
     assert rows["fp32"] == ["False", "1000.0", "0.128", "145 s", "30.0"]
     assert "## Flickr8k (the runs that finished within the budget)\n\n| # | configuration | rsum |" in report
@@ -113,8 +127,13 @@ def test_a_failed_step_is_reported_and_sets_the_exit_status(tmp_path, fake_pytho
 
 
 def test_gpu_steps_without_cuda_refuses_in_one_line():
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_steps.py")], capture_output=True, text=True,
-                          env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "gpu_steps.py")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+        timeout=120,
+    )
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.startswith("error: gpu_steps.py: no CUDA GPU visible") and proc.stderr.count("\n") == 1
 
@@ -122,8 +141,12 @@ def test_gpu_steps_without_cuda_refuses_in_one_line():
 def test_gpu_steps_run_on_a_cpu(tmp_path):
     """The CPU part of bench/gpu_steps.py for real: a bf16 (CPU autocast) BERT run resumed after
     its BERT folder moved, and the warmed-up training steps of both text encoders."""
-    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_steps.py"), "--device", "cpu",
-                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "gpu_steps.py"), "--device", "cpu", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     records = {r["check"]: r for r in map(json.loads, proc.stdout.splitlines())}
     assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
     assert set(records) == {"train_resume_bf16_bert", "step_without_waits_bigru", "step_without_waits_bert"}
@@ -139,14 +162,17 @@ def test_without_cuda_it_refuses_in_one_line_and_writes_nothing(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("args,message", [
-    ([], "--out DIR is required"),
-    (["--out"], "--out needs a folder"),
-    (["--out", "{tmp}", "--budget_minutes", "ten"], "--budget_minutes ten: must be a whole number of at least 3"),
-    (["--out", "{tmp}", "--budget_minutes", "2"], "--budget_minutes 2: must be a whole number of at least 3"),
-    (["--out", "{tmp}/afile"], "is a file, not a folder"),
-    (["--out", "{tmp}", "--gpus", "2"], "unknown argument '--gpus'"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        ([], "--out DIR is required"),
+        (["--out"], "--out needs a folder"),
+        (["--out", "{tmp}", "--budget_minutes", "ten"], "--budget_minutes ten: must be a whole number of at least 3"),
+        (["--out", "{tmp}", "--budget_minutes", "2"], "--budget_minutes 2: must be a whole number of at least 3"),
+        (["--out", "{tmp}/afile"], "is a file, not a folder"),
+        (["--out", "{tmp}", "--gpus", "2"], "unknown argument '--gpus'"),
+    ],
+)
 def test_bad_arguments_give_one_line(tmp_path, args, message):
     (tmp_path / "afile").write_text("")
     proc = run(*[a.format(tmp=tmp_path) for a in args], "--dry-run")

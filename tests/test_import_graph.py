@@ -1,5 +1,6 @@
 """The project's modules form layers: no module imports (at the top or inside a function) one
 that imports it back, directly or through others."""
+
 from __future__ import annotations
 
 import ast
@@ -33,7 +34,7 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str]:
         path.append(node)
         for target in sorted(graph[node]):
             if state.get(target) == "open":
-                return path[path.index(target):] + [target]
+                return path[path.index(target) :] + [target]
             if target not in state:
                 found = visit(target)
                 if found:

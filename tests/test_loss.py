@@ -1,4 +1,5 @@
 """loss.py against deliberately naive references: explicit Python loops over tiny float64 batches."""
+
 import math
 
 import numpy as np
@@ -7,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from loss import (
+    Pairs,
     dcl_loss,
     dcl_negative_log_weights,
     pseudo_label_loss,
@@ -92,7 +94,9 @@ def test_dcl_masked_keys_have_no_influence(dcl_case):
     base = dcl_loss(q[:2], k[:2], queue, q_ids[:2], queue_ids, 0.05, 10.0, **PLAIN)  # both queries have image 7
     changed = queue.clone()
     changed[queue_ids == 7] = unit(int((queue_ids == 7).sum()), 5, seed=9)
-    assert dcl_loss(q[:2], k[:2], changed, q_ids[:2], queue_ids, 0.05, 10.0, **PLAIN).item() == pytest.approx(base.item(), abs=1e-12)
+    assert dcl_loss(q[:2], k[:2], changed, q_ids[:2], queue_ids, 0.05, 10.0, **PLAIN).item() == pytest.approx(
+        base.item(), abs=1e-12
+    )
     # A key of the same image in the batch (row 1 for query 0) is masked as well: moving it
     # changes query 1's positive only, so query 0's loss alone stays put.
     moved = k.clone()
@@ -152,8 +156,18 @@ def test_dcl_gathered_keys_with_pos_index(dcl_case):
     q, k, queue, q_ids, queue_ids = dcl_case
     full = dcl_loss(q, k, queue, q_ids, queue_ids, 0.05, 10.0, **PLAIN)
     halves = [
-        dcl_loss(q[3 * r : 3 * r + 3], k, queue, q_ids[3 * r : 3 * r + 3], queue_ids, 0.05, 10.0,
-                 k_ids=q_ids, pos_index=torch.arange(3) + 3 * r, **PLAIN)
+        dcl_loss(
+            q[3 * r : 3 * r + 3],
+            k,
+            queue,
+            q_ids[3 * r : 3 * r + 3],
+            queue_ids,
+            0.05,
+            10.0,
+            k_ids=q_ids,
+            pos_index=torch.arange(3) + 3 * r,
+            **PLAIN,
+        )
         for r in range(2)
     ]
     assert ((halves[0] + halves[1]) / 2).item() == pytest.approx(full.item(), abs=1e-12)
@@ -161,8 +175,9 @@ def test_dcl_gathered_keys_with_pos_index(dcl_case):
         dcl_loss(q[:3], k, queue, q_ids[:3], queue_ids, 0.05, 10.0, **PLAIN)
 
 
-def naive_dcl_reading(q, k, queue, q_ids, queue_ids, tau, beta, *, separate=False, threshold=0.0,
-                      adaptive=False) -> float:
+def naive_dcl_reading(
+    q, k, queue, q_ids, queue_ids, tau, beta, *, separate=False, threshold=0.0, adaptive=False
+) -> float:
     """The readings of DCL's weights written out per query: negatives (batch keys, then queue)
     minus those whose key is more similar than `threshold` to the positive key; β divided by
     the sample standard deviation of all kept negative similarities of the batch (`adaptive`);
@@ -171,8 +186,11 @@ def naive_dcl_reading(q, k, queue, q_ids, queue_ids, tau, beta, *, separate=Fals
     for i in range(len(q)):
         groups = []
         for keys, ids in ((k, q_ids), (queue, queue_ids)):
-            kept = [j for j in range(len(keys)) if int(ids[j]) != int(q_ids[i])
-                    and not (threshold > 0 and dot(k[i], keys[j]) > threshold)]
+            kept = [
+                j
+                for j in range(len(keys))
+                if int(ids[j]) != int(q_ids[i]) and not (threshold > 0 and dot(k[i], keys[j]) > threshold)
+            ]
             groups.append([dot(q[i], keys[j]) for j in kept])
         rows.append(groups)
     if adaptive:
@@ -190,12 +208,17 @@ def naive_dcl_reading(q, k, queue, q_ids, queue_ids, tau, beta, *, separate=Fals
     return sum(losses) / len(losses)
 
 
-@pytest.mark.parametrize("reading", [dict(separate=True), dict(threshold=0.3), dict(adaptive=True),
-                                     dict(separate=True, threshold=0.2, adaptive=True)])
+@pytest.mark.parametrize(
+    "reading",
+    [dict(separate=True), dict(threshold=0.3), dict(adaptive=True), dict(separate=True, threshold=0.2, adaptive=True)],
+)
 def test_dcl_readings_match_naive_reference(dcl_case, reading):
     q, k, queue, q_ids, queue_ids = dcl_case
-    options = dict(weight_groups="separate" if reading.get("separate") else "joint",
-                   false_negative_threshold=reading.get("threshold", 0.0), beta_adaptive=reading.get("adaptive", False))
+    options = dict(
+        weight_groups="separate" if reading.get("separate") else "joint",
+        false_negative_threshold=reading.get("threshold", 0.0),
+        beta_adaptive=reading.get("adaptive", False),
+    )
     got = dcl_loss(q, k, queue, q_ids, queue_ids, 0.1, 2.0, **options)
     want = naive_dcl_reading(q, k, queue, q_ids, queue_ids, 0.1, 2.0, **reading)
     assert got.item() == pytest.approx(want, abs=1e-6)
@@ -261,13 +284,19 @@ def test_symmetric_dcl_is_the_mean_of_both_directions(dcl_case):
     img, cap, queue, ids, queue_ids = dcl_case
     image_keys, text_keys = unit(6, 5, seed=20), unit(6, 5, seed=21)
     stats, i2t_stats, t2i_stats = {}, {}, {}
-    got = symmetric_dcl(img, cap, image_keys, text_keys, ids, queue[:4], queue[4:8], queue_ids[:4], ids,
-                        torch.arange(6), 0.1, 5.0, stats=stats, **PLAIN)
+    queries, keys = Pairs(img, cap, ids), Pairs(image_keys, text_keys, ids)
+    queue_pairs = Pairs(queue[:4], queue[4:8], queue_ids[:4])
+    got = symmetric_dcl(queries, keys, queue_pairs, torch.arange(6), 0.1, 5.0, stats=stats, **PLAIN)
     i2t = dcl_loss(img, text_keys, queue[4:8], ids, queue_ids[:4], 0.1, 5.0, stats=i2t_stats, **PLAIN)
     t2i = dcl_loss(cap, image_keys, queue[:4], ids, queue_ids[:4], 0.1, 5.0, stats=t2i_stats, **PLAIN)
     assert got.item() == pytest.approx((i2t.item() + t2i.item()) / 2, abs=1e-12)
     want = (i2t_stats["weight_entropy"] + t2i_stats["weight_entropy"]).item() / 2
     assert stats["weight_entropy"].item() == pytest.approx(want, abs=1e-12)
+    no_queue = symmetric_dcl(queries, keys, None, torch.arange(6), 0.1, 5.0, **PLAIN)  # None: an empty queue
+    empty, no_ids = queue[:0], queue_ids[:0]
+    i2t = dcl_loss(img, text_keys, empty, ids, no_ids, 0.1, 5.0, **PLAIN)
+    t2i = dcl_loss(cap, image_keys, empty, ids, no_ids, 0.1, 5.0, **PLAIN)
+    assert no_queue.item() == pytest.approx((i2t.item() + t2i.item()) / 2, abs=1e-12)
 
 
 def naive_sinkhorn(scores: np.ndarray, eps: float, iters: int) -> np.ndarray:

@@ -1,5 +1,6 @@
 """Rules for the tests themselves: a test may skip for a missing optional package, never for
 the project's own modules, so that an import error in the project fails the suite."""
+
 from __future__ import annotations
 
 import ast
@@ -25,14 +26,18 @@ def skipped_project_imports(source: str) -> list[tuple[int, str]]:
 
 
 def test_the_scan_finds_project_importorskips() -> None:
-    source = ('import pytest\nfrom pytest import importorskip\npytest.importorskip("faiss")\n'
-              'data = pytest.importorskip("data")\nimportorskip("model")\n')
+    source = (
+        'import pytest\nfrom pytest import importorskip\npytest.importorskip("faiss")\n'
+        'data = pytest.importorskip("data")\nimportorskip("model")\n'
+    )
     assert skipped_project_imports(source) == [(4, "data"), (5, "model")]
 
 
 def test_no_test_skips_for_a_project_module() -> None:
     assert {"model", "data", "evaluation"} <= PROJECT_MODULES
-    offenders = [f"{path.name}:{line}: importorskip({module!r})"
-                 for path in sorted(Path(__file__).parent.glob("*.py"))
-                 for line, module in skipped_project_imports(path.read_text())]
+    offenders = [
+        f"{path.name}:{line}: importorskip({module!r})"
+        for path in sorted(Path(__file__).parent.glob("*.py"))
+        for line, module in skipped_project_imports(path.read_text())
+    ]
     assert not offenders, "import the project's own modules plainly:\n" + "\n".join(offenders)

@@ -1,5 +1,6 @@
 """model.py: encoders, concept branch, momentum encoders and queues, online clustering, the
 training step, and its data-parallel behaviour. Tiny sizes, CPU only."""
+
 import copy
 import math
 
@@ -24,8 +25,15 @@ N_CONCEPTS, CONCEPT_DIM, IMAGE_DIM, VOCAB = 10, 12, 24, 40
 
 def small_config(**overrides) -> M.ModelConfig:
     """The model of train_f30k.py's values at tiny sizes (a test that needs a value sets it)."""
-    values = dict(embed_dim=32, image_dim=IMAGE_DIM, vocab_size=VOCAB, word_dim=16, gcn_hidden=24,
-                  queue_size=32, num_prototypes=16)
+    values = dict(
+        embed_dim=32,
+        image_dim=IMAGE_DIM,
+        vocab_size=VOCAB,
+        word_dim=16,
+        gcn_hidden=24,
+        queue_size=32,
+        num_prototypes=16,
+    )
     return model_config_from(script_config(vars(train_f30k)), **{**values, **overrides})
 
 
@@ -69,28 +77,53 @@ ABLATIONS = {
     "no_concept": ({"concept_branch": False}, {"dcl_instance", "loss"}),
     "no_pseudo": ({"pseudo_label_loss": False}, {"dcl_instance", "dcl_concept", "loss"}),
     "triplet": ({"loss": "triplet"}, {"triplet_instance", "triplet_concept", "pseudo", "loss"}),
-    "triplet_baseline": ({"loss": "triplet", "concept_branch": False, "queue_size": 0},
-                         {"triplet_instance", "loss"}),
+    "triplet_baseline": ({"loss": "triplet", "concept_branch": False, "queue_size": 0}, {"triplet_instance", "loss"}),
     "gpo": ({"image_pooling": "gpo", "text_pooling": "gpo"}, {"dcl_instance", "dcl_concept", "pseudo", "loss"}),
-    "mean_online_gcn": ({"image_pooling": "mean", "text_pooling": "mean", "momentum_gcn": False},
-                        {"dcl_instance", "dcl_concept", "pseudo", "loss"}),
+    "mean_online_gcn": (
+        {"image_pooling": "mean", "text_pooling": "mean", "momentum_gcn": False},
+        {"dcl_instance", "dcl_concept", "pseudo", "loss"},
+    ),
     "no_batch_norm": ({"batch_norm": False}, {"dcl_instance", "dcl_concept", "pseudo", "loss"}),
     "query_detach": ({"concept_query_input": "detach"}, {"dcl_instance", "dcl_concept", "pseudo", "loss"}),
     "query_no_bn": ({"concept_query_input": "no_bn"}, {"dcl_instance", "dcl_concept", "pseudo", "loss"}),
     "fused": ({"lambda_fused": 3.0}, {"dcl_instance", "dcl_concept", "dcl_fused", "pseudo", "loss"}),
-    "fused_no_queue": ({"lambda_fused": 3.0, "queue_size": 0},
-                       {"dcl_instance", "dcl_concept", "dcl_fused", "pseudo", "loss"}),
+    "fused_no_queue": (
+        {"lambda_fused": 3.0, "queue_size": 0},
+        {"dcl_instance", "dcl_concept", "dcl_fused", "pseudo", "loss"},
+    ),
     "learned_prototypes": ({"prototype_update": "learned"}, {"dcl_instance", "dcl_concept", "pseudo", "loss"}),
     "l2norm_items": ({"l2norm_before_pooling": True}, {"dcl_instance", "dcl_concept", "pseudo", "loss"}),
     # the Flickr8k benchmark's peers (tests/test_peers.py checks each term's value)
-    "vse_infty": ({"image_pooling": "gpo", "text_pooling": "gpo", "loss": "triplet", "triplet_all_negatives_epochs": 1,
-                   "region_drop": 0.2, "queue_size": 0, "concept_branch": False}, {"triplet_instance", "loss"}),
-    "cvse": ({"loss": "triplet", "queue_size": 0, "pseudo_label_loss": False, "concept_query_input": "bn",
-              "fusion": "weighted_sum", "lambda_fused": 0.6, "lambda_concept": 0.2, "lambda_kl": 0.4,
-              "l2norm_before_pooling": True},
-             {"triplet_instance", "triplet_concept", "triplet_fused", "concept_kl", "loss"}),
-    "kl_with_dcl": ({"lambda_kl": 1.0, "fusion": "weighted_sum", "lambda_fused": 1.0},
-                    {"dcl_instance", "dcl_concept", "dcl_fused", "concept_kl", "pseudo", "loss"}),
+    "vse_infty": (
+        {
+            "image_pooling": "gpo",
+            "text_pooling": "gpo",
+            "loss": "triplet",
+            "triplet_all_negatives_epochs": 1,
+            "region_drop": 0.2,
+            "queue_size": 0,
+            "concept_branch": False,
+        },
+        {"triplet_instance", "loss"},
+    ),
+    "cvse": (
+        {
+            "loss": "triplet",
+            "queue_size": 0,
+            "pseudo_label_loss": False,
+            "concept_query_input": "bn",
+            "fusion": "weighted_sum",
+            "lambda_fused": 0.6,
+            "lambda_concept": 0.2,
+            "lambda_kl": 0.4,
+            "l2norm_before_pooling": True,
+        },
+        {"triplet_instance", "triplet_concept", "triplet_fused", "concept_kl", "loss"},
+    ),
+    "kl_with_dcl": (
+        {"lambda_kl": 1.0, "fusion": "weighted_sum", "lambda_fused": 1.0},
+        {"dcl_instance", "dcl_concept", "dcl_fused", "concept_kl", "pseudo", "loss"},
+    ),
 }
 
 
@@ -117,8 +150,12 @@ def test_every_trainable_parameter_gets_a_gradient_and_momentum_none(name):
 def test_momentum_copies_cover_every_key_module():
     model = build()
     assert set(model.momentum) == {"image_encoder", "text_encoder", "gcn", "image_query", "text_query"}
-    assert set(build(small_config(momentum_gcn=False)).momentum) == {"image_encoder", "text_encoder",
-                                                                     "image_query", "text_query"}
+    assert set(build(small_config(momentum_gcn=False)).momentum) == {
+        "image_encoder",
+        "text_encoder",
+        "image_query",
+        "text_query",
+    }
     assert set(build(small_config(loss="triplet")).momentum) == {"image_encoder", "text_encoder"}
     assert set(build(small_config(concept_branch=False)).momentum) == {"image_encoder", "text_encoder"}
     for name, key_module in model.momentum.items():
@@ -156,6 +193,7 @@ def test_config_validation():
 
 
 # -- queues and prototypes -------------------------------------------------------------------
+
 
 def test_forward_enqueues_keys_and_moves_prototypes_only_in_training():
     """A training forward's loss reads the queues and prototypes as they were; then the batch's
@@ -220,10 +258,21 @@ def test_state_dict_holds_queues_prototypes_and_momentum():
     model = build()
     model(make_batch())
     state = model.state_dict()
-    for name in ("queues.image", "queues.text", "queues.image_concept", "queues.text_concept", "queues.ids",
-                 "queues.pointer", "queues.count", "prototypes.weight", "prototypes.ready",
-                 "concept_adjacency", "concept_vectors", "momentum.image_encoder.fc.weight",
-                 "momentum.gcn.layer1.weight"):
+    for name in (
+        "queues.image",
+        "queues.text",
+        "queues.image_concept",
+        "queues.text_concept",
+        "queues.ids",
+        "queues.pointer",
+        "queues.count",
+        "prototypes.weight",
+        "prototypes.ready",
+        "concept_adjacency",
+        "concept_vectors",
+        "momentum.image_encoder.fc.weight",
+        "momentum.gcn.layer1.weight",
+    ):
         assert name in state, name
     other = build(seed=1)
     other.load_state_dict(state)
@@ -233,10 +282,11 @@ def test_state_dict_holds_queues_prototypes_and_momentum():
 
 # -- encoders and the concept branch --------------------------------------------------------
 
+
 @pytest.mark.parametrize("pooling", ["attn", "mean", "gpo"])
 @pytest.mark.parametrize("regions,dim", [(49, 1280), (3, 7)])
 def test_image_encoder_any_region_count_and_size(pooling, regions, dim):
-    enc = E.ImageEncoder(dim, 16, pooling, batch_norm=True)
+    enc = E.ImageEncoder(dim, 16, pooling, batch_norm=True, l2norm_items=False, region_drop=0.0)
     out = enc(torch.randn(3, regions, dim))
     assert out.shape == (3, 16)
     assert torch.allclose(out.norm(dim=1), torch.ones(3), atol=1e-5)
@@ -247,7 +297,7 @@ def test_image_encoder_any_region_count_and_size(pooling, regions, dim):
 @pytest.mark.parametrize("pooling", ["attn", "mean", "gpo"])
 def test_text_encoder_ignores_padding_and_batch_neighbours(pooling):
     torch.manual_seed(0)
-    enc = E.GRUTextEncoder(VOCAB, 8, 16, pooling).eval()
+    enc = E.GRUTextEncoder(VOCAB, 8, 16, pooling, l2norm_items=False).eval()
     tokens = torch.tensor([[5, 6, 7, 0, 0, 0], [8, 9, 10, 11, 12, 13]])
     lengths = torch.tensor([3, 6])
     both = enc(tokens, lengths, (tokens > 0).long())
@@ -294,7 +344,7 @@ def test_gpo_pools_a_row_without_items_to_zero():
 def test_gru_text_encoder_takes_lengths_on_the_host_or_on_the_device(device):
     """The trainer keeps lengths on the host; DDP on a GPU moves every input to the device."""
     torch.manual_seed(0)
-    enc = E.GRUTextEncoder(VOCAB, 8, 16, "mean").to(device).eval()
+    enc = E.GRUTextEncoder(VOCAB, 8, 16, "mean", l2norm_items=False).to(device).eval()
     tokens = torch.tensor([[5, 6, 7, 0], [8, 9, 10, 11]], device=device)
     mask, lengths = (tokens > 0).long(), torch.tensor([3, 4])
     on_host = enc(tokens, lengths, mask)
@@ -318,8 +368,7 @@ def test_text_concept_descriptor_mixes_caption_labels():
     """r = 1 leaves only the caption's own labels: x_c = l2norm(softmax(10·labels) @ E)."""
     model = build(small_config(label_mix_ratio=1.0, concept_score_scale=10.0)).eval()
     batch = make_batch()
-    _, cap_c = model.encode_captions(batch["tokens"], batch["lengths"], batch["attention_mask"],
-                                     batch["concept_labels"])
+    _, cap_c = model.encode_captions(batch)
     concepts = model.concepts()
     want = F.normalize(torch.softmax(10.0 * batch["concept_labels"], 1) @ concepts, dim=1)
     assert torch.allclose(cap_c, want, atol=1e-6)
@@ -330,8 +379,7 @@ def test_encode_and_similarity_with_mu():
     batch = make_batch()
     with torch.no_grad():
         img, img_c = model.encode_images(batch["images"])
-        cap, cap_c = model.encode_captions(batch["tokens"], batch["lengths"], batch["attention_mask"],
-                                           batch["concept_labels"])
+        cap, cap_c = model.encode_captions(batch)
     for x in (img, img_c, cap, cap_c):
         assert x.shape == (8, 32) and torch.allclose(x.norm(dim=1), torch.ones(8), atol=1e-5)
     sims = model.similarity(img, img_c, cap, cap_c, mu=0.3)
@@ -340,11 +388,12 @@ def test_encode_and_similarity_with_mu():
     assert torch.allclose(model.similarity(img, img_c, cap, cap_c), default_mu, atol=1e-6)
     plain = build(small_config(concept_branch=False, fusion="concat")).eval()
     i, ic = plain.encode_images(batch["images"])
-    c, cc = plain.encode_captions(batch["tokens"], batch["lengths"], batch["attention_mask"], None)
+    c, cc = plain.encode_captions(batch)
     assert ic is None and cc is None and torch.allclose(plain.similarity(i, ic, c, cc, 0.5), i @ c.t())
 
 
 # -- word vectors and BERT --------------------------------------------------------------------
+
 
 def test_word_vectors_from_glove_text_file(tmp_path):
     path = tmp_path / "vectors.txt"
@@ -392,8 +441,9 @@ def test_bert_encoder_with_minilm_wheel():
     model = build(cfg)
     assert model.text_encoder.fc.in_features == 384
     batch = make_batch(batch=4)
-    batch["tokens"] = torch.tensor([[101, 1037, 3899, 102, 0], [101, 1037, 4937, 2770, 102],
-                                    [101, 2158, 102, 0, 0], [101, 1037, 2450, 2652, 102]])
+    batch["tokens"] = torch.tensor(
+        [[101, 1037, 3899, 102, 0], [101, 1037, 4937, 2770, 102], [101, 2158, 102, 0, 0], [101, 1037, 2450, 2652, 102]]
+    )
     batch["attention_mask"] = (batch["tokens"] > 0).long()
     batch["lengths"] = batch["attention_mask"].sum(1)
     model(batch)["loss"].backward()
@@ -422,7 +472,8 @@ def test_bert_length_groups_give_the_padded_call_outputs_and_gradients():
     results = []
     for groups in (1, 3, 4, 20):
         torch.manual_seed(0)
-        encoder = E.BertTextEncoder(minilm.get_model_path(), 32, "attn", length_groups=groups).eval()
+        bert = minilm.get_model_path()
+        encoder = E.BertTextEncoder(bert, 32, "attn", length_groups=groups, frozen_layers=0, l2norm_items=False).eval()
         out = encoder(tokens, lengths, mask.long())
         (out * torch.linspace(-1, 1, 32)).sum().backward()
         results.append((out.detach(), encoder.bert.embeddings.word_embeddings.weight.grad))
@@ -437,6 +488,7 @@ def test_bert_missing_directory_is_a_clear_error(tmp_path):
 
 
 # -- training on the demo data ----------------------------------------------------------------
+
 
 def demo_batch(tmp_path, size: int = 16) -> tuple[dict, M.ModelConfig, tuple | None]:
     """A tiny batch of the demo dataset through the data layer (data.collate's keys)."""
@@ -526,8 +578,9 @@ def test_two_processes_match_one_and_share_state(tmp_path):
     for name, cfg in {"no_bn": small_config(batch_norm=False), "full": small_config()}.items():
         cases[name] = (cfg, build(cfg).state_dict(), batches)
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_ddp_worker, args=(r, 2, str(tmp_path / "init"), cases, str(tmp_path)))
-             for r in range(2)]
+    procs = [
+        ctx.Process(target=_ddp_worker, args=(r, 2, str(tmp_path / "init"), cases, str(tmp_path))) for r in range(2)
+    ]
     for p in procs:
         p.start()
     for p in procs:
@@ -553,8 +606,14 @@ def test_two_processes_match_one_and_share_state(tmp_path):
             assert torch.allclose(got["state"][n].float(), v.float(), atol=1e-5), n
 
     a, b = ranks[0]["full"]["state"], ranks[1]["full"]["state"]
-    shared = [n for n in a if n.startswith(("queues.", "prototypes.")) or n.startswith("momentum.")
-              and "running" not in n and "num_batches" not in n]
+    shared = [
+        n
+        for n in a
+        if n.startswith(("queues.", "prototypes."))
+        or n.startswith("momentum.")
+        and "running" not in n
+        and "num_batches" not in n
+    ]
     assert "queues.image_concept" in shared and "momentum.text_query.score" in shared and "prototypes.weight" in shared
     for n in shared:
         assert torch.allclose(a[n].float(), b[n].float(), atol=1e-6), n

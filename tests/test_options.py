@@ -1,5 +1,6 @@
 """The options for CODER's reconstructed parts and the training diagnostics, each against a
 direct computation on tiny data."""
+
 import math
 
 import pytest
@@ -21,7 +22,7 @@ def _step(model, batch):
 
 def weighted_terms(model, out):
     """Each term of the loss times its weight λ, with its graph (as the trainer passes them)."""
-    weights = model.loss_weights()
+    weights = model.cfg.loss_weights()
     return {name: weights[name] * term for name, term in out.items() if name != "loss"}
 
 
@@ -37,7 +38,9 @@ def test_detached_concept_query_keeps_the_concept_losses_out_of_the_encoders():
         assert norms["detach"][f"grad/{module}/pseudo"] == 0.0
         assert norms["bn"][f"grad/{module}/dcl_concept"] > 0.0
         assert norms["no_bn"][f"grad/{module}/dcl_concept"] > 0.0
-        assert norms["detach"][f"grad/{module}/dcl_instance"] == pytest.approx(norms["bn"][f"grad/{module}/dcl_instance"])
+        assert norms["detach"][f"grad/{module}/dcl_instance"] == pytest.approx(
+            norms["bn"][f"grad/{module}/dcl_instance"]
+        )
     no_bn = build(small_config(concept_query_input="no_bn"))
     assert isinstance(no_bn.image_query.instance_bn, torch.nn.Identity)
     assert isinstance(no_bn.image_query.concept_bn, torch.nn.BatchNorm1d)
@@ -73,8 +76,19 @@ def test_fused_term_is_infonce_on_the_inference_similarity():
     """lambda_fused: DCL on S = (1-mu) s(v,t) + mu s(v_c,t_c), checked with beta 0 against
     an InfoNCE written out on explicit similarity matrices (keys and two queue entries)."""
     mu, tau = 0.3, 0.05
-    model = build(small_config(lambda_fused=3.0, lambda_concept=1.0, lambda_pseudo=1.0, mu=mu, fusion="concat",
-                               beta=0.0, tau=tau, false_negative_threshold=0.0, loss="dcl"))
+    model = build(
+        small_config(
+            lambda_fused=3.0,
+            lambda_concept=1.0,
+            lambda_pseudo=1.0,
+            mu=mu,
+            fusion="concat",
+            beta=0.0,
+            tau=tau,
+            false_negative_threshold=0.0,
+            loss="dcl",
+        )
+    )
     gen = torch.Generator().manual_seed(1)
 
     def unit(*shape):
@@ -82,11 +96,17 @@ def test_fused_term_is_infonce_on_the_inference_similarity():
 
     b, d = 4, 32
     img, img_c, cap, cap_c = unit(b, d), unit(b, d), unit(b, d), unit(b, d)
-    keys = {"image": unit(b, d), "image_concept": unit(b, d), "text": unit(b, d), "text_concept": unit(b, d),
-            "ids": torch.arange(b)}
+    keys = {
+        "image": unit(b, d),
+        "image_concept": unit(b, d),
+        "text": unit(b, d),
+        "text_concept": unit(b, d),
+        "ids": torch.arange(b),
+    }
     queues = {name: unit(2, d) for name in ("image", "image_concept", "text", "text_concept")}
     queue_ids = torch.tensor([0, 7])  # the first entry shares image 0: never its negative
-    got = model.contrast(model.fuse, [img, img_c, cap, cap_c], keys, {**queues, "ids": queue_ids}, torch.arange(b))
+    queries = {"image": img, "image_concept": img_c, "text": cap, "text_concept": cap_c, "ids": torch.arange(b)}
+    got = model.contrast(model.fuse, M.StepEmbeddings(queries, keys, {**queues, "ids": queue_ids}))
 
     def fused(q, q_c, k, k_c):
         return (1 - mu) * q @ k.t() + mu * q_c @ k_c.t()
@@ -96,8 +116,9 @@ def test_fused_term_is_infonce_on_the_inference_similarity():
         queue = fused(q, q_c, queues[key], queues[key_c])
         losses = []
         for i in range(b):
-            negatives = [in_batch[i, j] for j in range(b) if j != i] + [queue[i, j] for j in range(2)
-                                                                           if int(queue_ids[j]) != i]
+            negatives = [in_batch[i, j] for j in range(b) if j != i] + [
+                queue[i, j] for j in range(2) if int(queue_ids[j]) != i
+            ]
             logits = torch.stack([in_batch[i, i], *negatives]) / tau
             losses.append(-torch.log_softmax(logits, 0)[0])
         return torch.stack(losses).mean()
@@ -106,8 +127,9 @@ def test_fused_term_is_infonce_on_the_inference_similarity():
     assert torch.allclose(got, want, atol=1e-5)
     out = model(make_batch())
     assert "dcl_fused" in out
-    assert torch.allclose(out["loss"], out["dcl_instance"] + out["dcl_concept"] + out["pseudo"] + 3.0 * out["dcl_fused"],
-                          atol=1e-5)
+    assert torch.allclose(
+        out["loss"], out["dcl_instance"] + out["dcl_concept"] + out["pseudo"] + 3.0 * out["dcl_fused"], atol=1e-5
+    )
 
 
 def test_prototypes_from_keys_wait_for_enough_keys_then_copy_them():
@@ -118,8 +140,10 @@ def test_prototypes_from_keys_wait_for_enough_keys_then_copy_them():
     assert "pseudo" not in first and not model.prototypes.is_ready and not bool(model.prototypes.ready)
     batch = make_batch(seed=1, first_image=4)
     with torch.no_grad():
-        pool = torch.cat([model.momentum_keys(batch, model.concepts())[n] for n in ("image", "text")]
-                         + [model.queues.entries("image"), model.queues.entries("text")])
+        pool = torch.cat(
+            [model.momentum_keys(batch, model.concepts())[n] for n in ("image", "text")]
+            + [model.queues.entries("image"), model.queues.entries("text")]
+        )
     second = _step(model, batch)
     assert "pseudo" not in second and model.prototypes.is_ready and bool(model.prototypes.ready)
     cosines = model.prototypes.weight @ F.normalize(pool, dim=-1).t()
@@ -161,8 +185,9 @@ def test_diagnostics_match_direct_computations():
         out = model(batch)
     n = img_c.shape[0]
     cos = img_c @ img_c.t()
-    assert diag["concept_cos_image"] == pytest.approx(float((cos.sum() - cos.diagonal().sum()) / (n * (n - 1))),
-                                                      abs=1e-5)
+    assert diag["concept_cos_image"] == pytest.approx(
+        float((cos.sum() - cos.diagonal().sum()) / (n * (n - 1))), abs=1e-5
+    )
     entropy = float(-(targets * targets.log()).sum(1).mean())
     assert diag["target_entropy"] == pytest.approx(entropy, rel=1e-4)
     assert diag["pseudo_excess"] == pytest.approx(float(out["pseudo"]) - entropy, rel=1e-4, abs=1e-5)
@@ -173,8 +198,13 @@ def test_diagnostics_match_direct_computations():
 
 
 def test_option_values_are_checked():
-    for bad in ({"concept_query_input": "stop"}, {"prototype_init": "kmeans"}, {"prototype_update": "sgd"},
-                {"lambda_fused": -1.0}, {"bert_frozen_layers": -1}):
+    for bad in (
+        {"concept_query_input": "stop"},
+        {"prototype_init": "kmeans"},
+        {"prototype_update": "sgd"},
+        {"lambda_fused": -1.0},
+        {"bert_frozen_layers": -1},
+    ):
         with pytest.raises(M.CoderError):
             small_config(**bad)
 
@@ -198,8 +228,13 @@ def test_branch_clipping_keeps_the_concept_branch_from_throttling_the_encoders()
     model, before = gradients("branch")
     branches = trainer.parameter_branches(model)
     assert set(branches) == {"instance", "concept"}
-    instance_norm = math.sqrt(sum(float(before[n].pow(2).sum()) for n, _ in model.named_parameters()
-                                  if n.startswith(("image_encoder.", "text_encoder.")) and n in before))
+    instance_norm = math.sqrt(
+        sum(
+            float(before[n].pow(2).sum())
+            for n, _ in model.named_parameters()
+            if n.startswith(("image_encoder.", "text_encoder.")) and n in before
+        )
+    )
     for name, p in model.named_parameters():
         if name.startswith(("image_encoder.", "text_encoder.")) and p.grad is not None:
             scale = min(1.0, 2.0 / (instance_norm + 1e-6))

@@ -1,6 +1,7 @@
 """The options behind the VSE∞ and CVSE rows of bench/bench_flickr8k.py (docs/method.md, "The
 peers"), each against a direct computation on tiny data, and both rows trained end to end
 through the real train script."""
+
 import json
 import math
 import re
@@ -24,8 +25,9 @@ import bench_flickr8k as B  # noqa: E402
 
 
 def unit(n: int, d: int, seed: int) -> torch.Tensor:
-    return torch.nn.functional.normalize(torch.randn(n, d, generator=torch.Generator().manual_seed(seed),
-                                                     dtype=torch.float64), dim=1)
+    return torch.nn.functional.normalize(
+        torch.randn(n, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64), dim=1
+    )
 
 
 def dot(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -33,6 +35,7 @@ def dot(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 # -- VSE∞: the all-negatives warm-up and region dropping ------------------------------------
+
 
 def test_triplet_over_all_negatives_matches_loops():
     img, cap = unit(5, 4, seed=1), unit(5, 4, seed=2)
@@ -50,11 +53,19 @@ def test_triplet_over_all_negatives_matches_loops():
 
 
 def test_triplet_warm_up_switches_to_the_hardest_negative_at_its_epoch():
-    model = build(small_config(loss="triplet", concept_branch=False, queue_size=0, batch_norm=False, margin=0.2,
-                               triplet_all_negatives_epochs=2))
+    model = build(
+        small_config(
+            loss="triplet",
+            concept_branch=False,
+            queue_size=0,
+            batch_norm=False,
+            margin=0.2,
+            triplet_all_negatives_epochs=2,
+        )
+    )
     batch = make_batch()
     img, _ = model.encode_images(batch["images"])
-    cap, _ = model.encode_captions(batch["tokens"], batch["lengths"], batch["attention_mask"], None)
+    cap, _ = model.encode_captions(batch)
     every = triplet_loss(img, cap, batch["image_ids"], 0.2, hardest=False).item()
     hardest = triplet_loss(img, cap, batch["image_ids"], 0.2, hardest=True).item()
     for epoch, want in ((0, every), (1, every), (2, hardest), (5, hardest)):
@@ -76,7 +87,7 @@ def test_kept_regions_rate_seed_and_at_least_one():
 @pytest.mark.parametrize("pooling", ["gpo", "mean"])
 def test_region_drop_pools_the_kept_regions_only_and_only_in_training(pooling):
     torch.manual_seed(0)
-    encoder = E.ImageEncoder(6, 8, pooling, batch_norm=False, region_drop=0.5)
+    encoder = E.ImageEncoder(6, 8, pooling, batch_norm=False, l2norm_items=False, region_drop=0.5)
     images = torch.randn(7, 5, 6)
     torch.manual_seed(11)
     dropped = encoder.train()(images)
@@ -86,21 +97,28 @@ def test_region_drop_pools_the_kept_regions_only_and_only_in_training(pooling):
     encoder.eval()
     with torch.no_grad():
         for i in range(7):
-            alone = encoder(images[i:i + 1, kept[i]])  # this image's kept regions, nothing dropped
+            alone = encoder(images[i : i + 1, kept[i]])  # this image's kept regions, nothing dropped
             assert torch.allclose(dropped[i], alone[0], atol=1e-6), i
-        full = E.ImageEncoder(6, 8, pooling, batch_norm=False)
+        full = E.ImageEncoder(6, 8, pooling, batch_norm=False, l2norm_items=False, region_drop=0.0)
         full.load_state_dict(encoder.state_dict())
         assert torch.equal(encoder(images), full.eval()(images))  # evaluation pools every region
 
 
 # -- CVSE: the concept KL, the weighted-sum fusion, the fused triplet -----------------------
 
+
 def test_concept_kl_matches_the_sum_by_hand():
     gen = torch.Generator().manual_seed(4)
     image = torch.softmax(torch.randn(3, 5, generator=gen, dtype=torch.float64), 1)
     caption = torch.softmax(torch.randn(3, 5, generator=gen, dtype=torch.float64), 1)
-    by_hand = sum(float(caption[b, j]) * math.log(float(caption[b, j]) / float(image[b, j]))
-                  for b in range(3) for j in range(5)) / 3
+    by_hand = (
+        sum(
+            float(caption[b, j]) * math.log(float(caption[b, j]) / float(image[b, j]))
+            for b in range(3)
+            for j in range(5)
+        )
+        / 3
+    )
     assert concept_kl_loss(image, caption).item() == pytest.approx(by_hand, abs=1e-12)
     assert concept_kl_loss(caption, caption).item() == pytest.approx(0.0, abs=1e-12)
     zero = caption.clone()
@@ -125,8 +143,9 @@ def test_weighted_sum_fusion_is_the_cosine_of_the_weighted_sums():
     assert torch.allclose(M.fused_similarity(v, v_c, t, t_c, 0.0, "weighted_sum"), v @ t.T, atol=1e-12)
     concat = (1 - 0.15) * (v @ t.T) + 0.15 * (v_c @ t_c.T)
     assert torch.allclose(M.fused_similarity(v, v_c, t, t_c, 0.15, "concat"), concat, atol=1e-12)
-    emb = evaluation.Embeddings(v.float(), v_c.float(), t.float(), t_c.float(), captions_per_image=2,
-                                fusion="weighted_sum")
+    emb = evaluation.Embeddings(
+        v.float(), v_c.float(), t.float(), t_c.float(), captions_per_image=2, fusion="weighted_sum"
+    )
     assert torch.allclose(evaluation.similarity_matrix(emb, 0.15), want.float(), atol=1e-6)
 
 
@@ -135,8 +154,7 @@ def test_a_weighted_sum_model_ranks_searches_and_trains_by_it():
     batch = make_batch()
     with torch.no_grad():
         v, v_c = model.encode_images(batch["images"])
-        t, t_c = model.encode_captions(batch["tokens"], batch["lengths"], batch["attention_mask"],
-                                       batch["concept_labels"])
+        t, t_c = model.encode_captions(batch)
     want = weighted_sum_by_hand(v.double(), v_c.double(), t.double(), t_c.double(), model.cfg.mu)
     assert torch.allclose(model.similarity(v, v_c, t, t_c).double(), want, atol=1e-5)
     index_vectors = model.fuse(v, v_c), model.fuse(t, t_c)  # what photo_index stores
@@ -146,25 +164,40 @@ def test_a_weighted_sum_model_ranks_searches_and_trains_by_it():
 
 
 def test_cvse_loss_is_its_four_weighted_terms():
-    cfg = small_config(loss="triplet", queue_size=0, pseudo_label_loss=False, fusion="weighted_sum", batch_norm=False,
-                       triplet_all_negatives_epochs=0, lambda_fused=0.6, lambda_concept=0.2, lambda_kl=0.4,
-                       concept_query_input="bn")
+    cfg = small_config(
+        loss="triplet",
+        queue_size=0,
+        pseudo_label_loss=False,
+        fusion="weighted_sum",
+        batch_norm=False,
+        triplet_all_negatives_epochs=0,
+        lambda_fused=0.6,
+        lambda_concept=0.2,
+        lambda_kl=0.4,
+        concept_query_input="bn",
+    )
     model = build(cfg)
     assert not model.momentum and not model.queues.names  # no momentum encoders, no queues
     batch = make_batch()
     losses = model(batch)
     assert set(losses) == {"triplet_instance", "triplet_concept", "triplet_fused", "concept_kl", "loss"}
-    (v, v_c, t, t_c), (image_scores, caption_scores) = model.queries(batch, model.concepts())
+    queries, (image_scores, caption_scores) = model.queries(batch, model.concepts())
+    v, v_c, t, t_c = (queries[name] for name in ("image", "image_concept", "text", "text_concept"))
     ids = batch["image_ids"]
     assert losses["triplet_fused"].item() == pytest.approx(
-        triplet_loss(model.fuse(v, v_c), model.fuse(t, t_c), ids, cfg.margin, hardest=True).item(), abs=1e-6)
+        triplet_loss(model.fuse(v, v_c), model.fuse(t, t_c), ids, cfg.margin, hardest=True).item(), abs=1e-6
+    )
     assert losses["concept_kl"].item() == pytest.approx(concept_kl_loss(image_scores, caption_scores).item(), abs=1e-6)
     r, scale = cfg.label_mix_ratio, cfg.concept_score_scale  # the caption's scores carry its label prior
     predicted = model.text_query(t, model.concepts())
     mixed = r * torch.softmax(scale * batch["concept_labels"], 1) + (1 - r) * predicted
     assert torch.allclose(caption_scores, mixed, atol=1e-6)
-    total = (losses["triplet_instance"] + 0.2 * losses["triplet_concept"] + 0.6 * losses["triplet_fused"]
-             + 0.4 * losses["concept_kl"])
+    total = (
+        losses["triplet_instance"]
+        + 0.2 * losses["triplet_concept"]
+        + 0.6 * losses["triplet_fused"]
+        + 0.4 * losses["concept_kl"]
+    )
     assert losses["loss"].item() == pytest.approx(total.item(), abs=1e-6)
     losses["loss"].backward()
     assert model.image_encoder.fc.weight.grad is not None
@@ -180,15 +213,18 @@ def test_a_cached_run_from_before_the_options_is_still_reused(tmp_path):
 
 
 def test_bad_values_of_the_new_options_are_one_line_errors():
-    for name, value, text in (("fusion", "product", "must be one of concat, weighted_sum"),
-                              ("region_drop", 1.5, "must lie in [0, 1]"),
-                              ("lambda_kl", -1.0, "must be at least 0"),
-                              ("triplet_all_negatives_epochs", -1, "must be at least 0")):
+    for name, value, text in (
+        ("fusion", "product", "must be one of concat, weighted_sum"),
+        ("region_drop", 1.5, "must lie in [0, 1]"),
+        ("lambda_kl", -1.0, "must be at least 0"),
+        ("triplet_all_negatives_epochs", -1, "must be at least 0"),
+    ):
         with pytest.raises(M.CoderError, match=f"model config: {name}=.* {re.escape(text)}"):
             small_config(**{name: value})
 
 
 # -- the rows ---------------------------------------------------------------------------------
+
 
 def test_peer_rows_are_default_rows_with_the_common_budget():
     assert {"vse_infty", "cvse"} <= set(B.DEFAULT_CONFIGS)
@@ -222,11 +258,14 @@ TINY = [*TINY_TRAIN_ARGS, "--batch_size", "32", "--warmup_epochs", "0", "--log_e
 @pytest.mark.parametrize("name", ["vse_infty", "cvse"])
 def test_each_peer_row_trains_end_to_end(name, tiny_demo, tiny_bert, tmp_path):
     run_dir = tmp_path / name
-    run_script("train_f30k.py", *tiny_demo, *TINY, *row_args(name, tiny_bert), "--epochs", "2",
-               "--run_dir", str(run_dir))
+    run_script(
+        "train_f30k.py", *tiny_demo, *TINY, *row_args(name, tiny_bert), "--epochs", "2", "--run_dir", str(run_dir)
+    )
     log = (run_dir / "train.log").read_text()
-    terms = {"vse_infty": ["triplet_instance"],
-             "cvse": ["triplet_instance", "triplet_concept", "triplet_fused", "concept_kl"]}[name]
+    terms = {
+        "vse_infty": ["triplet_instance"],
+        "cvse": ["triplet_instance", "triplet_concept", "triplet_fused", "concept_kl"],
+    }[name]
     for term in terms:
         assert f"loss/{term}=" in log, term
     model, tokenizer, graph, config = load_for_inference(run_dir / "best.pt")
@@ -234,8 +273,9 @@ def test_each_peer_row_trains_end_to_end(name, tiny_demo, tiny_bert, tmp_path):
     emb = evaluation.encode_split(model, split, tokenizer, graph, "cpu")
     if name == "cvse":
         assert emb.fusion == "weighted_sum"
-        sims = weighted_sum_by_hand(emb.image_instance, emb.image_concept, emb.caption_instance,
-                                    emb.caption_concept, config["mu"])
+        sims = weighted_sum_by_hand(
+            emb.image_instance, emb.image_concept, emb.caption_instance, emb.caption_concept, config["mu"]
+        )
     else:
         assert emb.image_concept is None
         sims = emb.image_instance.double() @ emb.caption_instance.double().T
@@ -252,8 +292,16 @@ def test_warm_up_and_region_drop_resume_exactly(tiny_demo, tmp_path):
     run_script("train_f30k.py", *args, "--epochs", "2", "--run_dir", str(tmp_path / "straight"))
     run_script("train_f30k.py", *args, "--epochs", "1", "--run_dir", str(tmp_path / "resumed"))
     run_script("train_f30k.py", "--resume", str(tmp_path / "resumed" / "last.pt"), "--epochs", "2")
-    run_script("train_f30k.py", *args, "--epochs", "2", "--triplet_all_negatives_epochs", "2",
-               "--run_dir", str(tmp_path / "warming"))
+    run_script(
+        "train_f30k.py",
+        *args,
+        "--epochs",
+        "2",
+        "--triplet_all_negatives_epochs",
+        "2",
+        "--run_dir",
+        str(tmp_path / "warming"),
+    )
     weights = {run: load_checkpoint(tmp_path / run / "last.pt")["model"] for run in ("straight", "resumed", "warming")}
     for key, value in weights["straight"].items():
         assert torch.equal(value, weights["resumed"][key]), key

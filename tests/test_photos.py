@@ -3,6 +3,7 @@ memory bounded by the output whatever the aspect ratio, bad photo files, and nam
 caption file that lead outside the image folder.
 
 Synthetic photos throughout; two tests run the real EfficientNet-Lite0 on Flickr8k photos."""
+
 import io
 import os
 import struct
@@ -41,7 +42,7 @@ def camera_jpeg(path: Path, source: Image.Image | None = None, size=(4000, 3000)
     """A camera-sized JPEG: `source` upscaled (bicubic), or smooth gradients with texture."""
     if source is None:
         rng = np.random.default_rng(0)
-        y, x = np.mgrid[0:size[1] // 8, 0:size[0] // 8].astype(np.float32)
+        y, x = np.mgrid[0 : size[1] // 8, 0 : size[0] // 8].astype(np.float32)
         pixels = np.stack([x * 255 / x.max(), y * 255 / y.max(), 128 + 60 * np.sin(x / 7) * np.cos(y / 5)], -1)
         pixels += rng.normal(0, 10, pixels.shape)
         source = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
@@ -51,6 +52,7 @@ def camera_jpeg(path: Path, source: Image.Image | None = None, size=(4000, 3000)
 
 def png_claiming(width: int, height: int) -> bytes:
     """A PNG whose header claims `width` x `height` pixels, with one byte of image data."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
@@ -89,9 +91,9 @@ def quarters(height: int = 300, width: int = 400) -> np.ndarray:
     """An image no rotation or flip maps onto itself: left half red, right top blue, right
     bottom green."""
     pixels = np.zeros((height, width, 3), np.uint8)
-    pixels[:, :width // 2] = (250, 20, 20)
-    pixels[:height // 2, width // 2:] = (20, 20, 250)
-    pixels[height // 2:, width // 2:] = (20, 250, 20)
+    pixels[:, : width // 2] = (250, 20, 20)
+    pixels[: height // 2, width // 2 :] = (20, 20, 250)
+    pixels[height // 2 :, width // 2 :] = (20, 250, 20)
     return pixels
 
 
@@ -107,9 +109,16 @@ def with_orientation(pixels: np.ndarray, orientation: int, size: tuple[int, int]
 
 
 # EXIF orientation -> what a viewer does to the stored pixels, written with numpy
-UPRIGHT = {1: lambda a: a, 2: lambda a: a[:, ::-1], 3: lambda a: np.rot90(a, 2), 4: lambda a: a[::-1],
-           5: lambda a: np.rot90(a[:, ::-1], 1), 6: lambda a: np.rot90(a, -1), 7: lambda a: np.rot90(a[:, ::-1], -1),
-           8: lambda a: np.rot90(a, 1)}
+UPRIGHT = {
+    1: lambda a: a,
+    2: lambda a: a[:, ::-1],
+    3: lambda a: np.rot90(a, 2),
+    4: lambda a: a[::-1],
+    5: lambda a: np.rot90(a[:, ::-1], 1),
+    6: lambda a: np.rot90(a, -1),
+    7: lambda a: np.rot90(a[:, ::-1], -1),
+    8: lambda a: np.rot90(a, 1),
+}
 
 
 @pytest.mark.parametrize("orientation", sorted(UPRIGHT))
@@ -153,13 +162,17 @@ def test_a_split_extracted_by_another_decoder_is_refused_not_mixed(tmp_path, mon
     with pytest.raises(Interrupted):
         run(tmp_path, tmp_path / "out", TinyBackbone(fail_after=1))
     monkeypatch.setattr(backbones, "DECODING", "jpeg-draft-scale")
-    with pytest.raises(CoderError, match=r"extracted by another backbone, preprocessing or photo decoder \(then "
-                                         r".*\|jpeg-draft-scale\|exif-orientation\|.*; now .*\|jpeg-draft-scale\|"):
+    with pytest.raises(
+        CoderError,
+        match=r"extracted by another backbone, preprocessing or photo decoder \(then "
+        r".*\|jpeg-draft-scale\|exif-orientation\|.*; now .*\|jpeg-draft-scale\|",
+    ):
         run(tmp_path, tmp_path / "out", TinyBackbone())
 
 
-@pytest.mark.parametrize("size", [(224, 224), (500, 375), (375, 500), (640, 427), (257, 999), (1000, 224),
-                                  (100, 50), (12, 10), (4000, 3000)])
+@pytest.mark.parametrize(
+    "size", [(224, 224), (500, 375), (375, 500), (640, 427), (257, 999), (1000, 224), (100, 50), (12, 10), (4000, 3000)]
+)
 def test_crop_box_resize_matches_full_resize_then_crop(size):
     w, h = size
     image = Image.fromarray(np.random.default_rng(w * h).integers(0, 256, (h, w, 3), dtype=np.uint8))
@@ -199,8 +212,9 @@ def test_thin_png_decodes_in_bounded_memory(tmp_path):
         "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)\n"
     )
     env = {**os.environ, "PYTHONPATH": str(Path(backbones.__file__).parent)}
-    result = subprocess.run([sys.executable, "-c", script, str(thin), str(wide)], capture_output=True, text=True,
-                            env=env, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(thin), str(wide)], capture_output=True, text=True, env=env, timeout=120
+    )
     assert result.returncode == 0, result.stderr
     assert int(result.stdout) < 50_000, f"peak RSS grew by {int(result.stdout) / 1024:.0f} MB"  # KiB
 
@@ -241,7 +255,7 @@ def claiming(kind: str, width: int, height: int) -> bytes:
         data[18:26] = struct.pack("<ii", width, height)
     else:  # JPEG: the SOF0 segment's height and width
         sof = data.index(b"\xff\xc0")
-        data[sof + 5:sof + 9] = struct.pack(">HH", height, width)
+        data[sof + 5 : sof + 9] = struct.pack(">HH", height, width)
     return bytes(data)
 
 
@@ -251,8 +265,10 @@ def test_formats_decoded_at_full_scale_have_lower_pixel_limits():
     claiming 63 MP passes (decoded at 1/8 scale, 1125 x 875); a real 25 MP WebP is refused
     above its 24 MP bound."""
     for kind in ("PNG", "GIF", "BMP"):
-        with pytest.raises(backbones.PhotoTooLarge, match=f"^9000 x 5000 image has 45 megapixels, more than the "
-                                                         f"40 this program decodes of a {kind} image$"):
+        with pytest.raises(
+            backbones.PhotoTooLarge,
+            match=f"^9000 x 5000 image has 45 megapixels, more than the 40 this program decodes of a {kind} image$",
+        ):
             backbones.open_photo(claiming(kind, 9000, 5000), 256)
     assert backbones.open_photo(claiming("JPEG", 9000, 7000), 256).size == (1125, 875)
     webp = io.BytesIO()
@@ -351,14 +367,21 @@ def test_extractor_refuses_names_outside_the_image_folder(tmp_path):
     for name in ("../secret.png", str(outside), "sub/../../secret.png", ".."):
         out = tmp_path / "out"
         with pytest.raises(CoderError, match=r"leads outside the image folder .*inside --images") as err:
-            ef.extract_split(images, [("a.png", ["x"]), (name, ["y"])], "train", out, TinyBackbone(), workers=0,
-                             progress=False)
+            ef.extract_split(
+                images, [("a.png", ["x"]), (name, ["y"])], "train", out, TinyBackbone(), workers=0, progress=False
+            )
         assert "\n" not in str(err.value) and not list(out.glob("*")), name
     with pytest.raises(CoderError, match=r"sub: image file of split 'train' is a folder"):
-        ef.extract_split(images, [("sub", ["x"])], "train", tmp_path / "out", TinyBackbone(), workers=0,
-                         progress=False)
-    result = ef.extract_split(images, [("a.png", ["x"]), ("sub/../a.png", ["y"]), ("link.png", ["z"])], "train",
-                              tmp_path / "ok", TinyBackbone(), workers=0, progress=False)
+        ef.extract_split(images, [("sub", ["x"])], "train", tmp_path / "out", TinyBackbone(), workers=0, progress=False)
+    result = ef.extract_split(
+        images,
+        [("a.png", ["x"]), ("sub/../a.png", ["y"]), ("link.png", ["z"])],
+        "train",
+        tmp_path / "ok",
+        TinyBackbone(),
+        workers=0,
+        progress=False,
+    )
     assert result.num_images == 3
 
 
@@ -373,8 +396,9 @@ def test_extractor_names_an_oversized_photo(tmp_path):
     entries = [("a.png", ["x"]), ("bomb.png", ["y"])]
     with pytest.raises(CoderError, match=r"bomb\.png: 15000 x 10000 image has 150 megapixels.*--skip-bad-images"):
         ef.extract_split(images, entries, "train", tmp_path / "out", TinyBackbone(), workers=0, progress=False)
-    result = ef.extract_split(images, entries, "train", tmp_path / "skip", TinyBackbone(), workers=0,
-                              progress=False, skip_bad_images=True)
+    result = ef.extract_split(
+        images, entries, "train", tmp_path / "skip", TinyBackbone(), workers=0, progress=False, skip_bad_images=True
+    )
     assert result.skipped == ["bomb.png"] and result.num_images == 1
 
 
@@ -415,6 +439,7 @@ def test_real_small_photos_keep_their_features(shared_data, lite0):
         with Image.open(source) as image:
             expected = full_resize_then_crop(image, prep.size, prep.resize)
         expected = torch.from_numpy(((expected - prep.mean) / prep.std).astype(np.float32).transpose(2, 0, 1).copy())
-        cosine = torch.nn.functional.cosine_similarity(pooled(lite0, expected), pooled(lite0, prep.photo(source)),
-                                                       dim=0)
+        cosine = torch.nn.functional.cosine_similarity(
+            pooled(lite0, expected), pooled(lite0, prep.photo(source)), dim=0
+        )
         assert cosine > 0.99999, (source.name, float(cosine))

@@ -2,6 +2,7 @@
 so after its BERT folder is renamed it still evaluates, retrieves, serves and resumes. Loading
 for inference builds the online encoders only. A checkpoint without those files names
 --bert_path, which points every loader at the moved folder."""
+
 import shutil
 
 import pytest
@@ -26,9 +27,25 @@ def trained(tiny_bert, tmp_path_factory):
     bert = root / "bert"
     shutil.copytree(tiny_bert, bert)
     demo = tiny_demo_args(root / "demo", seed=2, num_train=24, num_eval=10)
-    run_script("train_f30k.py", *demo, *TINY_TRAIN_ARGS, "--text_encoder", "bert", "--bert_path", str(bert),
-               "--epochs", "1", "--batch_size", "16", "--queue_size", "32", "--test_split", "",
-               "--run_dir", str(root / "run"))
+    run_script(
+        "train_f30k.py",
+        *demo,
+        *TINY_TRAIN_ARGS,
+        "--text_encoder",
+        "bert",
+        "--bert_path",
+        str(bert),
+        "--epochs",
+        "1",
+        "--batch_size",
+        "16",
+        "--queue_size",
+        "32",
+        "--test_split",
+        "",
+        "--run_dir",
+        str(root / "run"),
+    )
     best = root / "run" / "best.pt"
     state = C.load_checkpoint(best)
     config = C.saved_config(state)
@@ -39,8 +56,15 @@ def trained(tiny_bert, tmp_path_factory):
     want = encode(full.eval(), ids, state)
     moved = root / "bert_moved"
     bert.rename(moved)
-    return {"root": root, "best": best, "last": root / "run" / "last.pt", "demo": demo, "moved": moved,
-            "ids": ids, "want": want}
+    return {
+        "root": root,
+        "best": best,
+        "last": root / "run" / "last.pt",
+        "demo": demo,
+        "moved": moved,
+        "ids": ids,
+        "want": want,
+    }
 
 
 def encode(model, ids, state):
@@ -49,11 +73,12 @@ def encode(model, ids, state):
     lengths = torch.tensor([len(i) for i in ids])
     tokens = torch.zeros(len(ids), int(lengths.max()), dtype=torch.long)
     for row, i in enumerate(ids):
-        tokens[row, :len(i)] = torch.tensor(i)
+        tokens[row, : len(i)] = torch.tensor(i)
     mask = (torch.arange(tokens.shape[1])[None, :] < lengths[:, None]).long()
     labels = torch.stack([torch.from_numpy(graph.multi_hot(vocab.tokenize(c))) for c in CAPTIONS]).float()
     with torch.no_grad():
-        return model.fuse(*model.encode_captions(tokens, lengths, mask, labels))
+        captions = {"tokens": tokens, "lengths": lengths, "attention_mask": mask, "concept_labels": labels}
+        return model.fuse(*model.encode_captions(captions))
 
 
 def test_inference_needs_no_bert_folder_and_builds_the_online_encoders_only(trained):
@@ -68,8 +93,9 @@ def test_eval_and_retrieve_after_the_folder_moved(trained, capsys):
     data_path = trained["demo"][1]
     result = evaluation.main(["--checkpoint", str(trained["best"]), "--workers", "0", "--device", "cpu"], "f30k")
     assert result["metrics"]["rsum"] > 0
-    retrieve.main(["--checkpoint", str(trained["best"]), "--data_path", data_path, "--query", "a dog",
-                   "--device", "cpu"])
+    retrieve.main(
+        ["--checkpoint", str(trained["best"]), "--data_path", data_path, "--query", "a dog", "--device", "cpu"]
+    )
     assert "query: a dog" in capsys.readouterr().out
 
 
@@ -80,9 +106,20 @@ def test_serve_loads_after_the_folder_moved(trained, tmp_path):
 
     for i in range(3):
         make_photo(tmp_path / "photos" / f"p{i}.png", seed=i)
-    args = serve.build_parser().parse_args(["--checkpoint", str(trained["best"]), "--images", str(tmp_path / "photos"),
-                                            "--backbone", "tiny-test", "--cache_dir", str(tmp_path / "cache"),
-                                            "--device", "cpu"])
+    args = serve.build_parser().parse_args(
+        [
+            "--checkpoint",
+            str(trained["best"]),
+            "--images",
+            str(tmp_path / "photos"),
+            "--backbone",
+            "tiny-test",
+            "--cache_dir",
+            str(tmp_path / "cache"),
+            "--device",
+            "cpu",
+        ]
+    )
     backbones.BACKBONES["tiny-test"] = TinyBackbone
     try:
         photos, _ = serve.build_index(args)
@@ -109,20 +146,36 @@ def test_a_checkpoint_without_the_files_names_bert_path_and_takes_it(trained, tm
     assert "\n" not in str(err.value)
     model, tokenizer, _, _ = C.load_for_inference(old, bert_path=str(trained["moved"]))
     assert torch.equal(encode(model, trained["ids"], state), trained["want"])
-    result = evaluation.main(["--checkpoint", str(old), "--workers", "0", "--device", "cpu",
-                              "--bert_path", str(trained["moved"])], "f30k")
+    result = evaluation.main(
+        ["--checkpoint", str(old), "--workers", "0", "--device", "cpu", "--bert_path", str(trained["moved"])], "f30k"
+    )
     assert result["metrics"]["rsum"] > 0
-    proc = run_script("train_f30k.py", "--resume", str(old), "--epochs", "2", "--run_dir", str(tmp_path / "r"),
-                      check=False)
+    proc = run_script(
+        "train_f30k.py", "--resume", str(old), "--epochs", "2", "--run_dir", str(tmp_path / "r"), check=False
+    )
     assert proc.returncode == 2 and "pass --bert_path DIR" in proc.stderr and proc.stderr.count("\n") == 1
-    run_script("train_f30k.py", "--resume", str(old), "--epochs", "2", "--run_dir", str(tmp_path / "r"),
-               "--bert_path", str(trained["moved"]))
+    run_script(
+        "train_f30k.py",
+        "--resume",
+        str(old),
+        "--epochs",
+        "2",
+        "--run_dir",
+        str(tmp_path / "r"),
+        "--bert_path",
+        str(trained["moved"]),
+    )
     assert C._is_file_dict(C.load_checkpoint(tmp_path / "r" / "last.pt")["text_encoder_files"])
 
 
-@pytest.mark.parametrize("files", [{"../config.json": torch.zeros(2, dtype=torch.uint8)},
-                                   {"vocab.txt": torch.zeros(2, dtype=torch.uint8)},
-                                   {"config.json": torch.zeros(2)}])
+@pytest.mark.parametrize(
+    "files",
+    [
+        {"../config.json": torch.zeros(2, dtype=torch.uint8)},
+        {"vocab.txt": torch.zeros(2, dtype=torch.uint8)},
+        {"config.json": torch.zeros(2)},
+    ],
+)
 def test_bad_text_encoder_files_are_refused_in_one_line(trained, tmp_path, files):
     state = C.load_checkpoint(trained["best"])
     state["text_encoder_files"] = files

@@ -1,4 +1,5 @@
 """prototypes.Prototypes against direct computations."""
+
 import torch
 import torch.nn.functional as F
 

@@ -1,4 +1,5 @@
 """queues.KeyQueues against a Python-list ring buffer, and its host-side counters."""
+
 import torch
 
 from queues import KeyQueues

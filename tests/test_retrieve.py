@@ -1,5 +1,6 @@
 """retrieve.py on a tiny trained checkpoint: its printed top-k agrees with a direct computation
 of the similarity S (docs/method.md), and --grid draws one row of thumbnails per text query."""
+
 import os
 import re
 import shutil
@@ -19,10 +20,42 @@ from test_evaluation import direct_similarity
 
 ROOT = Path(__file__).resolve().parent.parent
 
-TINY = ["--embed_dim", "32", "--word_dim", "16", "--gcn_hidden", "16", "--queue_size", "96",
-        "--num_prototypes", "8", "--batch_size", "32", "--lr", "1e-3", "--warmup_epochs", "1",
-        "--lr_decay_epoch", "2", "--workers", "0", "--eval_batch_size", "64", "--progress", "false",
-        "--log_every", "5", "--val_max_images", "0", "--device", "cpu", "--epochs", "1", "--test_split", ""]
+TINY = [
+    "--embed_dim",
+    "32",
+    "--word_dim",
+    "16",
+    "--gcn_hidden",
+    "16",
+    "--queue_size",
+    "96",
+    "--num_prototypes",
+    "8",
+    "--batch_size",
+    "32",
+    "--lr",
+    "1e-3",
+    "--warmup_epochs",
+    "1",
+    "--lr_decay_epoch",
+    "2",
+    "--workers",
+    "0",
+    "--eval_batch_size",
+    "64",
+    "--progress",
+    "false",
+    "--log_every",
+    "5",
+    "--val_max_images",
+    "0",
+    "--device",
+    "cpu",
+    "--epochs",
+    "1",
+    "--test_split",
+    "",
+]
 
 ROW = re.compile(r"^\s+(\d+)\. (-?\d+\.\d+)  (.*?)(  \*)?$")
 
@@ -35,9 +68,25 @@ def trained(tmp_path_factory):
     run_dir = root / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "train_f30k.py"), "--data_path", paths["data_path"], "--vocab_path",
-         paths["vocab_path"], "--concept_path", paths["concept_dir"], *TINY, "--run_dir", str(run_dir)],
-        check=False, env=env, capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            str(ROOT / "train_f30k.py"),
+            "--data_path",
+            paths["data_path"],
+            "--vocab_path",
+            paths["vocab_path"],
+            "--concept_path",
+            paths["concept_dir"],
+            *TINY,
+            "--run_dir",
+            str(run_dir),
+        ],
+        check=False,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return {"checkpoint": str(run_dir / "best.pt"), "data_path": paths["data_path"]}
 
@@ -71,9 +120,26 @@ def test_text_and_image_queries_match_direct_scores(trained, direct, capsys):
     split, sims = direct["split"], direct["sims"]
     caption_index = 7  # a caption of image 1, used verbatim as the query
     query = split.captions[caption_index]
-    retrieve.main(["--checkpoint", trained["checkpoint"], "--data_path", trained["data_path"], "--split", "test",
-                   "--query", query, "--query", "a dog on the grass", "--image", "3", "--k", "4",
-                   "--device", "cpu"])
+    retrieve.main(
+        [
+            "--checkpoint",
+            trained["checkpoint"],
+            "--data_path",
+            trained["data_path"],
+            "--split",
+            "test",
+            "--query",
+            query,
+            "--query",
+            "a dog on the grass",
+            "--image",
+            "3",
+            "--k",
+            "4",
+            "--device",
+            "cpu",
+        ]
+    )
     blocks = parse_blocks(capsys.readouterr().out)
     assert list(blocks) == [f"query: {query}", "query: a dog on the grass", f"image [3] {split.ids[3]}"]
 
@@ -111,9 +177,28 @@ def test_grid_png_has_a_row_per_query(trained, direct, tmp_path, capsys):
 
     grid = tmp_path / "out" / "grid.png"
     queries = [split.captions[0], split.captions[11]]
-    retrieve.main(["--checkpoint", trained["checkpoint"], "--data_path", str(data_path), "--split", "test",
-                   "--query", queries[0], "--query", queries[1], "--k", "3", "--images_dir", str(images_dir),
-                   "--grid", str(grid), "--device", "cpu"])
+    retrieve.main(
+        [
+            "--checkpoint",
+            trained["checkpoint"],
+            "--data_path",
+            str(data_path),
+            "--split",
+            "test",
+            "--query",
+            queries[0],
+            "--query",
+            queries[1],
+            "--k",
+            "3",
+            "--images_dir",
+            str(images_dir),
+            "--grid",
+            str(grid),
+            "--device",
+            "cpu",
+        ]
+    )
     out = capsys.readouterr().out
     assert f"wrote {grid}" in out
     top = direct["sims"][:, [0, 11]].t().topk(3, dim=1).indices
@@ -139,9 +224,24 @@ def test_grid_png_has_a_row_per_query(trained, direct, tmp_path, capsys):
 
 def test_grid_reports_missing_images(trained, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
-        retrieve.main(["--checkpoint", trained["checkpoint"], "--data_path", trained["data_path"], "--split", "test",
-                       "--query", "a dog", "--images_dir", str(tmp_path), "--grid", str(tmp_path / "g.png"),
-                       "--device", "cpu"])
+        retrieve.main(
+            [
+                "--checkpoint",
+                trained["checkpoint"],
+                "--data_path",
+                trained["data_path"],
+                "--split",
+                "test",
+                "--query",
+                "a dog",
+                "--images_dir",
+                str(tmp_path),
+                "--grid",
+                str(tmp_path / "g.png"),
+                "--device",
+                "cpu",
+            ]
+        )
     assert exc.value.code == 2
     assert "image file not found" in capsys.readouterr().err
     assert not (tmp_path / "g.png").exists()

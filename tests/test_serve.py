@@ -9,6 +9,7 @@ the tokenizer under concurrent searches, faiss's missing ids, the option checks)
 headless Chromium, the page. Two tests need the real weights and ../shared/data: the scores
 equal evaluation's on real Flickr8k photos, and the cache is reused and updated incrementally.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -73,13 +74,20 @@ def png_chunk(kind: bytes, data: bytes) -> bytes:
 def png_claiming(width: int, height: int) -> bytes:
     """A ~100-byte PNG whose header claims width x height 8-bit grey pixels (a few rows given)."""
     header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header)
-            + png_chunk(b"IDAT", zlib.compress(b"\x00" * (width + 1) * 4)) + png_chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + png_chunk(b"IHDR", header)
+        + png_chunk(b"IDAT", zlib.compress(b"\x00" * (width + 1) * 4))
+        + png_chunk(b"IEND", b"")
+    )
 
 
 def caption_rows() -> list[dict[str, str]]:
-    return [{"image": Path(name).name, "caption": f"{words} {i}"} for i, name in enumerate(PHOTO_NAMES)
-            for words in ("a dog runs on the grass photo", "two people near the water picture")]
+    return [
+        {"image": Path(name).name, "caption": f"{words} {i}"}
+        for i, name in enumerate(PHOTO_NAMES)
+        for words in ("a dog runs on the grass photo", "two people near the water picture")
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -87,9 +95,21 @@ def fake(tmp_path_factory):
     """A demo-data checkpoint, the tiny backbone registered, and a photo folder of generated
     photos: PHOTO_NAMES, hidden files, a text file, and a real link out of the folder."""
     root = tmp_path_factory.mktemp("serve_fake")
-    run_script("train_f30k.py", *tiny_demo_args(root, seed=3, num_train=96, num_eval=16), *TINY_TRAIN_ARGS,
-               "--epochs", "1", "--batch_size", "16", "--queue_size", "32", "--test_split", "",
-               "--run_dir", str(root / "run"))
+    run_script(
+        "train_f30k.py",
+        *tiny_demo_args(root, seed=3, num_train=96, num_eval=16),
+        *TINY_TRAIN_ARGS,
+        "--epochs",
+        "1",
+        "--batch_size",
+        "16",
+        "--queue_size",
+        "32",
+        "--test_split",
+        "",
+        "--run_dir",
+        str(root / "run"),
+    )
     photos = root / "photos"
     for i, name in enumerate(PHOTO_NAMES + HIDDEN_NAMES):
         make_photo(photos / name, seed=i)
@@ -168,8 +188,9 @@ def test_own_captions_are_those_the_caption_file_gives_the_photo(client, fake_in
         rows = list(csv.DictReader(f))
     name = "p04.png"
     own = {r["caption"] for r in rows if r["image"] == name}
-    response = client.post("/api/upload", params={"k": 200},
-                           files={"file": (name, (fake["photos"] / name).read_bytes(), "image/png")})
+    response = client.post(
+        "/api/upload", params={"k": 200}, files={"file": (name, (fake["photos"] / name).read_bytes(), "image/png")}
+    )
     body = response.json()
     assert response.status_code == 200 and body["photos"][0]["name"] == name  # finds itself first
     assert len(body["captions"]) == len(rows) and {c["text"] for c in body["captions"] if c["own"]} == own
@@ -180,11 +201,22 @@ def test_own_captions_are_those_the_caption_file_gives_the_photo(client, fake_in
 
 def test_unknown_ids_paths_and_non_images_are_refused(client, fake):
     before = sorted(p.name for p in fake["photos"].iterdir())
-    for url in ("/photos/0", "/photos/-1", "/photos/..%2F..%2Fetc%2Fpasswd", "/photos/../../etc/passwd",
-                "/thumbs/99", "/api/photos/42/neighbours", "/photos/p01.png", "/thumbs/sub%2Fp10.png"):
+    for url in (
+        "/photos/0",
+        "/photos/-1",
+        "/photos/..%2F..%2Fetc%2Fpasswd",
+        "/photos/../../etc/passwd",
+        "/thumbs/99",
+        "/api/photos/42/neighbours",
+        "/photos/p01.png",
+        "/thumbs/sub%2Fp10.png",
+    ):
         assert client.get(url).status_code in (404, 422), url
     response = client.post("/api/upload", files={"file": ("notes.txt", b"just text", "text/plain")})
-    assert response.json()["detail"] == "notes.txt: not a JPEG, PNG, GIF, BMP or WebP image (other formats are never decoded)"
+    assert (
+        response.json()["detail"]
+        == "notes.txt: not a JPEG, PNG, GIF, BMP or WebP image (other formats are never decoded)"
+    )
     assert sorted(p.name for p in fake["photos"].iterdir()) == before  # nothing written into the folder
 
 
@@ -228,8 +260,12 @@ def test_requests_for_another_host_name_are_refused(fake_index):
 
 def test_cross_site_posts_are_refused(client, fake):
     image = (fake["photos"] / "p01.png").read_bytes()
-    for headers in ({"Origin": "http://evil.example"}, {"Origin": "null"}, {"Sec-Fetch-Site": "cross-site"},
-                    {"Sec-Fetch-Site": "same-site", "Origin": HOST}):
+    for headers in (
+        {"Origin": "http://evil.example"},
+        {"Origin": "null"},
+        {"Sec-Fetch-Site": "cross-site"},
+        {"Sec-Fetch-Site": "same-site", "Origin": HOST},
+    ):
         assert client.post("/api/refresh", headers=headers).status_code == 403, headers
         response = client.post("/api/upload", headers=headers, files={"file": ("p01.png", image, "image/png")})
         assert response.status_code == 403, headers
@@ -246,7 +282,7 @@ def post_stream(app, path: str, headers: dict[str, str], total: int, chunk: int,
     """POST `total` bytes to the ASGI app in `chunk`-byte pieces, recording how many it read
     and the most the temp folder `spool` held meanwhile; returns those and the status."""
     seen = {"read": 0, "disk": 0, "status": None}
-    body = b"--xyz\r\nContent-Disposition: form-data; name=\"file\"; filename=\"big.png\"\r\n\r\n"
+    body = b'--xyz\r\nContent-Disposition: form-data; name="file"; filename="big.png"\r\n\r\n'
 
     async def receive():
         seen["disk"] = max(seen["disk"], disk_use(spool))
@@ -258,11 +294,24 @@ def post_stream(app, path: str, headers: dict[str, str], total: int, chunk: int,
         if message["type"] == "http.response.start":
             seen["status"] = message["status"]
 
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
-             "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
-             "client": ("127.0.0.1", 5000), "server": ("127.0.0.1", 8000),
-             "headers": [(b"host", b"127.0.0.1:8000"), (b"content-type", b"multipart/form-data; boundary=xyz"),
-                         *((k.lower().encode(), v.encode()) for k, v in headers.items())]}
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "query_string": b"",
+        "root_path": "",
+        "client": ("127.0.0.1", 5000),
+        "server": ("127.0.0.1", 8000),
+        "headers": [
+            (b"host", b"127.0.0.1:8000"),
+            (b"content-type", b"multipart/form-data; boundary=xyz"),
+            *((k.lower().encode(), v.encode()) for k, v in headers.items()),
+        ],
+    }
     asyncio.run(app(scope, receive, send))
     return seen
 
@@ -363,6 +412,7 @@ def test_a_rescan_while_20_searches_run_never_mixes_names_and_scores(fake_index,
     moving, away = fake["photos"] / "p07.png", fake["root"] / "p07.away"
     failures, done = [], threading.Event()
     with LiveServer(serve.create_app(photos, default_k=len(names))) as url:
+
         def searcher() -> None:
             with httpx.Client(base_url=url, timeout=30) as http:
                 for _ in range(400):  # bounded; stops early once the rescans are done
@@ -374,8 +424,11 @@ def test_a_rescan_while_20_searches_run_never_mixes_names_and_scores(fake_index,
                     if response.status_code != 200:
                         failures.append(response.status_code)
                     else:
-                        failures.extend((r["name"], r["score"]) for r in response.json()["results"]
-                                        if abs(r["score"] - truth.get(r["name"], math.inf)) > 1e-3)
+                        failures.extend(
+                            (r["name"], r["score"])
+                            for r in response.json()["results"]
+                            if abs(r["score"] - truth.get(r["name"], math.inf)) > 1e-3
+                        )
                     if done.is_set():
                         return
 
@@ -417,8 +470,11 @@ def test_an_upload_being_embedded_does_not_hold_up_other_requests(fake_index, fa
     try:
         with LiveServer(serve.create_app(*fake_index)) as url, httpx.Client(base_url=url, timeout=30) as http:
             image = (fake["photos"] / "p03.jpg").read_bytes()
-            uploader = threading.Thread(target=lambda: answers.update(upload=http.post(
-                "/api/upload", files={"file": ("p03.jpg", image, "image/jpeg")}).status_code))
+            uploader = threading.Thread(
+                target=lambda: answers.update(
+                    upload=http.post("/api/upload", files={"file": ("p03.jpg", image, "image/jpeg")}).status_code
+                )
+            )
             uploader.start()
             assert entered.wait(30)
             with httpx.Client(base_url=url, timeout=5) as other:
@@ -511,17 +567,20 @@ def test_k_and_the_apis_cap_agree(client, fake_index):
         serve.create_app(*fake_index, default_k=serve.MAX_K + 1)
 
 
-@pytest.mark.parametrize("option, value, message", [
-    ("--port", "70000", "--port: 70000 must be at least 1 and at most 65535"),
-    ("--port", "0", "--port: 0 must be at least 1 and"),
-    ("--k", "201", "--k: 201 must be at least 1 and at most 200"),
-    ("--cache_dir", "FILE", "is a file, not a folder"),
-    ("--captions", "MISSING", "caption file not found"),
-    ("--images", "FILE", "is a file, expected a photo folder"),
-    ("--backbone", "resnet-9000", "--backbone resnet-9000: unknown"),
-    ("--host", "203.0.113.7", "cannot listen there"),
-    ("--port", "BUSY", "cannot listen there"),
-])
+@pytest.mark.parametrize(
+    "option, value, message",
+    [
+        ("--port", "70000", "--port: 70000 must be at least 1 and at most 65535"),
+        ("--port", "0", "--port: 0 must be at least 1 and"),
+        ("--k", "201", "--k: 201 must be at least 1 and at most 200"),
+        ("--cache_dir", "FILE", "is a file, not a folder"),
+        ("--captions", "MISSING", "caption file not found"),
+        ("--images", "FILE", "is a file, expected a photo folder"),
+        ("--backbone", "resnet-9000", "--backbone resnet-9000: unknown"),
+        ("--host", "203.0.113.7", "cannot listen there"),
+        ("--port", "BUSY", "cannot listen there"),
+    ],
+)
 def test_every_option_is_checked_before_anything_is_indexed(fake, monkeypatch, capsys, option, value, message):
     import serve
 
@@ -530,8 +589,11 @@ def test_every_option_is_checked_before_anything_is_indexed(fake, monkeypatch, c
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
-        value = {"FILE": str(file), "MISSING": str(fake["root"] / "missing.csv"),
-                 "BUSY": str(busy.getsockname()[1])}.get(value, value)
+        value = {
+            "FILE": str(file),
+            "MISSING": str(fake["root"] / "missing.csv"),
+            "BUSY": str(busy.getsockname()[1]),
+        }.get(value, value)
         argv = ["--checkpoint", str(fake["checkpoint"]), "--images", str(fake["photos"]), option, value]
         with pytest.raises(SystemExit) as stop:
             serve.main(argv)
@@ -556,15 +618,25 @@ def test_browser_searches_uploads_and_rescans(fake_index, fake, tmp_path):
     photos = fake_index[0]
     query = "a dog runs on the grass"
     with LiveServer(serve.create_app(*fake_index, default_k=6)) as url, playwright.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-            "--disable-sync", "--no-first-run"])
+        browser = p.chromium.launch(
+            executable_path=chromium,
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--no-first-run",
+            ],
+        )
         page = browser.new_page(viewport={"width": 1280, "height": 800})
         page.goto(f"{url}/")
         page.fill("#query", query)
         page.press("#query", "Enter")
         page.wait_for_selector("figure img")
-        page.wait_for_function("[...document.querySelectorAll('figure img')].every(i => i.complete && i.naturalWidth > 0)")
+        page.wait_for_function(
+            "[...document.querySelectorAll('figure img')].every(i => i.complete && i.naturalWidth > 0)"
+        )
         ids = page.eval_on_selector_all("figure", "fs => fs.map(f => f.dataset.id)")
         gallery = photos.gallery
         assert ids == [gallery.ids[i] for i, _ in gallery.search(photos.embedder.texts([query]), 6)[0]]
@@ -596,20 +668,51 @@ def real(shared_data, tmp_path_factory):
     root = tmp_path_factory.mktemp("serve")
     data = tiny_flickr8k(shared_data, root / "f8k", train=24, dev=8)
     precomp = root / "precomp"
-    outputs = extract_features.extract_dataset(data / "images", data / "captions.txt", precomp,
-                                               {"train": str(data / "train.txt"), "dev": str(data / "dev.txt")},
-                                               device="cpu", workers=0, progress=False)
+    outputs = extract_features.extract_dataset(
+        data / "images",
+        data / "captions.txt",
+        precomp,
+        {"train": str(data / "train.txt"), "dev": str(data / "dev.txt")},
+        device="cpu",
+        workers=0,
+        progress=False,
+    )
     extract_features.build_text_resources(precomp, outputs["train"].caps)
-    run_script("train_f30k.py", "--data_path", str(precomp), "--vocab_path", str(precomp / "vocab.json"),
-               "--concept_path", str(precomp / "concepts"), *TINY_TRAIN_ARGS, "--epochs", "1", "--batch_size", "16",
-               "--queue_size", "32", "--word_vectors", "glove-package", "--word_dim", "50", "--test_split", "",
-               "--run_dir", str(root / "run"))
+    run_script(
+        "train_f30k.py",
+        "--data_path",
+        str(precomp),
+        "--vocab_path",
+        str(precomp / "vocab.json"),
+        "--concept_path",
+        str(precomp / "concepts"),
+        *TINY_TRAIN_ARGS,
+        "--epochs",
+        "1",
+        "--batch_size",
+        "16",
+        "--queue_size",
+        "32",
+        "--word_vectors",
+        "glove-package",
+        "--word_dim",
+        "50",
+        "--test_split",
+        "",
+        "--run_dir",
+        str(root / "run"),
+    )
     photos = root / "photos"
     photos.mkdir()
     for name in (data / "dev.txt").read_text().split():
         shutil.copy((data / "images" / name).resolve(), photos / name)
-    return {"root": root, "checkpoint": root / "run" / "best.pt", "photos": photos, "precomp": precomp,
-            "spare": sorted((data / "images").iterdir())[0].resolve()}
+    return {
+        "root": root,
+        "checkpoint": root / "run" / "best.pt",
+        "photos": photos,
+        "precomp": precomp,
+        "spare": sorted((data / "images").iterdir())[0].resolve(),
+    }
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,7 @@ in the photo folder, a second server on the same cache, a kill at any moment.
 Each test builds its own photo folder (generated photos) and runs the app with the tiny
 checkpoint and backbone of test_serve.py; each was seen failing with its defence removed.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -88,11 +89,20 @@ def ids_by_name(client) -> dict[str, str]:
 # ---------------------------------------------------------------- another site's page
 
 
-FOREIGN = [{"Sec-Fetch-Site": "cross-site"}, {"Sec-Fetch-Site": "same-site"},  # e.g. a page on 127.0.0.1:9000
-           {"Referer": "http://evil.example/page.html"}, {"Origin": "http://evil.example"},  # no fetch metadata
-           {"Origin": "null"}, {"Referer": "http://["}]
-OWN = [{}, {"Sec-Fetch-Site": "none"},  # curl; a typed URL or a bookmark
-       {"Sec-Fetch-Site": "same-origin", "Referer": f"{HOST}/"}, {"Referer": f"{HOST}/"}]
+FOREIGN = [
+    {"Sec-Fetch-Site": "cross-site"},
+    {"Sec-Fetch-Site": "same-site"},  # e.g. a page on 127.0.0.1:9000
+    {"Referer": "http://evil.example/page.html"},
+    {"Origin": "http://evil.example"},  # no fetch metadata
+    {"Origin": "null"},
+    {"Referer": "http://["},
+]
+OWN = [
+    {},
+    {"Sec-Fetch-Site": "none"},  # curl; a typed URL or a bookmark
+    {"Sec-Fetch-Site": "same-origin", "Referer": f"{HOST}/"},
+    {"Referer": f"{HOST}/"},
+]
 
 
 def test_other_sites_pages_cannot_read_photos_thumbnails_or_the_api(embedder, tmp_path):
@@ -103,12 +113,21 @@ def test_other_sites_pages_cannot_read_photos_thumbnails_or_the_api(embedder, tm
 
     client = client_of(index(embedder, photo_folder(tmp_path / "photos"), tmp_path / "cache"))
     some = next(iter(ids_by_name(client).values()))
-    reads = [f"/photos/{some}", f"/thumbs/{some}", "/photos/0", "/api/status", "/api/search?q=dog",
-             f"/api/photos/{some}/neighbours"]
+    reads = [
+        f"/photos/{some}",
+        f"/thumbs/{some}",
+        "/photos/0",
+        "/api/status",
+        "/api/search?q=dog",
+        f"/api/photos/{some}/neighbours",
+    ]
     for url in reads:
         for headers in FOREIGN:
             response = client.get(url, headers=headers)
-            assert (response.status_code, response.json()) == (403, {"detail": serve.CROSS_SITE_REFUSAL}), (url, headers)
+            assert (response.status_code, response.json()) == (403, {"detail": serve.CROSS_SITE_REFUSAL}), (
+                url,
+                headers,
+            )
         for headers in OWN:
             assert client.get(url, headers=headers).status_code == (404 if url == "/photos/0" else 200), (url, headers)
     assert client.get("/", headers={"Sec-Fetch-Site": "cross-site"}).status_code == 200
@@ -125,11 +144,18 @@ def test_every_response_carries_the_security_headers(embedder, tmp_path):
     client = client_of(photos)
     some = next(iter(ids_by_name(client).values()))
     tag = client.get(f"/thumbs/{some}").headers["etag"]
-    responses = [client.get("/"), client.get("/api/status"), client.get(f"/photos/{some}"),
-                 client.get(f"/thumbs/{some}"), client.get(f"/thumbs/{some}", headers={"If-None-Match": tag}),
-                 client.get("/photos/nothing"), client.get("/api/search", params={"q": "x", "k": 0}),
-                 client.get("/api/status", headers={"Sec-Fetch-Site": "cross-site"}), client.delete("/"),
-                 TestClient(serve.create_app(photos), base_url="http://evil.example").get("/")]
+    responses = [
+        client.get("/"),
+        client.get("/api/status"),
+        client.get(f"/photos/{some}"),
+        client.get(f"/thumbs/{some}"),
+        client.get(f"/thumbs/{some}", headers={"If-None-Match": tag}),
+        client.get("/photos/nothing"),
+        client.get("/api/search", params={"q": "x", "k": 0}),
+        client.get("/api/status", headers={"Sec-Fetch-Site": "cross-site"}),
+        client.delete("/"),
+        TestClient(serve.create_app(photos), base_url="http://evil.example").get("/"),
+    ]
     assert [r.status_code for r in responses] == [200, 200, 200, 200, 304, 404, 422, 403, 405, 400]
     for response in responses:
         assert {k: response.headers.get(k) for k in serve.SECURITY_HEADERS} == serve.SECURITY_HEADERS, response
@@ -273,8 +299,7 @@ def assert_cache_pairs_every_vector_with_its_photo(embedder, folder: Path, cache
 
 
 @pytest.mark.parametrize("kill_at", [0, 1, 2])
-def test_a_kill_at_any_cache_write_never_pairs_a_vector_with_another_photo(embedder, tmp_path, monkeypatch,
-                                                                           kill_at):
+def test_a_kill_at_any_cache_write_never_pairs_a_vector_with_another_photo(embedder, tmp_path, monkeypatch, kill_at):
     """A photo removed and one added (the count stays), and the rescan killed at its first,
     second or third file write: what a new server loads pairs every vector rightly."""
     import photo_index
@@ -300,15 +325,17 @@ def test_a_kill_at_any_cache_write_never_pairs_a_vector_with_another_photo(embed
     assert_cache_pairs_every_vector_with_its_photo(embedder, folder, cache)
 
 
-def test_two_servers_saving_one_cache_at_once_never_pair_a_vector_with_another_photo(embedder, tmp_path,
-                                                                                      monkeypatch):
+def test_two_servers_saving_one_cache_at_once_never_pair_a_vector_with_another_photo(embedder, tmp_path, monkeypatch):
     """Server A saves its rescan while server B, on the same folder and cache, rescans a later
     state of the folder and saves in the middle of A's save."""
     import photo_index
 
     folder, cache = photo_folder(tmp_path / "photos", NAMES[:3]), tmp_path / "cache"
     index(embedder, folder, cache)
-    server_a, server_b = photo_index.PhotoIndex(embedder, folder, cache), photo_index.PhotoIndex(embedder, folder, cache)
+    server_a, server_b = (
+        photo_index.PhotoIndex(embedder, folder, cache),
+        photo_index.PhotoIndex(embedder, folder, cache),
+    )
     write, a_wrote, b_done = photo_index.atomic_write, threading.Event(), threading.Event()
 
     def interleaved_write(*args, **kwargs):
@@ -380,8 +407,13 @@ def test_a_path_swapped_for_a_link_after_the_check_is_not_followed(embedder, tmp
 
 def multipart(name: str, data: bytes) -> tuple[bytes, bytes]:
     """(content type, body) of a form with one file field."""
-    body = (b"--xyz\r\nContent-Disposition: form-data; name=\"file\"; filename=\"" + name.encode()
-            + b"\"\r\nContent-Type: image/png\r\n\r\n" + data + b"\r\n--xyz--\r\n")
+    body = (
+        b'--xyz\r\nContent-Disposition: form-data; name="file"; filename="'
+        + name.encode()
+        + b'"\r\nContent-Type: image/png\r\n\r\n'
+        + data
+        + b"\r\n--xyz--\r\n"
+    )
     return b"multipart/form-data; boundary=xyz", body
 
 
@@ -408,11 +440,24 @@ def test_concurrent_uploads_are_bounded_in_total(embedder, tmp_path):
                 status.append(message["status"])
                 headers.update((k.decode(), v.decode()) for k, v in message["headers"])
 
-        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
-                 "scheme": "http", "path": "/api/upload", "raw_path": b"/api/upload", "query_string": b"",
-                 "root_path": "", "client": ("127.0.0.1", 5000), "server": ("127.0.0.1", 8000),
-                 "headers": [(b"host", b"127.0.0.1:8000"), (b"content-type", content_type),
-                             (b"content-length", str(len(body)).encode())]}
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": "POST",
+            "scheme": "http",
+            "path": "/api/upload",
+            "raw_path": b"/api/upload",
+            "query_string": b"",
+            "root_path": "",
+            "client": ("127.0.0.1", 5000),
+            "server": ("127.0.0.1", 8000),
+            "headers": [
+                (b"host", b"127.0.0.1:8000"),
+                (b"content-type", content_type),
+                (b"content-length", str(len(body)).encode()),
+            ],
+        }
         await app(scope, receive, send)
         return status[0], headers
 
@@ -477,6 +522,7 @@ def test_thumbnails_are_decoded_a_few_at_a_time(embedder, tmp_path, monkeypatch)
     monkeypatch.setattr(backbones, "open_photo", decoder)
     statuses = []
     with LiveServer(serve.create_app(photos)) as url:
+
         def fetch(photo_id: str) -> None:
             with httpx.Client(base_url=url, timeout=30) as http:
                 statuses.append(http.get(f"/thumbs/{photo_id}").status_code)

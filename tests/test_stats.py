@@ -1,4 +1,5 @@
 """bench/stats.py against straightforward computations: loops over images and captions."""
+
 from __future__ import annotations
 
 import math

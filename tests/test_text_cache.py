@@ -1,6 +1,7 @@
 """The on-disk cache of frozen-BERT states (text_cache.py) with a tiny random BERT: the file
 holds what the bottom computes caption by caption, it is reused only for the same weights and
 tokens, a damaged or half-written file is never trusted, and its folder is checked up front."""
+
 import pickle
 from pathlib import Path
 
@@ -22,8 +23,14 @@ def bert_dir(tmp_path_factory):
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=120, hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=32, max_position_embeddings=32)
+    config = BertConfig(
+        vocab_size=120,
+        hidden_size=HIDDEN,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=32,
+    )
     folder = tmp_path_factory.mktemp("tiny_bert")
     BertModel(config, add_pooling_layer=False).save_pretrained(folder)
     return str(folder)
@@ -31,7 +38,7 @@ def bert_dir(tmp_path_factory):
 
 def encoder(bert_dir: str, frozen_layers: int = 1) -> E.BertTextEncoder:
     torch.manual_seed(0)
-    return E.BertTextEncoder(bert_dir, 8, "mean", frozen_layers=frozen_layers)
+    return E.BertTextEncoder(bert_dir, 8, "mean", length_groups=1, frozen_layers=frozen_layers, l2norm_items=False)
 
 
 def token_ids(count: int = 37, seed: int = 0) -> list[list[int]]:
@@ -68,7 +75,7 @@ def test_file_holds_each_captions_states_where_the_offsets_say(bert_dir, tmp_pat
     assert np.allclose(np.asarray(states.states), reference, atol=1e-5)
     start = 0
     for i, caption in enumerate(ids):
-        assert np.array_equal(states[i], np.asarray(states.states[start:start + len(caption)]))
+        assert np.array_equal(states[i], np.asarray(states.states[start : start + len(caption)]))
         start += len(caption)
     (path,) = tmp_path.iterdir()
     np.save(tmp_path / "reference.npy", reference)
@@ -97,8 +104,14 @@ def test_a_damaged_file_is_recomputed(bert_dir, tmp_path, monkeypatch, damage):
     first = np.asarray(text_cache.frozen_text_states(enc, ids, tmp_path).states).copy()
     (path,) = tmp_path.iterdir()
     data = path.read_bytes()
-    path.write_bytes({"cut short": data[:-4], "too long": data + bytes(64), "not an array": b"not an array",
-                      "other shape": data.replace(f"({len(first)}, ".encode(), f"({len(first) - 1}, ".encode())}[damage])
+    path.write_bytes(
+        {
+            "cut short": data[:-4],
+            "too long": data + bytes(64),
+            "not an array": b"not an array",
+            "other shape": data.replace(f"({len(first)}, ".encode(), f"({len(first) - 1}, ".encode()),
+        }[damage]
+    )
     calls = count_bottom_calls(enc, monkeypatch)
     again = text_cache.frozen_text_states(enc, ids, tmp_path)
     assert calls and np.array_equal(np.asarray(again.states), first)
@@ -162,8 +175,14 @@ def test_an_unwritable_cache_folder_is_refused_before_work_starts(tmp_path):
 
     paths = make_demo_dataset(tmp_path / "demo", seed=0, num_train=4, num_dev=2, num_test=2, regions=3, dim=8)
     (tmp_path / "afile").write_text("")
-    config = {**options.script_config(vars(train_f30k)), "data_path": paths["data_path"], "text_encoder": "bert",
-              "concept_branch": False, "bert_frozen_layers": 1, "text_state_cache": str(tmp_path / "afile" / "x")}
+    config = {
+        **options.script_config(vars(train_f30k)),
+        "data_path": paths["data_path"],
+        "text_encoder": "bert",
+        "concept_branch": False,
+        "bert_frozen_layers": 1,
+        "text_state_cache": str(tmp_path / "afile" / "x"),
+    }
     with pytest.raises(CoderError, match=r"^--text_state_cache .*afile/x: .*afile is a file, not a folder$"):
         options.check_train_config(config, resuming=False)
     options.check_train_config({**config, "text_state_cache": "off"}, resuming=False)
@@ -184,14 +203,23 @@ def test_a_training_run_keeps_the_states_in_its_data_folder(bert_dir, tmp_path):
     from distributed import Dist
 
     tokenizer = vocab.Vocabulary.from_words(["a", "dog", "runs", "on", "grass", "red", "ball"])
-    split = types.SimpleNamespace(split="train",
-                                  captions=["a dog runs", "a red ball on grass", "dog", "grass grass a dog runs"])
-    config = {"text_encoder": "bert", "bert_frozen_layers": 1, "text_state_cache": "auto", "data_path": str(tmp_path),
-              "eval_batch_size": 2, "progress": False}
-    enc, world = encoder(bert_dir), Dist("cpu")
+    split = types.SimpleNamespace(
+        split="train", captions=["a dog runs", "a red ball on grass", "dog", "grass grass a dog runs"]
+    )
+    config = {
+        "text_encoder": "bert",
+        "bert_frozen_layers": 1,
+        "text_state_cache": "auto",
+        "data_path": str(tmp_path),
+        "eval_batch_size": 2,
+        "progress": False,
+    }
+    enc, world = encoder(bert_dir), Dist("cpu", timeout_minutes=2)
     states = trainer._text_states(enc, split, tokenizer, config, world, trainer.RunLog(None))
     ids = [tokenizer.encode(c) for c in split.captions]
     assert Path(states.states.filename).parent == tmp_path / "text_states"
     assert np.allclose(np.asarray(states.states), one_by_one(enc, ids), atol=1e-5)
-    assert trainer._text_states(enc, split, tokenizer, {**config, "text_state_cache": "off"}, world,
-                                trainer.RunLog(None)) is None
+    assert (
+        trainer._text_states(enc, split, tokenizer, {**config, "text_state_cache": "off"}, world, trainer.RunLog(None))
+        is None
+    )

@@ -2,6 +2,7 @@
 layout it accepts, the fixed split it makes without split files, its refusals before any
 work, and one whole call on a few real photos (the training itself is the Flickr8k
 benchmark's, tested in test_bench_flickr8k.py)."""
+
 import csv
 import hashlib
 import random
@@ -49,7 +50,9 @@ def test_without_split_files_a_split_of_the_usable_photos_is_written_to_out(tmp_
     (tmp_path / "data" / "train.txt").write_text("p00.jpg\n")
     (tmp_path / "data" / "dev.txt").write_text("p01.jpg\n")
     assert train_photos.split_files(tmp_path / "data", images, captions, tmp_path / "out2") == {
-        "train": str(tmp_path / "data" / "train.txt"), "dev": str(tmp_path / "data" / "dev.txt")}
+        "train": str(tmp_path / "data" / "train.txt"),
+        "dev": str(tmp_path / "data" / "dev.txt"),
+    }
 
 
 def test_the_layout_is_images_or_Images_and_captions_txt(tmp_path):
@@ -76,11 +79,12 @@ def test_the_printed_command_quotes_paths():
     from pathlib import Path
 
     command = train_photos.serve_command(Path("runs/a b/best.pt"), Path("/data/my photos"), Path("/data/c.txt"))
-    assert command == "python serve.py --checkpoint 'runs/a b/best.pt' --images '/data/my photos' --captions /data/c.txt"
+    assert (
+        command == "python serve.py --checkpoint 'runs/a b/best.pt' --images '/data/my photos' --captions /data/c.txt"
+    )
 
 
-def test_from_a_download_to_the_serve_command_then_a_second_call_is_a_no_op(shared_data, tmp_path, monkeypatch,
-                                                                             capsys):
+def test_from_a_download_to_the_serve_command_then_a_second_call_is_a_no_op(shared_data, tmp_path, monkeypatch, capsys):
     """A Flickr8k-layout download (Images/, captions.txt, no split files) of 40 real photos:
     features, a split, one epoch of the benchmark's full-model recipe (shrunk), a best.pt the
     search app loads and the printed command that serves it; a second call trains nothing."""

@@ -3,6 +3,7 @@
 The key property: a run killed with SIGKILL in the middle of an epoch and resumed from its
 last step checkpoint ends with exactly the weights and metrics of an uninterrupted run.
 """
+
 import json
 import os
 import re
@@ -20,8 +21,19 @@ from checkpoint import load_checkpoint, load_for_inference
 from conftest import ROOT, TINY_TRAIN_ARGS, run_script, tiny_demo_args
 from test_evaluation import direct_similarity, naive_metrics
 
-TINY = [*TINY_TRAIN_ARGS, "--queue_size", "96", "--batch_size", "32", "--warmup_epochs", "1",
-        "--lr_decay_epoch", "2", "--log_every", "5"]
+TINY = [
+    *TINY_TRAIN_ARGS,
+    "--queue_size",
+    "96",
+    "--batch_size",
+    "32",
+    "--warmup_epochs",
+    "1",
+    "--lr_decay_epoch",
+    "2",
+    "--log_every",
+    "5",
+]
 
 
 @pytest.fixture(scope="module")
@@ -36,15 +48,20 @@ def run_train(*args, check=True):
 def test_demo_style_run_writes_everything(tiny_demo, tmp_path):
     run_dir = tmp_path / "run"
     run_train(*tiny_demo, *TINY, "--epochs", "2", "--run_dir", str(run_dir))
-    assert {"best.pt", "last.pt", "config.json", "train.log", "test_metrics.json"} <= {p.name for p in run_dir.iterdir()}
+    assert {"best.pt", "last.pt", "config.json", "train.log", "test_metrics.json"} <= {
+        p.name for p in run_dir.iterdir()
+    }
     assert any((run_dir / "tensorboard").iterdir())
     state = load_checkpoint(run_dir / "last.pt")
     assert state["epoch"] == 2 and state["step_in_epoch"] == 0
     assert state["config"]["embed_dim"] == 32 and state["code_version"]
     assert state["model"]["queues.count"].item() > 0
     best = load_checkpoint(run_dir / "best.pt")  # records its own score, so resuming from it keeps the bar
-    rsums = [float(re.search(r" rsum=([0-9.]+)", line).group(1))
-             for line in (run_dir / "train.log").read_text().splitlines() if "validation at step" in line]
+    rsums = [
+        float(re.search(r" rsum=([0-9.]+)", line).group(1))
+        for line in (run_dir / "train.log").read_text().splitlines()
+        if "validation at step" in line
+    ]
     assert best["best_rsum"] == state["best_rsum"] and round(best["best_rsum"], 2) == max(rsums)
     model, tokenizer, graph, config = load_for_inference(run_dir / "best.pt")
     split = data.load_split(tiny_demo[1], "test")
@@ -81,8 +98,12 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tiny_demo, tmp_path
 
     killed = tmp_path / "killed"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, str(ROOT / "train_f30k.py"), *args, "--run_dir", str(killed)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "train_f30k.py"), *args, "--run_dir", str(killed)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     log = killed / "train.log"
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
@@ -102,5 +123,6 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tiny_demo, tmp_path
     for name, value in straight["model"].items():
         assert torch.equal(value, resumed["model"][name]), name
     assert straight["best_rsum"] == resumed["best_rsum"]
-    assert (json.loads((tmp_path / "straight" / "test_metrics.json").read_text())
-            == json.loads((killed / "test_metrics.json").read_text()))
+    assert json.loads((tmp_path / "straight" / "test_metrics.json").read_text()) == json.loads(
+        (killed / "test_metrics.json").read_text()
+    )

@@ -1,4 +1,5 @@
 """The training loop's pieces: command-line config, LR schedule, resumable sampling, RNG state."""
+
 import random
 import sys
 from pathlib import Path
@@ -16,22 +17,26 @@ DEFAULTS = {"lr": 2e-4, "epochs": 30, "loss": "dcl", "concept_branch": True, "re
 
 
 def test_overrides_take_the_default_type():
-    config, demo, explicit = options.parse_overrides(DEFAULTS, ["--lr", "1e-3", "--epochs=3", "--concept-branch", "false",
-                                                      "--loss", "triplet"])
+    config, demo, explicit = options.parse_overrides(
+        DEFAULTS, ["--lr", "1e-3", "--epochs=3", "--concept-branch", "false", "--loss", "triplet"]
+    )
     assert config == {"lr": 1e-3, "epochs": 3, "loss": "triplet", "concept_branch": False, "resume": ""}
     assert not demo and explicit == {"lr", "epochs", "concept_branch", "loss"}
     assert options.parse_overrides(DEFAULTS, ["--demo"])[1]
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--learning_rate", "1"], "unknown option --learning_rate; did you mean --lr?"),
-    (["--epoch", "1"], "unknown option --epoch; did you mean --epochs?"),
-    (["--zzz", "1"], "unknown option --zzz; see the variables at the top of the script"),
-    (["--epochs", "three"], "--epochs: cannot read 'three' as int"),
-    (["--concept_branch", "maybe"], "cannot read 'maybe' as bool"),
-    (["--lr"], "--lr needs a value"),
-    (["lr=3"], "unexpected argument 'lr=3'"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--learning_rate", "1"], "unknown option --learning_rate; did you mean --lr?"),
+        (["--epoch", "1"], "unknown option --epoch; did you mean --epochs?"),
+        (["--zzz", "1"], "unknown option --zzz; see the variables at the top of the script"),
+        (["--epochs", "three"], "--epochs: cannot read 'three' as int"),
+        (["--concept_branch", "maybe"], "cannot read 'maybe' as bool"),
+        (["--lr"], "--lr needs a value"),
+        (["lr=3"], "unexpected argument 'lr=3'"),
+    ],
+)
 def test_bad_overrides_are_clear_errors(argv, message):
     with pytest.raises(CoderError, match=message.replace("-", r"\-").replace("(", r"\(")):
         options.parse_overrides(DEFAULTS, argv)
@@ -109,11 +114,24 @@ READS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "non
 PROJECT = str(Path(__file__).resolve().parent.parent)
 
 
-@pytest.mark.parametrize("overrides", [{}, {"prototype_init": "keys", "num_prototypes": 12},
-                                       {"prototype_update": "learned"}, {"loss": "triplet"},
-                                       {"image_pooling": "gpo", "text_pooling": "gpo", "loss": "triplet",
-                                        "triplet_all_negatives_epochs": 1, "region_drop": 0.2, "queue_size": 0,
-                                        "concept_branch": False}])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"prototype_init": "keys", "num_prototypes": 12},
+        {"prototype_update": "learned"},
+        {"loss": "triplet"},
+        {
+            "image_pooling": "gpo",
+            "text_pooling": "gpo",
+            "loss": "triplet",
+            "triplet_all_negatives_epochs": 1,
+            "region_drop": 0.2,
+            "queue_size": 0,
+            "concept_branch": False,
+        },
+    ],
+)
 def test_a_training_step_reads_nothing_back_from_the_model(monkeypatch, overrides):
     """After warm-up (queues filling, prototypes drawn from keys), trainer.training_step's
     project code makes no .item()/.tolist()/.cpu()/.numpy()/bool()/int()/float()/index read of
@@ -167,9 +185,26 @@ def test_the_loop_reads_the_losses_only_at_logging_steps(tmp_path, monkeypatch):
     import train_f30k
     from conftest import TINY_TRAIN_ARGS, tiny_demo_args
 
-    argv = [*tiny_demo_args(tmp_path / "data", seed=1, num_train=24, num_eval=10), *TINY_TRAIN_ARGS,
-            "--queue_size", "40", "--batch_size", "16", "--epochs", "2", "--log_every", "3", "--test_split", "",
-            "--checkpoint_every_steps", "0", "--diag_every", "0", "--run_dir", str(tmp_path / "run")]
+    argv = [
+        *tiny_demo_args(tmp_path / "data", seed=1, num_train=24, num_eval=10),
+        *TINY_TRAIN_ARGS,
+        "--queue_size",
+        "40",
+        "--batch_size",
+        "16",
+        "--epochs",
+        "2",
+        "--log_every",
+        "3",
+        "--test_split",
+        "",
+        "--checkpoint_every_steps",
+        "0",
+        "--diag_every",
+        "0",
+        "--run_dir",
+        str(tmp_path / "run"),
+    ]
     config, _, _ = options.parse_overrides(options.script_config(vars(train_f30k)), argv)
     read_at = []
     mean = distributed.Dist.mean
@@ -203,9 +238,9 @@ def test_validation_flags_a_collapsed_model_and_saves_its_ranks(tmp_path, monkey
     images = torch.nn.functional.normalize(torch.randn(30, 8, generator=gen), dim=1)
     captions = images.repeat_interleave(5, 0) + 0.3 * torch.randn(150, 8, generator=gen)
     if collapsed:
-        images, captions = torch.ones(30, 8) / 8 ** 0.5, torch.ones(150, 8) / 8 ** 0.5
+        images, captions = torch.ones(30, 8) / 8**0.5, torch.ones(150, 8) / 8**0.5
     captions = torch.nn.functional.normalize(captions, dim=1)
-    found = evaluation.Embeddings(images, None, captions, None)
+    found = evaluation.Embeddings(images, None, captions, None, "concat")
     monkeypatch.setattr(evaluation, "encode_split", lambda *args, **kwargs: found)
     config = {"eval_batch_size": 8, "workers": 0, "mu": 0.15}
     metrics = trainer.validate(None, None, None, None, config, torch.device("cpu"), ranks_file=tmp_path / "r.npz")

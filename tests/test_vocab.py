@@ -1,4 +1,5 @@
 """Tokenizer, vocabulary (SCAN JSON / restricted pickle), build and stats CLI, BERT wrapper."""
+
 import json
 import os
 import pickle
@@ -17,15 +18,24 @@ from vocab import SPECIAL_TOKENS, Vocabulary, build_vocab, tokenize
     [
         ("A man's T-shirt.", ["a", "man", "'s", "t-shirt", "."]),
         ("Two young, White males are outside.", ["two", "young", ",", "white", "males", "are", "outside", "."]),
-        ("The dog isn't here; it cannot swim!", ["the", "dog", "is", "n't", "here", ";", "it", "can", "not", "swim", "!"]),
+        (
+            "The dog isn't here; it cannot swim!",
+            ["the", "dog", "is", "n't", "here", ";", "it", "can", "not", "swim", "!"],
+        ),
         ('A sign reads " Green Jungle . "', ["a", "sign", "reads", "``", "green", "jungle", ".", "``"]),
         ("A `` book bus '' parked", ["a", "``", "book", "bus", "``", "parked"]),
         ('He said "hi"', ["he", "said", "``", "hi", "''"]),
-        ("The 'stop' sign, 3,000 people: (yes)", ["the", "'stop", "'", "sign", ",", "3,000", "people", ":", "(", "yes", ")"]),
+        (
+            "The 'stop' sign, 3,000 people: (yes)",
+            ["the", "'stop", "'", "sign", ",", "3,000", "people", ":", "(", "yes", ")"],
+        ),
         ("About 4' tall -- really?", ["about", "4", "'", "tall", "--", "really", "?"]),
         ("Wait... a banana together..", ["wait", "...", "a", "banana", "together.."]),
         ("A man. A dog runs.", ["a", "man", ".", "a", "dog", "runs", "."]),
-        ("Mr. Smith at St. Mary's in the U.S. today", ["mr.", "smith", "at", "st.", "mary", "'s", "in", "the", "u.s.", "today"]),
+        (
+            "Mr. Smith at St. Mary's in the U.S. today",
+            ["mr.", "smith", "at", "st.", "mary", "'s", "in", "the", "u.s.", "today"],
+        ),
         ("we're gonna eat $5 fish & chips", ["we", "'re", "gon", "na", "eat", "$", "5", "fish", "&", "chips"]),
     ],
 )
@@ -70,8 +80,14 @@ def test_load_real_scan_vocab_and_tokenizer_agrees_with_it(shared_data):
 
 @pytest.mark.parametrize("name, low, high", [("f30k", 0.005, 0.015), ("coco", 0.002, 0.008)])
 def test_oov_rate_on_real_scan_dev_captions(shared_data, capsys, name, low, high):
-    vocab.main(["stats", "--vocab", str(shared_data / "scan_text" / f"{name}_precomp_vocab.json"),
-                str(shared_data / "scan_text" / f"{name}_dev_caps.txt")])
+    vocab.main(
+        [
+            "stats",
+            "--vocab",
+            str(shared_data / "scan_text" / f"{name}_precomp_vocab.json"),
+            str(shared_data / "scan_text" / f"{name}_dev_caps.txt"),
+        ]
+    )
     stats = json.loads(capsys.readouterr().out)
     assert stats["captions"] == (5070 if name == "f30k" else 5000)
     assert low < stats["oov_rate"] < high, stats
