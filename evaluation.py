@@ -23,6 +23,7 @@ from utils import CoderError, as_numpy, atomic_write
 
 RECALL_KS = (1, 5, 10)
 PROTOCOLS = ("f30k", "coco")
+BATCH_SIZE = 256  # images or captions per encoder call: memory and speed, not results
 # Scores compared per chunk in `retrieval_ranks`: bounds the temporary masks whatever the matrix
 # size (5,000 x 25,000 is 125 M scores). On the CPU a chunk that stays in cache is fastest
 # (1 M: 2-4x faster than 16 M); on a GPU bigger chunks mean fewer kernel launches.
@@ -261,7 +262,7 @@ def encode_split(
     tokenizer: Any,
     concept_graph: Any,
     device: str | torch.device,
-    batch_size: int = 128,
+    batch_size: int = BATCH_SIZE,
     num_workers: int = 0,
     progress: bool | None = None,
     text_states: Any = None,
@@ -344,7 +345,7 @@ def encode_models(
     tokenizers: Any,
     concept_graphs: Any,
     device: str | torch.device,
-    batch_size: int = 128,
+    batch_size: int = BATCH_SIZE,
     num_workers: int = 0,
     progress: bool | None = None,
 ) -> list[Embeddings]:
@@ -435,7 +436,7 @@ def evaluate(
     mu: float | Sequence[float],
     *,
     protocol: str = "f30k",
-    batch_size: int = 128,
+    batch_size: int = BATCH_SIZE,
     num_workers: int = 0,
     chunk_size: int = 1024,
     progress: bool | None = None,
@@ -545,7 +546,7 @@ def main(argv: Sequence[str] | None, protocol: str) -> dict[str, Any]:
     )
     parser.add_argument("--json", default="", help="also write the metrics to this JSON file")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
-    parser.add_argument("--batch_size", "--batch-size", type=positive_int, default=256)
+    parser.add_argument("--batch_size", "--batch-size", type=positive_int, default=BATCH_SIZE)
     parser.add_argument("--workers", type=non_negative_int, default=2)
     parser.add_argument("--device", type=torch_device, default=default_device())
     parser.add_argument(

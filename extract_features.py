@@ -58,11 +58,18 @@ class SplitOutput:
     seconds: float = 0.0
 
 
-def _fingerprint(entries: Sequence[Entry], backbone: Backbone, captions_per_image: int) -> str:
+def _fingerprint(entries: Sequence[Entry], backbone: Backbone, captions_per_image: int, images_dir: Path) -> str:
+    """What the split's features are made from: the backbone, each photo's name, captions, size
+    and modification time (a photo replaced under the same name is new input)."""
     h = hashlib.sha256()
     h.update(json.dumps([backbone.fingerprint(), captions_per_image]).encode())
     for name, caps in entries:
-        h.update(json.dumps([name, caps]).encode())
+        try:
+            stat = os.stat(images_dir / name)
+            file = [stat.st_size, stat.st_mtime_ns]
+        except OSError:  # missing or unreadable: refused, or skipped, when it is read
+            file = None
+        h.update(json.dumps([name, caps, file]).encode())
     return h.hexdigest()
 
 
@@ -143,7 +150,7 @@ def extract_split(
     out_dir.mkdir(parents=True, exist_ok=True)
     ims_path, partial_path, caps_path, ids_path = _paths(out_dir, split)
     state = _load_progress(out_dir, overwrite)
-    fingerprint = _fingerprint(entries, backbone, k)
+    fingerprint = _fingerprint(entries, backbone, k, images_dir)
     record = _usable_record(state, split, out_dir, fingerprint, backbone, len(entries), overwrite)
     if record is not None and record["complete"]:
         return SplitOutput(split, ims_path, caps_path, ids_path, record["written"], record["skipped"])

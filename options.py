@@ -71,7 +71,10 @@ CHOICES: dict[str, tuple[str, ...]] = {
 # The train scripts' options (train_f30k.py, train_coco.py). Options not listed are free
 # strings (paths are checked by `check_train_config`) or booleans (checked when parsed).
 TRAIN_RULES: dict[str, tuple[Check, str]] = {
-    "val_max_images": at_least(0),
+    "val_max_images": (
+        lambda v: v == 0 or v >= 2,
+        "must be 0 (every image) or at least 2 (among one image every recall is 100%)",
+    ),
     "embed_dim": (
         at_least(2)[0],
         "must be at least 2 (unit vectors of one dimension are +1 or -1: every similarity would be +1 or -1)",
@@ -89,7 +92,10 @@ TRAIN_RULES: dict[str, tuple[Check, str]] = {
     "concept_query_input": one_of(*CHOICES["concept_query_input"]),
     "momentum": within(0.0, 1.0),
     "queue_size": at_least(0),
-    "num_prototypes": at_least(1),
+    "num_prototypes": (
+        at_least(2)[0],
+        "must be at least 2 (with one prototype every embedding gets the same pseudo label: no signal)",
+    ),
     "sinkhorn_epsilon": at_least(0.01, 10.0),  # below ~0.02 rows underflow (loss.sinkhorn_kernel)
     "sinkhorn_iterations": at_least(1, 1000),
     "prototype_momentum": within(0.0, 1.0),
@@ -112,7 +118,10 @@ TRAIN_RULES: dict[str, tuple[Check, str]] = {
     "mu": within(0.0, 1.0),
     "fusion": one_of(*CHOICES["fusion"]),
     "epochs": at_least(1, 100000),
-    "batch_size": at_least(1),
+    "batch_size": (
+        at_least(2)[0],
+        "must be at least 2 (a caption's negatives start with the batch's other images; BatchNorm needs 2)",
+    ),
     "lr": above(0.0, 10.0),
     "bert_lr_scale": at_least(0.0, 100.0),
     "weight_decay": at_least(0.0, 10.0),
@@ -399,6 +408,31 @@ RESUME_MAY_CHANGE = (
     "data_path",
     "bert_path",
 )
+
+
+def script_help(defaults: dict[str, Any], script: str | Path) -> str:
+    """`--help` of a training script: its docstring, then each option as the script's own line
+    (`name = default  # what it is`), the presets and --demo."""
+    import ast
+
+    source = Path(script).read_text(encoding="utf-8")
+    tree = ast.parse(source)
+    lines = source.splitlines()
+    options = [
+        lines[node.lineno - 1]
+        for node in tree.body
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id in defaults for t in node.targets)
+    ]
+    return "\n".join(
+        [
+            (ast.get_docstring(tree) or "").strip(),
+            "",
+            "Options: --name value (or --name=value) for any variable below; the value is its default.",
+            *(f"  {line}" for line in options),
+            f"  --preset NAME: set several at once; NAME is one of {', '.join(PRESETS)} (docs/method.md)",
+            "  --demo: train on generated data in data/demo (a couple of minutes on a CPU)",
+        ]
+    )
 
 
 def script_config(variables: dict[str, Any]) -> dict[str, Any]:

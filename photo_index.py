@@ -22,6 +22,7 @@ search) aside and swaps it in with one assignment; the image encoder runs one ba
 
 from __future__ import annotations
 
+import csv
 import errno
 import hashlib
 import json
@@ -39,7 +40,7 @@ import torch
 
 from backbones import ImageFiles, PhotoTooLarge, UnreadablePhoto, as_list, get_backbone
 from options import check_writable_dir
-from utils import CoderError, atomic_write
+from utils import CoderError, atomic_write, read_text
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp"}
 DEFAULT_CACHE = Path(__file__).resolve().parent / "data_cache" / "photo_index"
@@ -382,11 +383,13 @@ class PhotoIndex:
         own, then a rename): a reader, or another server on the same folder, sees a whole old
         or a whole new file; two servers saving at once leave the one saved last."""
         meta = json.dumps({"version": CACHE_VERSION, "photos": list(gallery.photos)})  # ASCII: JSON escapes the rest
+        self.cache.mkdir(mode=0o700, parents=True, exist_ok=True)  # names and vectors of private photos
         atomic_write(
             self.cache / CACHE_FILE,
             lambda f: np.savez(
                 f, vectors=gallery.vectors.numpy(), photos=np.frombuffer(meta.encode("ascii"), np.uint8)
             ),
+            private=True,
         )
 
     def refresh(self, progress: bool = False) -> dict[str, Any]:
@@ -467,8 +470,8 @@ class CaptionSet:
             if progress:
                 print(f"encoding {len(self.texts)} captions of {self.path}", flush=True)
             vectors = embedder.texts(self.texts).numpy()
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write(cache, lambda f: np.save(f, vectors))
+            cache.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            atomic_write(cache, lambda f: np.save(f, vectors), private=True)
         self.index = VectorSearch(torch.from_numpy(np.asarray(vectors, dtype=np.float32)))
 
 
@@ -480,9 +483,9 @@ def read_caption_file(path: Path) -> tuple[list[str], list[str | None]]:
 
     if not path.is_file():
         raise CoderError(f"--captions {path}: caption file not found")
-    with open(path, encoding="utf-8", errors="replace") as f:
-        header = f.readline().strip().lower().replace(" ", "")
-    if header.startswith("image,caption"):
+    first_line = read_text(path, "captions file").partition("\n")[0]
+    header = {field.strip().lower() for field in next(csv.reader([first_line]), [])}
+    if {"image", "caption"} <= header:
         by_image = read_captions_csv(path)
         pairs = [(caption, image) for image, captions in by_image.items() for caption in captions]
         return [c for c, _ in pairs], [i for _, i in pairs]

@@ -101,14 +101,18 @@ class Guard:
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         from starlette.datastructures import Headers, MutableHeaders
-        from starlette.responses import JSONResponse
+        from starlette.responses import JSONResponse, PlainTextResponse
 
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
 
+        started = False
+
         async def send_secured(message: dict) -> None:
+            nonlocal started
             if message["type"] == "http.response.start":
+                started = True
                 message.setdefault("headers", [])
                 headers = MutableHeaders(scope=message)
                 for name, value in SECURITY_HEADERS.items():
@@ -118,8 +122,13 @@ class Guard:
         page_load = scope["path"] == "/" and scope["method"] in ("GET", "HEAD")
         if not page_load and cross_site(Headers(scope=scope)):
             await JSONResponse({"detail": CROSS_SITE_REFUSAL}, 403)(scope, receive, send_secured)
-        else:
+            return
+        try:
             await self.app(scope, receive, send_secured)
+        except Exception:  # Starlette's own 500 is sent outside this layer: send it here, headers on
+            if not started:
+                await PlainTextResponse("Internal Server Error", 500)(scope, receive, send_secured)
+            raise
 
 
 async def read_capped_body(request: Any, limit: int) -> bytes:

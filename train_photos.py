@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import shlex
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -27,7 +28,9 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import bench_flickr8k  # noqa: E402
 from caption_sources import read_captions_csv  # noqa: E402
+from concepts import load_concepts  # noqa: E402
 from options import ArgumentParser, check_writable_dir, positive_int  # noqa: E402
+from train_f30k import concept_threshold  # noqa: E402
 from utils import CoderError, cli_entry  # noqa: E402
 
 RECIPE = "coder"  # the benchmark row trained here
@@ -121,6 +124,11 @@ def main(argv: Sequence[str] | None = None) -> Path:
     )
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start over: delete --out's features, split files and run first (after the photos or captions changed)",
+    )
     args = parser.parse_args(argv)
     data = Path(args.data).expanduser()
     images, captions = find_layout(data)
@@ -131,11 +139,20 @@ def main(argv: Sequence[str] | None = None) -> Path:
 
         if not torch.cuda.is_available():
             raise CoderError("--device cuda: CUDA is not available on this machine (use cpu)")
+    if args.overwrite:
+        for made in ("precomp", "splits", "runs"):
+            shutil.rmtree(out / made, ignore_errors=True)
     start = time.perf_counter()
     splits = split_files(data, images, captions, out)
     bert_path = bench_flickr8k.minilm_path()
     print("step 1 of 2: region features of the photos (cached: a second call skips this)", flush=True)
     prepared = bench_flickr8k.prepare(data, out / "precomp", images=images, splits=splits)
+    graph = load_concepts(prepared["paths"]["concept_path"])
+    if graph.stats(concept_threshold)["edges"] == 0:
+        raise CoderError(
+            f"--data {data}: the training captions give the concept graph no edge (no two concepts occur "
+            f"together often enough); the recipe's concept branch needs one: add photos with captions"
+        )
     settings = bench_flickr8k.run_settings(RECIPE, RECIPE_SCALE, args.device, args.epochs)
     run_dir = out / "runs" / f"{RECIPE}_s{args.seed}"
     print(

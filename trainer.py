@@ -39,7 +39,7 @@ from checkpoint import (
     text_encoder_files,
 )
 from diagnostics import step_diagnostics
-from distributed import Dist, ResumableSampler, check_replicas, ddp_buffer_kwargs
+from distributed import Dist, ResumableSampler, check_replicas, ddp_buffer_kwargs, leave_worker
 from options import (
     CHOICES,
     DEMO_OVERRIDES,
@@ -47,6 +47,7 @@ from options import (
     check_training_memory,
     check_writable_dir,
     parse_overrides,
+    script_help,
 )
 from utils import CoderError, as_numpy, atomic_write
 
@@ -251,6 +252,10 @@ def load_data(config: dict[str, Any], resume_state: dict[str, Any] | None = None
         vocab_words = list(tokenizer.idx2word)
     train = data.load_split(config["data_path"], config["train_split"])
     val = data.load_split(config["data_path"], config["val_split"], max_images=config["val_max_images"] or None)
+    text_source = config["vocab_path"] if config["text_encoder"] == "bigru" else config["bert_path"]
+    vocab.require_known_words(tokenizer, train.captions, config["resume"] or text_source)
+    if graph is not None:
+        graph.require_labels(train.captions, config["resume"] or config["concept_path"])
     return {
         "train": train,
         "val": val,
@@ -258,7 +263,7 @@ def load_data(config: dict[str, Any], resume_state: dict[str, Any] | None = None
         "graph": graph,
         "vocab_words": vocab_words,
         "fingerprint": data.data_fingerprint(train),
-        "val_fingerprint": data.data_fingerprint(val),
+        "val_fingerprint": data.data_fingerprint(val, all_rows=True),
         "bert_config": bert_config,
         "text_encoder_files": text_files,
     }
@@ -352,7 +357,10 @@ def validate(
 
 def run(defaults: dict[str, Any], argv: list[str], dataset: str) -> dict[str, Any]:
     """Parse the command line over a script's defaults, check every value and named file, and
-    train; returns the final metrics."""
+    train; returns the final metrics (none for --help)."""
+    if {"-h", "--help"} & set(argv):
+        print(script_help(defaults, Path(__file__).with_name(f"train_{dataset}.py")))
+        return {}
     config, demo, explicit = parse_overrides(defaults, argv)
     if config["resume"]:
         config = resumed_config(config, explicit)
@@ -361,7 +369,10 @@ def run(defaults: dict[str, Any], argv: list[str], dataset: str) -> dict[str, An
 
         make_demo_dataset(Path(DEMO_OVERRIDES["data_path"]).parent, seed=0)
     check_train_config(config, resuming=bool(config["resume"]))
-    return train(config, dataset)
+    metrics = train(config, dataset)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        leave_worker()
+    return metrics
 
 
 def train(config: dict[str, Any], dataset: str) -> dict[str, Any]:
@@ -371,6 +382,11 @@ def train(config: dict[str, Any], dataset: str) -> dict[str, Any]:
         raise CoderError(
             f"--batch_size {config['batch_size']} (the global batch) is not divisible by the "
             f"{processes} processes; each process takes batch_size / processes"
+        )
+    if config["batch_norm"] and config["batch_size"] // processes < 2:
+        raise CoderError(
+            f"--batch_size {config['batch_size']} over {processes} processes leaves one sample per process, "
+            f"and BatchNorm needs at least 2; use a batch of at least {2 * processes} or --batch_norm false"
         )
     world = Dist(config["device"], config["dist_timeout"])
     try:
@@ -669,6 +685,10 @@ class TrainingRun:
             self.log.line(f"note: the run folder moved from {saved_dir}; the run continues in {self.run_dir}")
         # a best dev score measured on other dev data is no bar to clear: the best starts afresh
         saved_val, now_val = state.get("val_fingerprint"), self.data["val_fingerprint"]
+        if saved_val is not None and "rows" not in saved_val:  # written when three rows were hashed
+            import data
+
+            now_val = data.data_fingerprint(self.data["val"])
         self.dev_data_changed = saved_val is not None and saved_val != now_val
         if self.dev_data_changed:
             self.log.line(

@@ -228,10 +228,23 @@ def read_text_lines(path: str | os.PathLike, what: str) -> list[str]:
     return lines
 
 
+# A JSON \\u escape of a UTF-16 surrogate: a high one with its low one is a character; alone, half of one.
+_SURROGATE_ESCAPE = re.compile(r"\\u(d[89ab][0-9a-f]{2})(\\ud[c-f][0-9a-f]{2})?|\\ud[c-f][0-9a-f]{2}", re.IGNORECASE)
+
+
 def read_json(path: str | os.PathLike, what: str) -> Any:
-    """An input JSON file, with the file's problems (see `read_text`) and JSON syntax errors
-    as one line naming the file."""
+    """An input JSON file, with the file's problems (see `read_text`), JSON syntax errors and
+    lone surrogates (`"\\ud83d"` alone, half an emoji cut by a program that counts UTF-16 units:
+    no file name or text can hold one) as one line naming the file."""
     text = read_text(path, what)
+    for match in _SURROGATE_ESCAPE.finditer(text):
+        backslashes = len(text[: match.start()]) - len(text[: match.start()].rstrip("\\"))
+        if backslashes % 2 == 0 and not (match.group(1) and match.group(2)):  # an escape, and alone
+            line = text.count("\n", 0, match.start()) + 1
+            raise CoderError(
+                f"{path}, line {line}: {match.group(0)[:6]} is half of a character (a lone UTF-16 surrogate); "
+                f"not text in a {what}"
+            )
     try:
         return json.loads(text)
     except json.JSONDecodeError as err:
@@ -301,11 +314,14 @@ def path_problem(path: str | os.PathLike, folder: bool, what: str) -> str | None
 
 
 # --- Output files -----------------------------------------------------------------------------
-def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: str = "wb") -> None:
+def atomic_write(
+    path: str | os.PathLike, write: Callable[[Any], None], mode: str = "wb", private: bool = False
+) -> None:
     """Write a file through `write(fileobj)` into a temporary sibling, then rename it in place.
 
     A crash mid-write leaves the previous file intact; readers never see a half-written file.
-    A failed write (a full disk, a read-only folder) is a CoderError naming the file.
+    A failed write (a full disk, a read-only folder) is a CoderError naming the file. A
+    `private` file is readable by its owner only (0600), whatever the umask.
     """
     path = Path(path)
     tmp = None
@@ -315,7 +331,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: st
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:40]}.", suffix=".tmp", dir=path.parent)
         umask = os.umask(0)
         os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make results unreadable to the group
+        os.chmod(tmp, 0o600 if private else 0o666 & ~umask)  # mkstemp's 0600 would hide results from the group
         with interrupts_deferred():
             with os.fdopen(fd, mode) as f:
                 write(f)
@@ -345,8 +361,11 @@ def interrupts_deferred() -> Iterator[None]:
     KeyboardInterrupt into a RuntimeError that hides it. Only the main thread receives signals,
     so elsewhere this does nothing.
     """
-    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is None:
-        yield  # a thread other than the main one, or a handler Python did not install: leave it be
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) in (
+        None,
+        signal.SIG_IGN,
+    ):
+        yield  # another thread, a handler Python did not install, or Ctrl-C ignored: leave it be
         return
     received: list[int] = []
 

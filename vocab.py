@@ -19,7 +19,7 @@ import re
 import sys
 from collections import Counter
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 from utils import (
     CoderError,
@@ -146,6 +146,10 @@ class Vocabulary:
     def pad_id(self) -> int:
         return PAD
 
+    @property
+    def special_ids(self) -> set[int]:
+        return {PAD, START, END, UNK}
+
     def encode_words(self, words: Sequence[str]) -> list[int]:
         """`<start>` + ids of already tokenized words + `<end>`."""
         return [START, *(self.word2idx.get(w, UNK) for w in words), END]
@@ -251,6 +255,16 @@ def require_words(vocabulary: Vocabulary, source: str | Path) -> Vocabulary:
     return vocabulary
 
 
+def require_known_words(tokenizer: Any, captions: Sequence[str], source: str | Path, sample: int = 1000) -> None:
+    """Refuse a tokenizer that knows no word of the training captions (checked on the first
+    `sample`): every caption would encode as special tokens alone, all alike to the model."""
+    if not any(set(tokenizer.encode(c)) - tokenizer.special_ids for c in captions[:sample]):
+        raise CoderError(
+            f"{source}: none of the first {min(sample, len(captions))} training captions has a word this "
+            f"vocabulary knows (each would be <unk> alone); use the vocabulary made for these captions"
+        )
+
+
 def oov_stats(vocab: Vocabulary, caption_files: Iterable[str | Path]) -> dict:
     """Token and `<unk>` counts over caption words (without `<start>`/`<end>`)."""
     tokens = unknown = captions = 0
@@ -298,6 +312,10 @@ class BertTokenizer:
     @property
     def pad_id(self) -> int:
         return int(self.tokenizer.pad_token_id or 0)
+
+    @property
+    def special_ids(self) -> set[int]:
+        return set(self.tokenizer.all_special_ids)
 
     def __len__(self) -> int:
         return len(self.tokenizer)

@@ -51,7 +51,7 @@ class FullDecode(backbones.CenterCropNormalize):
     """The baseline: the photo decoded at its full size, then the same preprocessing."""
 
     def photo(self, source: Path | str | bytes) -> torch.Tensor:
-        with Image.open(source) as image:
+        with Image.open(source, formats=backbones.PHOTO_FORMATS) as image:
             return self(image.convert("RGB"))
 
 
@@ -62,7 +62,7 @@ def make_photos(sources: list[Path], folder: Path, size: tuple[int, int], qualit
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for source in sources:
-        with Image.open(source) as image:
+        with Image.open(source, formats=backbones.PHOTO_FORMATS) as image:
             image = image.convert("RGB").resize(size, Image.BICUBIC)
         if grain:
             pixels = np.asarray(image, np.float32) + rng.normal(0, grain, (size[1], size[0], 3)).astype(np.float32)

@@ -42,7 +42,14 @@ sys.path.insert(0, str(ROOT / "bench"))
 SHARED = ROOT.parent / "shared" / "data"
 
 import stats  # noqa: E402
-from options import BEFORE_THE_OPTION, PRESETS, ArgumentParser, positive_int, script_config  # noqa: E402
+from options import (  # noqa: E402
+    BEFORE_THE_OPTION,
+    PRESETS,
+    ArgumentParser,
+    check_writable_dir,
+    positive_int,
+    script_config,
+)
 from utils import CoderError, cli_entry, read_json  # noqa: E402
 
 # Shared by every row on full Flickr8k (6,000 train images, 30,000 captions; dev 1,000 / 5,000).
@@ -1003,6 +1010,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             parser.error("--device cuda: CUDA is not available on this machine")
     keep = set(CONFIGS) if args.keep == "all" else {n.strip() for n in args.keep.split(",") if n.strip()}
     out = Path(args.out) if args.out else spec["out"]
+    cache = Path(args.cache or spec["cache"])
+    check_writable_dir(out, "--out")
+    if not args.report:
+        check_writable_dir(cache, "--cache")
     if args.fresh and (out / "runs").exists():
         shutil.rmtree(out / "runs")
     out.mkdir(parents=True, exist_ok=True)
@@ -1010,7 +1021,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     prepared: dict[str, Any] = {"paths": {}, "extraction_seconds": None}
     bert_path = ""
     if not args.report:
-        prepared = prepare(Path(args.data or spec["data"]), Path(args.cache or spec["cache"]))
+        prepared = prepare(Path(args.data or spec["data"]), cache)
         bert_path = minilm_path()
     settings = {name: run_settings(name, args.dataset, args.device, args.epochs) for name in names}
     plan = [(name, seed) for seed in range(seeds) for name in names]  # seed-major: a cut-short call covers every row

@@ -114,6 +114,8 @@ TINY_TRAIN_ARGS = [
     "--device",
     "cpu",
 ]
+# One short epoch of a tiny model without the final test evaluation: a checkpoint to load.
+ONE_EPOCH_ARGS = [*TINY_TRAIN_ARGS, "--epochs", "1", "--batch_size", "16", "--queue_size", "32", "--test_split", ""]
 
 
 def tiny_demo_args(root: Path, seed: int, num_train: int, num_eval: int) -> list[str]:

@@ -29,7 +29,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import ROOT, TINY_TRAIN_ARGS, tiny_demo_args
+from conftest import ONE_EPOCH_ARGS, ROOT, tiny_demo_args
 
 sys.path.insert(0, str(ROOT / "bench"))
 
@@ -45,19 +45,7 @@ from data import load_split  # noqa: E402
 from options import script_config  # noqa: E402
 from utils import CoderError, cli_entry  # noqa: E402
 
-TINY = [
-    *TINY_TRAIN_ARGS,
-    "--epochs",
-    "1",
-    "--batch_size",
-    "16",
-    "--queue_size",
-    "32",
-    "--test_split",
-    "",
-    "--checkpoint_every_steps",
-    "0",
-]
+TINY = [*ONE_EPOCH_ARGS, "--checkpoint_every_steps", "0"]
 METRICS = {k: 10.0 for k in ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum")}
 
 
@@ -316,6 +304,8 @@ TEXT_LINES = {
     },
 }
 TRUNCATED = {"truncated": lambda p: p.write_bytes(p.read_bytes()[: len(p.read_bytes()) // 2])}
+# JSON's escape of half a character (a program that cut a string between two UTF-16 units)
+LONE_SURROGATE = {"a lone surrogate": lambda p: p.write_text(p.read_text().replace('"', '"\\ud83d', 1))}
 NPY = {
     **ANY_FILE,
     **TRUNCATED,
@@ -368,6 +358,7 @@ KINDS: list[tuple[str, dict[str, Callable[[Path], None]], list[str]]] = [
         {
             **ANY_FILE,
             **TRUNCATED,
+            **LONE_SURROGATE,
             "NUL byte": lambda p: _insert_in_line(p, b"\x00", 0),
             "UTF-16 without a BOM": TEXT_LINES["UTF-16 without a BOM"],
             "float id": _rewrite_json(lambda d: {**d, "word2idx": {**d["word2idx"], "<pad>": 0.0}}),
@@ -382,6 +373,7 @@ KINDS: list[tuple[str, dict[str, Callable[[Path], None]], list[str]]] = [
         {
             **ANY_FILE,
             **TRUNCATED,
+            **LONE_SURROGATE,
             "number as a word": _rewrite_json(lambda d: {**d, "words": [1] + d["words"][1:]}),
             "no words": _rewrite_json(lambda d: {"format": d["format"]}),
             "word listed twice": _rewrite_json(lambda d: {**d, "words": [d["words"][1]] + d["words"][1:]}),
@@ -448,11 +440,18 @@ KINDS: list[tuple[str, dict[str, Callable[[Path], None]], list[str]]] = [
         {
             **ANY_FILE,
             **TRUNCATED,
+            **LONE_SURROGATE,
             "number as a name": _rewrite_json(lambda d: {"images": [{**d["images"][0], "filename": 7}]}),
             "number as a caption": _rewrite_json(
                 lambda d: {"images": [{**d["images"][0], "sentences": [{"raw": 3}] * 5}]}
             ),
             "image listed twice": _rewrite_json(lambda d: {"images": d["images"][:1] * 2}),
+            "a caption cut mid-emoji": _rewrite_json(
+                lambda d: {"images": [{**d["images"][0], "sentences": [{"raw": "a cat \ud83d"}] * 5}]}
+            ),
+            "a name cut mid-character": _rewrite_json(
+                lambda d: {"images": [{**d["images"][0], "filename": "c\udcff.jpg"}]}
+            ),
             "no images": _rewrite_json(lambda d: {"imgs": d["images"]}),
         },
         ["extract json"],
@@ -462,6 +461,7 @@ KINDS: list[tuple[str, dict[str, Callable[[Path], None]], list[str]]] = [
         {
             **ANY_FILE,
             **TRUNCATED,
+            **LONE_SURROGATE,
             "rsum a string": _rewrite_json(lambda d: {**d, "best": {**d["best"], "rsum": "10"}}),
             "no validations": _rewrite_json(lambda d: {k: v for k, v in d.items() if k != "validations"}),
             "a list": lambda p: p.write_text("[1, 2]"),
@@ -758,14 +758,14 @@ SAVED_AS = {
 # Every text file an entry point reads, and the entry points that read it.
 TEXT_INPUTS = [
     ("data/train_caps.txt", ["train", "vocab build", "vocab stats", "concepts label", "concepts build"]),
-    ("data/test_caps.txt", ["eval", "retrieve"]),
+    ("data/test_caps.txt", ["eval", "retrieve", "serve captions"]),
     ("data/test_ids.txt", ["eval", "retrieve"]),
     ("data/vocab.json", ["train", "vocab stats"]),
     ("concepts/concepts.json", ["train", "concepts stats"]),
     ("cvse/category_concepts.json", ["concepts stats cvse"]),
     ("raw/concepts.txt", ["concepts build list"]),
     ("raw/glove.txt", ["concepts build list"]),
-    ("raw/captions.csv", ["extract csv"]),
+    ("raw/captions.csv", ["extract csv", "serve captions csv"]),
     ("raw/train.txt", ["extract csv"]),
     ("raw/karpathy.json", ["extract json"]),
     ("bench/runs/infonce_s0/result.json", ["bench report"]),
@@ -783,6 +783,10 @@ def outcome(reader: str, world: Path, capsys) -> object:
         argv = ENTRY_POINTS[reader][1](world)
         captions, splits = argv[argv.index("--captions") + 1], [a for a in argv if "=" in a]
         return caption_sources.build_split_entries(captions, dict(s.split("=", 1) for s in splits) or None)
+    if reader.startswith("serve captions"):  # serve.py --captions: a CSV or one caption per line
+        from photo_index import read_caption_file
+
+        return read_caption_file(world / ("raw/captions.csv" if reader.endswith("csv") else "data/test_caps.txt"))
     code, _, err = run_entry(reader, world, capsys)
     out = capsys.readouterr().out
     assert code == 0, err
@@ -1120,13 +1124,14 @@ def _with_output(reader: str, option: str, path: Path) -> Callable[[Path], list[
     return argv
 
 
-# Outputs no file system can make: a name longer than 255 bytes, a link to nowhere on the way.
+# Outputs no file system can make: a name longer than 255 bytes, a link to nowhere or a file on the way.
 UNMAKEABLE: dict[str, dict[str, Callable[[Path], Path]]] = {
     "a name too long": {"file": lambda w: w / ("n" * 300 + ".json"), "folder": lambda w: w / ("n" * 300) / "out"},
     "a link to nowhere on the way": {
         "file": lambda w: w / "nowhere" / "out.json",
         "folder": lambda w: w / "nowhere" / "out",
     },
+    "a file on the way": {"file": lambda w: w / "afile" / "out.json", "folder": lambda w: w / "afile" / "out"},
 }
 OUTPUTS = [
     ("eval", "--json", "file"),
@@ -1134,6 +1139,7 @@ OUTPUTS = [
     ("concepts build", "--out", "folder"),
     ("extract csv", "--out", "folder"),
     ("train", "--run_dir", "folder"),
+    ("bench report", "--out", "folder"),
 ]
 UNMAKEABLE_CASES = [
     (reader, option, how, paths[kind])
@@ -1155,6 +1161,7 @@ def test_an_output_that_cannot_be_made_is_refused_before_the_work(
     line naming the option, not a failure once the results are computed."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     (world / "nowhere").symlink_to(world / "no such folder")
+    (world / "afile").write_text("a file, not a folder\n")
     before = _digests(world), sorted(os.listdir(world))
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_:
@@ -1178,22 +1185,49 @@ def test_an_output_name_at_the_file_system_limit_is_written(world, reader, capsy
 # --------------------------------------------------------------------------- a run's state and its inputs
 
 
-@pytest.mark.parametrize("dev_data", ["changed", "unchanged"])
+def _dev_row_changed(world: Path) -> None:
+    path = world / "data" / "dev_ims.npy"
+    features = np.load(path)
+    features[1] += 1.0  # neither the first, the middle nor the last row
+    np.save(path, features)
+
+
+def _three_row_fingerprint(state: dict) -> None:
+    """The dev fingerprint as checkpoints wrote it when it hashed three feature rows."""
+    import data
+
+    state["val_fingerprint"] = data.data_fingerprint(data.load_split(state["config"]["data_path"], "dev"))
+
+
+# how the world changes after the checkpoint, and whether its dev data then differ
+DEV_DATA: dict[str, tuple[Callable[[Path], None], bool]] = {
+    "captions changed": (
+        lambda w: (w / "data" / "dev_caps.txt").write_text(
+            (w / "data" / "dev_caps.txt").read_text().replace("a", "the", 1)
+        ),
+        True,
+    ),
+    "one feature row changed": (_dev_row_changed, True),
+    "unchanged": (lambda w: None, False),
+    "unchanged, checkpoint hashed three rows": (lambda w: _edit_last(w, _three_row_fingerprint), False),
+}
+
+
+@pytest.mark.parametrize("dev_data", DEV_DATA)
 def test_a_resume_on_changed_dev_data_starts_a_fresh_best(world, dev_data, capsys):
     """The best dev score of a checkpoint is comparable only on the dev data it was measured on:
-    when the dev captions changed, the resumed run's next validation makes the new best.pt
-    whatever it scores (here below a recorded best of 600, more than any rsum); unchanged dev
-    data keeps the recorded best."""
+    when the dev captions or any feature row changed, the resumed run's next validation makes
+    the new best.pt whatever it scores (here below a recorded best of 600, more than any rsum);
+    unchanged dev data keeps the recorded best."""
     _edit_last(world, lambda s: s.update(best_rsum=600.0))
-    if dev_data == "changed":
-        captions = world / "data" / "dev_caps.txt"
-        captions.write_text(captions.read_text().replace("a", "the", 1))
+    change, changed = DEV_DATA[dev_data]
+    change(world)
     code, err = _resume(world, capsys, "--epochs", "2", "--data_path", str(world / "data"))
     assert code == 0, err
     log = (world / "run" / "train.log").read_text()
     last = torch.load(world / "run" / "last.pt", weights_only=True)
     rsum = float(log.rsplit("validation at step", 1)[1].split("rsum=", 1)[1].split()[0])
-    if dev_data == "changed":
+    if changed:
         assert "the validation data changed" in log
         assert last["best_rsum"] == pytest.approx(rsum, abs=0.01)
         assert torch.load(world / "run" / "best.pt", weights_only=True)["epoch"] == 2
@@ -1212,11 +1246,40 @@ def _no_cooccurrence(w: Path) -> list[str]:
     return []
 
 
+def _words_never_in_the_captions(w: Path) -> list[str]:
+    (w / "data" / "vocab.json").write_text(json.dumps({"words": [*vocab.SPECIAL_TOKENS, "zzzz", "qqqq"]}))
+    return []
+
+
+def _concepts_never_in_the_captions(w: Path) -> list[str]:
+    path = w / "concepts" / "concepts.json"
+    meta = json.loads(path.read_text())
+    meta["words"] = [f"zz{i}" for i in range(len(meta["words"]))]
+    path.write_text(json.dumps(meta))
+    return []
+
+
+def _captions_written_twice(w: Path) -> list[str]:
+    path = w / "data" / "train_caps.txt"
+    path.write_text(path.read_text() * 2)
+    return []
+
+
 # (how the world or the command line is changed, what the refusal names)
 DEGENERATE: dict[str, tuple[Callable[[Path], list[str]], str]] = {
     "a 1-d embedding": (lambda w: ["--embed_dim", "1"], "--embed_dim 1"),
     "a vocabulary of special tokens only": (_only_special_tokens, "vocab.json"),
+    "a vocabulary that knows no word of the captions": (_words_never_in_the_captions, "vocab.json"),
     "a concept graph without an edge": (_no_cooccurrence, "concepts"),
+    "a concept graph without an edge, at threshold 0": (
+        lambda w: [*_no_cooccurrence(w), "--concept_threshold", "0"],
+        "concepts",
+    ),
+    "concepts that never occur in the captions": (_concepts_never_in_the_captions, "concepts"),
+    "a caption file written twice": (_captions_written_twice, "train_caps.txt"),
+    "a batch of one": (lambda w: ["--batch_size", "1"], "--batch_size 1"),
+    "one prototype": (lambda w: ["--num_prototypes", "1"], "--num_prototypes 1"),
+    "validation on one image": (lambda w: ["--val_max_images", "1"], "--val_max_images 1"),
 }
 
 

@@ -149,6 +149,26 @@ def test_a_second_ctrl_c_abandons_the_write_and_keeps_the_previous_checkpoint(tm
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
+def test_a_process_that_ignores_ctrl_c_still_ignores_it_during_a_write(tmp_path):
+    """A job started in the background of a script inherits SIGINT ignored: Ctrl-Cs during a
+    write stay ignored (no deferred or second-Ctrl-C interrupt), and so does the process after."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        path = tmp_path / "ck.pt"
+
+        class TwoCtrlCs:
+            def __reduce__(self):
+                os.kill(os.getpid(), signal.SIGINT)
+                os.kill(os.getpid(), signal.SIGINT)
+                return (collections.OrderedDict, ())
+
+        checkpoint.save_checkpoint(path, {"epoch": 2, "tripwire": TwoCtrlCs()})
+        assert checkpoint.load_checkpoint(path)["epoch"] == 2
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def test_a_ctrl_c_that_a_writer_wraps_is_still_a_ctrl_c(tmp_path):
     """torch.save cut mid-archive raises a RuntimeError whose context is the KeyboardInterrupt:
     atomic_write raises the KeyboardInterrupt itself and leaves no temporary file."""

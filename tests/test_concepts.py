@@ -36,7 +36,7 @@ def loop_adjacency(nums, adj_all, t=0.3):
 def test_adjacency_on_real_cvse_files_matches_loop_recomputation(shared_data, name):
     graph = load_concepts(shared_data / "cvse_concepts" / name)
     assert graph.num_concepts == 300 and graph.word_vectors.shape == (300, 300)
-    adj = graph.adjacency()
+    adj = graph.adjacency(0.3)
     assert adj.dtype == np.float32 and adj.shape == (300, 300)
     expected = loop_adjacency(graph.counts.tolist(), graph.cooccurrence.tolist())
     np.testing.assert_allclose(adj, expected, rtol=1e-6, atol=1e-7)
@@ -55,9 +55,18 @@ def test_adjacency_small_hand_example_with_unseen_concept():
     a = np.array([[1, 0.25, 0, 0], [0.125, 1, 0, 0], [0.125, 0, 1, 0], [0, 0, 0, 1]])
     d = a.sum(1) ** -0.5
     expected = np.array([[d[i] * a[j, i] * d[j] for j in range(4)] for i in range(4)])
-    np.testing.assert_allclose(normalized_adjacency(counts, cooc), expected, rtol=1e-6)
+    np.testing.assert_allclose(normalized_adjacency(counts, cooc, 0.3), expected, rtol=1e-6)
     graph = ConceptGraph(["dog", "cat", "red", "zebra"], counts, cooc, np.zeros((4, 2)))
-    assert graph.stats() == {"concepts": 4, "edges": 3, "isolated": 1}
+    assert graph.stats(0.3) == {"concepts": 4, "edges": 3, "isolated": 1}
+    assert graph.stats(0.0) == {"concepts": 4, "edges": 4, "isolated": 1}  # seen together: 0-1, 0-2
+
+
+def test_a_graph_of_concepts_never_seen_together_has_no_edge_at_any_threshold():
+    graph = ConceptGraph(["dog", "cat", "red"], np.array([3, 2, 0]), np.zeros((3, 3), int), np.zeros((3, 2)))
+    for threshold in (0.0, 0.3):
+        assert graph.stats(threshold)["edges"] == 0
+        with pytest.raises(CoderError, match="no edge at concept_threshold"):
+            graph.require_edges(threshold, "concepts")
 
 
 def test_stats_cli_on_real_folder_matches_independent_count(shared_data, capsys):

@@ -290,6 +290,31 @@ def test_changed_inputs_are_refused_not_mixed(tmp_path):
         run(tmp_path, foreign, TinyBackbone())
 
 
+@pytest.mark.parametrize("finished", [True, False])
+def test_a_photo_replaced_under_its_name_is_new_input(tmp_path, finished):
+    """A finished extraction is not "already complete", and an interrupted one does not resume
+    over, a photo replaced since (same name, other pixels)."""
+    make_dataset(tmp_path)
+    out = tmp_path / "out"
+    if finished:
+        run(tmp_path, out, TinyBackbone())
+    else:
+        with pytest.raises(Interrupted):
+            run(tmp_path, out, TinyBackbone(fail_after=1))
+    photo = tmp_path / "images" / "img0.png"
+    Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(photo)
+    with pytest.raises(CoderError, match="extracted from other photos, captions or split lists.*--overwrite"):
+        run(tmp_path, out, TinyBackbone())
+    backbone = TinyBackbone()
+    result = run(tmp_path, out, backbone, overwrite=True)
+    np.testing.assert_allclose(
+        np.load(result["train"].ims),
+        expected_features(backbone, [tmp_path / "images" / f"img{i}.png" for i in range(5)]),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+
+
 def test_bad_and_missing_images(tmp_path):
     names, captions = make_dataset(tmp_path)
     (tmp_path / "images" / "img3.png").write_bytes(b"not a png at all")

@@ -505,7 +505,7 @@ def demo_batch(tmp_path, size: int = 16) -> tuple[dict, M.ModelConfig, tuple | N
     items = [dataset[i * split.captions_per_image + j] for i in range(size // 2) for j in range(2)]
     batch = data.collate(items, pad_id=tokenizer.pad_id)
     cfg = small_config(image_dim=split.feature_dim, vocab_size=len(tokenizer), queue_size=16)
-    graph_tensors = (torch.as_tensor(graph.adjacency()), torch.as_tensor(graph.word_vectors, dtype=torch.float32))
+    graph_tensors = (torch.as_tensor(graph.adjacency(0.3)), torch.as_tensor(graph.word_vectors, dtype=torch.float32))
     return batch, cfg, graph_tensors
 
 

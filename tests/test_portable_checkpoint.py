@@ -12,7 +12,7 @@ import checkpoint as C
 import evaluation
 import retrieve
 import vocab
-from conftest import TINY_TRAIN_ARGS, run_script, tiny_demo_args
+from conftest import ONE_EPOCH_ARGS, run_script, tiny_demo_args
 from utils import CoderError
 
 CAPTIONS = ["a dog on the grass", "the cat, a dog.", "zebra 42"]
@@ -30,19 +30,11 @@ def trained(tiny_bert, tmp_path_factory):
     run_script(
         "train_f30k.py",
         *demo,
-        *TINY_TRAIN_ARGS,
+        *ONE_EPOCH_ARGS,
         "--text_encoder",
         "bert",
         "--bert_path",
         str(bert),
-        "--epochs",
-        "1",
-        "--batch_size",
-        "16",
-        "--queue_size",
-        "32",
-        "--test_split",
-        "",
         "--run_dir",
         str(root / "run"),
     )

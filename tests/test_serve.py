@@ -31,7 +31,7 @@ import torch
 from PIL import Image
 
 import backbones
-from conftest import TINY_TRAIN_ARGS, run_script, tiny_demo_args, tiny_flickr8k
+from conftest import ONE_EPOCH_ARGS, run_script, tiny_demo_args, tiny_flickr8k
 from utils import CoderError
 
 pytest.importorskip("fastapi")
@@ -98,15 +98,7 @@ def fake(tmp_path_factory):
     run_script(
         "train_f30k.py",
         *tiny_demo_args(root, seed=3, num_train=96, num_eval=16),
-        *TINY_TRAIN_ARGS,
-        "--epochs",
-        "1",
-        "--batch_size",
-        "16",
-        "--queue_size",
-        "32",
-        "--test_split",
-        "",
+        *ONE_EPOCH_ARGS,
         "--run_dir",
         str(root / "run"),
     )
@@ -686,19 +678,11 @@ def real(shared_data, tmp_path_factory):
         str(precomp / "vocab.json"),
         "--concept_path",
         str(precomp / "concepts"),
-        *TINY_TRAIN_ARGS,
-        "--epochs",
-        "1",
-        "--batch_size",
-        "16",
-        "--queue_size",
-        "32",
+        *ONE_EPOCH_ARGS,
         "--word_vectors",
         "glove-package",
         "--word_dim",
         "50",
-        "--test_split",
-        "",
         "--run_dir",
         str(root / "run"),
     )

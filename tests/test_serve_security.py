@@ -133,7 +133,7 @@ def test_other_sites_pages_cannot_read_photos_thumbnails_or_the_api(embedder, tm
     assert client.get("/", headers={"Sec-Fetch-Site": "cross-site"}).status_code == 200
 
 
-def test_every_response_carries_the_security_headers(embedder, tmp_path):
+def test_every_response_carries_the_security_headers(embedder, tmp_path, monkeypatch):
     """No framing, no type sniffing, no embedding by another origin: on pages, JSON, images,
     revalidations and every refusal alike."""
     from fastapi.testclient import TestClient
@@ -156,7 +156,9 @@ def test_every_response_carries_the_security_headers(embedder, tmp_path):
         client.delete("/"),
         TestClient(serve.create_app(photos), base_url="http://evil.example").get("/"),
     ]
-    assert [r.status_code for r in responses] == [200, 200, 200, 200, 304, 404, 422, 403, 405, 400]
+    monkeypatch.setattr(embedder, "texts", lambda texts: 1 / 0)  # an error in a route: the server's 500
+    responses.append(client_of(photos, raise_server_exceptions=False).get("/api/search", params={"q": "x"}))
+    assert [r.status_code for r in responses] == [200, 200, 200, 200, 304, 404, 422, 403, 405, 400, 500]
     for response in responses:
         assert {k: response.headers.get(k) for k in serve.SECURITY_HEADERS} == serve.SECURITY_HEADERS, response
 
@@ -323,6 +325,23 @@ def test_a_kill_at_any_cache_write_never_pairs_a_vector_with_another_photo(embed
         pass
     monkeypatch.setattr(photo_index, "atomic_write", write)
     assert_cache_pairs_every_vector_with_its_photo(embedder, folder, cache)
+
+
+def test_the_cache_of_names_and_vectors_is_readable_by_its_owner_only(embedder, tmp_path):
+    """Another user of the machine must not list the photos' names from the cache, whatever
+    the umask: the cache folder is 0700, its files 0600 (a file there before is replaced)."""
+    cache = tmp_path / "cache"
+    previous = os.umask(0o022)
+    try:
+        photos = index(embedder, photo_folder(tmp_path / "photos"), cache)
+        make_photo(tmp_path / "photos" / "f.png", seed=9)
+        photos.refresh()
+    finally:
+        os.umask(previous)
+    written = [photos.cache, *photos.cache.iterdir()]
+    assert len(written) > 1 and all(path.stat().st_mode & 0o077 == 0 for path in written), [
+        oct(p.stat().st_mode) for p in written
+    ]
 
 
 def test_two_servers_saving_one_cache_at_once_never_pair_a_vector_with_another_photo(embedder, tmp_path, monkeypatch):

@@ -113,3 +113,13 @@ def test_from_a_download_to_the_serve_command_then_a_second_call_is_a_no_op(shar
     assert train_photos.main(argv) == checkpoint
     second = capsys.readouterr().out
     assert "(cached run)" in second and command in second and "epoch 1/1" not in second
+
+    captions = data / "captions.txt"  # a caption corrected: the cache is refused, --overwrite starts over
+    lines = captions.read_text().splitlines()
+    captions.write_text("\n".join([lines[0], lines[1] + " again", *lines[2:]]) + "\n")
+    with pytest.raises(SystemExit) as exit_:
+        train_photos.main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "--overwrite" in err and len(err.strip().splitlines()) == 1, err
+    assert train_photos.main([*argv, "--overwrite"]) == checkpoint
+    assert "(cached run)" not in capsys.readouterr().out

@@ -42,6 +42,26 @@ def test_bad_overrides_are_clear_errors(argv, message):
         options.parse_overrides(DEFAULTS, argv)
 
 
+@pytest.mark.parametrize("script", ["train_f30k.py", "train_coco.py"])
+def test_help_lists_every_option_with_its_default_and_trains_nothing(script, tmp_path):
+    import ast
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run(
+        [sys.executable, str(root / script), "--help"], capture_output=True, text=True, cwd=tmp_path, timeout=120
+    )
+    assert proc.returncode == 0 and not proc.stderr, proc.stderr
+    defaults = options.script_config(vars(__import__(script[:-3])))
+    listed = {}  # name: the value its line gives
+    for line in proc.stdout.splitlines():
+        if line.startswith("  ") and " = " in line:
+            assignment = ast.parse(line.strip()).body[0]
+            listed[assignment.targets[0].id] = ast.literal_eval(assignment.value)
+    assert listed == defaults and "--preset NAME" in proc.stdout
+    assert not any(tmp_path.iterdir())  # no run folder, no demo data
+
+
 def test_demo_keeps_explicit_overrides():
     defaults = {"epochs": 30, "lr": 2e-4, "data_path": "x"}
     config, demo, _ = options.parse_overrides(defaults, ["--demo", "--epochs", "2"])
