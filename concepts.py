@@ -488,8 +488,9 @@ def check_concept_output(out: Path, overwrite: bool) -> None:
 
 @cli_entry
 def main(argv: Sequence[str] | None = None) -> None:
-    from options import ArgumentParser, fraction, positive_int
-    from train_f30k import concept_threshold  # the threshold training uses unless told otherwise
+    from options import ArgumentParser, fraction, positive_int, script_default
+
+    concept_threshold = script_default("concept_threshold")  # the threshold training uses unless told otherwise
 
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)

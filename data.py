@@ -153,10 +153,11 @@ def load_split(
     if n_cap % n_img:
         raise CoderError(f"{caps_path} has {n_cap} captions, not a whole multiple of the {n_img} images in {ims_path}")
     k = n_cap // n_img
-    if k > 1 and 2 * len(set(captions)) <= n_cap:  # real caption files repeat a caption rarely (<1%)
+    half = n_cap // 2
+    if k % 2 == 0 and (captions[:half] == captions[half:] or captions[0::2] == captions[1::2]):
         raise CoderError(
-            f"{caps_path}: only {len(set(captions))} of its {n_cap} captions are distinct (the file written "
-            f"twice?); the images in {ims_path} would be paired with other images' captions"
+            f"{caps_path}: holds its captions twice (the file written twice, or each line twice); the "
+            f"images in {ims_path} would be paired with other images' captions"
         )
     if captions_per_image is not None and k != captions_per_image:
         raise CoderError(

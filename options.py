@@ -410,6 +410,18 @@ RESUME_MAY_CHANGE = (
 )
 
 
+def script_default(name: str, script: str = "train_f30k.py") -> Any:
+    """The value a training script's block gives `name`, read from its source (tools outside
+    training use the scripts' defaults without importing the trainer)."""
+    import ast
+
+    tree = ast.parse((Path(__file__).parent / script).read_text(encoding="utf-8"))
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == name for t in node.targets):
+            return ast.literal_eval(node.value)
+    raise KeyError(f"{script} sets no '{name}'")
+
+
 def script_help(defaults: dict[str, Any], script: str | Path) -> str:
     """`--help` of a training script: its docstring, then each option as the script's own line
     (`name = default  # what it is`), the presets and --demo."""

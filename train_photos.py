@@ -29,8 +29,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 import bench_flickr8k  # noqa: E402
 from caption_sources import read_captions_csv  # noqa: E402
 from concepts import load_concepts  # noqa: E402
-from options import ArgumentParser, check_writable_dir, positive_int  # noqa: E402
-from train_f30k import concept_threshold  # noqa: E402
+from options import ArgumentParser, check_writable_dir, positive_int, script_default  # noqa: E402
 from utils import CoderError, cli_entry  # noqa: E402
 
 RECIPE = "coder"  # the benchmark row trained here
@@ -148,7 +147,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
     print("step 1 of 2: region features of the photos (cached: a second call skips this)", flush=True)
     prepared = bench_flickr8k.prepare(data, out / "precomp", images=images, splits=splits)
     graph = load_concepts(prepared["paths"]["concept_path"])
-    if graph.stats(concept_threshold)["edges"] == 0:
+    if graph.stats(script_default("concept_threshold"))["edges"] == 0:
         raise CoderError(
             f"--data {data}: the training captions give the concept graph no edge (no two concepts occur "
             f"together often enough); the recipe's concept branch needs one: add photos with captions"

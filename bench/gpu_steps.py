@@ -77,11 +77,13 @@ def emit(record: dict[str, Any]) -> None:
     print(json.dumps(record), flush=True)
 
 
-def write_tiny_bert(folder: Path) -> Path:
-    """A small BERT with random weights and a word-piece vocabulary, saved as a BERT folder."""
+def write_tiny_bert(folder: Path, known: list[str]) -> Path:
+    """A small BERT with random weights and a word-piece vocabulary holding the `known` words
+    (the captions' own, as training requires), saved as a BERT folder."""
     from transformers import BertConfig, BertModel, BertTokenizer
 
-    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(TINY_BERT["vocab_size"] - 5)]
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *known[: TINY_BERT["vocab_size"] - 5]]
+    words += [f"w{i}" for i in range(TINY_BERT["vocab_size"] - len(words))]
     folder.mkdir(parents=True)
     (folder / "vocab.txt").write_text("\n".join(words) + "\n")
     BertTokenizer(str(folder / "vocab.txt")).save_pretrained(str(folder))
@@ -116,7 +118,10 @@ def train_and_resume(tmp: Path, device: str, amp: str, text_encoder: str) -> dic
     run_dir = tmp / name / "run"
     text_args = ["--text_encoder", text_encoder]
     if text_encoder == "bert":
-        text_args += ["--bert_path", str(write_tiny_bert(tmp / name / "bert"))]
+        from vocab import Vocabulary
+
+        known = Vocabulary.load(paths["vocab_path"]).idx2word[4:]  # past the four special tokens
+        text_args += ["--bert_path", str(write_tiny_bert(tmp / name / "bert", known))]
     code, err = train(
         [
             *data_args,
@@ -183,7 +188,7 @@ def step_without_waits(tmp: Path, device: str, text_encoder: str, warmup: int = 
     result: dict[str, Any] = {"check": f"step_without_waits_{text_encoder}", "device": device}
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
-    bert_path = str(write_tiny_bert(tmp / f"sync_{text_encoder}" / "bert")) if text_encoder == "bert" else ""
+    bert_path = str(write_tiny_bert(tmp / f"sync_{text_encoder}" / "bert", [])) if text_encoder == "bert" else ""
     vocab = TINY_BERT["vocab_size"]
     cfg = model_config_from(
         script_config(vars(train_f30k)),

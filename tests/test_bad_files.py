@@ -1265,6 +1265,12 @@ def _captions_written_twice(w: Path) -> list[str]:
     return []
 
 
+def _each_caption_twice(w: Path) -> list[str]:
+    path = w / "data" / "train_caps.txt"
+    path.write_text("".join(line + "\n" + line + "\n" for line in path.read_text().splitlines()))
+    return []
+
+
 # (how the world or the command line is changed, what the refusal names)
 DEGENERATE: dict[str, tuple[Callable[[Path], list[str]], str]] = {
     "a 1-d embedding": (lambda w: ["--embed_dim", "1"], "--embed_dim 1"),
@@ -1277,6 +1283,7 @@ DEGENERATE: dict[str, tuple[Callable[[Path], list[str]], str]] = {
     ),
     "concepts that never occur in the captions": (_concepts_never_in_the_captions, "concepts"),
     "a caption file written twice": (_captions_written_twice, "train_caps.txt"),
+    "a caption file with each line twice": (_each_caption_twice, "train_caps.txt"),
     "a batch of one": (lambda w: ["--batch_size", "1"], "--batch_size 1"),
     "one prototype": (lambda w: ["--num_prototypes", "1"], "--num_prototypes 1"),
     "validation on one image": (lambda w: ["--val_max_images", "1"], "--val_max_images 1"),

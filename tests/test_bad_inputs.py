@@ -116,7 +116,7 @@ CASES = [
     ),
     ("negative warm-up", lambda e: train(e, "--warmup_epochs", "-3"), "--warmup_epochs -3: must be at least 0", []),
     ("zero epochs", lambda e: train(e, "--epochs", "0"), "--epochs 0: must be at least 1", []),
-    ("zero batch", lambda e: train(e, "--batch_size", "0"), "--batch_size 0: must be at least 1", []),
+    ("zero batch", lambda e: train(e, "--batch_size", "0"), "--batch_size 0: must be at least 2", []),
     ("zero eval batch", lambda e: train(e, "--eval_batch_size", "0"), "--eval_batch_size 0: must be at least 1", []),
     ("negative workers", lambda e: train(e, "--workers", "-1"), "--workers -1: must be at least 0", []),
     ("zero log interval", lambda e: train(e, "--log_every", "0"), "--log_every 0: must be at least 1", []),
