@@ -213,7 +213,13 @@ def _read_npy(path: Path) -> np.ndarray:
 
 
 def _check_shape(path: Path, arr: object, shape: tuple) -> np.ndarray:
-    """`arr` as an array whose shape matches `shape` (None = any size), else a CoderError."""
+    """`arr` as an array whose shape matches `shape` (None = any size), else a CoderError.
+    Nested lists of numbers (a pickle saved again with `.tolist()`) count as their array."""
+    if isinstance(arr, (list, tuple)):
+        try:
+            arr = np.asarray(arr)
+        except (ValueError, TypeError):  # ragged: reported below as what it is
+            pass
     if (
         not isinstance(arr, np.ndarray)
         or arr.ndim != len(shape)

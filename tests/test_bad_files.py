@@ -836,6 +836,24 @@ def test_a_text_file_saved_by_another_program_reads_the_same(
 PICKLES = ["cvse/x_adj_concepts.pkl", "cvse/x_concepts_glove_word2vec.pkl"]
 
 
+def _as_lists(value: object) -> object:
+    """What `.tolist()` makes of every array in a pickle's contents."""
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, dict):
+        return {k: _as_lists(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_as_lists(v) for v in value)
+    return value
+
+
+@pytest.mark.parametrize("file", PICKLES)
+def test_a_concept_pickle_saved_with_lists_for_arrays_reads_the_same(world, clean_outcome, file, capsys):
+    path = world / file
+    path.write_bytes(pickle.dumps(_as_lists(pickle.loads(path.read_bytes()))))
+    assert outcome("concepts stats cvse", world, capsys) == clean_outcome("concepts stats cvse", capsys)
+
+
 @pytest.mark.parametrize("protocol", range(pickle.HIGHEST_PROTOCOL + 1))
 @pytest.mark.parametrize("file", PICKLES)
 def test_a_concept_pickle_saved_with_any_protocol_reads_the_same(world, clean_outcome, file, protocol, capsys):
