@@ -85,15 +85,17 @@ run_step() {
 skip_step() { ROWS+=("| $1 | skipped ($2) | 0 | |"); }
 
 left() { echo $((DEADLINE - SECONDS)); }
+# capped N: N seconds, or what is left of the budget where that is less (at least 1)
+capped() { local l; l=$(left); echo $(($1 < l ? $1 : (l > 1 ? l : 1))); }
 
 if ((SKIP_STEPS)); then skip_step cuda_steps "--skip-steps"
-else run_step cuda_steps 240 "$PYTHON" bench/gpu_steps.py --device cuda
+else run_step cuda_steps "$(capped 240)" "$PYTHON" bench/gpu_steps.py --device cuda
 fi
 if ((SKIP_TESTS)); then skip_step cuda_tests "--skip-tests"
-else run_step cuda_tests 150 "$PYTHON" -m pytest -q -rs tests -k cuda
+else run_step cuda_tests "$(capped 150)" "$PYTHON" -m pytest -q -rs tests -k cuda
 fi
 if ((SKIP_THROUGHPUT)); then skip_step throughput "--skip-throughput"
-else run_step throughput 240 "$PYTHON" bench/bench_throughput.py --gpu
+else run_step throughput "$(capped 240)" "$PYTHON" bench/bench_throughput.py --gpu
 fi
 if ((SKIP_FLICKR8K)); then skip_step flickr8k "--skip-flickr8k"
 elif [[ ! -d "$FLICKR8K" ]]; then skip_step flickr8k "no Flickr8k folder at $FLICKR8K; pass --flickr8k DIR"

@@ -3,6 +3,7 @@ in a dry run and with a stand-in `python` (PYTHON=...) that plays each step's co
 
 import json
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -116,6 +117,13 @@ def test_each_step_runs_and_the_report_carries_its_numbers(tmp_path, fake_python
     assert rows["fp32"] == ["False", "1000.0", "0.128", "145 s", "30.0"]
     assert "## Flickr8k (the runs that finished within the budget)\n\n| # | configuration | rsum |" in report
     assert "2 passed" in (out / "logs" / "cuda_tests.log").read_text() and "a note" in report
+
+
+def test_no_step_may_run_past_the_budget(tmp_path, fake_python):
+    proc = run("--out", str(tmp_path), "--skip-flickr8k", "--budget_minutes", "3", python=fake_python)
+    limits = {m.group(1): int(m.group(2)) for m in re.finditer(r"== (\w+) \(at most (\d+) s\)", proc.stderr)}
+    assert proc.returncode == 0 and set(limits) == {"cuda_steps", "cuda_tests", "throughput"}, proc.stderr
+    assert 170 <= limits["cuda_steps"] <= 180 and limits["cuda_tests"] == 150 and limits["throughput"] <= 180
 
 
 def test_a_failed_step_is_reported_and_sets_the_exit_status(tmp_path, fake_python):
