@@ -315,8 +315,9 @@ DEMO_OVERRIDES: dict[str, Any] = {
 
 
 # Named sets of values for `--preset NAME`, applied before the command line's other options
-# (which may still change any of them). "spec": the spec's reconstruction where the scripts'
-# defaults differ from it (DCL sharpness 10, the BN concept query, one global gradient clip).
+# (which may still change any of them). "spec": the first reconstruction where the scripts'
+# defaults differ from it (DCL sharpness 10, the BN concept query, one global gradient clip;
+# docs/method.md).
 # DCL's weights as one softmax over every negative, no warm-up, no negative dropped.
 _PLAIN_DCL = {
     "beta_warmup_epochs": 0,

@@ -401,49 +401,15 @@ def train_check(device: str, timeout: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         paths = make_demo_dataset(Path(tmp) / "demo", seed=1, num_train=40, num_dev=20, num_test=20, regions=6, dim=64)
         run_dir = Path(tmp) / "run"
+        tiny = "--embed_dim 64 --word_dim 32 --gcn_hidden 32 --queue_size 96 --num_prototypes 16 --batch_size 32"
+        schedule = "--lr 1e-3 --epochs 2 --warmup_epochs 1 --lr_decay_epoch 2"
+        quiet = "--workers 0 --log_every 1 --progress false --val_max_images 0 --amp auto"
         cmd = [
             sys.executable,
             str(root / "train_f30k.py"),
-            "--data_path",
-            paths["data_path"],
-            "--vocab_path",
-            paths["vocab_path"],
-            "--concept_path",
-            paths["concept_dir"],
-            "--embed_dim",
-            "64",
-            "--word_dim",
-            "32",
-            "--gcn_hidden",
-            "32",
-            "--queue_size",
-            "96",
-            "--num_prototypes",
-            "16",
-            "--batch_size",
-            "32",
-            "--lr",
-            "1e-3",
-            "--epochs",
-            "2",
-            "--warmup_epochs",
-            "1",
-            "--lr_decay_epoch",
-            "2",
-            "--workers",
-            "0",
-            "--log_every",
-            "1",
-            "--progress",
-            "false",
-            "--val_max_images",
-            "0",
-            "--device",
-            device,
-            "--amp",
-            "auto",
-            "--run_dir",
-            str(run_dir),
+            *("--data_path", paths["data_path"], "--vocab_path", paths["vocab_path"]),
+            *("--concept_path", paths["concept_dir"], "--device", device, "--run_dir", str(run_dir)),
+            *f"{tiny} {schedule} {quiet}".split(),
         ]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)

@@ -45,32 +45,10 @@ TINY_BERT = dict(
     intermediate_size=128,
     max_position_embeddings=64,
 )
-MODEL_ARGS = [
-    "--embed_dim",
-    "64",
-    "--word_dim",
-    "32",
-    "--gcn_hidden",
-    "32",
-    "--queue_size",
-    "64",
-    "--num_prototypes",
-    "16",
-    "--batch_size",
-    "16",
-    "--lr",
-    "1e-3",
-    "--warmup_epochs",
-    "0",
-    "--workers",
-    "0",
-    "--progress",
-    "false",
-    "--val_max_images",
-    "0",
-    "--log_every",
-    "1",
-]
+MODEL_ARGS = (
+    "--embed_dim 64 --word_dim 32 --gcn_hidden 32 --queue_size 64 --num_prototypes 16 --batch_size 16 "
+    "--lr 1e-3 --warmup_epochs 0 --workers 0 --progress false --val_max_images 0 --log_every 1"
+).split()
 
 
 def emit(record: dict[str, Any]) -> None:

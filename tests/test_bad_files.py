@@ -1033,7 +1033,7 @@ import sys
 sys.path[:0] = [{root!r}, {tests!r}]
 import torch
 import backbones, extract_features
-from test_extract_features import TinyBackbone, make_dataset
+from test_extract_features import TinyBackbone, cli_args, make_dataset
 
 class Wide(TinyBackbone):
     feature_dim = 65536
@@ -1045,9 +1045,7 @@ backbones.BACKBONES["efficientnet-lite0"] = lambda device: Wide()
 data, out = map(__import__("pathlib").Path, sys.argv[1:3])
 data.mkdir()
 make_dataset(data)
-extract_features.main(["--images", str(data / "images"), "--captions", str(data / "captions.txt"),
-                       "--split", f"train={{data / 'train.txt'}}", "--out", str(out), "--workers", "0",
-                       "--batch-size", "1", "--device", "cpu"])
+extract_features.main(cli_args(data, out, "--workers", "0", "--batch-size", "1", "--device", "cpu"))
 """
 
 
@@ -1098,28 +1096,13 @@ def test_a_disk_that_fills_while_training_ends_with_one_line(world, small_disk, 
 
 def test_a_full_disk_met_when_features_are_reserved_is_one_line(tmp_path, capsys, monkeypatch):
     """The same on any machine: the space reservation made before mapping fails (faked)."""
-    from test_extract_features import make_dataset
+    from test_extract_features import cli_args, make_dataset
 
     make_dataset(tmp_path)
     _tiny_backbone(monkeypatch)
     monkeypatch.setattr(os, "posix_fallocate", _disk_full)
     with pytest.raises(SystemExit) as exit_:
-        extract_features.main(
-            [
-                "--images",
-                str(tmp_path / "images"),
-                "--captions",
-                str(tmp_path / "captions.txt"),
-                "--split",
-                f"train={tmp_path / 'train.txt'}",
-                "--out",
-                str(tmp_path / "out"),
-                "--workers",
-                "0",
-                "--device",
-                "cpu",
-            ]
-        )
+        extract_features.main(cli_args(tmp_path, tmp_path / "out", "--workers", "0", "--device", "cpu"))
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert exit_.value.code == 2 and len(lines) == 1, lines
     assert "train_ims.npy.partial" in lines[0] and "No space left on device" in lines[0], lines

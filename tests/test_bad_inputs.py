@@ -102,6 +102,20 @@ def with_data(env, folder):
     return ["train_f30k.py", *demo, *TINY, "--run_dir", f"{env['root']}/new_run"]
 
 
+def extract(env, *extra, captions="caps.txt", out="x"):
+    root = env["root"]
+    return [
+        "extract_features.py",
+        "--images",
+        root,
+        "--captions",
+        f"{root}/{captions}",
+        "--out",
+        f"{root}/{out}",
+        *extra,
+    ]
+
+
 # (id, command (a function of env), fragment of the message, files that must not change)
 CASES = [
     # train: option values
@@ -424,93 +438,37 @@ CASES = [
     # feature extraction
     (
         "extract: cuda without cuda",
-        lambda e: [
-            "extract_features.py",
-            "--images",
-            e["root"],
-            "--captions",
-            f"{e['root']}/caps.txt",
-            "--out",
-            f"{e['root']}/x",
-            "--device",
-            "cuda",
-        ],
+        lambda e: extract(e, "--device", "cuda"),
         "CUDA is not available",
         [],
     ),
     (
         "extract: zero batch",
-        lambda e: [
-            "extract_features.py",
-            "--images",
-            e["root"],
-            "--captions",
-            f"{e['root']}/caps.txt",
-            "--out",
-            f"{e['root']}/x",
-            "--batch-size",
-            "0",
-        ],
+        lambda e: extract(e, "--batch-size", "0"),
         "0 must be at least 1",
         [],
     ),
     (
         "extract: negative workers",
-        lambda e: [
-            "extract_features.py",
-            "--images",
-            e["root"],
-            "--captions",
-            f"{e['root']}/caps.txt",
-            "--out",
-            f"{e['root']}/x",
-            "--workers",
-            "-1",
-        ],
+        lambda e: extract(e, "--workers", "-1"),
         "-1 must be at least 0",
         [],
     ),
     (
         "extract: bad split",
-        lambda e: [
-            "extract_features.py",
-            "--images",
-            e["root"],
-            "--captions",
-            f"{e['root']}/caps.txt",
-            "--out",
-            f"{e['root']}/x",
-            "--split",
-            "train",
-        ],
+        lambda e: extract(e, "--split", "train"),
         "expected NAME=FILE",
         [],
     ),
     (
         "extract: missing captions",
-        lambda e: [
-            "extract_features.py",
-            "--images",
-            e["root"],
-            "--captions",
-            f"{e['root']}/none.csv",
-            "--out",
-            f"{e['root']}/x",
-        ],
+        lambda e: extract(e, captions="none.csv"),
         "none.csv",
         [],
     ),
     (
         "extract: out is a file",
-        lambda e: [
-            "extract_features.py",
-            "--images",
-            e["root"],
-            "--captions",
-            f"{e['root']}/caps.txt",
-            "--out",
-            f"{e['root']}/afile",
-        ],
+        lambda e: extract(e, out="afile"),
         "afile is a file, not a folder",
         ["afile"],
     ),

@@ -87,6 +87,27 @@ def expected_features(backbone, paths):
     return np.stack(rows)
 
 
+def assert_features(ims_path, backbone, root, names):
+    """The stored features are the backbone's, photo by photo, in the order of `names`."""
+    expected = expected_features(backbone, [root / "images" / name for name in names])
+    np.testing.assert_allclose(np.load(ims_path), expected, rtol=1e-5, atol=1e-5)
+
+
+def cli_args(root, out, *extra):
+    """extract_features.py's command line for the train split of make_dataset's folder."""
+    return [
+        "--images",
+        str(root / "images"),
+        "--captions",
+        str(root / "captions.txt"),
+        "--split",
+        f"train={root / 'train.txt'}",
+        "--out",
+        str(out),
+        *extra,
+    ]
+
+
 def run(root, out, backbone, **kwargs):
     splits = kwargs.pop("splits", {"train": root / "train.txt", "dev": root / "dev.txt"})
     kwargs.setdefault("workers", 0)
@@ -197,9 +218,7 @@ def test_layout_shapes_and_values(tmp_path):
         assert (r.ims, r.caps, r.ids) == (out / f"{split}_ims.npy", out / f"{split}_caps.txt", out / f"{split}_ids.txt")
         ims = np.load(r.ims)
         assert ims.dtype == np.float32 and ims.shape == (len(split_names), 4, 6)
-        np.testing.assert_allclose(
-            ims, expected_features(backbone, [tmp_path / "images" / n for n in split_names]), rtol=1e-5, atol=1e-5
-        )
+        assert_features(r.ims, backbone, tmp_path, split_names)
         assert r.ids.read_text().splitlines() == split_names
         assert r.caps.read_text().splitlines() == [c for n in split_names for c in captions[n][:5]]
     assert result["train"].caps.read_text().splitlines()[:5] == [f"caption {j} of image 0" for j in range(5)]
@@ -253,12 +272,7 @@ def test_lost_partial_file_restarts_the_split(tmp_path):
     backbone = TinyBackbone()
     result = run(tmp_path, out, backbone)
     assert backbone.calls == 3 + 1  # all 5 train images again, then dev
-    np.testing.assert_allclose(
-        np.load(result["train"].ims),
-        expected_features(backbone, [tmp_path / "images" / f"img{i}.png" for i in range(5)]),
-        rtol=1e-5,
-        atol=1e-5,
-    )
+    assert_features(result["train"].ims, backbone, tmp_path, [f"img{i}.png" for i in range(5)])
 
 
 def test_changed_inputs_are_refused_not_mixed(tmp_path):
@@ -276,12 +290,7 @@ def test_changed_inputs_are_refused_not_mixed(tmp_path):
         run(tmp_path, out, TinyBackbone(), captions_per_image=4)
     other = TinyBackbone(seed=1)
     result = run(tmp_path, out, other, overwrite=True)
-    np.testing.assert_allclose(
-        np.load(result["train"].ims),
-        expected_features(other, [tmp_path / "images" / f"img{i}.png" for i in range(5)]),
-        rtol=1e-5,
-        atol=1e-5,
-    )
+    assert_features(result["train"].ims, other, tmp_path, [f"img{i}.png" for i in range(5)])
 
     foreign = tmp_path / "foreign"
     foreign.mkdir()
@@ -307,12 +316,7 @@ def test_a_photo_replaced_under_its_name_is_new_input(tmp_path, finished):
         run(tmp_path, out, TinyBackbone())
     backbone = TinyBackbone()
     result = run(tmp_path, out, backbone, overwrite=True)
-    np.testing.assert_allclose(
-        np.load(result["train"].ims),
-        expected_features(backbone, [tmp_path / "images" / f"img{i}.png" for i in range(5)]),
-        rtol=1e-5,
-        atol=1e-5,
-    )
+    assert_features(result["train"].ims, backbone, tmp_path, [f"img{i}.png" for i in range(5)])
 
 
 def test_bad_and_missing_images(tmp_path):
@@ -326,9 +330,7 @@ def test_bad_and_missing_images(tmp_path):
     kept = [n for n in names[:5] if n != "img3.png"]
     train = result["train"]
     assert train.skipped == ["img3.png"] and train.num_images == 4
-    np.testing.assert_allclose(
-        np.load(train.ims), expected_features(backbone, [tmp_path / "images" / n for n in kept]), rtol=1e-5, atol=1e-5
-    )
+    assert_features(train.ims, backbone, tmp_path, kept)
     assert train.ids.read_text().splitlines() == kept
     assert train.caps.read_text().splitlines() == [c for n in kept for c in captions[n][:5]]
     assert not list((tmp_path / "skip").glob("*.partial")) and not list((tmp_path / "skip").glob("*.tmp"))
@@ -344,29 +346,9 @@ def test_cli_with_workers(tmp_path, monkeypatch, capsys):
     backbone = TinyBackbone()
     monkeypatch.setitem(backbones.BACKBONES, "tiny", lambda device: backbone)
     out = tmp_path / "out"
-    args = [
-        "--images",
-        str(tmp_path / "images"),
-        "--captions",
-        str(tmp_path / "captions.txt"),
-        "--split",
-        f"train={tmp_path / 'train.txt'}",
-        "--out",
-        str(out),
-        "--backbone",
-        "tiny",
-        "--batch-size",
-        "3",
-        "--workers",
-        "2",
-    ]
+    args = cli_args(tmp_path, out, "--backbone", "tiny", "--batch-size", "3", "--workers", "2")
     result = ef.main(args)
-    np.testing.assert_allclose(
-        np.load(result["train"].ims),
-        expected_features(backbone, [tmp_path / "images" / n for n in names[:5]]),
-        rtol=1e-5,
-        atol=1e-5,
-    )
+    assert_features(result["train"].ims, backbone, tmp_path, names[:5])
     assert "train: 5 images ->" in capsys.readouterr().out
     ef.main(args)
     assert "(already complete)" in capsys.readouterr().out
@@ -404,23 +386,7 @@ def test_concepts_flag_builds_vocab_and_concepts(tmp_path, monkeypatch):
     make_dataset(tmp_path)
     monkeypatch.setitem(backbones.BACKBONES, "tiny", lambda device: TinyBackbone())
     out = tmp_path / "out"
-    ef.main(
-        [
-            "--images",
-            str(tmp_path / "images"),
-            "--captions",
-            str(tmp_path / "captions.txt"),
-            "--split",
-            f"train={tmp_path / 'train.txt'}",
-            "--out",
-            str(out),
-            "--backbone",
-            "tiny",
-            "--workers",
-            "0",
-            "--concepts",
-        ]
-    )
+    ef.main(cli_args(tmp_path, out, "--backbone", "tiny", "--workers", "0", "--concepts"))
     split = data.load_split(out, "train")  # the data layer reads the output unchanged
     assert (split.num_images, split.num_captions, split.region_count, split.feature_dim) == (5, 25, 4, 6)
     assert vocab.Vocabulary.load(out / "vocab.json").word2idx == vocab.build_vocab([out / "train_caps.txt"]).word2idx

@@ -237,6 +237,15 @@ def evaluation_of(model, split, tokenizer, states):
     )
 
 
+def frozen_bert_run(tiny_bert, tmp_path):
+    """train_f30k.py's options for a small run on the tiny BERT with 2 frozen layers, cached."""
+    from conftest import TINY_TRAIN_ARGS
+
+    bert = ["--text_encoder", "bert", "--bert_path", tiny_bert, "--bert_frozen_layers", "2"]
+    small = "--batch_size 16 --warmup_epochs 0 --queue_size 32".split()
+    return [*TINY_TRAIN_ARGS, *bert, "--text_state_cache", str(tmp_path / "states"), *small]
+
+
 def test_a_training_run_validates_on_the_cached_dev_states(tiny_bert, tmp_path):
     """train_f30k.py with frozen layers: the train and dev captions' states are cached, and the
     logged validation is what the whole BERT of best.pt scores on dev."""
@@ -244,33 +253,13 @@ def test_a_training_run_validates_on_the_cached_dev_states(tiny_bert, tmp_path):
 
     import evaluation
     from checkpoint import load_for_inference
-    from conftest import TINY_TRAIN_ARGS, run_script, tiny_demo_args
+    from conftest import run_script, tiny_demo_args
     from test_evaluation import naive_metrics
 
     demo = tiny_demo_args(tmp_path / "demo", seed=1, num_train=24, num_eval=10)
     run_dir = tmp_path / "run"
     run_script(
-        "train_f30k.py",
-        *demo,
-        *TINY_TRAIN_ARGS,
-        "--text_encoder",
-        "bert",
-        "--bert_path",
-        tiny_bert,
-        "--bert_frozen_layers",
-        "2",
-        "--text_state_cache",
-        str(tmp_path / "states"),
-        "--epochs",
-        "1",
-        "--batch_size",
-        "16",
-        "--warmup_epochs",
-        "0",
-        "--queue_size",
-        "32",
-        "--run_dir",
-        str(run_dir),
+        "train_f30k.py", *demo, *frozen_bert_run(tiny_bert, tmp_path), "--epochs", "1", "--run_dir", str(run_dir)
     )
     log = (run_dir / "train.log").read_text()
     for split, count in (("train", 24 * 5), ("dev", 10 * 5)):
@@ -291,29 +280,10 @@ def test_a_resumed_run_with_cached_states_continues_exactly(tiny_bert, tmp_path)
     are loaded: the frozen bottom's states of a resumed run must come from the loaded weights,
     so that one epoch, then a resume for the second, ends where two straight epochs end."""
     from checkpoint import load_checkpoint
-    from conftest import TINY_TRAIN_ARGS, run_script, tiny_demo_args
+    from conftest import run_script, tiny_demo_args
 
     demo = tiny_demo_args(tmp_path / "demo", seed=1, num_train=24, num_eval=10)
-    args = [
-        *demo,
-        *TINY_TRAIN_ARGS,
-        "--text_encoder",
-        "bert",
-        "--bert_path",
-        tiny_bert,
-        "--bert_frozen_layers",
-        "2",
-        "--text_state_cache",
-        str(tmp_path / "states"),
-        "--batch_size",
-        "16",
-        "--warmup_epochs",
-        "0",
-        "--queue_size",
-        "32",
-        "--test_split",
-        "",
-    ]
+    args = [*demo, *frozen_bert_run(tiny_bert, tmp_path), "--test_split", ""]
     run_script("train_f30k.py", *args, "--epochs", "2", "--run_dir", str(tmp_path / "straight"))
     run_script("train_f30k.py", *args, "--epochs", "1", "--run_dir", str(tmp_path / "stopped"))
     run_script("train_f30k.py", "--resume", str(tmp_path / "stopped" / "last.pt"), "--epochs", "2")
