@@ -340,15 +340,23 @@ def make_tokenizer(config: dict[str, Any], vocab_words: list[str] | None) -> Any
     return vocab.Vocabulary.from_words(vocab_words)
 
 
+# State-dict prefixes of the parts that only training reads.
+TRAINING_ONLY = ("momentum.", "queues.", "prototypes.")
+
+
+def online_weights(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A checkpoint's state dict without what only training reads: the weights of a model
+    built with `with_keys=False`."""
+    return {k: v for k, v in state.items() if not k.startswith(TRAINING_ONLY)}
+
+
 def load_for_inference(
     path: str | os.PathLike, device: str | torch.device = "cpu", bert_path: str | None = None
 ) -> tuple[torch.nn.Module, Any, Any, dict[str, Any]]:
     """(model in eval mode, tokenizer, concept graph, run config) from a checkpoint file. Only
-    the online encoders are built: no momentum encoders, queues, prototypes or kernel. A bert
+    the online encoders are built: no momentum encoders, queues or prototypes. A bert
     model needs no folder when the checkpoint holds its text encoder's files; `bert_path`
     names the folder for one that does not."""
-    from model import online_weights
-
     state = load_checkpoint(path)
     check_checkpoint_contents(path, state)
     config = saved_config(state)

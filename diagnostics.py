@@ -3,7 +3,8 @@
 They are measured off the training path: the trainer calls `step_diagnostics` at its logging
 steps, before the step that trains on the batch, with the model in evaluation mode and without
 gradient. Nothing is written: the queues, prototypes and random streams are those of a run
-without diagnostics.
+without diagnostics. `term_gradient_norms` is the exception that needs the step's graph: the
+training step calls it at those steps, before its backward pass.
 """
 
 from __future__ import annotations
@@ -65,3 +66,23 @@ def _measure(model: CODER, batch: Mapping[str, Tensor], dcl_weights: bool) -> di
         model.contrast(instance_part, StepEmbeddings(queries, keys, model.queue_entries(copied=False)), stats=stats)
         out.update({f"dcl_{name}": value for name, value in stats.items()})
     return out
+
+
+def term_gradient_norms(raw_model: torch.nn.Module, terms: dict[str, torch.Tensor]) -> dict[str, float]:
+    """The gradient norm of each weighted loss term on each shared instance encoder (the
+    modules every term reaches), this process's batch only: which objective trains the
+    encoders. One extra backward pass per term."""
+    modules = {
+        name: [p for p in getattr(raw_model, name).parameters() if p.requires_grad]
+        for name in ("image_encoder", "text_encoder")
+    }
+    params = [p for group in modules.values() for p in group]
+    norms = {}
+    for key, term in terms.items():
+        grads = torch.autograd.grad(term, params, retain_graph=True, allow_unused=True)
+        start = 0
+        for name, group in modules.items():
+            squares = [g.float().pow(2).sum() for g in grads[start : start + len(group)] if g is not None]
+            norms[f"grad/{name}/{key}"] = float(torch.stack(squares).sum().sqrt()) if squares else 0.0
+            start += len(group)
+    return norms

@@ -19,11 +19,13 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from model import fused_similarity
+from options import script_default
 from utils import CoderError, as_numpy, atomic_write
 
 RECALL_KS = (1, 5, 10)
 PROTOCOLS = ("f30k", "coco")
-BATCH_SIZE = 256  # images or captions per encoder call: memory and speed, not results
+# Images or captions per encoder call (memory and speed, not results): the train scripts' value.
+BATCH_SIZE = script_default("eval_batch_size")
 # Scores compared per chunk in `retrieval_ranks`: bounds the temporary masks whatever the matrix
 # size (5,000 x 25,000 is 125 M scores). On the CPU a chunk that stays in cache is fastest
 # (1 M: 2-4x faster than 16 M); on a GPU bigger chunks mean fewer kernel launches.
@@ -541,7 +543,7 @@ def main(argv: Sequence[str] | None, protocol: str) -> dict[str, Any]:
         "--dev_max_images",
         "--dev-max-images",
         type=non_negative_int,
-        default=1000,
+        default=script_default("val_max_images", f"train_{protocol}.py"),
         help="first N dev images for the sweep (0: all)",
     )
     parser.add_argument("--json", default="", help="also write the metrics to this JSON file")

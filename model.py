@@ -166,16 +166,6 @@ def fused_similarity(
     return fuse(images, images_concept, mu, fusion) @ fuse(captions, captions_concept, mu, fusion).t()
 
 
-# State-dict prefixes that only training reads ("queue_kernel.": a cache older code kept).
-TRAINING_ONLY = ("momentum.", "queues.", "prototypes.", "queue_kernel.")
-
-
-def online_weights(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """A checkpoint's state dict without what only training reads: the weights of a model
-    built with `with_keys=False`."""
-    return {k: v for k, v in state.items() if not k.startswith(TRAINING_ONLY)}
-
-
 def parameter_counts(model: CODER) -> dict[str, int]:
     """Trainable (online) and momentum parameter counts, for logs and the benchmarks."""
     return {

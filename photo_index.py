@@ -184,8 +184,9 @@ class Embedder:
             return self._images(pixels.unsqueeze(0))[0]
 
     @torch.no_grad()
-    def texts(self, texts: Sequence[str], batch_size: int = 256) -> torch.Tensor:
+    def texts(self, texts: Sequence[str]) -> torch.Tensor:
         """Fused vectors of free texts, encoded as retrieve.py encodes queries."""
+        from evaluation import BATCH_SIZE as batch_size
         from retrieve import encode_queries
 
         with self._text_lock:

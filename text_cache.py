@@ -157,7 +157,8 @@ def frozen_text_states(
     token_ids: Sequence[Sequence[int]],
     folder: str | os.PathLike,
     device: torch.device | str = "cpu",
-    batch_size: int = 256,
+    *,
+    batch_size: int,
     progress: bool = False,
 ) -> TokenStates:
     """The bottom states of `encoder` (a BertTextEncoder with frozen layers) for every caption,

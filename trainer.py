@@ -38,7 +38,7 @@ from checkpoint import (
     save_checkpoint,
     text_encoder_files,
 )
-from diagnostics import step_diagnostics
+from diagnostics import step_diagnostics, term_gradient_norms
 from distributed import Dist, ResumableSampler, check_replicas, ddp_buffer_kwargs, leave_worker
 from options import (
     CHOICES,
@@ -426,26 +426,6 @@ def _compile_encoders(raw_model: torch.nn.Module) -> None:
     ]
     for module in encoders:
         module.compile()
-
-
-def term_gradient_norms(raw_model: torch.nn.Module, terms: dict[str, torch.Tensor]) -> dict[str, float]:
-    """The gradient norm of each weighted loss term on each shared instance encoder (the
-    modules every term reaches), this process's batch only: which objective trains the
-    encoders. One extra backward pass per term."""
-    modules = {
-        name: [p for p in getattr(raw_model, name).parameters() if p.requires_grad]
-        for name in ("image_encoder", "text_encoder")
-    }
-    params = [p for group in modules.values() for p in group]
-    norms = {}
-    for key, term in terms.items():
-        grads = torch.autograd.grad(term, params, retain_graph=True, allow_unused=True)
-        start = 0
-        for name, group in modules.items():
-            squares = [g.float().pow(2).sum() for g in grads[start : start + len(group)] if g is not None]
-            norms[f"grad/{name}/{key}"] = float(torch.stack(squares).sum().sqrt()) if squares else 0.0
-            start += len(group)
-    return norms
 
 
 def online_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:

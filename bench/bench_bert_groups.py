@@ -2,7 +2,7 @@
 (`bert_length_groups`), in one run: forward + backward (the online encoder) and forward without
 gradient (the momentum encoder). The outputs are the same (tests/test_model.py checks it).
 
-The batch is 128 random captions of `../shared/data/flickr8k_mini` (or --captions FILE, one
+The batch is 128 random captions of Flickr8k's captions.txt (--captions FILE; a CSV or one
 caption per line) tokenised with MiniLM (the registry wheel, or --bert DIR).
 
     python bench/bench_bert_groups.py [--groups 1,2,4,8] [--repeats 3]
@@ -23,7 +23,7 @@ import vocab  # noqa: E402
 from encoders import BertTextEncoder  # noqa: E402
 from extract_features import read_captions_csv  # noqa: E402
 
-CAPTIONS = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "flickr8k_mini" / "captions.txt"
+CAPTIONS = Path(__file__).resolve().parent.parent / "data" / "flickr8k" / "captions.txt"
 
 
 def read_captions(path: Path) -> list[str]:
@@ -51,6 +51,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats per setting (the minimum is kept)")
     args = parser.parse_args()
+    if not Path(args.captions).is_file():
+        raise SystemExit(f"{args.captions}: not found (Flickr8k's captions.txt; --captions FILE)")
     bert = args.bert
     if not bert:
         try:

@@ -44,8 +44,6 @@ sys.path.insert(0, str(ROOT))
 import backbones  # noqa: E402
 import extract_features  # noqa: E402
 
-FLICKR8K = ROOT.parent / "shared" / "data" / "flickr8k" / "images"  # the development setup's real photos
-
 
 class FullDecode(backbones.CenterCropNormalize):
     """The baseline: the photo decoded at its full size, then the same preprocessing."""
@@ -156,6 +154,7 @@ def report(cases: list[Case], network: np.ndarray, cosine: torch.Tensor) -> None
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--images", type=Path, default=ROOT / "data" / "flickr8k" / "images", help="Flickr8k's photos")
     parser.add_argument("--photos", type=int, default=24, help="number of Flickr8k photos to use")
     parser.add_argument("--size", default="4000x3000", help="camera size WIDTHxHEIGHT")
     parser.add_argument("--quality", type=int, default=90, help="JPEG quality of the camera-sized photos")
@@ -170,9 +169,9 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="decoding workers (the extractor's default)")
     args = parser.parse_args()
     size = tuple(int(v) for v in args.size.lower().split("x"))
-    sources = sorted(FLICKR8K.glob("*.jpg"))[: args.photos]
+    sources = sorted(args.images.glob("*.jpg"))[: args.photos]
     if len(sources) < args.photos:
-        raise SystemExit(f"{FLICKR8K}: needs {args.photos} photos, found {len(sources)}")
+        raise SystemExit(f"{args.images}: needs {args.photos} JPEG photos, found {len(sources)} (--images DIR)")
     backbone = backbones.get_backbone("efficientnet-lite0")
     fields = {k: getattr(backbone.preprocess, k) for k in ("size", "resize", "mean", "std")}
     reduced, full = backbones.CenterCropNormalize(**fields), FullDecode(**fields)

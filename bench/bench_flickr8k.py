@@ -52,11 +52,11 @@ from options import (  # noqa: E402
 )
 from utils import CoderError, cli_entry, read_json  # noqa: E402
 
-# Shared by every row on full Flickr8k (6,000 train images, 30,000 captions; dev 1,000 / 5,000).
-# Chosen on dev only; the reason for each value is next to it.
+# Shared by every row on full Flickr8k (6,000 train images, 30,000 captions; dev 1,000 / 5,000),
+# where they differ from train_f30k.py's (batch 128: 234 steps an epoch; lr, warm-up and the rest
+# are the script's). Chosen on dev only; the reason for each value is next to it.
 FULL_COMMON: dict[str, Any] = {
     "embed_dim": 512,  # half train_f30k.py's 1024: 30,000 captions, a fifth of Flickr30K's
-    "batch_size": 128,  # train_f30k.py's; 234 steps per epoch
     # 32 batches = 0.14 epoch of keys: 32x the batch's negatives, each from an encoder at most
     # 32 steps old. train_f30k.py's 8,192 is 0.06 epoch of Flickr30K; here it would be 0.27 epoch.
     "queue_size": 4096,
@@ -68,11 +68,7 @@ FULL_COMMON: dict[str, Any] = {
     "momentum": 0.99,
     # the dev curves flatten after the decay (the InfoNCE row peaks before its last epoch)
     "epochs": 6,
-    "warmup_epochs": 1,  # train_f30k.py's one epoch of linear warm-up
     "lr_decay_epoch": 4,  # x0.1 for the last 2 of 6 epochs, as train_f30k.py decays for the last half
-    "lr": 2e-4,
-    "eval_batch_size": 256,
-    "log_every": 50,
     "diag_every": 100,
     "checkpoint_every_steps": 0,
 }
@@ -85,15 +81,12 @@ FULL_BERT = {"text_encoder": "bert", "bert_frozen_layers": 5, "bert_lr_scale": 1
 # The Flickr8k-mini settings of the earlier benchmark (716 images, 27 steps per epoch).
 MINI_COMMON: dict[str, Any] = {
     "embed_dim": 512,
-    "batch_size": 128,
     "queue_size": 1024,
     "num_prototypes": 64,
     "momentum": 0.9,
     "epochs": 2,
     "warmup_epochs": 0,
     "lr_decay_epoch": 1000,
-    "lr": 2e-4,
-    "eval_batch_size": 256,
     "log_every": 1000,
     "checkpoint_every_steps": 0,
 }
@@ -175,7 +168,7 @@ CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
         {"BERT": True, "loss": "triplet", "queue_size": 0, "concept_branch": False},
     ),
     "infonce": ("momentum InfoNCE + queues (DCL, beta 0)", {"BERT": True, **INFONCE}),
-    "dcl": ("DCL (beta 10)", {"BERT": True, **INFONCE, "beta": 10.0}),
+    "dcl": ("DCL (beta 10)", {"BERT": True, **INFONCE, "beta": SPEC["beta"]}),
     "infonce_concept": ("momentum InfoNCE + concept branch", {"BERT": True, **RERANKER, "pseudo_label_loss": False}),
     "infonce_reranker": (
         "momentum InfoNCE + concept re-ranker (beta 0, detached concept query, pseudo labels)",
@@ -193,7 +186,7 @@ CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
     # 4-6): the same row at twice the budget, the decay again for the last third
     "cvse_long": ("CVSE, 12 epochs (x0.1 from epoch 9)", {"BERT": True, **CVSE, "epochs": 12, "lr_decay_epoch": 8}),
     # against `coder`, one change each
-    "coder_beta10": ("re-ranker config, --preset spec's beta 10", {"BERT": True, **RERANKER, "beta": 10.0}),
+    "coder_beta10": ("re-ranker config, --preset spec's beta 10", {"BERT": True, **RERANKER, "beta": SPEC["beta"]}),
     "coder_bn_query": (
         "re-ranker config, concept query BN(x) with gradient (--preset spec)",
         {"BERT": True, **RERANKER, "concept_query_input": "bn"},

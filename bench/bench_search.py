@@ -2,7 +2,7 @@
 approximate faiss index against exact search.
 
     python bench/bench_search.py --checkpoint bench/out/flickr8k/runs/coder_s0/best.pt \
-        --photos ../shared/data/flickr8k/images [--build_photos 1000] [--gallery 100000] [--faiss 1000000]
+        --photos data/flickr8k/images [--build_photos 1000] [--gallery 100000] [--faiss 1000000]
 
 1. index build: the first --build_photos photos of --photos embedded from their files (region
    backbone + the checkpoint's image encoder), seconds per 1,000 photos;
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True)
-    parser.add_argument("--photos", default=str(ROOT.parent / "shared" / "data" / "flickr8k" / "images"))
+    parser.add_argument("--photos", default=str(ROOT / "data" / "flickr8k" / "images"))
     parser.add_argument("--build_photos", type=int, default=1000)
     parser.add_argument("--gallery", type=int, default=100_000)
     parser.add_argument("--faiss", type=int, default=1_000_000)

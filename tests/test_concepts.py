@@ -16,7 +16,8 @@ from utils import CoderError
 
 
 def loop_adjacency(nums, adj_all, t=0.3):
-    """Spec §3 written out element by element, as an independent reference."""
+    """CVSE's graph recipe (docs/method.md, the graph) written out element by element, as an
+    independent reference."""
     n = len(nums)
     a = [[0.0] * n for _ in range(n)]
     for i in range(n):

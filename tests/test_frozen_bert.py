@@ -67,7 +67,7 @@ def check_split_and_cached_give_whole(bert: str, frozen_layers: int, groups: int
     whole = whole_bert(tokens, LENGTHS, mask)
     split = encoder(bert, frozen_layers, groups).eval()
     assert torch.allclose(split(tokens, LENGTHS, mask), whole, atol=1e-5)
-    states = text_cache.frozen_text_states(split, ids, folder)
+    states = text_cache.frozen_text_states(split, ids, folder, batch_size=8)
     assert states.states.shape == (int(LENGTHS.sum()), split.bert.config.hidden_size)
     cached = split(tokens, LENGTHS, mask, text_states=padded(states, tokens.shape[1]))
     assert torch.allclose(cached, whole, atol=1e-5)
@@ -117,38 +117,40 @@ def test_cache_is_reused_for_the_same_weights_and_tokens_only(tiny_bert, tmp_pat
     enc = encoder(tiny_bert, 2)
     want = reference_states(enc, ids)
     runs = count_bottom_runs(enc)
-    assert_states_equal(text_cache.frozen_text_states(enc, ids, tmp_path), want)
+    assert_states_equal(text_cache.frozen_text_states(enc, ids, tmp_path, batch_size=8), want)
     computed = runs[0]
     assert computed > 0
-    assert_states_equal(text_cache.frozen_text_states(enc, ids, tmp_path), want)
+    assert_states_equal(text_cache.frozen_text_states(enc, ids, tmp_path, batch_size=8), want)
     assert runs[0] == computed  # read back, not recomputed
-    assert_states_equal(text_cache.frozen_text_states(enc, other_ids, tmp_path), reference_states(enc, other_ids))
+    assert_states_equal(
+        text_cache.frozen_text_states(enc, other_ids, tmp_path, batch_size=8), reference_states(enc, other_ids)
+    )
     assert runs[0] > computed  # other tokens: computed
     runs[0] = 0
-    assert_states_equal(text_cache.frozen_text_states(enc, ids, tmp_path), want)
+    assert_states_equal(text_cache.frozen_text_states(enc, ids, tmp_path, batch_size=8), want)
     assert runs[0] == 0  # the first entry survives the second
     with torch.no_grad():
         weight = enc.bert.encoder.layer[0].output.dense.weight  # other frozen weights
         weight.add_(0.01 * torch.randn(weight.shape, generator=torch.Generator().manual_seed(1)))
-    assert_states_equal(text_cache.frozen_text_states(enc, ids, tmp_path), reference_states(enc, ids))
+    assert_states_equal(text_cache.frozen_text_states(enc, ids, tmp_path, batch_size=8), reference_states(enc, ids))
     assert runs[0] > 0
 
 
 def test_a_damaged_cache_is_recomputed_not_trusted(tiny_bert, tmp_path):
     _, _, ids = captions()
     enc = encoder(tiny_bert, 2)
-    text_cache.frozen_text_states(enc, ids, tmp_path)
+    text_cache.frozen_text_states(enc, ids, tmp_path, batch_size=8)
     for path in (p for p in tmp_path.rglob("*") if p.is_file()):
         path.write_bytes(b"not an array")
     runs = count_bottom_runs(enc)
-    assert_states_equal(text_cache.frozen_text_states(enc, ids, tmp_path), reference_states(enc, ids))
+    assert_states_equal(text_cache.frozen_text_states(enc, ids, tmp_path, batch_size=8), reference_states(enc, ids))
     assert runs[0] > 0
 
 
 def test_cache_needs_frozen_layers_and_the_option_names_its_folder(tiny_bert, tmp_path):
     _, _, ids = captions()
     with pytest.raises(CoderError, match="text_state_cache needs .* bert_frozen_layers > 0"):
-        text_cache.frozen_text_states(encoder(tiny_bert, 0), ids, tmp_path)
+        text_cache.frozen_text_states(encoder(tiny_bert, 0), ids, tmp_path, batch_size=8)
     with pytest.raises(CoderError, match=f"has {TINY_BERT_LAYERS} layers"):
         encoder(tiny_bert, TINY_BERT_LAYERS + 1)
     assert text_cache.cache_dir("off", tmp_path / "precomp") is None
@@ -165,7 +167,7 @@ def test_pair_dataset_carries_and_pads_the_states(tiny_bert, tmp_path):
     split = data.load_split(paths["data_path"], "train")
     tokenizer = vocab.BertTokenizer(tiny_bert)
     ids = [tokenizer.encode(c) for c in split.captions]
-    states = text_cache.frozen_text_states(encoder(tiny_bert, TINY_BERT_LAYERS), ids, tmp_path / "cache")
+    states = text_cache.frozen_text_states(encoder(tiny_bert, TINY_BERT_LAYERS), ids, tmp_path / "cache", batch_size=8)
     dataset = data.PairDataset(split, tokenizer, None, text_states=states)
     batch = data.collate([dataset[0], dataset[7]], pad_id=tokenizer.pad_id)
     assert batch["text_states"].shape == (*batch["tokens"].shape, TINY_BERT_HIDDEN)
@@ -214,7 +216,7 @@ def test_validation_reads_the_bottom_from_the_dev_states(tiny_bert, tmp_path, mo
         )
     )
     states = text_cache.frozen_text_states(
-        model.text_encoder, [tokenizer.encode(c) for c in split.captions], tmp_path / "cache"
+        model.text_encoder, [tokenizer.encode(c) for c in split.captions], tmp_path / "cache", batch_size=8
     )
     config = {"eval_batch_size": 7, "workers": 0, "mu": 0.15}
     whole = evaluation_of(model, split, tokenizer, None)

@@ -9,9 +9,8 @@ import torch.nn.functional as F
 
 import model as M
 import trainer
-from diagnostics import step_diagnostics
+from diagnostics import step_diagnostics, term_gradient_norms
 from test_model import build, make_batch, small_config
-from trainer import term_gradient_norms
 
 
 def _step(model, batch):
@@ -28,7 +27,7 @@ def weighted_terms(model, out):
 
 def test_detached_concept_query_keeps_the_concept_losses_out_of_the_encoders():
     """'detach': the concept-DCL and pseudo-label terms give the instance encoders no gradient;
-    'bn' (spec) does, and 'no_bn' drops only the BatchNorm of the instance path."""
+    'bn' (`--preset spec`) does, and 'no_bn' drops only the BatchNorm of the instance path."""
     norms = {}
     for mode in ("bn", "detach", "no_bn"):
         model = build(small_config(concept_query_input=mode))

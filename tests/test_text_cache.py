@@ -85,15 +85,15 @@ def test_file_holds_each_captions_states_where_the_offsets_say(bert_dir, tmp_pat
 
 def test_cache_is_reused_for_the_same_weights_and_tokens_only(bert_dir, tmp_path, monkeypatch):
     enc, ids = encoder(bert_dir), token_ids()
-    first = np.asarray(text_cache.frozen_text_states(enc, ids, tmp_path).states).copy()
+    first = np.asarray(text_cache.frozen_text_states(enc, ids, tmp_path, batch_size=256).states).copy()
     calls = count_bottom_calls(enc, monkeypatch)
-    again = text_cache.frozen_text_states(enc, ids, tmp_path)  # a resumed or second run
+    again = text_cache.frozen_text_states(enc, ids, tmp_path, batch_size=256)  # a resumed or second run
     assert calls == [] and np.array_equal(np.asarray(again.states), first)
-    text_cache.frozen_text_states(enc, [*ids[:-1], ids[-1][:-1]], tmp_path)  # other tokens
+    text_cache.frozen_text_states(enc, [*ids[:-1], ids[-1][:-1]], tmp_path, batch_size=256)  # other tokens
     with torch.no_grad():
         enc.bert.encoder.layer[0].output.dense.weight.add_(0.01)  # other frozen weights
-    text_cache.frozen_text_states(enc, ids, tmp_path)
-    text_cache.frozen_text_states(encoder(bert_dir, 2), ids, tmp_path)  # other cut
+    text_cache.frozen_text_states(enc, ids, tmp_path, batch_size=256)
+    text_cache.frozen_text_states(encoder(bert_dir, 2), ids, tmp_path, batch_size=256)  # other cut
     assert len(calls) == 2  # one batch of 256 each for other tokens and other weights
     assert len(list(tmp_path.iterdir())) == 4
 
@@ -101,7 +101,7 @@ def test_cache_is_reused_for_the_same_weights_and_tokens_only(bert_dir, tmp_path
 @pytest.mark.parametrize("damage", ["cut short", "too long", "not an array", "other shape"])
 def test_a_damaged_file_is_recomputed(bert_dir, tmp_path, monkeypatch, damage):
     enc, ids = encoder(bert_dir), token_ids()
-    first = np.asarray(text_cache.frozen_text_states(enc, ids, tmp_path).states).copy()
+    first = np.asarray(text_cache.frozen_text_states(enc, ids, tmp_path, batch_size=256).states).copy()
     (path,) = tmp_path.iterdir()
     data = path.read_bytes()
     path.write_bytes(
@@ -113,7 +113,7 @@ def test_a_damaged_file_is_recomputed(bert_dir, tmp_path, monkeypatch, damage):
         }[damage]
     )
     calls = count_bottom_calls(enc, monkeypatch)
-    again = text_cache.frozen_text_states(enc, ids, tmp_path)
+    again = text_cache.frozen_text_states(enc, ids, tmp_path, batch_size=256)
     assert calls and np.array_equal(np.asarray(again.states), first)
     assert path.read_bytes() == data
 
@@ -132,7 +132,7 @@ def test_a_disk_too_small_is_refused_before_any_work(bert_dir, tmp_path, monkeyp
     monkeypatch.setattr(text_cache.shutil, "disk_usage", lambda path: type("Usage", (), {"free": 1000})())
     needed = sum(map(len, ids)) * HIDDEN * 4
     with pytest.raises(CoderError, match=f"needs {needed / 1e9:.1f} GB, the disk has 0.0 GB free"):
-        text_cache.frozen_text_states(enc, ids, tmp_path / "new")
+        text_cache.frozen_text_states(enc, ids, tmp_path / "new", batch_size=256)
     assert calls == [] and not (tmp_path / "new").exists()
 
 
@@ -149,7 +149,7 @@ def mapped_kb(path) -> int:
 
 def test_reading_every_caption_leaves_the_map_untouched(bert_dir, tmp_path):
     """Positioned reads: an epoch over a 24 GB file must not fault its pages into the process."""
-    states = text_cache.frozen_text_states(encoder(bert_dir), token_ids(200), tmp_path)
+    states = text_cache.frozen_text_states(encoder(bert_dir), token_ids(200), tmp_path, batch_size=256)
     rows = [states[i] for i in range(len(states))]
     assert mapped_kb(states.states.filename) == 0
     assert np.array_equal(np.concatenate(rows), np.asarray(states.states))
@@ -157,7 +157,7 @@ def test_reading_every_caption_leaves_the_map_untouched(bert_dir, tmp_path):
 
 
 def test_pickled_states_reopen_the_file(bert_dir, tmp_path):
-    states = text_cache.frozen_text_states(encoder(bert_dir), token_ids(), tmp_path)
+    states = text_cache.frozen_text_states(encoder(bert_dir), token_ids(), tmp_path, batch_size=256)
     payload = pickle.dumps(states)
     assert len(payload) < states.states.nbytes  # the path and offsets, not the array
     copy = pickle.loads(payload)
