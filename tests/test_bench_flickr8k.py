@@ -218,7 +218,9 @@ def test_probe_learns_and_reports_the_recall_of_its_maps():
             "captions": captions + 0.1 * torch.randn(captions.shape, generator=gen),
         }
 
-    history = linear_probe.train_probe(views(200), views(40), lr=1e-2, epochs=4, embed_dim=16, batch_size=50)
+    history = linear_probe.train_probe(
+        views(200), views(40), lr=1e-2, epochs=4, embed_dim=16, batch_size=50, weight_decay=1e-4
+    )
     assert len(history) == 4 and history[-1]["rsum"] > 200 and history[-1]["rsum"] > history[0]["rsum"] - 1
 
 
