@@ -68,10 +68,12 @@ def _measure(model: CODER, batch: Mapping[str, Tensor], dcl_weights: bool) -> di
     return out
 
 
-def term_gradient_norms(raw_model: torch.nn.Module, terms: dict[str, torch.Tensor]) -> dict[str, float]:
-    """The gradient norm of each weighted loss term on each shared instance encoder (the
-    modules every term reaches), this process's batch only: which objective trains the
-    encoders. One extra backward pass per term."""
+def term_gradient_norms(raw_model: torch.nn.Module, losses: Mapping[str, Tensor]) -> dict[str, float]:
+    """The gradient norm of each loss term times its weight λ (the forward's `losses`, with
+    their graph) on each shared instance encoder (the modules every term reaches), this
+    process's batch only: which objective trains the encoders. One extra backward pass per term."""
+    weights = raw_model.cfg.loss_weights()
+    terms = {name: weights[name] * term for name, term in losses.items() if name != "loss"}
     modules = {
         name: [p for p in getattr(raw_model, name).parameters() if p.requires_grad]
         for name in ("image_encoder", "text_encoder")

@@ -492,9 +492,7 @@ def training_step(
     with torch.autocast(device_type, dtype=amp_dtype) if amp_dtype else nullcontext():
         losses = forward(batch)
     if term_norms is not None:
-        weights = raw_model.cfg.loss_weights()
-        terms = {name: weights[name] * term for name, term in losses.items() if name != "loss"}
-        term_norms.update(term_gradient_norms(raw_model, terms))
+        term_norms.update(term_gradient_norms(raw_model, losses))
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(losses["loss"]).backward()
     scaler.unscale_(optimizer)

@@ -20,8 +20,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import vocab  # noqa: E402
+from caption_sources import read_captions_csv  # noqa: E402
 from encoders import BertTextEncoder  # noqa: E402
-from extract_features import read_captions_csv  # noqa: E402
+from options import script_default  # noqa: E402
 
 CAPTIONS = Path(__file__).resolve().parent.parent / "data" / "flickr8k" / "captions.txt"
 
@@ -48,7 +49,7 @@ def main() -> None:
     parser.add_argument("--captions", default=str(CAPTIONS))
     parser.add_argument("--bert", default="", help="BERT directory (default: the MiniLM wheel)")
     parser.add_argument("--groups", default="1,2,4,8")
-    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=script_default("batch_size"))
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats per setting (the minimum is kept)")
     args = parser.parse_args()
     if not Path(args.captions).is_file():

@@ -144,12 +144,15 @@ def measure(out: Path, batch_size: int, workers: int, threads: int) -> dict:
 
 
 def main() -> None:
+    sys.path.insert(0, str(ROOT))
+    from options import script_default
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--gb", type=float, default=2.0, help="feature file size in GB (default 2)")
     parser.add_argument("--dir", type=Path, default=ROOT / "bench" / "out", help="where the files go")
     parser.add_argument("--regions", type=int, default=36)
     parser.add_argument("--dim", type=int, default=2048)
-    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=script_default("batch_size"))
     parser.add_argument("--workers", type=int, default=0, help="DataLoader workers (default 0)")
     parser.add_argument(
         "--threads",

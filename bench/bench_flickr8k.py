@@ -39,7 +39,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
-SHARED = ROOT.parent / "shared" / "data"
+DATA = ROOT / "data"  # the dataset folders (docs/data.md); --data names another
 
 import stats  # noqa: E402
 from options import (  # noqa: E402
@@ -94,7 +94,7 @@ MINI_BERT = {"text_encoder": "bert", "freeze_bert_epochs": 0, "bert_lr_scale": 0
 
 DATASETS = {
     "full": {
-        "data": SHARED / "flickr8k",
+        "data": DATA / "flickr8k",
         "cache": ROOT / "data_cache" / "flickr8k_precomp",
         "out": ROOT / "bench" / "results" / "flickr8k",
         "common": FULL_COMMON,
@@ -102,7 +102,7 @@ DATASETS = {
         "title": "Flickr8k dev (1,000 images, 5,000 captions; trained on 6,000 images)",
     },
     "mini": {
-        "data": SHARED / "flickr8k_mini",
+        "data": DATA / "flickr8k_mini",
         "cache": ROOT / "data_cache" / "flickr8k_mini_precomp",
         "out": ROOT / "bench" / "out" / "flickr8k_mini",
         "common": MINI_COMMON,

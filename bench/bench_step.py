@@ -92,7 +92,7 @@ ABLATIONS = {
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=DEFAULTS["batch_size"])
     parser.add_argument("--regions", type=int, default=36)
     parser.add_argument("--feature-dim", type=int, default=2048)
     parser.add_argument("--vocab", type=int, default=10000)

@@ -31,6 +31,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from bench_data import _status_kb  # noqa: E402  (the same /proc reading as the feature benchmark)
+from options import script_default  # noqa: E402
 
 HIDDEN = 384  # MiniLM's width
 BERT_BASE_HIDDEN = 768
@@ -163,7 +164,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--captions", type=int, default=566_000, help="synthetic captions (default: COCO's 566,000)")
     parser.add_argument("--dir", type=Path, default=None, help="work folder (default: a new temporary folder)")
-    parser.add_argument("--batch-size", type=int, default=256, help="captions per BERT batch (the eval batch)")
+    parser.add_argument(
+        "--batch-size", type=int, default=script_default("eval_batch_size"), help="captions per BERT batch"
+    )
     parser.add_argument("--keep", action="store_true", help="keep the cache file (default: deleted at the end)")
     parser.add_argument("--measure", choices=("build", "read"), help=argparse.SUPPRESS)
     args = parser.parse_args()

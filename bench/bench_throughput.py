@@ -53,7 +53,7 @@ from checkpoint import model_config_from  # noqa: E402
 from data import to_device  # noqa: E402
 from encoders import l2norm, make_pooling  # noqa: E402
 from model import CODER, parameter_counts  # noqa: E402
-from options import script_config  # noqa: E402
+from options import script_config, script_default  # noqa: E402
 
 F30K_TRAIN_CAPTIONS = 145_000
 CONCEPTS, CONCEPT_WORD_DIM = 300, 300
@@ -255,7 +255,8 @@ def time_steps(
         forward = torch.nn.parallel.DistributedDataParallel(model, **distributed.ddp_buffer_kwargs())
     if args.compile:
         trainer._compile_encoders(model)  # what --compile true does in training
-    optimizer = torch.optim.AdamW(trainer.param_groups(model, 2e-4, 1e-4, 0.1))
+    lr, decay, bert_scale = (script_default(k) for k in ("lr", "weight_decay", "bert_lr_scale"))
+    optimizer = torch.optim.AdamW(trainer.param_groups(model, lr, decay, bert_scale))
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     model.train()
     for i in range(args.warmup + args.steps):
@@ -568,7 +569,7 @@ def main() -> int:
     parser.add_argument("--tiny", action="store_true", help="small sizes, for a quick smoke test")
     parser.add_argument("--procs", default="1,2", help="CPU: process counts to compare (global batch fixed)")
     parser.add_argument("--threads", type=int, default=0, help="CPU: cores to use in all (0: all)")
-    parser.add_argument("--batch", type=int, default=128, help="global batch")
+    parser.add_argument("--batch", type=int, default=script_default("batch_size"), help="global batch")
     parser.add_argument("--steps", type=int, default=0, help="timed steps (default: 3 on CPU, 20 on GPU)")
     parser.add_argument("--warmup", type=int, default=0, help="warm-up steps (default: 1 on CPU, 5 on GPU)")
     parser.add_argument(
@@ -587,7 +588,14 @@ def main() -> int:
     args.warmup = args.warmup or (5 if on_gpu else 1)
     if args.compile:
         args.warmup = max(args.warmup, 3)
-    sizes = dict(regions=36, feature_dim=2048, embed_dim=1024, queue=8192, prototypes=1000, gcn_hidden=512)
+    sizes = dict(
+        regions=36,
+        feature_dim=2048,  # SCAN's Flickr30K regions; the model's sizes are train_f30k.py's
+        embed_dim=script_default("embed_dim"),
+        queue=script_default("queue_size"),
+        prototypes=script_default("num_prototypes"),
+        gcn_hidden=script_default("gcn_hidden"),
+    )
     if args.tiny:
         sizes = dict(regions=6, feature_dim=64, embed_dim=64, queue=256, prototypes=16, gcn_hidden=32)
         args.batch = min(args.batch, 16)

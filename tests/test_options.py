@@ -20,7 +20,7 @@ def _step(model, batch):
 
 
 def weighted_terms(model, out):
-    """Each term of the loss times its weight λ, with its graph (as the trainer passes them)."""
+    """Each term of the loss times its weight λ, with its graph: the reference's terms."""
     weights = model.cfg.loss_weights()
     return {name: weights[name] * term for name, term in out.items() if name != "loss"}
 
@@ -31,7 +31,7 @@ def test_detached_concept_query_keeps_the_concept_losses_out_of_the_encoders():
     norms = {}
     for mode in ("bn", "detach", "no_bn"):
         model = build(small_config(concept_query_input=mode))
-        norms[mode] = term_gradient_norms(model, weighted_terms(model, model(make_batch())))
+        norms[mode] = term_gradient_norms(model, model(make_batch()))
     for module in ("image_encoder", "text_encoder"):
         assert norms["detach"][f"grad/{module}/dcl_concept"] == 0.0
         assert norms["detach"][f"grad/{module}/pseudo"] == 0.0
@@ -47,8 +47,9 @@ def test_detached_concept_query_keeps_the_concept_losses_out_of_the_encoders():
 
 def test_term_gradient_norms_match_separate_backward_passes():
     model = build(small_config())
-    terms = weighted_terms(model, model(make_batch()))
-    norms = term_gradient_norms(model, terms)
+    losses = model(make_batch())
+    norms = term_gradient_norms(model, losses)
+    terms = weighted_terms(model, losses)
     for key in terms:
         model.zero_grad(set_to_none=True)
         terms[key].backward(retain_graph=True)
