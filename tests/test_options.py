@@ -46,7 +46,7 @@ def test_detached_concept_query_keeps_the_concept_losses_out_of_the_encoders():
 
 
 def test_term_gradient_norms_match_separate_backward_passes():
-    model = build(small_config())
+    model = build(small_config(lambda_concept=0.5, lambda_pseudo=0.25, concept_query_input="bn"))  # every term reaches
     losses = model(make_batch())
     norms = term_gradient_norms(model, losses)
     terms = weighted_terms(model, losses)
