@@ -10,6 +10,10 @@ other image's captions (the image->text direction of DCL), reports for β in --b
   frozen sentence encoder (MiniLM, mean-pooled, independent of the model) scores each negative
   caption against the query's five captions, and a negative counts as "same scene" when its
   best score reaches the median score between two captions of one image.
+For each key cosine in --thresholds it also reports what the sparing reading
+(`--false_negative_threshold`) would drop: the share of negatives, and how many of the dropped
+are of the query's scene. Run it on training photos (`--split train --max_images 1000`) to set
+the threshold away from the split that is reported.
 """
 
 from __future__ import annotations
@@ -63,6 +67,26 @@ def within_image_median(text_sims: np.ndarray, cpi: int) -> float:
     return float(np.median(pairs))
 
 
+def sparing_shares(
+    key_sims: np.ndarray, scene_sims: np.ndarray, cpi: int, threshold: float, scene_threshold: float
+) -> tuple[float, float, float]:
+    """What `--false_negative_threshold` t would drop for image queries: each caption taken as
+    the positive key, its negatives the captions of other images, dropped where the model's
+    caption-caption cosine `key_sims` exceeds t. Returns (share of negatives dropped, share of
+    the dropped that describe the query's scene, share of the same-scene negatives dropped);
+    "same scene" as in `same_scene_share`, from the frozen encoder's `scene_sims`."""
+    n_cap = key_sims.shape[0]
+    image_of = np.arange(n_cap) // cpi
+    negative = image_of[:, None] != image_of[None, :]
+    dropped = negative & (key_sims > threshold)
+    best_own = scene_sims.reshape(n_cap // cpi, cpi, n_cap).max(1)  # (N_img, N_cap)
+    same_scene = negative & (best_own[image_of] >= scene_threshold)
+    n_dropped, n_same = int(dropped.sum()), int(same_scene.sum())
+    precision = int((dropped & same_scene).sum()) / n_dropped if n_dropped else float("nan")
+    recall = int((dropped & same_scene).sum()) / n_same if n_same else float("nan")
+    return n_dropped / int(negative.sum()), precision, recall
+
+
 def sentence_embeddings(captions: list[str], model_dir: str, batch_size: int) -> np.ndarray:
     """Mean-pooled, L2-normalised last hidden states of a frozen BERT-layout sentence encoder."""
     from transformers import AutoTokenizer, BertModel
@@ -90,11 +114,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--split", default="dev")
     parser.add_argument("--data_path", default="", help="precomp folder (default: the run's)")
+    parser.add_argument("--max_images", type=int, default=None, help="the split's first n images (default: all)")
     parser.add_argument("--betas", default="0,2,5,10")
+    parser.add_argument("--thresholds", default="0.6,0.7,0.8", help="key cosines for the sparing reading")
     parser.add_argument("--sentence_encoder", default="", help="BERT-layout folder (default: the MiniLM package)")
     args = parser.parse_args(argv)
     model, tokenizer, graph, config = load_for_inference(args.checkpoint, "cpu")
-    split = data.load_split(args.data_path or config["data_path"], args.split)
+    split = data.load_split(args.data_path or config["data_path"], args.split, args.max_images)
     embeddings = evaluation.encode_split(model, split, tokenizer, graph, "cpu")
     sims = evaluation.ensemble_similarity([embeddings], 0.0, "cpu").numpy()  # the instance DCL's similarity
     folder = args.sentence_encoder
@@ -131,6 +157,24 @@ def main(argv: list[str] | None = None) -> dict:
         print(
             f"beta {beta:g}: the top 1% of negatives hold {100 * weight:.1f}% of the weight and "
             f"{100 * gradient:.1f}% of the gradient"
+        )
+    caption_sims = (embeddings.caption_instance @ embeddings.caption_instance.T).numpy()
+    image_sims = (embeddings.image_instance @ embeddings.image_instance.T).numpy()
+    other_images = ~np.eye(split.num_images, dtype=bool)
+    report["sparing"] = {}
+    for t in (float(x) for x in args.thresholds.split(",")):
+        dropped, precision, recall = sparing_shares(caption_sims, text_sims, cpi, t, threshold)
+        image_dropped = float((image_sims[other_images] > t).mean())
+        report["sparing"][t] = {
+            "caption_dropped": dropped,
+            "image_dropped": image_dropped,
+            "same_scene_of_dropped": precision,
+            "same_scene_dropped": recall,
+        }
+        print(
+            f"sparing at key cosine {t:g}: drops {100 * dropped:.2f}% of caption negatives "
+            f"({100 * image_dropped:.2f}% of image negatives); {100 * precision:.1f}% of the dropped "
+            f"describe the query's scene; {100 * recall:.1f}% of the same-scene negatives are dropped"
         )
     return report
 

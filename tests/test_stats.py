@@ -99,3 +99,26 @@ def test_false_negative_shares_against_loops() -> None:
     assert median == pytest.approx(float(np.median([text_sims[2 * i, 2 * i + 1] for i in range(n_img)])))
     same = [max(text_sims[i * cpi + c, j] for c in range(cpi)) >= median for i in range(n_img) for j in top[i]]
     assert fn.same_scene_share(top, text_sims, cpi, median) == pytest.approx(sum(same) / len(same))
+
+
+def test_sparing_shares_against_loops() -> None:
+    import false_negatives as fn
+
+    rng = np.random.default_rng(5)
+    n_img, cpi = 9, 3
+    n_cap = n_img * cpi
+    key = rng.normal(size=(n_cap, 4))
+    key /= np.linalg.norm(key, axis=1, keepdims=True)
+    scene = rng.normal(size=(n_cap, 4))
+    scene /= np.linalg.norm(scene, axis=1, keepdims=True)
+    key_sims, scene_sims = key @ key.T, scene @ scene.T
+    for threshold, scene_threshold in ((0.3, 0.4), (0.6, 0.2)):
+        pairs = [(c, n) for c in range(n_cap) for n in range(n_cap) if c // cpi != n // cpi]
+        dropped = {(c, n) for c, n in pairs if key_sims[c, n] > threshold}
+        same = {
+            (c, n) for c, n in pairs if max(scene_sims[c // cpi * cpi + o, n] for o in range(cpi)) >= scene_threshold
+        }
+        share, precision, recall = fn.sparing_shares(key_sims, scene_sims, cpi, threshold, scene_threshold)
+        assert share == pytest.approx(len(dropped) / len(pairs))
+        assert precision == pytest.approx(len(dropped & same) / len(dropped))
+        assert recall == pytest.approx(len(dropped & same) / len(same))
