@@ -267,7 +267,14 @@ CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
 # peers, in about 75 minutes on 2 CPU cores; the ablation rows of the main table cost 90 more.
 DEFAULT_CONFIGS = ["infonce", "infonce_reranker", "coder", "vse_infty", "cvse"]
 ABLATION_CONFIGS = ["vsepp", "dcl", "infonce_concept", "coder_bigru", "infonce_reranker_bigru"]
-READING_CONFIGS = ["dcl_beta5", "dcl_beta5_warmup", "dcl_adaptive", "dcl_beta5_spare", "dcl_beta5_spare05", "dcl_beta5_separate"]
+READING_CONFIGS = [
+    "dcl_beta5",
+    "dcl_beta5_warmup",
+    "dcl_adaptive",
+    "dcl_beta5_spare",
+    "dcl_beta5_spare05",
+    "dcl_beta5_separate",
+]
 CONFIG_GROUPS = {"default": DEFAULT_CONFIGS, "ablations": ABLATION_CONFIGS, "readings": READING_CONFIGS}
 BASELINE = "infonce"  # every row's paired difference is taken against it ...
 REFERENCE = "coder"  # ... and against the full model (the peers' question: does CODER beat them?)
