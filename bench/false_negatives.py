@@ -116,7 +116,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--data_path", default="", help="precomp folder (default: the run's)")
     parser.add_argument("--max_images", type=int, default=None, help="the split's first n images (default: all)")
     parser.add_argument("--betas", default="0,2,5,10")
-    parser.add_argument("--thresholds", default="0.6,0.7,0.8", help="key cosines for the sparing reading")
+    parser.add_argument(
+        "--thresholds",
+        default="0.3,0.4,0.45,0.5,0.55,0.6,0.65,0.7,0.75,0.8",
+        help="key cosines for the sparing reading",
+    )
     parser.add_argument("--sentence_encoder", default="", help="BERT-layout folder (default: the MiniLM package)")
     args = parser.parse_args(argv)
     model, tokenizer, graph, config = load_for_inference(args.checkpoint, "cpu")
